@@ -1,0 +1,45 @@
+# casam: one command installs and runs the demo, one installs and runs the tests.
+#
+#   make demo                      # install, then train → export → infer on the tiny SAM
+#   make test                      # install, then the whole test suite
+#
+# Variables:
+#   TORCH=torch==2.13.0            torch requirement (a CPU build on CPU machines; plain
+#                                  `torch` with none installed pulls several GB of CUDA)
+#   ORT=onnxruntime-gpu            or `onnxruntime` (never both: they share one folder)
+#   PYTHON=python3  VENV=.venv
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+ORT ?= onnxruntime-gpu
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.casam-installed
+
+.PHONY: install demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Torch first, pinned, so nothing later pulls another build; then casam with its extras.
+# The ORT flavour not chosen is removed first, because both wheels write one folder.
+install: $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	@other=$$([ "$(ORT)" = "onnxruntime" ] && echo onnxruntime-gpu || echo onnxruntime); \
+	  if $(PIP) show -q $$other >/dev/null 2>&1; then $(PIP) uninstall -q -y $$other; fi
+	CASAM_ORT=$(ORT) $(PIP) install -q -e ".[train,dev]"
+	@touch $(STAMP)
+
+demo: install
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo.sh
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/encoder_time.py
+
+clean:
+	rm -rf $(VENV) demo_out demo_work build *.egg-info

@@ -1,0 +1,139 @@
+"""The CA-SAM model: frozen encoder → router → task alignment or identity → frozen decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.alignment import AlignmentLayer
+from models.errors import ShapeError
+from models.prompt_decoder import PromptDecoder
+from models.router import IDENTITY, Router, choose_routes
+from runtime.prompts import encode_prompts
+
+TaskChoice = Union[None, int, str]
+PerImage = Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None]
+
+
+@dataclass
+class CASAMOutput:
+    """Per image: low-res mask logits (K×1×256×256) and IoU (K×1); routes and scores for the batch.
+
+    ``routes[b]`` is a task index or ``IDENTITY`` (-1) for plain SAM.
+    """
+
+    masks: list[torch.Tensor]
+    iou: list[torch.Tensor]
+    routes: torch.Tensor
+    scores: torch.Tensor
+    pooled: torch.Tensor
+
+
+class CASAM(nn.Module):
+    def __init__(
+        self,
+        sam: nn.Module,
+        task_names: Sequence[str] = (),
+        alignment_layers: Sequence[AlignmentLayer] = (),
+        router: Optional[Router] = None,
+        thresholds: Optional[Sequence[float]] = None,
+    ) -> None:
+        super().__init__()
+        n = len(task_names)
+        if len(alignment_layers) != n or (router is not None and router.num_tasks != n):
+            raise ShapeError(
+                f"{n} task names, {len(alignment_layers)} alignment layers and "
+                f"{router.num_tasks if router else 0} router tasks must match"
+            )
+        self.image_encoder = sam.image_encoder
+        self.decoder = PromptDecoder(sam)
+        self.task_names = list(task_names)
+        self.alignment = nn.ModuleList(alignment_layers)
+        self.router = router if router is not None else Router([])
+        self.register_buffer(
+            "thresholds", torch.tensor(list(thresholds) if thresholds is not None else [float("inf")] * n, dtype=torch.float32)
+        )
+
+    def task_index(self, task: TaskChoice) -> Optional[int]:
+        """None → route; "identity"/-1 → IDENTITY; a name or index → that task."""
+        if task is None:
+            return None
+        if isinstance(task, str):
+            if task == "identity":
+                return IDENTITY
+            if task not in self.task_names:
+                raise ValueError(f"unknown task {task!r}; known: {', '.join(self.task_names) or 'none'}, identity")
+            return self.task_names.index(task)
+        if task != IDENTITY and not 0 <= task < len(self.task_names):
+            raise ValueError(f"task index {task} out of range for {len(self.task_names)} tasks")
+        return int(task)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ShapeError(f"CASAM expects preprocessed B×3×1024×1024 images, got shape {tuple(images.shape)}")
+        return self.image_encoder(images)
+
+    def align(self, embedding: torch.Tensor, route: int) -> torch.Tensor:
+        return embedding if route == IDENTITY else self.alignment[route](embedding)
+
+    def route(self, embeddings: torch.Tensor, task: TaskChoice = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pooled, scores = self.router(embeddings)
+        forced = self.task_index(task)
+        if forced is None:
+            routes = choose_routes(scores, self.thresholds)
+        else:
+            routes = torch.full((embeddings.shape[0],), forced, dtype=torch.long, device=embeddings.device)
+        return pooled, scores, routes
+
+    def decode(
+        self,
+        embedding: torch.Tensor,
+        boxes: Optional[torch.Tensor] = None,
+        points: Optional[torch.Tensor] = None,
+        point_labels: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One (aligned or raw) 1×256×64×64 embedding and K prompts in the 1024 frame."""
+        as_np = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
+        coords, labels = encode_prompts(as_np(boxes), as_np(points), as_np(point_labels))
+        dev = embedding.device
+        return self.decoder(embedding, torch.from_numpy(coords).to(dev), torch.from_numpy(labels).to(dev))
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        boxes: PerImage = None,
+        points: PerImage = None,
+        point_labels: PerImage = None,
+        task: TaskChoice = None,
+    ) -> CASAMOutput:
+        """Preprocessed B×3×1024×1024 images and, per image, K boxes (K×4) and/or points (K×P×2)."""
+        embeddings = self.encode(images)
+        return self.forward_embeddings(embeddings, boxes, points, point_labels, task)
+
+    def forward_embeddings(
+        self,
+        embeddings: torch.Tensor,
+        boxes: PerImage = None,
+        points: PerImage = None,
+        point_labels: PerImage = None,
+        task: TaskChoice = None,
+    ) -> CASAMOutput:
+        """The same as ``forward`` from precomputed raw encoder embeddings (B×256×64×64)."""
+        pooled, scores, routes = self.route(embeddings, task)
+        pick = lambda seq, i: None if seq is None else seq[i]  # noqa: E731
+        masks, ious = [], []
+        for b in range(embeddings.shape[0]):
+            emb = self.align(embeddings[b : b + 1], int(routes[b]))
+            m, q = self.decode(emb, pick(boxes, b), pick(points, b), pick(point_labels, b))
+            masks.append(m)
+            ious.append(q)
+        return CASAMOutput(masks, ious, routes, scores, pooled)
+
+
+def routes_to_names(routes: torch.Tensor | np.ndarray, task_names: Sequence[str]) -> list[str]:
+    return ["identity" if int(r) == IDENTITY else task_names[int(r)] for r in routes]

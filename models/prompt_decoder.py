@@ -1,0 +1,56 @@
+"""SAM's prompt encoder and mask decoder behind one (coords, labels) signature.
+
+Boxes arrive as corner points with labels 2/3 and padding as label -1 (see
+``runtime.prompts``). The embedding arithmetic is written with ``torch.where`` and masks
+instead of SAM's in-place boolean indexing, which traces cleanly to ONNX, and adds the
+same terms in the same order, so results are bit-identical to SAM's own prompt encoder.
+This module is exactly the exported ``decoder.onnx`` graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.errors import ShapeError
+
+
+class PromptDecoder(nn.Module):
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.prompt_encoder = sam.prompt_encoder
+        self.mask_decoder = sam.mask_decoder
+
+    def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pe = self.prompt_encoder
+        emb = pe.pe_layer.forward_with_coords(coords + 0.5, pe.input_image_size)
+        lab = labels.unsqueeze(-1)
+        is_pad = (lab == -1).to(emb.dtype)
+        emb = torch.where(lab == -1, torch.zeros_like(emb), emb)
+        emb = emb + is_pad * pe.not_a_point_embed.weight
+        for value in range(4):  # 0 negative, 1 positive, 2 box top-left, 3 box bottom-right
+            emb = emb + (lab == value).to(emb.dtype) * pe.point_embeddings[value].weight
+        return emb
+
+    def forward(
+        self, embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One image's 1×256×64×64 embedding and K prompts → (K×1×256×256 logits, K×1 IoU)."""
+        if embeddings.ndim != 4 or embeddings.shape[0] != 1 or embeddings.shape[1] != 256:
+            raise ShapeError(f"decoder expects one 1×256×H×W embedding, got shape {tuple(embeddings.shape)}")
+        if point_coords.ndim != 3 or point_coords.shape[2] != 2 or point_labels.shape != point_coords.shape[:2]:
+            raise ShapeError(
+                f"decoder expects point_coords K×P×2 and point_labels K×P, got "
+                f"{tuple(point_coords.shape)} and {tuple(point_labels.shape)}"
+            )
+        sparse = self.embed_points(point_coords, point_labels)
+        k = point_coords.shape[0]
+        h, w = self.prompt_encoder.image_embedding_size
+        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(k, -1, h, w)
+        return self.mask_decoder(
+            image_embeddings=embeddings,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )

@@ -1,0 +1,62 @@
+"""Low-resolution mask logits → masks at the original image size, in numpy.
+
+Mirrors segment-anything's ``postprocess_masks``: bilinear upscaling to the model frame,
+cropping the padding, bilinear resizing to the original size. The bilinear weights are
+built to match ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``,
+so the torch-free runtime reproduces the PyTorch masks.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from runtime.preprocess import Frame
+
+
+@lru_cache(maxsize=64)
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """out×in interpolation matrix, half-pixel centres, edges clamped (align_corners=False)."""
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.floor(src).astype(np.int64)
+    i0 = np.minimum(i0, in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    frac = src - i0
+    m = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    np.add.at(m, (rows, i0), 1.0 - frac)
+    np.add.at(m, (rows, i1), frac)
+    m.setflags(write=False)
+    return m.astype(np.float32)
+
+
+def resize_bilinear(maps: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """…×H×W float maps → …×out_h×out_w."""
+    h, w = maps.shape[-2:]
+    ry = bilinear_matrix(h, out_hw[0])
+    rx = bilinear_matrix(w, out_hw[1])
+    return np.matmul(np.matmul(ry, maps.astype(np.float32)), rx.T)
+
+
+def logits_to_original(low_res: np.ndarray, frame: Frame) -> np.ndarray:
+    """K×1×h×w (or K×h×w) logits → K×H×W float logits at the original size.
+
+    Upscale, crop and resize are each linear, so they are folded into one left and one
+    right matrix: the work is K·(H·h·w + H·w·W) instead of going through the 1024 frame.
+    """
+    logits = np.asarray(low_res, dtype=np.float32)
+    if logits.ndim == 4:
+        logits = logits[:, 0]
+    h, w = logits.shape[-2:]
+    rh, rw = frame.resized_hw
+    oh, ow = frame.original_hw
+    left = bilinear_matrix(rh, oh) @ bilinear_matrix(h, frame.size)[:rh]
+    right = bilinear_matrix(rw, ow) @ bilinear_matrix(w, frame.size)[:rw]
+    return np.matmul(np.matmul(left, logits), right.T)
+
+
+def masks_from_logits(low_res: np.ndarray, frame: Frame) -> np.ndarray:
+    """K×H×W boolean masks: logits at the original size thresholded at 0."""
+    return logits_to_original(low_res, frame) > 0.0

@@ -1,0 +1,150 @@
+"""Numpy preprocessing for SAM: the single implementation used by trainer and runtime.
+
+The trainer imports this module for its embedding cache, and the edge runtime runs it
+before the encoder, so training and inference can never see differently prepared images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from PIL import Image
+
+from runtime.errors import InputError
+
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+IMAGE_SIZE = 1024
+ResizeMode = Literal["longest", "stretch"]
+RESIZE_MODES = ("longest", "stretch")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are brought to SAM's input frame; recorded in bundle and manifest.
+
+    ``longest`` is SAM's convention (resize the longest side, zero-pad bottom/right);
+    ``stretch`` is the CA-SAM authors' (resize straight to size×size).
+    """
+
+    resize: ResizeMode = "longest"
+    size: int = IMAGE_SIZE
+    mean: tuple[float, float, float] = field(default=PIXEL_MEAN)
+    std: tuple[float, float, float] = field(default=PIXEL_STD)
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise InputError(f"unknown resize mode {self.resize!r}; use one of {', '.join(RESIZE_MODES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessing":
+        return cls(
+            resize=data["resize"],
+            size=int(data["size"]),
+            mean=tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where an original H×W image lands inside the size×size model input."""
+
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    size: int
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        (h, w), (rh, rw) = self.original_hw, self.resized_hw
+        return rw / w, rh / h
+
+
+def frame_for(height: int, width: int, prep: Preprocessing) -> Frame:
+    if height <= 0 or width <= 0:
+        raise InputError(f"image has an empty size {height}×{width}")
+    if prep.resize == "stretch":
+        return Frame((height, width), (prep.size, prep.size), prep.size)
+    scale = prep.size / max(height, width)
+    # Same rounding as segment-anything's ResizeLongestSide.get_preprocess_shape.
+    return Frame((height, width), (int(height * scale + 0.5), int(width * scale + 0.5)), prep.size)
+
+
+def to_rgb_255(image: np.ndarray) -> np.ndarray:
+    """Any H×W or H×W×C array → H×W×3 uint8 on a 0–255 scale.
+
+    8-bit data is kept as is. Deeper data (16-bit, int, float) is min-max scaled per image,
+    since medical scanners rarely use the full 16-bit range. Alpha is dropped; grey is
+    replicated to three channels.
+    """
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim == 3 and array.shape[2] == 2:  # grey + alpha
+        array = array[:, :, 0]
+    if array.ndim == 3 and array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
+        raise InputError(f"expected an H×W or H×W×C image, got shape {array.shape}")
+    if array.size == 0:
+        raise InputError(f"image is empty (shape {array.shape})")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    if array.dtype != np.uint8:
+        values = array.astype(np.float64)
+        if not np.isfinite(values).all():
+            values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(values.min()), float(values.max())
+        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+        array = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(array)
+
+
+def resize_rgb(rgb: np.ndarray, resized_hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an H×W×3 uint8 image with Pillow (as segment-anything does)."""
+    h, w = resized_hw
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
+
+
+def preprocess(image: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, Frame]:
+    """Image → (1×3×size×size float32 normalised input, its Frame)."""
+    rgb = to_rgb_255(image)
+    frame = frame_for(rgb.shape[0], rgb.shape[1], prep)
+    resized = resize_rgb(rgb, frame.resized_hw).astype(np.float32)
+    mean = np.asarray(prep.mean, dtype=np.float32)
+    std = np.asarray(prep.std, dtype=np.float32)
+    normalised = (resized - mean) / std
+    out = np.zeros((1, 3, prep.size, prep.size), dtype=np.float32)
+    rh, rw = frame.resized_hw
+    out[0, :, :rh, :rw] = normalised.transpose(2, 0, 1)
+    return out, frame
+
+
+def resize_mask_to_frame(mask: np.ndarray, frame: Frame) -> np.ndarray:
+    """Nearest-neighbour resize of an H×W label/binary mask into the size×size frame."""
+    rh, rw = frame.resized_hw
+    resized = np.asarray(Image.fromarray(np.asarray(mask)).resize((rw, rh), Image.NEAREST))
+    out = np.zeros((frame.size, frame.size), dtype=resized.dtype)
+    out[:rh, :rw] = resized
+    return out
+
+
+def boxes_to_frame(boxes: np.ndarray, frame: Frame) -> np.ndarray:
+    """K×4 xyxy boxes in original pixels → the model's size×size frame."""
+    sx, sy = frame.scale_xy
+    return np.asarray(boxes, dtype=np.float32).reshape(-1, 4) * np.array([sx, sy, sx, sy], dtype=np.float32)
+
+
+def points_to_frame(points: np.ndarray, frame: Frame) -> np.ndarray:
+    """…×2 xy points in original pixels → the model's size×size frame."""
+    sx, sy = frame.scale_xy
+    return np.asarray(points, dtype=np.float32) * np.array([sx, sy], dtype=np.float32)

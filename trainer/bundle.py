@@ -1,0 +1,279 @@
+"""The task bundle on disk: the only thing the trainer writes and the export reads.
+
+Layout (documented in docs/FORMATS.md)::
+
+    bundle.json                       format version, SAM, preprocessing, task order
+    tasks/<name>/alignment.safetensors
+    tasks/<name>/vae.safetensors
+    tasks/<name>/calibration.json
+    tasks/<name>/split.json
+    tasks/<name>/train_log.json
+
+A task is staged in a private folder and moved into ``tasks/`` in one rename, and only
+then is ``bundle.json`` rewritten (atomically). A kill at any moment therefore leaves the
+bundle exactly as it was before the task started, and adding a task never touches the
+files of earlier tasks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.alignment import AlignmentLayer
+from models.casam import CASAM
+from models.errors import CheckpointError
+from models.router import Router
+from models.sam_loader import load_state_dict_strict
+from models.vae import TaskVAE
+from runtime.errors import CasamError
+from runtime.files import atomic_path, atomic_write_json, read_json, sha256_file
+from runtime.preprocess import Preprocessing
+
+BUNDLE_FORMAT = "casam-bundle"
+BUNDLE_FORMAT_VERSION = 1
+TASK_FILES = ("alignment.safetensors", "vae.safetensors", "calibration.json", "split.json", "train_log.json")
+TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+THRESHOLD_KEYS = ("p95", "p97", "p99", "mean_plus_2std")
+
+
+class BundleError(CasamError):
+    """A bundle that is missing, corrupt, tampered with or used inconsistently."""
+
+
+def check_task_name(name: str) -> str:
+    if not TASK_NAME_RE.match(name) or name == "identity":
+        raise BundleError(
+            f"task name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit, and not 'identity'"
+        )
+    return name
+
+
+@dataclass
+class TaskRecord:
+    """One task's entry in bundle.json."""
+
+    name: str
+    files: dict[str, str]  # file name → sha256
+    alignment: dict[str, int]  # num_blocks, dim
+    vae: dict[str, float]  # in_dim, latent_dim, hidden_dim, beta
+    threshold_key: str  # which calibration.json entry routes (p97 by default)
+    threshold: float
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TaskRecord":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+def save_module(module: torch.nn.Module, path: Path) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_module_file(module: torch.nn.Module, path: Path) -> torch.nn.Module:
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise BundleError(f"{path} is unreadable or truncated ({exc})") from exc
+    try:
+        load_state_dict_strict(module, state, str(path))
+    except CheckpointError as exc:
+        raise BundleError(str(exc)) from exc
+    return module.eval()
+
+
+class Bundle:
+    """A bundle folder. ``Bundle.open`` validates it; ``Bundle.create`` starts a new one."""
+
+    def __init__(self, root: Path, meta: dict[str, Any]) -> None:
+        self.root = root
+        self.meta = meta
+
+    # ----- opening and creating -------------------------------------------------------
+    @classmethod
+    def open(cls, root: os.PathLike | str, verify: bool = True) -> "Bundle":
+        root = Path(root)
+        meta_path = root / "bundle.json"
+        if not meta_path.is_file():
+            raise BundleError(f"{root} is not a casam bundle: {meta_path} is missing")
+        try:
+            meta = read_json(meta_path)
+        except (ValueError, OSError) as exc:
+            raise BundleError(f"{meta_path} is corrupt ({exc})") from exc
+        if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
+            raise BundleError(f"{meta_path} is not a casam bundle file")
+        if meta.get("format_version") != BUNDLE_FORMAT_VERSION:
+            raise BundleError(
+                f"{meta_path} has format version {meta.get('format_version')!r}; "
+                f"this casam reads version {BUNDLE_FORMAT_VERSION}"
+            )
+        bundle = cls(root, meta)
+        if verify:
+            bundle.verify()
+        return bundle
+
+    @classmethod
+    def create(
+        cls,
+        root: os.PathLike | str,
+        sam_model: str,
+        checkpoint_sha256: str,
+        preprocessing: Preprocessing,
+        temperature: float = 1.0,
+        untrained_sam: bool = False,
+    ) -> "Bundle":
+        root = Path(root)
+        if (root / "bundle.json").exists():
+            raise BundleError(f"{root} already holds a bundle")
+        meta = {
+            "format": BUNDLE_FORMAT,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "sam": {"model": sam_model, "checkpoint_sha256": checkpoint_sha256, "untrained": untrained_sam},
+            "preprocessing": preprocessing.to_dict(),
+            "pooling": {"temperature": float(temperature)},
+            "tasks": [],
+        }
+        bundle = cls(root, meta)
+        bundle._write_meta()
+        return bundle
+
+    def _write_meta(self) -> None:
+        from runtime import __version__
+
+        self.meta["casam_version"] = __version__
+        atomic_write_json(self.root / "bundle.json", self.meta)
+
+    # ----- reading ---------------------------------------------------------------------
+    @property
+    def sam_model(self) -> str:
+        return self.meta["sam"]["model"]
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.meta["sam"]["checkpoint_sha256"]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.meta["preprocessing"])
+
+    @property
+    def temperature(self) -> float:
+        return float(self.meta["pooling"]["temperature"])
+
+    @property
+    def tasks(self) -> list[TaskRecord]:
+        return [TaskRecord.from_dict(t) for t in self.meta["tasks"]]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t["name"] for t in self.meta["tasks"]]
+
+    def task(self, name: str) -> TaskRecord:
+        for record in self.tasks:
+            if record.name == name:
+                return record
+        raise BundleError(f"bundle {self.root} has no task {name!r}; tasks: {', '.join(self.task_names) or 'none'}")
+
+    def task_dir(self, name: str) -> Path:
+        return self.root / "tasks" / name
+
+    def verify(self) -> None:
+        """Check that every task file exists and matches the sha256 in bundle.json."""
+        for record in self.tasks:
+            for fname, expected in record.files.items():
+                path = self.task_dir(record.name) / fname
+                if not path.is_file():
+                    raise BundleError(f"task {record.name!r}: {path} is missing")
+                got = sha256_file(path)
+                if got != expected:
+                    raise BundleError(
+                        f"task {record.name!r}: {path} has sha256 {got[:12]}…, bundle.json says "
+                        f"{expected[:12]}… (the file was modified or corrupted)"
+                    )
+
+    def load_alignment(self, name: str) -> AlignmentLayer:
+        record = self.task(name)
+        layer = AlignmentLayer(num_blocks=int(record.alignment["num_blocks"]), dim=int(record.alignment["dim"]))
+        return load_module_file(layer, self.task_dir(name) / "alignment.safetensors")
+
+    def load_vae(self, name: str) -> TaskVAE:
+        v = self.task(name).vae
+        vae = TaskVAE(int(v["in_dim"]), int(v["latent_dim"]), int(v["hidden_dim"]), float(v["beta"]))
+        return load_module_file(vae, self.task_dir(name) / "vae.safetensors")
+
+    def load_calibration(self, name: str) -> dict[str, Any]:
+        return read_json(self.task_dir(name) / "calibration.json")
+
+    def load_split(self, name: str) -> dict[str, Any]:
+        return read_json(self.task_dir(name) / "split.json")
+
+    def thresholds(self) -> list[float]:
+        return [float(t.threshold) for t in self.tasks]
+
+    def build_router(self, names: Optional[Sequence[str]] = None) -> Router:
+        names = list(names) if names is not None else self.task_names
+        return Router([self.load_vae(n) for n in names], temperature=self.temperature)
+
+    def build_model(self, sam: torch.nn.Module, names: Optional[Sequence[str]] = None) -> CASAM:
+        """The CASAM model of this bundle's tasks (all of them, or the first ``names``)."""
+        names = list(names) if names is not None else self.task_names
+        return CASAM(
+            sam,
+            names,
+            [self.load_alignment(n) for n in names],
+            self.build_router(names),
+            [self.task(n).threshold for n in names],
+        ).eval()
+
+    # ----- writing ---------------------------------------------------------------------
+    def staging_dir(self, name: str) -> Path:
+        """Private folder where a task is built (and resumed) before it is committed."""
+        return self.root / ".staging" / check_task_name(name)
+
+    def commit_task(self, record: TaskRecord, staged: Path, replace: bool = False) -> None:
+        """Move a fully written staged task into ``tasks/`` and record it in bundle.json.
+
+        The file hashes are computed here from what is on disk, so bundle.json always
+        describes exactly the committed bytes.
+        """
+        check_task_name(record.name)
+        exists = record.name in self.task_names
+        if exists and not replace:
+            raise BundleError(f"task {record.name!r} already exists in {self.root}; pass --replace to retrain it")
+        missing = [f for f in TASK_FILES if not (staged / f).is_file()]
+        if missing:
+            raise BundleError(f"staged task {record.name!r} is incomplete: missing {', '.join(missing)}")
+        record.files = {f: sha256_file(staged / f) for f in TASK_FILES}
+        target = self.task_dir(record.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            # Replacing: move the old folder aside first; bundle.json still names the old
+            # hashes until it is rewritten, so a crash in between is detected by verify().
+            trash = self.root / ".staging" / f".old-{record.name}-{os.getpid()}"
+            os.replace(target, trash)
+            os.replace(staged, target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staged, target)
+        tasks = [t for t in self.meta["tasks"] if t["name"] != record.name] if exists else list(self.meta["tasks"])
+        if exists:
+            index = self.task_names.index(record.name)
+            tasks.insert(index, record.to_dict())
+        else:
+            tasks.append(record.to_dict())
+        self.meta["tasks"] = tasks
+        self._write_meta()
