@@ -18,12 +18,14 @@ from runtime.preprocess import Frame
 @lru_cache(maxsize=64)
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """out×in interpolation matrix, half-pixel centres, edges clamped (align_corners=False)."""
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
-    i0 = np.floor(src).astype(np.int64)
-    i0 = np.minimum(i0, in_size - 1)
+    # float32 arithmetic on purpose: torch's CPU kernel computes source indices in float32,
+    # and matching it keeps masks identical at the 0-threshold.
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
-    frac = src - i0
+    frac = (src - i0.astype(np.float32)).astype(np.float64)
     m = np.zeros((out_size, in_size), dtype=np.float64)
     rows = np.arange(out_size)
     np.add.at(m, (rows, i0), 1.0 - frac)

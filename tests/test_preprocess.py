@@ -1,0 +1,89 @@
+"""Numpy preprocessing and postprocessing: SAM's conventions, messy inputs, torch parity."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from runtime.errors import InputError
+from runtime.image_io import read_image
+from runtime.postprocess import bilinear_matrix, logits_to_original, masks_from_logits, resize_bilinear
+from runtime.preprocess import (PIXEL_MEAN, PIXEL_STD, Preprocessing, boxes_to_frame, frame_for, preprocess,
+                                resize_mask_to_frame, to_rgb_255)
+
+
+def test_longest_side_frame_uses_sams_rounding():
+    prep = Preprocessing()
+    assert frame_for(480, 640, prep).resized_hw == (768, 1024)
+    assert frame_for(1000, 333, prep).resized_hw == (1024, 341)  # 333*1.024 = 340.99 -> 341
+    assert frame_for(224, 224, prep).resized_hw == (1024, 1024)
+    assert frame_for(480, 640, Preprocessing(resize="stretch")).resized_hw == (1024, 1024)
+    with pytest.raises(InputError, match="resize mode"):
+        Preprocessing(resize="crop")
+
+
+def test_preprocess_normalises_and_pads_bottom_right():
+    image = np.full((100, 200, 3), (200, 100, 50), dtype=np.uint8)
+    x, frame = preprocess(image, Preprocessing())
+    assert x.shape == (1, 3, 1024, 1024) and x.dtype == np.float32
+    assert frame.resized_hw == (512, 1024)
+    expected = (np.array([200, 100, 50]) - np.array(PIXEL_MEAN)) / np.array(PIXEL_STD)
+    np.testing.assert_allclose(x[0, :, 10, 10], expected, rtol=1e-5)
+    assert np.all(x[0, :, 512:, :] == 0.0), "padding must be zeros after normalisation"
+    xs, fs = preprocess(image, Preprocessing(resize="stretch"))
+    np.testing.assert_allclose(xs[0, :, 1000, 10], expected, rtol=1e-5)
+
+
+def test_grey_16bit_rgba_and_palette_inputs(tmp_path):
+    grey16 = (np.arange(64 * 32, dtype=np.uint16).reshape(64, 32) * 30).astype(np.uint16)
+    rgb = to_rgb_255(grey16)
+    assert rgb.shape == (64, 32, 3) and rgb.dtype == np.uint8 and rgb.min() == 0 and rgb.max() == 255
+    assert np.array_equal(rgb[..., 0], rgb[..., 2])
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    assert read_image(tmp_path / "g16.png").dtype == np.uint16
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 0] = 255
+    rgba[..., 3] = 10
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert to_rgb_255(read_image(tmp_path / "rgba.png"))[0, 0].tolist() == [255, 0, 0]
+    pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
+    pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
+    pal.save(tmp_path / "pal.png")
+    assert read_image(tmp_path / "pal.png")[0, 1].tolist() == [10, 20, 30]
+    with pytest.raises(InputError, match="unreadable or corrupt"):
+        (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+        read_image(tmp_path / "bad.png")
+    with pytest.raises(InputError, match="does not exist"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_masks_and_boxes_map_into_the_frame():
+    frame = frame_for(100, 200, Preprocessing())
+    mask = np.zeros((100, 200), np.uint8)
+    mask[10:20, 40:60] = 3
+    m = resize_mask_to_frame(mask, frame)
+    assert m.shape == (1024, 1024) and set(np.unique(m)) == {0, 3} and m[600:].max() == 0
+    np.testing.assert_allclose(boxes_to_frame(np.array([[40, 10, 60, 20]]), frame), [[204.8, 51.2, 307.2, 102.4]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(256, 1024), (1024, 341), (256, 77), (7, 7)])
+def test_bilinear_matrix_matches_torch(n_in, n_out):
+    x = torch.randn(1, 1, n_in, 5)
+    ref = F.interpolate(x, size=(n_out, 5), mode="bilinear", align_corners=False)[0, 0].numpy()
+    got = bilinear_matrix(n_in, n_out) @ x[0, 0].numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_logits_to_original_matches_sams_postprocess():
+    low = torch.randn(3, 1, 256, 256) * 4
+    for hw, resize in [((480, 640), "longest"), ((333, 1000), "longest"), ((300, 200), "stretch")]:
+        frame = frame_for(*hw, Preprocessing(resize=resize))
+        ref = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)
+        ref = ref[..., : frame.resized_hw[0], : frame.resized_hw[1]]
+        ref = F.interpolate(ref, hw, mode="bilinear", align_corners=False)[:, 0].numpy()
+        got = logits_to_original(low.numpy(), frame)
+        assert got.shape == (3, *hw)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+        assert (masks_from_logits(low.numpy(), frame) == (ref > 0)).mean() > 0.999
+    assert resize_bilinear(np.ones((2, 4, 4)), (8, 3)).shape == (2, 8, 3)
