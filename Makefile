@@ -25,7 +25,6 @@ $(PY):
 # Torch first, pinned, so nothing later pulls another build; then casam with its extras.
 # The ORT flavour not chosen is removed first, because both wheels write one folder.
 install: $(PY)
-	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
 	@other=$$([ "$(ORT)" = "onnxruntime" ] && echo onnxruntime-gpu || echo onnxruntime); \
 	  if $(PIP) show -q $$other >/dev/null 2>&1; then $(PIP) uninstall -q -y $$other; fi
