@@ -1,0 +1,65 @@
+"""``casam-export``: the command-line face of ``casam_export.export_bundle``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from runtime.errors import CasamError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path),
+              help="Bundle folder written by casam-train (holds bundle.json).")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Export folder to write: graphs, engines, parity.json and manifest.json. Re-exporting "
+                   "into the same folder rebuilds only the graphs whose inputs changed.")
+@click.option("--fp16", is_flag=True,
+              help="Convert the graphs to fp16 (LayerNorm, softmax and reductions stay fp32; inputs and "
+                   "outputs stay fp32; the router stays fp32 so routing is unchanged).")
+@click.option("--trt/--no-trt", default=None,
+              help="Build TensorRT engines (--trt requires TensorRT and a CUDA GPU). Default: build them "
+                   "when both are present, else write ONNX only and say so in the manifest.")
+@click.option("--opset", default=18, show_default=True, type=int, help="ONNX opset of the graphs (17-23).")
+@click.option("--max-boxes", "max_prompts", default=16, show_default=True, type=int,
+              help="Most prompts (boxes or point sets) per decoder call; the runtime splits larger batches.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Run the exported chain against the PyTorch model and fail when routes differ or mask "
+                   "IoU misses the bar (0.999 fp32, 0.99 fp16); writes parity.json.")
+@click.option("--verify-images", type=click.Path(path_type=Path), default=None,
+              help="Folder of images for --verify (default: built-in synthetic images).")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="SAM checkpoint file; must have the sha256 recorded in the bundle (default: the cached "
+                   "official checkpoint, or none for the tiny test model).")
+@click.option("--force", is_flag=True, help="Overwrite an --out folder that holds another bundle's export.")
+@click.option("--quiet", is_flag=True, help="No progress bars; print only the manifest path.")
+def main(bundle_dir: Path, out_dir: Path, fp16: bool, trt: Optional[bool], opset: int, max_prompts: int,
+         verify: bool, verify_images: Optional[Path], checkpoint: Optional[Path], force: bool, quiet: bool) -> None:
+    """Export a CA-SAM bundle to separate graphs: encoder, router (the VAE scorers), one
+    alignment graph per task, and decoder, described by manifest.json."""
+    try:
+        from casam_export.export import export_bundle
+
+        manifest = export_bundle(bundle_dir, out_dir, fp16=fp16, opset=opset, max_prompts=max_prompts, verify=verify,
+                                 verify_images=verify_images, trt=trt, force=force, checkpoint=checkpoint, quiet=quiet)
+    except CasamError as exc:
+        click.echo(f"casam-export: error: {exc}", err=True)
+        sys.exit(2)
+    if not quiet:
+        reused = [k for k, v in {**manifest["graphs"], **{f"align/{t['name']}": t["align"] for t in manifest["tasks"]}}.items()
+                  if v.get("reused")]
+        click.echo(f"exported {len(manifest['tasks'])} task(s), {manifest['precision']}; unchanged: {', '.join(reused) or 'none'}")
+        parity = manifest["parity"]
+        if parity.get("passed"):
+            s = parity[manifest["precision"]]
+            click.echo(f"parity: routes identical, mean mask IoU {s['mask_iou_mean']:.5f} (min {s['mask_iou_min']:.5f})")
+        if not manifest["tensorrt"]["available"]:
+            click.echo(f"TensorRT: not built ({manifest['tensorrt']['reason']})")
+    click.echo(str(Path(out_dir) / "manifest.json"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Parity of the exported chain with the PyTorch CASAM model, on the same images and prompts.
+
+The exported chain is run through the runtime's own ``Pipeline`` (the code deployments
+use), fed the not-yet-written manifest, so what is verified is exactly what will ship.
+Routes must be identical; masks (low-resolution logits > 0) must reach the IoU bar of the
+precision. Every align graph is also checked with its task forced, so a task that no
+verification image routes to is still compared.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from casam_export.errors import ExportError
+from models.casam import routes_to_names
+from runtime.image_io import read_image
+from runtime.pipeline import Pipeline
+from runtime.preprocess import boxes_to_frame, points_to_frame, preprocess
+from runtime.prompts import encode_prompts
+from trainer.bundle import Bundle
+
+PathLike = Union[str, os.PathLike]
+MASK_IOU_BARS = {"fp32": 0.999, "fp16": 0.99}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".gz", ".dcm"}
+MAX_VERIFY_IMAGES = 8
+
+
+def synthetic_images(seed: int = 0) -> list[np.ndarray]:
+    """Three seeded images of different sizes, aspect ratios and depths (RGB, grey, 16-bit).
+
+    Blobs on a textured background give the encoder structure to respond to; the odd sizes
+    exercise the longest-side resize and padding.
+    """
+    rng = np.random.default_rng(seed)
+    images = []
+    for h, w, kind in ((300, 420, "rgb"), (256, 256, "grey"), (410, 230, "uint16")):
+        yy, xx = np.mgrid[0:h, 0:w]
+        canvas = 40 + 20 * np.sin(xx / 7.0) * np.cos(yy / 11.0) + rng.normal(0, 6, (h, w))
+        for _ in range(3):
+            cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+            ry, rx = rng.uniform(0.08, 0.2) * h, rng.uniform(0.08, 0.2) * w
+            canvas[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] += rng.uniform(90, 160)
+        if kind == "rgb":
+            tint = rng.uniform(0.6, 1.0, 3)
+            images.append(np.clip(canvas[..., None] * tint, 0, 255).astype(np.uint8))
+        elif kind == "grey":
+            images.append(np.clip(canvas, 0, 255).astype(np.uint8))
+        else:
+            images.append(np.clip(canvas * 200, 0, 65535).astype(np.uint16))
+    return images
+
+
+def load_images(folder: Optional[PathLike]) -> tuple[list[np.ndarray], str]:
+    if folder is None:
+        return synthetic_images(), "synthetic"
+    root = Path(folder)
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+    if not files:
+        raise ExportError(f"--verify-images {root} holds no images")
+    return [read_image(p) for p in files[:MAX_VERIFY_IMAGES]], str(root)
+
+
+def prompts_for(image: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Three boxes and two two-point prompts (one positive, one negative) in original pixels."""
+    h, w = image.shape[:2]
+    rng = np.random.default_rng(seed)
+    x0, y0 = rng.uniform(0, 0.5, 3) * w, rng.uniform(0, 0.5, 3) * h
+    boxes = np.stack([x0, y0, x0 + rng.uniform(0.2, 0.5, 3) * w, y0 + rng.uniform(0.2, 0.5, 3) * h], axis=1)
+    points = rng.uniform(0.1, 0.9, (2, 2, 2)) * np.array([w, h])
+    return {"boxes": boxes.astype(np.float32), "points": points.astype(np.float32),
+            "point_labels": np.array([[1, 0], [1, 1]], np.float32)}
+
+
+def mask_ious(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """IoU of each pair of K×… boolean masks; two empty masks agree perfectly."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    inter, union = (a & b).sum(1), (a | b).sum(1)
+    return [1.0 if u == 0 else float(i) / float(u) for i, u in zip(inter, union)]
+
+
+class _Comparison:
+    """Running maxima and mask IoUs over every (image, prompt set, route) compared."""
+
+    def __init__(self) -> None:
+        self.emb_diff = self.emb_scale = self.score_diff = self.score_rel = self.iou_diff = 0.0
+        self.ious: list[float] = []
+
+    def decode(self, model: nn.Module, pipe: Pipeline, emb_t: torch.Tensor, emb_o: np.ndarray, frame: Any,
+               route: str, prompts: Mapping[str, np.ndarray], with_points: bool = True) -> None:
+        """Decode boxes (and point prompts) both ways and record mask IoUs and IoU-head diffs."""
+        index = -1 if route == "identity" else model.task_names.index(route)
+        aligned = model.align(emb_t, index)
+        for use in (("boxes",), ("points", "point_labels"))[: 2 if with_points else 1]:
+            kw = {k: prompts[k] for k in use}
+            _, low_o, iou_o = pipe.decode(emb_o, frame, route=route, **kw)
+            framed = {"boxes": boxes_to_frame(kw["boxes"], frame)} if "boxes" in kw else {
+                "points": points_to_frame(kw["points"], frame), "labels": kw["point_labels"]}
+            coords, labels = encode_prompts(**framed)
+            with torch.no_grad():
+                low_t, iou_t = model.decoder(aligned, torch.from_numpy(coords), torch.from_numpy(labels))
+            self.ious += mask_ious(low_t.numpy() > 0, np.asarray(low_o) > 0)
+            self.iou_diff = max(self.iou_diff, float(np.abs(iou_t.numpy().reshape(-1) - np.asarray(iou_o).reshape(-1)).max()))
+
+
+def verify_export(
+    out: Path,
+    manifest: Mapping[str, Any],
+    bundle: Bundle,
+    sam: nn.Module,
+    images_dir: Optional[PathLike] = None,
+    backend: str = "auto",
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Compare the exported chain in ``out`` (described by ``manifest``) with PyTorch CASAM."""
+    images, source = load_images(images_dir)
+    model = bundle.build_model(sam)
+    pipe = Pipeline.from_manifest(out, backend=backend, manifest=manifest)
+    precision = str(manifest["precision"])
+    bar = MASK_IOU_BARS[precision]
+    cmp = _Comparison()
+    routes_t, routes_o, per_image = [], [], []
+    for i, image in enumerate(tqdm(images, desc="verify", unit="image", disable=quiet)):
+        x, frame = preprocess(image, bundle.preprocessing)
+        with torch.no_grad():
+            emb_t = model.encode(torch.from_numpy(x))
+            _, scores_t, route_idx = model.route(emb_t)
+        emb_o, frame_o = pipe.embed(image)
+        route_o, scores_o, _ = pipe.route(emb_o)
+        route_t = routes_to_names(route_idx, model.task_names)[0]
+        routes_t.append(route_t)
+        routes_o.append(route_o)
+        emb_np = emb_t.numpy()
+        cmp.emb_diff = max(cmp.emb_diff, float(np.abs(emb_np - np.asarray(emb_o)).max()))
+        cmp.emb_scale = max(cmp.emb_scale, float(np.abs(emb_np).max()))
+        s_t = scores_t.numpy()[0]
+        diff = np.abs(s_t - scores_o)
+        cmp.score_diff = max(cmp.score_diff, float(diff.max()))
+        cmp.score_rel = max(cmp.score_rel, float((diff / np.maximum(np.abs(s_t), 1e-6)).max()))
+        prompts = prompts_for(image, seed=i)
+        first = len(cmp.ious)
+        cmp.decode(model, pipe, emb_t, emb_o, frame_o, route_o, prompts)
+        if i == 0:  # every align graph (and plain SAM) at least once, whatever the routes
+            for forced in [*model.task_names, "identity"]:
+                if forced != route_o:
+                    cmp.decode(model, pipe, emb_t, emb_o, frame_o, forced, prompts, with_points=False)
+        per_image.append({"image": i, "size": list(image.shape[:2]), "route_pytorch": route_t, "route_exported": route_o,
+                          "scores_pytorch": s_t.tolist(), "scores_exported": np.asarray(scores_o).tolist(),
+                          "mask_iou_min": min(cmp.ious[first:])})
+    ious = np.array(cmp.ious)
+    summary = {
+        "reference": "pytorch fp32 (models.CASAM)",
+        "backend": pipe.backend.name,
+        "images": len(images),
+        "image_source": source,
+        "masks_compared": int(ious.size),
+        "embeddings_max_abs_diff": cmp.emb_diff,
+        "embeddings_max_abs": cmp.emb_scale,
+        "scores_max_abs_diff": cmp.score_diff,
+        "scores_max_rel_diff": cmp.score_rel,
+        "iou_predictions_max_abs_diff": cmp.iou_diff,
+        "routes_identical": routes_t == routes_o,
+        "mask_iou_mean": float(ious.mean()),
+        "mask_iou_min": float(ious.min()),
+        "bars": {"routes_identical": True, "mask_iou_mean": bar},
+    }
+    failures = []
+    if routes_t != routes_o:
+        failures.append(f"routes differ (pytorch {routes_t}, exported {routes_o})")
+    if summary["mask_iou_mean"] < bar:
+        failures.append(f"mean mask IoU {summary['mask_iou_mean']:.5f} < {bar}")
+    return {"precision": precision, "summary": summary, "passed": not failures, "failures": failures,
+            "per_image": per_image}

@@ -1,0 +1,126 @@
+"""ONNX Runtime backend: CPU, or CUDA with the embedding kept on the GPU via IO binding.
+
+A usable GPU is detected by creating a session with the CUDA provider and reading the
+session's ``get_providers()``: ``get_available_providers()`` only says which providers the
+wheel was built with (onnxruntime-gpu lists CUDA on machines without any GPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Collection, Mapping
+
+import numpy as np
+
+from runtime.backends.base import Tensor
+from runtime.errors import CasamError, ManifestError
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+ORT_DEFAULT_SEVERITY = 2  # warnings
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - the install always brings one
+        raise CasamError("onnxruntime is not installed: pip install onnxruntime-gpu (or onnxruntime)") from exc
+    return onnxruntime
+
+
+class BackendUnavailable(CasamError):
+    """The requested accelerator cannot be used on this machine."""
+
+
+class OrtEngine:
+    """One InferenceSession. ``run`` is thread-safe: sessions are, and each call binds afresh."""
+
+    def __init__(self, key: str, session: Any, io_binding: bool, device: str, device_id: int = 0) -> None:
+        self.key = key
+        self.session = session
+        self.io_binding = io_binding
+        self.device = device
+        self.device_id = device_id
+        self.input_names = [i.name for i in session.get_inputs()]
+        self.output_names = [o.name for o in session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, Tensor], keep_on_device: Collection[str] = ()) -> dict[str, Tensor]:
+        if not self.io_binding:
+            arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()}
+            return dict(zip(self.output_names, self.session.run(self.output_names, arrays)))
+        ort = _ort()
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, ort.OrtValue):
+                binding.bind_ortvalue_input(name, value)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(value, dtype=np.float32))
+        for name in self.output_names:
+            where = self.device if name in keep_on_device else "cpu"
+            binding.bind_output(name, where, self.device_id if where != "cpu" else 0)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {
+            name: value if name in keep_on_device else value.numpy()
+            for name, value in zip(self.output_names, values)
+        }
+
+
+class OrtBackend:
+    """``ort-cpu`` or ``ort-cuda``. ``io_binding`` defaults to on for CUDA, off for the CPU."""
+
+    def __init__(self, name: str = "ort-cpu", device_id: int = 0, io_binding: bool | None = None,
+                 intra_op_threads: int = 0, log_severity: int = 3) -> None:
+        if name not in ("ort-cpu", "ort-cuda"):
+            raise CasamError(f"unknown onnxruntime backend {name!r}")
+        self.name = name
+        self.device = "cuda" if name == "ort-cuda" else "cpu"
+        self.device_id = device_id
+        self.io_binding = self.device == "cuda" if io_binding is None else io_binding
+        self.intra_op_threads = intra_op_threads
+        self.log_severity = log_severity
+        self.providers: list[Any] = [(CUDA, {"device_id": device_id}), CPU] if self.device == "cuda" else [CPU]
+
+    def session(self, path: Path) -> Any:
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = self.log_severity
+        if self.intra_op_threads:
+            options.intra_op_num_threads = self.intra_op_threads
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own exception zoo for bad graphs
+            raise ManifestError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0]})") from exc
+        if self.device == "cuda" and CUDA not in session.get_providers():
+            raise BackendUnavailable(
+                f"CUDA is not usable by onnxruntime here (session providers: {', '.join(session.get_providers())})"
+            )
+        return session
+
+    def load(self, key: str, path: Path) -> OrtEngine:
+        return OrtEngine(key, self.session(path), self.io_binding, self.device, self.device_id)
+
+    def to_numpy(self, value: Tensor) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else value.numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "onnxruntime": _ort().__version__, "io_binding": self.io_binding,
+                "providers": [p if isinstance(p, str) else p[0] for p in self.providers]}
+
+
+def cuda_usable(probe: Path) -> bool:
+    """Whether a CUDA session on ``probe`` (a small graph) really runs on the GPU.
+
+    Without a GPU, onnxruntime-gpu logs several lines of CUDA library errors before it
+    falls back; the probe silences them, since "no GPU" is an answer here, not an error.
+    """
+    ort = _ort()
+    ort.set_default_logger_severity(4)
+    try:
+        OrtBackend("ort-cuda", log_severity=4).session(probe)
+    except BackendUnavailable:
+        return False
+    finally:
+        ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
+    return True

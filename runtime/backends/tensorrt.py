@@ -1,0 +1,196 @@
+"""TensorRT backend: the manifest's prebuilt engines, or engines built on first use.
+
+Device memory comes from onnxruntime-gpu's ``OrtValue`` (already installed for the CUDA
+path), so this backend needs no extra CUDA binding package and its device tensors are
+interchangeable with the ORT CUDA backend's. Execution contexts are not thread-safe, so
+each engine serialises its own calls. Written against TensorRT ≥ 10's Python API
+(``execute_async_v3``, named I/O tensors); where TensorRT is absent, ``available()`` says
+so and the pipeline falls back or refuses with one clear line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Collection, Mapping, Optional
+
+import numpy as np
+
+from runtime.backends.base import Tensor
+from runtime.backends.ort import BackendUnavailable, _ort
+from runtime.errors import ManifestError
+from runtime.files import atomic_write_bytes, sha256_file
+
+# Upper bounds of the dynamic dimensions in the optimisation profiles of engines built here.
+MAX_BATCH = 8
+MAX_POINTS = 16
+
+
+def import_tensorrt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise BackendUnavailable("TensorRT is not installed (pip install 'casam[trt]')") from exc
+    return tensorrt
+
+
+def available() -> tuple[bool, str]:
+    try:
+        import_tensorrt()
+        gpu_name()
+    except BackendUnavailable as exc:
+        return False, str(exc)
+    return True, ""
+
+
+def _libcuda() -> Any:
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    raise BackendUnavailable("no CUDA driver found (libcuda)")
+
+
+def gpu_name(device_id: int = 0) -> str:
+    """The GPU's marketing name, through the CUDA driver API (part of every driver install)."""
+    cuda = _libcuda()
+    if cuda.cuInit(0) != 0:
+        raise BackendUnavailable("the CUDA driver found no usable GPU")
+    dev = ctypes.c_int()
+    buf = ctypes.create_string_buffer(256)
+    if cuda.cuDeviceGet(ctypes.byref(dev), device_id) != 0 or cuda.cuDeviceGetName(buf, 256, dev) != 0:
+        raise BackendUnavailable(f"CUDA device {device_id} is not available")
+    return buf.value.decode()
+
+
+def engine_file_name(key: str, onnx_sha256: str, gpu: str, trt_version: str) -> str:
+    """``<graph>-<onnx sha[:12]>-<gpu>-trt<version>.engine`` (docs/FORMATS.md)."""
+    safe = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")  # noqa: E731
+    return f"{safe(key.replace('/', '_'))}-{onnx_sha256[:12]}-{safe(gpu)}-trt{trt_version}.engine"
+
+
+class TrtEngine:
+    def __init__(self, key: str, engine: Any, trt: Any, device_id: int) -> None:
+        self.key = key
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.device_id = device_id
+        self.lock = threading.Lock()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        is_input = lambda n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT  # noqa: E731
+        self.input_names = [n for n in names if is_input(n)]
+        self.output_names = [n for n in names if not is_input(n)]
+
+    def run(self, feeds: Mapping[str, Tensor], keep_on_device: Collection[str] = ()) -> dict[str, Tensor]:
+        ort = _ort()
+        device_inputs = {
+            name: value if isinstance(value, ort.OrtValue)
+            else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value, dtype=np.float32), "cuda", self.device_id)
+            for name, value in feeds.items()
+        }
+        with self.lock:
+            for name, value in device_inputs.items():
+                self.context.set_input_shape(name, tuple(value.shape()))
+                self.context.set_tensor_address(name, value.data_ptr())
+            outputs = {}
+            for name in self.output_names:
+                shape = tuple(self.context.get_tensor_shape(name))
+                outputs[name] = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, "cuda", self.device_id)
+                self.context.set_tensor_address(name, outputs[name].data_ptr())
+            if not self.context.execute_async_v3(0):
+                raise ManifestError(f"TensorRT failed to run the {self.key} engine")
+            synchronize()
+        return {n: v if n in keep_on_device else v.numpy() for n, v in outputs.items()}
+
+
+def synchronize() -> None:
+    """Wait for the legacy default stream, where the engines are enqueued."""
+    if _libcuda().cuCtxSynchronize() != 0:
+        raise ManifestError("CUDA reported an error while running a TensorRT engine")
+
+
+class TrtBackend:
+    name = "trt"
+    device = "cuda"
+
+    def __init__(self, engines: Mapping[str, Mapping[str, Any]], folder: Path, device_id: int = 0,
+                 fp16: bool = False, max_prompts: int = 16, cache_dir: Optional[Path] = None) -> None:
+        self.trt = import_tensorrt()
+        self.gpu = gpu_name(device_id)
+        self.device_id = device_id
+        self.prebuilt = dict(engines)
+        self.folder = folder
+        self.fp16 = fp16
+        self.max_prompts = max_prompts
+        self.cache_dir = cache_dir or _cache_dir(folder)
+        self.logger = self.trt.Logger(self.trt.Logger.WARNING)
+        self.runtime = self.trt.Runtime(self.logger)
+        self.build_lock = threading.Lock()
+
+    def matching_prebuilt(self, key: str) -> Optional[Path]:
+        entry = self.prebuilt.get(key)
+        if not entry or entry.get("gpu") != self.gpu or entry.get("tensorrt_version") != self.trt.__version__:
+            return None
+        path = self.folder / entry["file"]
+        if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+            raise ManifestError(f"TensorRT engine {path} for {key} is missing or does not match its sha256")
+        return path
+
+    def load(self, key: str, path: Path) -> TrtEngine:
+        engine_path = self.matching_prebuilt(key)
+        if engine_path is None:
+            with self.build_lock:
+                engine_path = self.cache_dir / engine_file_name(key, sha256_file(path), self.gpu, self.trt.__version__)
+                if not engine_path.is_file():
+                    atomic_write_bytes(engine_path, self.build(path))
+        engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if engine is None:
+            raise ManifestError(f"TensorRT cannot deserialize {engine_path} (built by another TensorRT or GPU?)")
+        return TrtEngine(key, engine, self.trt, self.device_id)
+
+    def build(self, onnx_path: Path) -> bytes:
+        """ONNX → serialized engine, with a profile covering every dynamic dimension."""
+        trt = self.trt
+        if not hasattr(trt, "Builder") or not hasattr(trt, "OnnxParser"):
+            raise BackendUnavailable("this TensorRT install has no builder; export with casam-export --trt")
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise ManifestError(f"TensorRT cannot parse {onnx_path}: {errors}")
+        config = builder.create_builder_config()
+        if self.fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        profile = builder.create_optimization_profile()
+        for i in range(network.num_inputs):
+            tensor = network.get_input(i)
+            shape = tuple(tensor.shape)
+            is_prompt = tensor.name in ("point_coords", "point_labels")
+            bounds = (self.max_prompts, MAX_POINTS) if is_prompt else (MAX_BATCH,)
+            lo = tuple(1 if d < 0 else d for d in shape)
+            hi = tuple((bounds[min(j, len(bounds) - 1)]) if d < 0 else d for j, d in enumerate(shape))
+            profile.set_shape(tensor.name, lo, lo, hi)
+        config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise ManifestError(f"TensorRT failed to build an engine from {onnx_path}")
+        return bytes(serialized)
+
+    def to_numpy(self, value: Tensor) -> np.ndarray:
+        return value if isinstance(value, np.ndarray) else value.numpy()
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "tensorrt": self.trt.__version__, "gpu": self.gpu, "cache": str(self.cache_dir)}
+
+
+def _cache_dir(folder: Path) -> Path:
+    """The export folder's trt/ when writable, else a per-user cache."""
+    own = folder / "trt"
+    if os.access(folder, os.W_OK) and (not own.exists() or os.access(own, os.W_OK)):
+        return own
+    return Path(os.environ.get("CASAM_CACHE", Path.home() / ".cache" / "casam")) / "trt"

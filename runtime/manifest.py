@@ -1,0 +1,177 @@
+"""Reading and trusting an export folder's manifest.json (docs/FORMATS.md).
+
+The runtime knows the engines only through this file: which graphs exist, where they are,
+their sha256, how images were preprocessed and each task's routing threshold. Every engine
+file is hashed on load, so a truncated copy or a swapped graph fails loudly here instead of
+producing plausible but wrong masks later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from runtime.errors import ManifestError
+from runtime.files import read_json, sha256_file
+from runtime.preprocess import Preprocessing
+
+PathLike = Union[str, os.PathLike]
+MANIFEST_FORMAT = "casam-manifest"
+MANIFEST_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IDENTITY = "identity"
+CORE_GRAPHS = ("encoder", "router", "decoder")
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One ONNX graph of the export: its key (``encoder``, ``align/<task>`` …) and files."""
+
+    key: str
+    path: Path
+    sha256: str
+    external_data: Optional[Path] = None
+    external_sha256: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    name: str
+    index: int
+    threshold: float
+    graph: GraphFile
+
+
+class Manifest:
+    """A validated manifest: graphs and tasks resolved to paths inside ``folder``."""
+
+    def __init__(self, folder: Path, data: dict[str, Any]) -> None:
+        self.folder = folder
+        self.data = data
+        self.preprocessing = _preprocessing(data)
+        self.max_prompts = int(data.get("max_prompts", 16))
+        if self.max_prompts < 1:
+            raise ManifestError(f"manifest max_prompts must be ≥ 1, got {self.max_prompts}")
+        graphs = data.get("graphs")
+        if not isinstance(graphs, Mapping):
+            raise ManifestError("manifest has no 'graphs' table")
+        self.graphs: dict[str, GraphFile] = {}
+        for key in CORE_GRAPHS:
+            if key not in graphs:
+                raise ManifestError(f"manifest lists no {key!r} graph")
+            self.graphs[key] = _graph_file(folder, key, graphs[key])
+        self.tasks: list[TaskEntry] = []
+        for i, task in enumerate(data.get("tasks") or []):
+            try:
+                name = str(task["name"])
+                entry = TaskEntry(name, int(task.get("index", i)), float(task["threshold"]),
+                                  _graph_file(folder, f"align/{name}", task["align"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ManifestError(f"manifest task #{i} is malformed ({exc!r})") from exc
+            if entry.index != i:
+                raise ManifestError(f"manifest task {name!r} has index {entry.index} but sits at position {i}")
+            if name == IDENTITY:
+                raise ManifestError("manifest has a task named 'identity', which is reserved for plain SAM")
+            self.tasks.append(entry)
+        names = self.task_names
+        if len(set(names)) != len(names):
+            raise ManifestError(f"manifest repeats a task name: {names}")
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str) -> TaskEntry:
+        for entry in self.tasks:
+            if entry.name == name:
+                return entry
+        raise ManifestError(f"unknown task {name!r}; known: {', '.join(self.task_names) or 'none'}, identity")
+
+    def all_graphs(self) -> list[GraphFile]:
+        return list(self.graphs.values()) + [t.graph for t in self.tasks]
+
+    def tensorrt_engines(self) -> dict[str, dict[str, Any]]:
+        trt = self.data.get("tensorrt") or {}
+        return dict(trt.get("engines") or {})
+
+    def verify(self) -> None:
+        """Check that every engine file exists and matches its sha256."""
+        for g in self.all_graphs():
+            verify_file(g.path, g.sha256, g.key)
+            if g.external_data is not None:
+                verify_file(g.external_data, g.external_sha256 or "", f"{g.key} weights")
+
+    @classmethod
+    def load(cls, folder: PathLike, data: Optional[Mapping[str, Any]] = None, verify: bool = True) -> "Manifest":
+        """Open ``folder/manifest.json`` (or validate ``data`` against ``folder``'s files).
+
+        ``data`` lets an exporter check its engines before it writes the final manifest.
+        """
+        root = Path(folder)
+        if data is None:
+            path = root / MANIFEST_NAME
+            if not path.is_file():
+                raise ManifestError(
+                    f"no {MANIFEST_NAME} in {root}: point --engines (or $CASAM_ENGINES) at a casam-export folder"
+                )
+            try:
+                data = read_json(path)
+            except (ValueError, OSError) as exc:
+                raise ManifestError(f"{path} is corrupt ({exc})") from exc
+        if not isinstance(data, Mapping) or data.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{root / MANIFEST_NAME} is not a casam manifest (format {MANIFEST_FORMAT!r} expected)")
+        version = data.get("format_version")
+        if version != MANIFEST_FORMAT_VERSION:
+            raise ManifestError(
+                f"{root / MANIFEST_NAME} has format version {version!r}; this casam reads version "
+                f"{MANIFEST_FORMAT_VERSION} (re-export the bundle or upgrade casam)"
+            )
+        manifest = cls(root, dict(data))
+        if verify:
+            manifest.verify()
+        return manifest
+
+
+def verify_file(path: Path, expected: str, what: str) -> None:
+    if not path.is_file():
+        raise ManifestError(f"engine file {path} ({what}) is missing; re-export the bundle")
+    got = sha256_file(path)
+    if got != expected:
+        raise ManifestError(
+            f"engine file {path} ({what}) has sha256 {got[:12]}…, the manifest says {str(expected)[:12]}… "
+            "(the file was modified or corrupted; re-export the bundle)"
+        )
+
+
+def _graph_file(folder: Path, key: str, entry: Any) -> GraphFile:
+    try:
+        ext = entry.get("external_data")
+        return GraphFile(
+            key=key,
+            path=_inside(folder, entry["file"]),
+            sha256=str(entry["sha256"]),
+            external_data=_inside(folder, ext["file"]) if ext else None,
+            external_sha256=str(ext["sha256"]) if ext else None,
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ManifestError(f"manifest entry for graph {key!r} is malformed ({exc!r})") from exc
+
+
+def _inside(folder: Path, rel: str) -> Path:
+    """A manifest path, refused when it escapes the export folder (the manifest is untrusted).
+
+    Checked lexically, so a deployment may still symlink engine files into the folder.
+    """
+    path = Path(str(rel))
+    if path.is_absolute() or ".." in path.parts:
+        raise ManifestError(f"manifest file {rel!r} points outside the export folder {folder}")
+    return folder / path
+
+
+def _preprocessing(data: Mapping[str, Any]) -> Preprocessing:
+    try:
+        return Preprocessing.from_dict(data["preprocessing"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ManifestError(f"manifest preprocessing is malformed ({exc!r})") from exc

@@ -1,0 +1,264 @@
+"""The edge pipeline: preprocess → encoder → router → task alignment or nothing → decoder → masks.
+
+Everything between the engines is numpy, and the engines are known only through
+manifest.json, so this module runs where torch is not installed. The chain mirrors
+``models.CASAM`` step for step (same preprocessing code, same prompt encoding, same
+routing rule, same bilinear post-processing), which is what makes the runtime's routes
+and masks equal to the PyTorch model's.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from runtime.backends import Backend, Engine, Tensor, open_backend
+from runtime.engine_cache import EngineCache
+from runtime.errors import InputError
+from runtime.manifest import IDENTITY, Manifest
+from runtime.postprocess import masks_from_logits
+from runtime.preprocess import Frame, Preprocessing, boxes_to_frame, points_to_frame, preprocess
+from runtime.prompt_checks import check_boxes, check_points
+from runtime.prompts import encode_prompts
+
+PathLike = Union[str, os.PathLike]
+STAGES = ("preprocess", "encoder", "router", "align", "decoder", "postprocess", "total")
+
+
+@dataclass
+class Result:
+    masks: np.ndarray  # K×H×W bool at the original size
+    low_res_logits: np.ndarray  # K×1×256×256 float32
+    iou: np.ndarray  # (K,) float32
+    route: str  # task name or "identity"
+    scores: dict[str, float]  # every task's score
+    thresholds: dict[str, float]
+    timings_ms: dict[str, float]  # STAGES
+    warnings: list[str] = field(default_factory=list)  # e.g. boxes clipped to the image
+
+
+class _Timer:
+    """Per-call stage timings (a local object, so concurrent predictions never share one)."""
+
+    def __init__(self) -> None:
+        self.ms = {stage: 0.0 for stage in STAGES}
+        self.start = time.perf_counter()
+
+    def stage(self, name: str) -> "_Stage":
+        return _Stage(self.ms, name)
+
+    def finish(self) -> dict[str, float]:
+        self.ms["total"] = (time.perf_counter() - self.start) * 1000.0
+        return self.ms
+
+
+class _Stage:
+    def __init__(self, ms: dict[str, float], name: str) -> None:
+        self.ms, self.name = ms, name
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.ms[self.name] += (time.perf_counter() - self.t0) * 1000.0
+
+
+class Pipeline:
+    """CA-SAM on exported engines. ``predict`` is safe to call from several threads."""
+
+    def __init__(self, manifest: Manifest, backend: Backend, max_resident: int = 8, preload: bool = False) -> None:
+        self.manifest_obj = manifest
+        self.manifest: dict[str, Any] = manifest.data
+        self.backend = backend
+        self.task_names: list[str] = manifest.task_names
+        self.preprocessing: Preprocessing = manifest.preprocessing
+        self.max_prompts = manifest.max_prompts
+        self.thresholds = np.array([t.threshold for t in manifest.tasks], dtype=np.float32)
+        self.encoder = backend.load("encoder", manifest.graphs["encoder"].path)
+        self.router = backend.load("router", manifest.graphs["router"].path) if self.task_names else None
+        self.decoder = backend.load("decoder", manifest.graphs["decoder"].path)
+        self.align_engines: EngineCache[str, Engine] = EngineCache(self._load_align, max_resident)
+        self.calls: Counter[str] = Counter()  # engine key → runs, for tests and benchmarks
+        self._calls_lock = threading.Lock()
+        if preload:
+            for name in self.task_names[:max_resident]:
+                self.align_engines.get(name)
+
+    @classmethod
+    def from_manifest(
+        cls,
+        folder: PathLike,
+        backend: str = "auto",
+        max_resident: int = 8,
+        preload: bool = False,
+        manifest: Optional[Mapping[str, Any]] = None,
+    ) -> "Pipeline":
+        """Open an export folder, checking every engine file's sha256 against the manifest.
+
+        ``manifest`` replaces ``folder/manifest.json``: an exporter can verify its engines
+        through the runtime before it writes the final manifest.
+        """
+        loaded = Manifest.load(folder, manifest)
+        return cls(loaded, open_backend(backend, loaded), max_resident=max_resident, preload=preload)
+
+    # ----- stages ---------------------------------------------------------------------
+    def _load_align(self, name: str) -> Engine:
+        return self.backend.load(f"align/{name}", self.manifest_obj.task(name).graph.path)
+
+    def _run(self, engine: Engine, feeds: Mapping[str, Tensor], keep: Sequence[str] = ()) -> dict[str, Tensor]:
+        with self._calls_lock:
+            self.calls[engine.key] += 1
+        return engine.run(feeds, keep_on_device=keep)
+
+    def _encode(self, batch: np.ndarray) -> Tensor:
+        return self._run(self.encoder, {"image": batch}, keep=("embeddings",))["embeddings"]
+
+    def _scores(self, embeddings: Tensor) -> np.ndarray:
+        if self.router is None:
+            return np.zeros((1, 0), dtype=np.float32)
+        return np.asarray(self._run(self.router, {"embeddings": embeddings})["scores"], dtype=np.float32)
+
+    def _align(self, embedding: Tensor, route: str) -> Tensor:
+        if route == IDENTITY:
+            return embedding
+        engine = self.align_engines.get(route)
+        return self._run(engine, {"embeddings": embedding}, keep=("aligned",))["aligned"]
+
+    def _decoder_batches(self, embedding: Tensor, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All prompts of one image, in as few decoder calls as the engine's maximum allows."""
+        lows, ious = [], []
+        for start in range(0, coords.shape[0], self.max_prompts):
+            stop = start + self.max_prompts
+            out = self._run(self.decoder, {"embeddings": embedding, "point_coords": coords[start:stop],
+                                           "point_labels": labels[start:stop]})
+            lows.append(np.asarray(out["low_res_masks"], dtype=np.float32))
+            ious.append(np.asarray(out["iou_predictions"], dtype=np.float32).reshape(-1))
+        return np.concatenate(lows), np.concatenate(ious)
+
+    def choose(self, scores: np.ndarray, task: Optional[str] = None) -> str:
+        """The route for one image's (N,) scores: argmin (first on ties) if ≤ its threshold."""
+        if task is not None:
+            return self.check_task(task)
+        if scores.size == 0:
+            return IDENTITY
+        best = int(np.argmin(scores))
+        return self.task_names[best] if scores[best] <= self.thresholds[best] else IDENTITY
+
+    def check_task(self, task: str) -> str:
+        if task != IDENTITY and task not in self.task_names:
+            raise InputError(f"unknown task {task!r}; known: {', '.join(self.task_names) or 'none'}, identity")
+        return task
+
+    @staticmethod
+    def prompts(
+        frame: Frame,
+        boxes: Optional[np.ndarray] = None,
+        points: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Prompts in original pixels → checked, moved to the model frame, in decoder form."""
+        h, w = frame.original_hw
+        boxes, warnings = check_boxes(boxes, h, w)
+        points, point_labels = check_points(points, point_labels, h, w)
+        if boxes is None and points is None:
+            raise InputError("give at least one box or point prompt")
+        coords, labels = encode_prompts(
+            None if boxes is None else boxes_to_frame(boxes, frame),
+            None if points is None else points_to_frame(points, frame),
+            point_labels,
+        )
+        return coords, labels, warnings
+
+    # ----- public API -------------------------------------------------------------------
+    def embed(self, image: np.ndarray) -> tuple[np.ndarray, Frame]:
+        """Preprocess and encode one image → (1×256×64×64 raw embedding, its Frame)."""
+        x, frame = preprocess(image, self.preprocessing)
+        return self.backend.to_numpy(self._encode(x)), frame
+
+    def embed_batch(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[Frame]]:
+        """B images in one encoder call → (B×256×64×64, frames)."""
+        if not images:
+            raise InputError("embed_batch needs at least one image")
+        inputs, frames = zip(*(preprocess(img, self.preprocessing) for img in images))
+        return self.backend.to_numpy(self._encode(np.concatenate(inputs))), list(frames)
+
+    def encode(self, inputs: np.ndarray) -> np.ndarray:
+        """Already preprocessed B×3×S×S inputs → B×256×64×64 in one encoder call.
+
+        For callers that preprocess in their own threads and share only the encoder run
+        (casam-serve batches concurrent requests this way).
+        """
+        return self.backend.to_numpy(self._encode(inputs))
+
+    def route(self, embeddings: Tensor, task: Optional[str] = None) -> tuple[str, np.ndarray, np.ndarray]:
+        """One image's raw embedding → (route name or "identity", scores (N,), thresholds (N,))."""
+        scores = self._scores(embeddings)
+        if scores.shape[0] != 1:
+            raise InputError(f"route takes one image's 1×256×64×64 embedding, got {scores.shape[0]} images")
+        return self.choose(scores[0], task), scores[0], self.thresholds.copy()
+
+    def decode(
+        self,
+        embedding: Tensor,
+        frame: Frame,
+        boxes: Optional[np.ndarray] = None,
+        points: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        route: str = IDENTITY,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A raw embedding and prompts in original pixels → (K×H×W masks, K×1×256×256 logits, (K,) IoU)."""
+        coords, labels, _ = self.prompts(frame, boxes, points, point_labels)
+        low, iou = self._decoder_batches(self._align(embedding, self.check_task(route)), coords, labels)
+        return masks_from_logits(low, frame), low, iou
+
+    def predict(
+        self,
+        image: np.ndarray,
+        boxes: Optional[np.ndarray] = None,
+        points: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        task: Optional[str] = None,
+    ) -> Result:
+        """One image (H×W or H×W×C) and its prompts in original pixels → masks at the original size.
+
+        ``task``: None routes by the ELBO scores, a task name forces that task, and
+        "identity" runs plain SAM. All prompts go to the decoder in one batched call.
+        """
+        if task is not None:
+            self.check_task(task)
+        timer = _Timer()
+        with timer.stage("preprocess"):
+            x, frame = preprocess(image, self.preprocessing)
+            coords, labels, warnings = self.prompts(frame, boxes, points, point_labels)
+        with timer.stage("encoder"):
+            embedding = self._encode(x)
+        with timer.stage("router"):
+            scores = self._scores(embedding)[0]
+            route = self.choose(scores, task)
+        with timer.stage("align"):
+            embedding = self._align(embedding, route)
+        with timer.stage("decoder"):
+            low, iou = self._decoder_batches(embedding, coords, labels)
+        with timer.stage("postprocess"):
+            masks = masks_from_logits(low, frame)
+        return Result(
+            masks=masks,
+            low_res_logits=low,
+            iou=iou,
+            route=route,
+            scores={n: float(s) for n, s in zip(self.task_names, scores)},
+            thresholds={n: float(t) for n, t in zip(self.task_names, self.thresholds)},
+            timings_ms=timer.finish(),
+            warnings=warnings,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.backend.describe(), "tasks": self.task_names, "max_prompts": self.max_prompts,
+                "precision": self.manifest.get("precision"), "sam": self.manifest.get("sam", {}).get("model")}
+

@@ -1,0 +1,163 @@
+"""``RemotePipeline``: ``Pipeline.predict`` answered by a casam-serve (Triton) server.
+
+Same call, same ``Result``, so ``casam-infer --server URL`` writes what a local run
+writes: the image travels as uint8 (what the local pipeline would make of it anyway, see
+``runtime.serve.schema.wire_image``), and masks, IoU, scores and logits come back exactly.
+tritonclient is imported on first use, so the plain runtime does not need it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from runtime.errors import CasamError, InputError, ManifestError
+from runtime.pipeline import Result
+from runtime.serve import INFO_MODEL_NAME, MODEL_NAME
+from runtime.serve.schema import INPUTS, OUTPUTS, Call, read_response, request_arrays
+
+DEFAULT_PORTS = {"http": 8000, "https": 8000, "grpc": 8001}
+_SPECS = {spec.name: spec for spec in INPUTS}
+# A CasamError raised in the server's model reaches the client inside a traceback text.
+_RAISED = re.compile(r"(?:^|[\s.])(InputError|ManifestError|CasamError): (.+)$")
+# Triton's own checks against the model config (wrong dtype, wrong rank, missing input).
+_TRITON_INPUT = re.compile(r"(unexpected shape|data-type is|expected \d+ inputs|missing input|unexpected inference input)")
+_ERRORS = {"InputError": InputError, "ManifestError": ManifestError, "CasamError": CasamError}
+
+
+def parse_server_url(url: str) -> tuple[str, str]:
+    """``http://host:port``, ``https://…`` or ``grpc://host:port`` → (scheme, "host:port")."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in DEFAULT_PORTS:
+        raise InputError(f"server URL {url!r}: use http://HOST:PORT, https://HOST:PORT or grpc://HOST:PORT")
+    if not parts.hostname:
+        raise InputError(f"server URL {url!r} has no host")
+    try:
+        port = parts.port or DEFAULT_PORTS[parts.scheme]
+    except ValueError as exc:
+        raise InputError(f"server URL {url!r} has a bad port") from exc
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return parts.scheme, f"{host}:{port}"
+
+
+class RemotePipeline:
+    """A casam-serve server at ``url``, used like ``runtime.pipeline.Pipeline``. Thread-safe."""
+
+    def __init__(self, url: str, model: str = MODEL_NAME, timeout_s: float = 300.0) -> None:
+        self.url = url
+        self.scheme, self.address = parse_server_url(url)
+        self.model = model
+        self.timeout_s = timeout_s
+        self._client_module, self._server_exception = _tritonclient(self.scheme)
+        self._local = threading.local()  # one client per thread: tritonclient's are not shareable
+        self._clients: list[Any] = []
+        self._lock = threading.Lock()
+        self._info: Optional[dict[str, Any]] = None
+
+    # ----- what the server holds ----------------------------------------------------------
+    def info(self, refresh: bool = False) -> dict[str, Any]:
+        """The server's description of its engines (tasks, thresholds, backend, …) and its
+        encoder batch statistics; cached unless ``refresh``."""
+        if self._info is None or refresh:
+            response = self._infer(INFO_MODEL_NAME, [], ["info"])
+            self._info = json.loads(bytes(response.as_numpy("info").reshape(-1)[0]).decode("utf-8"))
+        return self._info
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.info()["tasks"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "remote", "server": self.url, "protocol": self.scheme, "server_engines": self.info()}
+
+    # ----- prediction ---------------------------------------------------------------------
+    def predict(
+        self,
+        image: np.ndarray,
+        boxes: Optional[np.ndarray] = None,
+        points: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        task: Optional[str] = None,
+    ) -> Result:
+        """Same arguments and result as ``Pipeline.predict``; ``timings_ms`` holds the round trip."""
+        start = time.perf_counter()
+        arrays = request_arrays(Call(image, boxes, points, point_labels, task))
+        inputs = []
+        for name, array in arrays.items():
+            tensor = self._client_module.InferInput(name, list(array.shape), _SPECS[name].triton_dtype)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        response = self._infer(self.model, inputs, [spec.name for spec in OUTPUTS])
+        fields = read_response({spec.name: response.as_numpy(spec.name) for spec in OUTPUTS})
+        return Result(timings_ms={"total": (time.perf_counter() - start) * 1000.0}, **fields)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> "RemotePipeline":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ----- transport ----------------------------------------------------------------------
+    def _client(self) -> Any:
+        client = getattr(self._local, "client", None)
+        if client is None:
+            module = self._client_module
+            if self.scheme == "grpc":
+                client = module.InferenceServerClient(self.address)
+            else:
+                client = module.InferenceServerClient(self.address, ssl=self.scheme == "https",
+                                                      connection_timeout=self.timeout_s, network_timeout=self.timeout_s)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _infer(self, model: str, inputs: list[Any], outputs: list[str]) -> Any:
+        module = self._client_module
+        requested = [module.InferRequestedOutput(name, **({} if self.scheme == "grpc" else {"binary_data": True}))
+                     for name in outputs]
+        kwargs = {"client_timeout": self.timeout_s} if self.scheme == "grpc" else {}
+        try:
+            return self._client().infer(model, inputs, outputs=requested, **kwargs)
+        except self._server_exception as exc:
+            raise self._error(exc.message() or str(exc)) from None
+        except OSError as exc:  # connection refused, reset, timed out (HTTP)
+            raise CasamError(f"cannot reach the casam server at {self.url}: {exc}") from None
+
+    def _error(self, message: str) -> CasamError:
+        """A server error text → the CasamError it stands for, without the server's traceback."""
+        for line in reversed(message.splitlines()):
+            found = _RAISED.search(line.strip())
+            if found:
+                return _ERRORS[found.group(1)](found.group(2))
+        first = re.sub(r"^(\[\w+\]\s*)*(\[request id: [^]]*\]\s*)?", "", message.strip().splitlines()[0] if message.strip() else "")
+        if _TRITON_INPUT.search(first):
+            return InputError(first)
+        if "unavailable" in message.lower() or "failed to connect" in message.lower():
+            return CasamError(f"cannot reach the casam server at {self.url}: {first}")
+        return CasamError(f"the casam server at {self.url} failed: {first or message}")
+
+
+def _tritonclient(scheme: str) -> tuple[Any, type]:
+    """(tritonclient.http or .grpc, its server-error type), imported only when used."""
+    try:
+        if scheme == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+        from tritonclient.utils import InferenceServerException
+    except ImportError as exc:
+        raise CasamError(f"--server needs the serve extra (pip install 'casam[serve]'): {exc}") from exc
+    return module, InferenceServerException

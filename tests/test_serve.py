@@ -1,0 +1,219 @@
+"""casam-serve end to end: a real Triton (PyTriton) server in a child process, on loopback
+with ephemeral ports, serving engines exported from the tiny random bundle.
+
+One server serves the module (start-up costs ~10 s); the SIGTERM test starts its own.
+Every test compares the server's answers with a local ``Pipeline`` on the same engines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton")
+tritonclient_http = pytest.importorskip("tritonclient.http")
+
+from conftest import make_random_bundle  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
+from runtime.pipeline import Pipeline  # noqa: E402
+from runtime.remote import RemotePipeline  # noqa: E402
+from runtime.serve.process import ServerProcess  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> Path:
+    from casam_export import export_bundle
+
+    root = tmp_path_factory.mktemp("serve")
+    make_random_bundle(root / "bundle", thresholds=[1e6, 1e6])
+    export_bundle(root / "bundle", root / "engines", verify=False, trt=False, max_prompts=4)
+    return root / "engines"
+
+
+@pytest.fixture(scope="module")
+def local(engines) -> Pipeline:
+    return Pipeline.from_manifest(engines, backend="ort-cpu")
+
+
+@pytest.fixture(scope="module")
+def server(engines):
+    with ServerProcess(engines, max_batch=8) as srv:
+        yield srv
+
+
+def cases() -> list[dict]:
+    """Requests covering grey and colour images, boxes, points, forced tasks and identity."""
+    rng = np.random.default_rng(7)
+    grey = rng.integers(0, 256, (180, 240), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (200, 150, 3), dtype=np.uint8)
+    scan = rng.integers(0, 3000, (128, 128), dtype=np.uint16)
+    return [
+        dict(image=grey, boxes=np.array([[10, 20, 200, 150], [0, 0, 60, 60]], np.float32)),
+        dict(image=rgb, points=np.array([[[30, 40], [100, 120]]], np.float32), point_labels=np.array([[1, 0]])),
+        dict(image=rgb, boxes=np.array([[5, 5, 140, 190]], np.float32), task="beta"),
+        dict(image=scan, boxes=np.array([[-10, 10, 90, 140]], np.float32), task="identity"),  # clipped box
+    ]
+
+
+def assert_same(remote, local, exact: bool = True) -> None:
+    """Same route and identical masks; floats bit-equal when the server encoded the image
+    alone, and equal to float32 rounding when it shared a batched encoder run (a batch
+    changes the encoder's summation order, not its result)."""
+    assert remote.route == local.route
+    assert remote.masks.dtype == bool and np.array_equal(remote.masks, local.masks)
+    assert remote.thresholds == local.thresholds and remote.warnings == local.warnings
+    tol = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-4, "atol": 1e-4}
+    np.testing.assert_allclose(remote.iou, local.iou, **tol)
+    np.testing.assert_allclose(remote.low_res_logits, local.low_res_logits, **tol)
+    assert list(remote.scores) == list(local.scores)
+    np.testing.assert_allclose(list(remote.scores.values()), list(local.scores.values()), **tol)
+
+
+@pytest.fixture(scope="module")
+def expected(local):
+    return [local.predict(**case) for case in cases()]
+
+
+@pytest.mark.parametrize("scheme", ["http", "grpc"])
+def test_remote_equals_local(server, expected, scheme):
+    url = server.http_url if scheme == "http" else server.grpc_url
+    with RemotePipeline(url) as remote:
+        assert remote.task_names == ["alpha", "beta"]
+        for case, want in zip(cases(), expected):
+            assert_same(remote.predict(**case), want)
+    assert {r.route for r in expected} >= {"beta", "identity"}
+    assert any(r.warnings for r in expected)
+
+
+def test_eight_clients_twenty_requests_each(server, expected):
+    all_cases = cases()
+    remote_http, remote_grpc = RemotePipeline(server.http_url), RemotePipeline(server.grpc_url)
+
+    def client(worker: int) -> int:
+        remote = remote_http if worker % 2 else remote_grpc  # one client object per protocol, shared by threads
+        for i in range(20):
+            k = (worker + i) % len(all_cases)
+            assert_same(remote.predict(**all_cases[k]), expected[k], exact=False)
+        return 20
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sum(pool.map(client, range(8))) == 160
+    batches = remote_http.info(refresh=True)["encoder_batches"]
+    remote_http.close()
+    remote_grpc.close()
+    assert sum(int(size) * runs for size, runs in batches.items()) >= 160
+    assert max(int(size) for size in batches) > 1, f"concurrent requests never shared an encoder run: {batches}"
+
+
+def _raw_infer(server, image: np.ndarray, dtype: str):
+    client = tritonclient_http.InferenceServerClient(f"{server.host}:{server.http_port}")
+    tensor = tritonclient_http.InferInput("image", list(image.shape), dtype)
+    tensor.set_data_from_numpy(image)
+    boxes = tritonclient_http.InferInput("boxes", [1, 4], "FP32")
+    boxes.set_data_from_numpy(np.array([[1, 1, 5, 5]], np.float32))
+    try:
+        return client.infer("casam", [tensor, boxes])
+    finally:
+        client.close()
+
+
+def test_bad_requests_get_errors_and_the_server_keeps_serving(server, expected):
+    case, want = cases()[0], expected[0]
+    with RemotePipeline(server.http_url) as remote:
+        assert_same(remote.predict(**case), want)
+        with pytest.raises(InputError, match=r"box #1 \(200 150 10 20\) is inverted"):
+            remote.predict(case["image"], boxes=np.array([[200, 150, 10, 20]], np.float32))
+        assert_same(remote.predict(**case), want)
+        with pytest.raises(InputError, match="unknown task 'gamma'"):
+            remote.predict(case["image"], boxes=case["boxes"], task="gamma")
+        with pytest.raises(tritonclient_http.InferenceServerException, match="FP32.*UINT8|UINT8.*FP32"):
+            _raw_infer(server, np.zeros((8, 8, 3), np.float32), "FP32")
+        with pytest.raises(tritonclient_http.InferenceServerException, match="unexpected shape for input 'image'"):
+            _raw_infer(server, np.zeros((8, 8), np.uint8), "UINT8")
+        assert_same(remote.predict(**case), want)
+
+
+def test_casam_infer_with_server_writes_what_a_local_run_writes(server, engines, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from runtime.cli import main
+
+    image = tmp_path / "scan.png"
+    Image.fromarray(cases()[1]["image"]).save(image)
+    args = [str(image), "--box", "10", "20", "120", "180", "--box", "0", "0", "50", "50", "--json"]
+    runner = CliRunner()
+    local_run = runner.invoke(main, [*args, "--engines", str(engines), "--backend", "ort-cpu", "--out", str(tmp_path / "local")])
+    remote_run = runner.invoke(main, [*args, "--server", server.grpc_url, "--out", str(tmp_path / "remote")])
+    assert local_run.exit_code == 0, local_run.output
+    assert remote_run.exit_code == 0, remote_run.output
+    local_record, remote_record = json.loads(local_run.stdout), json.loads(remote_run.stdout)
+    for key in ("route", "scores", "thresholds", "prompts", "warnings", "size"):
+        assert remote_record[key] == local_record[key], key
+    assert remote_record["backend"]["backend"] == "remote"
+    for name in ("scan_mask0.png", "scan_mask1.png"):
+        assert (tmp_path / "remote" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    bad = runner.invoke(main, [str(image), "--box", "9", "9", "1", "1", "--server", server.http_url, "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "is inverted" in bad.output and "Traceback" not in bad.output
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid → start time of every live process below ``pid`` (start time guards against pid reuse)."""
+    parents: dict[int, list[int]] = {}
+    starts: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents.setdefault(int(fields[1]), []).append(int(entry))
+            starts[int(entry)] = fields[19]
+    found, todo = {}, [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found[child] = starts[child]
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == start and fields[0] != "Z"
+
+
+def test_sigterm_stops_within_ten_seconds_without_orphans(engines, expected):
+    srv = ServerProcess(engines, max_batch=2).start()
+    try:
+        with RemotePipeline(srv.http_url) as remote:
+            assert_same(remote.predict(**cases()[0]), expected[0])
+        children = _descendants(srv.process.pid)
+        assert any("tritonserver" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+                   for p in children if _alive(p, children[p]))
+        t0 = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        code = srv.process.wait(timeout=10)
+        elapsed = time.monotonic() - t0
+        deadline = time.monotonic() + 2  # children notice their parent's exit within moments
+        while any(_alive(p, s) for p, s in children.items()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans = [p for p, s in children.items() if _alive(p, s)]
+        assert code == 0, srv.log_tail()
+        assert elapsed < 10
+        assert not orphans, f"left running after SIGTERM: {orphans}"
+        assert "listening on" in srv.log_path.read_text()
+    finally:
+        srv.stop()
+        srv.log_path.unlink(missing_ok=True)

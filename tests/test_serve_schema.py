@@ -1,0 +1,144 @@
+"""The serve wire format, the encoder batcher and the remote client's error mapping.
+
+No server here: these run without the serve extra (tritonclient only where the client
+itself is built) and pin the pieces the Triton tests rely on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from runtime.errors import CasamError, InputError, ManifestError
+from runtime.preprocess import to_rgb_255
+from runtime.serve.batcher import EncoderBatcher
+from runtime.serve.schema import INPUTS, OUTPUTS, Call, read_request, read_response, request_arrays, response_arrays
+
+
+def test_request_round_trip_keeps_predict_arguments(rng):
+    image = rng.integers(0, 256, (30, 40), dtype=np.uint8)
+    boxes = np.array([1, 2, 20, 25], np.float64)  # one box as a flat 4-vector, like predict accepts
+    points = np.array([[5, 6], [7, 8]], np.float32)  # K×2 → K prompts of one point each
+    labels = np.array([1, 0])
+    arrays = request_arrays(Call(image, boxes, points, labels, task="beta"))
+    specs = {s.name: s for s in INPUTS}
+    for name, array in arrays.items():
+        assert array.ndim == len(specs[name].shape), name
+    call = read_request(arrays)
+    assert call.image.shape == (30, 40, 1) and np.array_equal(call.image[:, :, 0], image)
+    assert call.boxes.dtype == np.float32 and call.boxes.tolist() == [[1, 2, 20, 25]]
+    assert call.points.shape == (2, 1, 2) and call.point_labels.tolist() == [[1.0], [0.0]]
+    assert call.task == "beta"
+
+
+def test_deep_images_travel_as_the_uint8_the_server_would_make(rng):
+    scan = rng.integers(0, 4096, (20, 24), dtype=np.uint16)
+    wire = request_arrays(Call(scan, np.array([[0, 0, 5, 5]])))["image"]
+    assert wire.dtype == np.uint8
+    assert np.array_equal(to_rgb_255(wire), to_rgb_255(scan))
+
+
+@pytest.mark.parametrize(
+    "arrays, problem",
+    [
+        ({"image": np.zeros((4, 4, 3), np.float32)}, "must be uint8"),
+        ({"image": np.zeros((4, 4), np.uint8)}, "must have shape ?×?×?"),
+        ({"image": np.zeros((4, 4, 3), np.uint8), "boxes": np.zeros((2, 3), np.float32)}, "must have shape ?×4"),
+        ({"image": np.zeros((4, 4, 3), np.uint8), "colour": np.zeros(1, np.float32)}, "unknown input"),
+        ({"boxes": np.zeros((1, 4), np.float32)}, "'image' is required"),
+        ({"image": np.zeros((4, 4, 3), np.uint8), "task": np.array([b"\xff"], dtype=object)}, "not UTF-8"),
+    ],
+)
+def test_read_request_names_the_problem(arrays, problem):
+    with pytest.raises(InputError, match=problem.replace("?", r"\?").replace("(", r"\(")):
+        read_request(arrays)
+
+
+def test_response_round_trip_with_no_warnings_and_no_tasks():
+    masks = np.zeros((2, 5, 6), bool)
+    masks[0, 1:3, 2:4] = True
+    arrays = response_arrays(masks, np.ones((2, 1, 256, 256), np.float32), np.array([0.5, 0.25]), "identity",
+                             np.zeros(0, np.float32), np.zeros(0, np.float32), [], [])
+    assert set(arrays) == {s.name for s in OUTPUTS}
+    fields = read_response({k: v.astype(object) if v.dtype.kind == "S" else v for k, v in arrays.items()})
+    assert np.array_equal(fields["masks"], masks) and fields["masks"].dtype == bool
+    assert fields["route"] == "identity" and fields["scores"] == {} and fields["warnings"] == []
+    assert fields["iou"].tolist() == [0.5, 0.25]
+
+
+def test_batcher_shares_encoder_runs_and_returns_each_callers_rows():
+    calls = []
+    gate = threading.Event()
+
+    def encode(batch):
+        calls.append(batch.shape[0])
+        gate.wait(5)  # the first run blocks until every caller has queued
+        return batch * 10.0
+
+    batcher = EncoderBatcher(encode, max_batch=4)
+    results = {}
+
+    def worker(i):
+        results[i] = batcher.encode(np.full((1, 2), float(i)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(7)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    batcher.close()
+    assert sorted(results) == list(range(7))
+    for i, row in results.items():
+        assert row.shape == (1, 2) and np.all(row == 10.0 * i)
+    assert calls[0] == 1 and max(calls) == 4 and sum(calls) == 7  # later callers shared runs, capped at 4
+    assert sum(size * runs for size, runs in batcher.batch_sizes.items()) == 7
+
+
+def test_batcher_failure_reaches_every_waiting_caller_and_it_keeps_working():
+    fail = {"on": True}
+
+    def encode(batch):
+        if fail["on"]:
+            raise RuntimeError("engine exploded")
+        return batch
+
+    batcher = EncoderBatcher(encode, max_batch=2)
+    with pytest.raises(RuntimeError, match="exploded"):
+        batcher.encode(np.zeros((1, 1)))
+    fail["on"] = False
+    assert batcher.encode(np.ones((1, 1))).tolist() == [[1.0]]
+    batcher.close()
+    with pytest.raises(CasamError, match="closed"):
+        batcher.encode(np.ones((1, 1)))
+
+
+def test_server_urls():
+    from runtime.remote import parse_server_url
+
+    assert parse_server_url("http://10.0.0.5:9000") == ("http", "10.0.0.5:9000")
+    assert parse_server_url("grpc://scanner-gw") == ("grpc", "scanner-gw:8001")
+    assert parse_server_url("localhost:8000") == ("http", "localhost:8000")
+    with pytest.raises(InputError, match="grpc://HOST:PORT"):
+        parse_server_url("ftp://host:1")
+
+
+def test_remote_errors_become_casam_errors_without_the_server_traceback():
+    pytest.importorskip("tritonclient.http")
+    from runtime.remote import RemotePipeline
+
+    remote = RemotePipeline("http://127.0.0.1:1")
+    traceback_text = ("[500] Failed to process the request(s) for model 'casam_0_3', message: Traceback (most recent "
+                      "call last):\n  File \"x.py\", line 3, in check\nruntime.errors.InputError: box #1 (5 5 1 1) is "
+                      "inverted: give x0 y0 x1 y1\n\nAt:\n  model.py(501): execute\n")
+    error = remote._error(traceback_text)
+    assert type(error) is InputError and str(error).startswith("box #1 (5 5 1 1) is inverted")
+    error = remote._error("[request id: <id_unknown>] inference input 'image' data-type is 'FP32', but model 'casam' expects 'UINT8'")
+    assert type(error) is InputError and str(error).startswith("inference input 'image' data-type is 'FP32'")
+    assert type(remote._error("x\nruntime.errors.ManifestError: engine sha256 mismatch")) is ManifestError
+    with pytest.raises(CasamError, match="cannot reach the casam server"):
+        remote.predict(np.zeros((8, 8), np.uint8), boxes=np.array([[0, 0, 4, 4]]))

@@ -1,0 +1,214 @@
+"""``casam-train``: add a task to a bundle, evaluate a bundle, run the continual protocol.
+
+    casam-train --bundle DIR --task NAME --data PATH [options]     add one task
+    casam-train eval --bundle DIR --data NAME=PATH ... [--ood PATH ...]
+    casam-train sequence --bundle DIR --tasks NAME=PATH ...
+    casam-train synth OUT --style S --count N --seed K
+
+Any casam error ends the command with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import click
+
+from runtime.errors import CasamError, InputError
+
+SAM_CHOICES = ("vit_b", "vit_l", "vit_h", "tiny")
+GREEDY_OPTIONS = ("--tasks", "--data", "--ood")
+
+
+class GreedyCommand(click.Command):
+    """Lets ``--tasks a=X b=Y`` mean ``--tasks a=X --tasks b=Y`` (one flag, several values)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        out: list[str] = []
+        current: Optional[str] = None
+        for arg in args:
+            if arg.startswith("-"):
+                current = arg if arg in GREEDY_OPTIONS else None
+                out.append(arg)
+            elif current is not None and out and out[-1] != current:
+                out += [current, arg]
+            else:
+                out.append(arg)
+        return super().parse_args(ctx, out)
+
+
+def _fail(exc: CasamError) -> None:
+    click.echo(f"casam-train: error: {exc}", err=True)
+    sys.exit(2)
+
+
+def _emit_summary(summary: dict[str, Any], json_path: Optional[str], quiet: bool) -> None:
+    text = json.dumps(summary, indent=2, default=str)
+    if json_path:
+        from runtime.files import atomic_write_text
+
+        atomic_write_text(json_path, text + "\n")
+    if not quiet or not json_path:
+        click.echo(text)
+
+
+def training_options(func):
+    """The METHOD.md hyperparameters, shared by the training command and ``sequence``."""
+    from trainer.train_task import TrainConfig
+
+    d = TrainConfig()
+    options = [
+        click.option("--sam", "sam", type=click.Choice(SAM_CHOICES), default="vit_b", show_default=True,
+                     help="Frozen SAM model. A new bundle records it; an existing bundle refuses another."),
+        click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                     help="SAM checkpoint file (.pth or .safetensors). Default: the official one, downloaded once "
+                          "into $CASAM_CACHE; 'tiny' uses its seeded random weights."),
+        click.option("--epochs", type=int, default=d.epochs, show_default=True, help="Alignment-layer epochs."),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True, help="Images per batch (alignment layer and VAE)."),
+        click.option("--lr", type=float, default=d.lr, show_default=True, help="Adam learning rate of the alignment layer (constant)."),
+        click.option("--masks-per-image", type=int, default=d.masks_per_image, show_default=True,
+                     help="Structures prompted per image and step (sampled with replacement if fewer)."),
+        click.option("--vae-epochs", type=int, default=d.vae_epochs, show_default=True, help="Task-VAE epochs."),
+        click.option("--vae-lr", type=float, default=d.vae_lr, show_default=True, help="Task-VAE Adam learning rate."),
+        click.option("--beta", type=float, default=d.beta, show_default=True, help="KL weight β of the VAE score."),
+        click.option("--folds", type=int, default=d.folds, show_default=True, help="K of the K-fold threshold calibration."),
+        click.option("--percentile", type=float, default=d.percentile, show_default=True,
+                     help="Percentile of the pooled held-out scores used as the routing threshold τ."),
+        click.option("--resize", type=click.Choice(["longest", "stretch"]), default=None,
+                     help="Preprocessing: 'longest' side to 1024 + pad (SAM), or 'stretch' to 1024×1024 (authors). "
+                          "Default: the bundle's, or 'longest' for a new bundle."),
+        click.option("--seed", type=int, default=d.seed, show_default=True, help="Seed of the train/test split, prompts and initialisation."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="auto = cuda when available. On cuda the frozen encoder runs under bf16/fp16 autocast; "
+                          "the alignment layer trains in fp32."),
+        click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+                     help="Embedding cache folder. Default: $CASAM_CACHE/embeddings or ~/.cache/casam/embeddings."),
+        click.option("--quiet", is_flag=True, help="No progress bars; print the JSON summary only when no --json-summary file is given."),
+        click.option("--json-summary", type=click.Path(dir_okay=False), default=None, help="Also write the JSON summary to this file."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _config(kw: dict[str, Any]):
+    from trainer.train_task import TrainConfig
+
+    return TrainConfig(epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"], masks_per_image=kw["masks_per_image"],
+                       vae_epochs=kw["vae_epochs"], vae_lr=kw["vae_lr"], beta=kw["beta"], folds=kw["folds"],
+                       percentile=kw["percentile"], seed=kw["seed"])
+
+
+def _pairs(values: Sequence[str], what: str) -> list[tuple[str, str]]:
+    out = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"{what} expects NAME=PATH, got {v!r}")
+        out.append((name, path))
+    return out
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", type=click.Path(file_okay=False), default=None, help="Bundle folder (created if it does not exist).")
+@click.option("--task", default=None, help="Name of the task to add (letters, digits, '_', '.', '-').")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Dataset: images/ + masks/ (matching stems, optional split.json) or images/*.nii.gz + labels/*.nii.gz.")
+@click.option("--replace", is_flag=True, help="Retrain a task that is already in the bundle.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of this task from its last finished epoch.")
+@training_options
+@click.pass_context
+def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: Optional[str], replace: bool, resume: bool, **kw: Any) -> None:
+    """Add one task to a CA-SAM bundle: train its alignment layer and VAE, calibrate its
+    threshold, evaluate it on its held-out split, and commit it atomically.
+
+    Subcommands: eval (score a bundle), sequence (the continual protocol), synth (write
+    a synthetic dataset).
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [f"--{n}" for n, v in (("bundle", bundle), ("task", task), ("data", data)) if v is None]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (or give a subcommand: eval, sequence, synth)")
+    from trainer.train_task import train_task
+
+    try:
+        summary = train_task(bundle, task, data, sam=kw["sam"], checkpoint=kw["checkpoint"], config=_config(kw),
+                             resize=kw["resize"], device=kw["device"], replace=replace, resume=resume,
+                             cache_dir=kw["cache_dir"], quiet=kw["quiet"])
+    except CasamError as exc:
+        _fail(exc)
+    _emit_summary(summary, kw["json_summary"], kw["quiet"])
+
+
+@main.command("eval", cls=GreedyCommand)
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), required=True, help="Bundle folder.")
+@click.option("--data", "data", multiple=True,
+              help="NAME=PATH of a seen task's dataset (repeatable, or several after one --data). Its recorded test split is used.")
+@click.option("--ood", multiple=True, help="Folder of unseen images (images/ or flat; repeatable). Reports the rejection rate.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="The bundle's SAM checkpoint (sha256 must match).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Torch device.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Embedding cache folder.")
+@click.option("--out", type=click.Path(dir_okay=False), default="eval.json", show_default=True, help="JSON report file.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def eval_command(bundle: str, data: Sequence[str], ood: Sequence[str], checkpoint: Optional[str], device: str,
+                 cache_dir: Optional[str], out: str, quiet: bool) -> None:
+    """Per-task IoU/BIoU (one exact box per structure, routed), routing accuracy on the seen
+    tasks and the rejection rate (routed to plain SAM) on OOD sets. Prints a table, writes JSON."""
+    from trainer.sequence import evaluate_bundle
+
+    try:
+        report = evaluate_bundle(bundle, _pairs(data, "--data"), list(ood), checkpoint=checkpoint, device=device,
+                                 cache_dir=cache_dir, quiet=quiet)
+        from runtime.files import atomic_write_json
+
+        atomic_write_json(out, report)
+    except CasamError as exc:
+        _fail(exc)
+    click.echo(report["table"])
+    click.echo(f"report written to {out}")
+
+
+@main.command("sequence", cls=GreedyCommand)
+@click.option("--bundle", type=click.Path(file_okay=False), required=True, help="Bundle folder (created if needed).")
+@click.option("--tasks", "tasks", multiple=True, required=True,
+              help="NAME=PATH in training order (several after one --tasks, or repeat the flag).")
+@click.option("--out", type=click.Path(file_okay=False), default="sequence_out", show_default=True,
+              help="Folder for iou_matrix.csv, biou_matrix.csv, sequence.json and iou_plot.png.")
+@training_options
+def sequence_command(bundle: str, tasks: Sequence[str], out: str, **kw: Any) -> None:
+    """The continual protocol: train the tasks in order (tasks already in the bundle are kept),
+    evaluate every seen task after each stage, and write IoU/BIoU matrices, Last/Avg/FF and a plot."""
+    from trainer.sequence import run_sequence
+
+    try:
+        report = run_sequence(bundle, _pairs(tasks, "--tasks"), out, sam=kw["sam"], checkpoint=kw["checkpoint"],
+                              config=_config(kw), resize=kw["resize"], device=kw["device"],
+                              cache_dir=kw["cache_dir"], quiet=kw["quiet"])
+    except CasamError as exc:
+        _fail(exc)
+    _emit_summary(report, kw["json_summary"], kw["quiet"])
+
+
+@main.command("synth")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--style", required=True, help="Synthetic domain: stripes, dots, checker (tasks) or plasma (OOD).")
+@click.option("--count", type=int, default=24, show_default=True, help="Number of images.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed; other seeds give disjoint images.")
+@click.option("--size", type=int, nargs=2, default=(256, 256), show_default=True, help="Image height and width.")
+def synth_command(out: str, style: str, count: int, seed: int, size: tuple[int, int]) -> None:
+    """Write a synthetic dataset (OUT/images/*.png + OUT/masks/*.png) of shapes on a textured background."""
+    from trainer.synthetic import write_synthetic_task
+
+    try:
+        root = write_synthetic_task(out, style, count, seed=seed, size=size)
+    except CasamError as exc:
+        _fail(exc)
+    click.echo(f"wrote {count} {style} images to {root}")
+
+
+if __name__ == "__main__":
+    main()
