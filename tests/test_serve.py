@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("pytriton")
 tritonclient_http = pytest.importorskip("tritonclient.http")
 
-from conftest import make_random_bundle  # noqa: E402
+from runtime_support import exported  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.remote import RemotePipeline  # noqa: E402
@@ -31,12 +31,7 @@ from runtime.serve.process import ServerProcess  # noqa: E402
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory) -> Path:
-    from casam_export import export_bundle
-
-    root = tmp_path_factory.mktemp("serve")
-    make_random_bundle(root / "bundle", thresholds=[1e6, 1e6])
-    export_bundle(root / "bundle", root / "engines", verify=False, trt=False, max_prompts=4)
-    return root / "engines"
+    return exported(tmp_path_factory)[1]  # the session's shared 2-task tiny export
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +208,7 @@ def test_sigterm_stops_within_ten_seconds_without_orphans(engines, expected):
         assert code == 0, srv.log_tail()
         assert elapsed < 10
         assert not orphans, f"left running after SIGTERM: {orphans}"
+        assert not list(Path("/dev/shm").glob(f"pytrtion{srv.process.pid}-*")), "shared memory left behind"
         assert "listening on" in srv.log_path.read_text()
     finally:
         srv.stop()

@@ -55,4 +55,4 @@ def alignment_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.
     dice = dice_loss(logits, target)
     iou_mse = F.mse_loss(iou_pred[:, 0], soft_iou(logits, target).detach())
     total = focal + dice + iou_mse
-    return total, {"focal": float(focal), "dice": float(dice), "iou_mse": float(iou_mse)}
+    return total, {"focal": float(focal.detach()), "dice": float(dice.detach()), "iou_mse": float(iou_mse.detach())}

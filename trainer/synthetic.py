@@ -26,13 +26,13 @@ Texture = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
 
 
 def _stripes(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    period = rng.uniform(10, 18)
+    period = rng.uniform(12, 14)
     phase = rng.uniform(0, 2 * np.pi)
     return (np.sin((xx + yy) * 2 * np.pi / period + phase) > 0).astype(np.float32)
 
 
 def _dots(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    period = rng.uniform(12, 16)
+    period = rng.uniform(13.5, 14.5)
     ox, oy = rng.uniform(0, period, size=2)
     dx = (xx + ox) % period - period / 2
     dy = (yy + oy) % period - period / 2
@@ -47,7 +47,7 @@ def _plasma(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndar
 
 
 def _checker(yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    cell = int(rng.integers(14, 22))
+    cell = int(rng.integers(16, 19))
     return (((yy // cell) + (xx // cell)) % 2).astype(np.float32)
 
 
@@ -81,7 +81,7 @@ def _shape_layer(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     layer = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(layer)
     cx, cy = rng.uniform(0.2 * w, 0.8 * w), rng.uniform(0.2 * h, 0.8 * h)
-    rx, ry = rng.uniform(0.08, 0.22) * w, rng.uniform(0.08, 0.22) * h
+    rx, ry = rng.uniform(0.07, 0.16) * w, rng.uniform(0.07, 0.16) * h
     if rng.random() < 0.5:
         draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=1)
     else:
@@ -103,10 +103,12 @@ def render_sample(style: str, size: tuple[int, int], rng: np.random.Generator) -
     t = spec.texture(yy, xx, rng)[..., None]
     image = (1 - t) * np.asarray(spec.background, np.float32) + t * np.asarray(spec.texture_colour, np.float32)
     labels = np.zeros((h, w), np.uint8)
-    for _ in range(int(rng.integers(1, 4))):
+    wanted, attempts = int(rng.integers(1, 4)), 0
+    while labels.max() < wanted and attempts < 20:
+        attempts += 1
         shape = _shape_layer(size, rng)
         if shape.sum() < 0.005 * h * w:
-            continue
+            continue  # too small to prompt for; draw another
         labels[shape] = labels.max() + 1
         tint = np.asarray(spec.shape_colour, np.float32) * rng.uniform(0.85, 1.0)
         image[shape] = tint

@@ -112,7 +112,7 @@ def train_epoch(layer: AlignmentLayer, decoder: PromptDecoder, optimiser: torch.
             low_res, iou_pred = decoder(held[j : j + 1], torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device))
             loss, parts = alignment_loss(low_res, iou_pred, torch.from_numpy(pick).to(device).float())
             (loss / len(batch)).backward()
-            totals["loss"] += float(loss)
+            totals["loss"] += float(loss.detach())
             for key, value in parts.items():
                 totals[key] += value
         optimiser.zero_grad()

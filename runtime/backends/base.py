@@ -39,3 +39,8 @@ class Backend(Protocol):
     def describe(self) -> dict[str, Any]:
         """Providers, versions and such, for the JSON record and the benchmark."""
         ...
+
+
+def to_numpy(value: Tensor) -> np.ndarray:
+    """A host array from a numpy array or an onnxruntime ``OrtValue`` (on any device)."""
+    return value if isinstance(value, np.ndarray) else value.numpy()

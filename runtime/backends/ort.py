@@ -12,7 +12,7 @@ from typing import Any, Collection, Mapping
 
 import numpy as np
 
-from runtime.backends.base import Tensor
+from runtime.backends.base import Tensor, to_numpy
 from runtime.errors import CasamError, ManifestError
 
 CUDA = "CUDAExecutionProvider"
@@ -102,7 +102,7 @@ class OrtBackend:
         return OrtEngine(key, self.session(path), self.io_binding, self.device, self.device_id)
 
     def to_numpy(self, value: Tensor) -> np.ndarray:
-        return value if isinstance(value, np.ndarray) else value.numpy()
+        return to_numpy(value)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "onnxruntime": _ort().__version__, "io_binding": self.io_binding,

@@ -19,14 +19,16 @@ from typing import Any, Collection, Mapping, Optional
 
 import numpy as np
 
-from runtime.backends.base import Tensor
+from runtime.backends.base import Tensor, to_numpy
 from runtime.backends.ort import BackendUnavailable, _ort
 from runtime.errors import ManifestError
 from runtime.files import atomic_write_bytes, sha256_file
 
-# Upper bounds of the dynamic dimensions in the optimisation profiles of engines built here.
+#: Upper bound of the batch dimension (encoder, router, align) in the optimisation profile.
 MAX_BATCH = 8
+#: Upper bound of the points-per-prompt dimension of the decoder.
 MAX_POINTS = 16
+WORKSPACE_BYTES = 4 << 30
 
 
 def import_tensorrt() -> Any:
@@ -71,6 +73,68 @@ def engine_file_name(key: str, onnx_sha256: str, gpu: str, trt_version: str) -> 
     """``<graph>-<onnx sha[:12]>-<gpu>-trt<version>.engine`` (docs/FORMATS.md)."""
     safe = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")  # noqa: E731
     return f"{safe(key.replace('/', '_'))}-{onnx_sha256[:12]}-{safe(gpu)}-trt{trt_version}.engine"
+
+
+def _fp32_layer(trt: Any, layer: Any) -> bool:
+    """LayerNorm (fused or SAM's hand-expanded form), softmax and reductions stay fp32."""
+    kinds = {trt.LayerType.SOFTMAX, trt.LayerType.REDUCE}
+    if hasattr(trt.LayerType, "NORMALIZATION"):
+        kinds.add(trt.LayerType.NORMALIZATION)
+    if layer.type in kinds:
+        return True
+    if layer.type == trt.LayerType.ELEMENTWISE:
+        layer.__class__ = trt.IElementWiseLayer
+        return layer.op in (trt.ElementWiseOperation.POW, trt.ElementWiseOperation.DIV)
+    if layer.type == trt.LayerType.UNARY:
+        layer.__class__ = trt.IUnaryLayer
+        return layer.op == trt.UnaryOperation.SQRT
+    return False
+
+
+def build_engine(onnx_path: Path, fp16: bool, max_prompts: int) -> bytes:
+    """ONNX → serialized engine with one optimisation profile over batch, K and P.
+
+    The single TensorRT builder: the runtime builds missing engines with it on first use,
+    and it is torch-free so that casam-export can use the same one.
+    """
+    trt = import_tensorrt()
+    if not hasattr(trt, "Builder") or not hasattr(trt, "OnnxParser"):
+        raise BackendUnavailable("this TensorRT install has no builder (lean runtime); export with casam-export --trt")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT ≥ 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ManifestError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if _fp32_layer(trt, layer):
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+    profile = builder.create_optimization_profile()
+    maxima = {"point_coords": (max_prompts, MAX_POINTS), "point_labels": (max_prompts, MAX_POINTS)}
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        shape = tuple(tensor.shape)
+        bounds = maxima.get(tensor.name, (MAX_BATCH,))
+        dynamic = [j for j, d in enumerate(shape) if d < 0]
+        lo = tuple(1 if d < 0 else d for d in shape)
+        hi = list(shape)
+        for n, j in enumerate(dynamic):
+            hi[j] = bounds[min(n, len(bounds) - 1)]
+        profile.set_shape(tensor.name, lo, lo, tuple(hi))
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ManifestError(f"TensorRT failed to build an engine from {onnx_path.name}")
+    return bytes(serialized)
 
 
 class TrtEngine:
@@ -146,43 +210,14 @@ class TrtBackend:
             with self.build_lock:
                 engine_path = self.cache_dir / engine_file_name(key, sha256_file(path), self.gpu, self.trt.__version__)
                 if not engine_path.is_file():
-                    atomic_write_bytes(engine_path, self.build(path))
+                    atomic_write_bytes(engine_path, build_engine(path, self.fp16, self.max_prompts))
         engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
         if engine is None:
             raise ManifestError(f"TensorRT cannot deserialize {engine_path} (built by another TensorRT or GPU?)")
         return TrtEngine(key, engine, self.trt, self.device_id)
 
-    def build(self, onnx_path: Path) -> bytes:
-        """ONNX → serialized engine, with a profile covering every dynamic dimension."""
-        trt = self.trt
-        if not hasattr(trt, "Builder") or not hasattr(trt, "OnnxParser"):
-            raise BackendUnavailable("this TensorRT install has no builder; export with casam-export --trt")
-        builder = trt.Builder(self.logger)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse_from_file(str(onnx_path)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise ManifestError(f"TensorRT cannot parse {onnx_path}: {errors}")
-        config = builder.create_builder_config()
-        if self.fp16:
-            config.set_flag(trt.BuilderFlag.FP16)
-        profile = builder.create_optimization_profile()
-        for i in range(network.num_inputs):
-            tensor = network.get_input(i)
-            shape = tuple(tensor.shape)
-            is_prompt = tensor.name in ("point_coords", "point_labels")
-            bounds = (self.max_prompts, MAX_POINTS) if is_prompt else (MAX_BATCH,)
-            lo = tuple(1 if d < 0 else d for d in shape)
-            hi = tuple((bounds[min(j, len(bounds) - 1)]) if d < 0 else d for j, d in enumerate(shape))
-            profile.set_shape(tensor.name, lo, lo, hi)
-        config.add_optimization_profile(profile)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise ManifestError(f"TensorRT failed to build an engine from {onnx_path}")
-        return bytes(serialized)
-
     def to_numpy(self, value: Tensor) -> np.ndarray:
-        return value if isinstance(value, np.ndarray) else value.numpy()
+        return to_numpy(value)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "tensorrt": self.trt.__version__, "gpu": self.gpu, "cache": str(self.cache_dir)}

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from runtime import __version__
+from runtime.errors import CasamError
 from runtime.pipeline import Pipeline
 from runtime.preprocess import preprocess
 from runtime.serve.batcher import EncoderBatcher
@@ -41,7 +42,7 @@ class CasamModel:
             task = None if call.task is None else pipe.check_task(call.task)
             x, frame = preprocess(call.image, pipe.preprocessing)
             _, _, warnings = pipe.prompts(frame, call.boxes, call.points, call.point_labels)
-        except Exception as exc:
+        except CasamError as exc:
             LOG.info("refused a request: %s", exc)
             raise
         embedding = self.batcher.encode(x)

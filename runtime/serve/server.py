@@ -77,8 +77,7 @@ def _tensor(model_config: Any, spec: TensorSpec) -> Any:
     return model_config.Tensor(name=spec.name, dtype=dtype, shape=spec.shape, optional=spec.optional)
 
 
-def serve(pipeline: Pipeline, config: ServeConfig, stop: Optional[threading.Event] = None,
-          on_ready: Optional[Callable[[dict[str, str]], None]] = None) -> None:
+def serve(pipeline: Pipeline, config: ServeConfig, stop: Optional[threading.Event] = None) -> None:
     """Serve ``pipeline`` as the Triton model ``casam`` until SIGINT, SIGTERM or ``stop``."""
     _pytriton()
     if config.instances < 1:
@@ -97,14 +96,12 @@ def serve(pipeline: Pipeline, config: ServeConfig, stop: Optional[threading.Even
             LOG.info("casam-serve: model %r (tasks: %s; %s) listening on %s (HTTP), %s (gRPC), %s (metrics)",
                      MODEL_NAME, ", ".join(pipeline.task_names) or "none", pipeline.describe().get("backend"),
                      endpoints["http"], endpoints["grpc"], endpoints["metrics"])
-            if on_ready is not None:
-                on_ready(endpoints)
             while not stop.wait(1.0):
                 if not triton.is_alive():
                     raise CasamError("Triton Inference Server stopped unexpectedly; see its log above")
             LOG.info("casam-serve: stopping")
         finally:
-            triton.stop()
+            _stop_triton(triton)
     finally:
         model.close()
         restore()
@@ -142,10 +139,25 @@ def _start(model: CasamModel, config: ServeConfig, stop: threading.Event) -> Any
             triton.run()
             return triton
         except Exception as exc:  # noqa: BLE001 - PyTriton and tritonclient raise many kinds
-            triton.stop()
+            _stop_triton(triton)
             last = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             LOG.warning("casam-serve: Triton start %d/%d failed: %s", attempt, START_ATTEMPTS, last)
     raise CasamError(f"Triton Inference Server did not start after {START_ATTEMPTS} attempts: {last}")
+
+
+def _stop_triton(triton: Any) -> None:
+    """Stop Triton, then unlink the Python-backend shared-memory regions it leaves.
+
+    PyTriton names them ``/dev/shm/pytrtion<our pid>-<random>``. When Triton's exit timeout
+    cuts the stubs' unloading short, nobody unlinks them, and every restart would leave
+    4 MiB or more behind in RAM-backed /dev/shm.
+    """
+    triton.stop()
+    for region in Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
+        try:
+            region.unlink()
+        except OSError as exc:
+            LOG.warning("casam-serve: could not remove shared memory %s: %s", region, exc)
 
 
 def _check_ports_free(config: ServeConfig) -> None:

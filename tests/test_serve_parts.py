@@ -1,4 +1,4 @@
-"""The serve wire format, the encoder batcher and the remote client's error mapping.
+"""casam-serve parts without a server: wire format, encoder batcher, client errors, env fix.
 
 No server here: these run without the serve extra (tritonclient only where the client
 itself is built) and pin the pieces the Triton tests rely on.
@@ -142,3 +142,17 @@ def test_remote_errors_become_casam_errors_without_the_server_traceback():
     assert type(remote._error("x\nruntime.errors.ManifestError: engine sha256 mismatch")) is ManifestError
     with pytest.raises(CasamError, match="cannot reach the casam server"):
         remote.predict(np.zeros((8, 8), np.uint8), boxes=np.array([[0, 0, 4, 4]]))
+
+
+def test_python_libdir_goes_first_once():
+    import sysconfig
+
+    from runtime.serve.server import python_libdir_first
+
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env = {"LD_LIBRARY_PATH": f"/usr/lib/x86_64-linux-gnu:{libdir}:/opt/x"}
+    assert python_libdir_first(env) == libdir
+    assert env["LD_LIBRARY_PATH"] == f"{libdir}:/usr/lib/x86_64-linux-gnu:/opt/x"
+    empty: dict[str, str] = {}
+    python_libdir_first(empty)
+    assert empty["LD_LIBRARY_PATH"] == libdir

@@ -1,0 +1,239 @@
+"""Inference latency: the torch-free runtime (ORT CPU) against PyTorch eager CA-SAM.
+
+Measured in one run on the same inputs, side by side:
+  1. end to end and per stage (preprocess, encoder, router, align, decoder, postprocess),
+     runtime vs PyTorch eager, for the tiny SAM and vit_b with random weights;
+  2. the router (attention pooling + every VAE) with 1, 9 and 100 tasks, against the vit_b
+     encoder's time;
+  3. eight boxes in one decoder call against eight separate calls (runtime and eager);
+  4. peak RSS of a `casam-infer` process on the vit_b fp32 export.
+
+    .venv/bin/python bench/infer_latency.py [--models tiny,vit_b] [--runs 5] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from encoder_time import median_ms  # noqa: E402
+from export_size_time import make_bundle  # noqa: E402  (random-weight bundles, one implementation)
+
+from casam_export import export_bundle  # noqa: E402
+from casam_export.graphs import export_graph, finalize, router_spec, write_graph  # noqa: E402
+from models.router import Router  # noqa: E402
+from models.sam_loader import load_frozen_sam  # noqa: E402
+from models.vae import TaskVAE  # noqa: E402
+from runtime.backends import OrtBackend  # noqa: E402
+from runtime.files import atomic_write_text  # noqa: E402
+from runtime.pipeline import STAGES, Pipeline  # noqa: E402
+from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
+from runtime.prompts import encode_prompts  # noqa: E402
+
+STAGE_ORDER = [s for s in STAGES if s != "total"]
+
+
+def inputs() -> tuple[np.ndarray, np.ndarray]:
+    """A 768×1024 RGB image with smooth structure, and eight boxes on it."""
+    yy, xx = np.mgrid[0:768, 0:1024].astype(np.float32)
+    rng = np.random.default_rng(0)
+    image = np.stack([128 + 100 * np.sin(xx / 37), 128 + 100 * np.cos(yy / 23), (xx + yy) % 256], -1)
+    image = np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+    boxes = np.array([[40 + 100 * i, 30 + 60 * i, 240 + 90 * i, 260 + 50 * i] for i in range(8)], np.float32)
+    return image, boxes
+
+
+@torch.no_grad()
+def eager_stages(model, sam, prep, image: np.ndarray, boxes: np.ndarray, task: str) -> dict[str, float]:
+    """One PyTorch eager prediction, timed per stage like Pipeline.predict."""
+    ms: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        ms[name] = (now - t) * 1000.0
+        t = now
+
+    start = t
+    x, frame = preprocess(image, prep)
+    xt = torch.from_numpy(x)
+    bt = torch.from_numpy(boxes_to_frame(boxes, frame))
+    lap("preprocess")
+    emb = model.encode(xt)
+    lap("encoder")
+    _, scores, routes = model.route(emb, task)
+    lap("router")
+    aligned = model.align(emb, int(routes[0]))
+    lap("align")
+    low, _ = model.decode(aligned, boxes=bt)
+    lap("decoder")
+    (sam.postprocess_masks(low, frame.resized_hw, frame.original_hw) > 0).numpy()
+    lap("postprocess")
+    ms["total"] = (time.perf_counter() - start) * 1000.0
+    return ms
+
+
+def end_to_end(model_name: str, work: Path, runs: int) -> dict[str, Any]:
+    folder = work / model_name
+    folder.mkdir(parents=True, exist_ok=True)
+    bundle, ckpt, _ = make_bundle(folder, model_name) if not (folder / "bundle").exists() else _reopen(folder, model_name)
+    t0 = time.perf_counter()
+    export_bundle(bundle.root, folder / "engines", verify=False, checkpoint=ckpt, quiet=True)
+    export_s = time.perf_counter() - t0
+    sam = load_frozen_sam(model_name, ckpt).model
+    model = bundle.build_model(sam)
+    pipe = Pipeline.from_manifest(folder / "engines", backend="ort-cpu")
+    image, boxes = inputs()
+    box = boxes[:1]
+
+    rt = [pipe.predict(image, boxes=box, task="alpha").timings_ms for _ in range(runs + 1)][1:]
+    eg = [eager_stages(model, sam, bundle.preprocessing, image, box, "alpha") for _ in range(runs + 1)][1:]
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    stages = {k: (med(rt, k), med(eg, k)) for k in STAGES}
+
+    # Eight boxes: one decoder call with K=8 against eight calls with K=1, on the same embedding.
+    emb, frame = pipe.embed(image)
+    coords, labels = encode_prompts(boxes_to_frame(boxes, frame))
+    dec = pipe.decoder
+    feeds = lambda s: {"embeddings": emb, "point_coords": coords[s], "point_labels": labels[s]}  # noqa: E731
+    rt_batched = median_ms(lambda: dec.run(feeds(slice(0, 8))), runs)
+    rt_separate = median_ms(lambda: [dec.run(feeds(slice(i, i + 1))) for i in range(8)], runs)
+    et = torch.from_numpy(emb)
+    ct, lt = torch.from_numpy(coords), torch.from_numpy(labels)
+    with torch.no_grad():
+        eg_batched = median_ms(lambda: model.decoder(et, ct, lt), runs)
+        eg_separate = median_ms(lambda: [model.decoder(et, ct[i:i + 1], lt[i:i + 1]) for i in range(8)], runs)
+    return {"model": model_name, "export_s": export_s, "stages": stages, "runs": runs,
+            "boxes": {"runtime": (rt_batched, rt_separate), "eager": (eg_batched, eg_separate)},
+            "engines": folder / "engines"}
+
+
+def _reopen(folder: Path, model_name: str):
+    from trainer.bundle import Bundle
+
+    ckpt = folder / f"{model_name}-random.safetensors"
+    return Bundle.open(folder / "bundle"), (ckpt if ckpt.exists() else None), None
+
+
+def router_scaling(work: Path, runs: int) -> list[tuple[int, float, float]]:
+    """(tasks, runtime router ms, eager router ms) on one 1×256×64×64 embedding."""
+    rows = []
+    emb = np.random.default_rng(1).normal(size=(1, 256, 64, 64)).astype(np.float32)
+    backend = OrtBackend("ort-cpu")
+    for n in (1, 9, 100):
+        torch.manual_seed(n)
+        router = Router([TaskVAE() for _ in range(n)]).eval()
+        spec = router_spec(n)
+        written = write_graph(finalize(export_graph(router, spec, 18, 16), fp16=False), spec, work / "routers", f"router{n}.onnx")
+        engine = backend.load("router", work / "routers" / written.file)
+        rt = median_ms(lambda: engine.run({"embeddings": emb}), max(runs, 20))
+        with torch.no_grad():
+            et = torch.from_numpy(emb)
+            eg = median_ms(lambda: router(et), max(runs, 20))
+        rows.append((n, rt, eg))
+    return rows
+
+
+# Runs casam-infer in a fresh interpreter and reports VmHWM, the peak RSS of that process's
+# own address space. (ru_maxrss of a child is useless here: a child forked from this large
+# benchmark process starts with the parent's resident pages, and Linux keeps that peak
+# across exec.)
+RSS_PROBE = """
+import atexit, sys
+def report():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmHWM:'):
+            open(sys.argv[1], 'w').write(line.split()[1])
+atexit.register(report)
+from runtime.cli import main
+main(sys.argv[2:])
+"""
+
+
+def peak_rss_mb(engines: Path, work: Path) -> float:
+    """Peak resident memory of one casam-infer run on a 768×1024 image with one box."""
+    from PIL import Image
+
+    image, _ = inputs()
+    Image.fromarray(image).save(work / "rss.png")
+    report = work / "rss_kb.txt"
+    cmd = [sys.executable, "-c", RSS_PROBE, str(report), str(work / "rss.png"), "--box", "40", "30", "240", "260",
+           "--engines", str(engines), "--backend", "ort-cpu", "--out", str(work / "rss_out"), "--quiet"]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return int(report.read_text()) / 1024.0
+
+
+def render(results: list[dict[str, Any]], routers, rss: dict[str, float], encoder_ms: dict[str, float]) -> str:
+    lines = ["# Inference latency: casam runtime (ORT CPU) vs PyTorch eager CA-SAM", "",
+             f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU, other jobs running; "
+             f"torch {torch.__version__} eager with {torch.get_num_threads()} threads, onnxruntime "
+             f"{__import__('onnxruntime').__version__} CPUExecutionProvider, fp32, random weights. "
+             "Input: one 768×1024 RGB image, one box, route forced to a task (alignment runs). "
+             "Medians in ms; ratio = eager / runtime (> 1: the runtime is faster).", ""]
+    for r in results:
+        lines += [f"## {r['model']} (median of {r['runs']} runs; export {r['export_s']:.0f} s)", "",
+                  "| stage | runtime ms | eager ms | ratio |", "|---|---|---|---|"]
+        for k in STAGES:
+            rt, eg = r["stages"][k]
+            lines.append(f"| {'**end to end**' if k == 'total' else k} | {rt:.1f} | {eg:.1f} | {eg / rt:.2f}× |")
+        (rb, rs), (eb, es) = r["boxes"]["runtime"], r["boxes"]["eager"]
+        lines += ["", "Eight boxes on one embedding: one decoder call (K=8) vs eight calls (K=1).", "",
+                  "| | batched ms | 8 separate ms | separate / batched |", "|---|---|---|---|",
+                  f"| runtime | {rb:.1f} | {rs:.1f} | {rs / rb:.2f}× |",
+                  f"| eager | {eb:.1f} | {es:.1f} | {es / eb:.2f}× |", ""]
+    enc = encoder_ms.get("vit_b") or encoder_ms.get("tiny")
+    enc_name = "vit_b" if "vit_b" in encoder_ms else "tiny"
+    lines += ["## Router (attention pooling + all task VAEs), one image", "",
+              f"| tasks | runtime ms | eager ms | share of the {enc_name} runtime encoder ({enc:.0f} ms) |",
+              "|---|---|---|---|"]
+    for n, rt, eg in routers:
+        lines.append(f"| {n} | {rt:.2f} | {eg:.2f} | {100 * rt / enc:.3f}% |")
+    if rss:
+        lines += ["", "## Peak RSS of one `casam-infer` run (ORT CPU, fp32)", "", "| model | peak RSS MB |", "|---|---|"]
+        lines += [f"| {m} | {v:.0f} |" for m, v in rss.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny,vit_b")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (vit_b uses min(runs, 3))")
+    parser.add_argument("--work", type=Path, default=None, help="keep bundles and exports here (reused next time)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "infer_latency.md")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="casam_infer_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    results, rss, encoder_ms = [], {}, {}
+    for name in args.models.split(","):
+        runs = args.runs if name == "tiny" else min(args.runs, 3)
+        print(f"[{name}] export + end-to-end ({runs} runs)…", flush=True)
+        r = end_to_end(name, work, runs)
+        results.append(r)
+        encoder_ms[name] = r["stages"]["encoder"][0]
+        print(f"[{name}] peak RSS…", flush=True)
+        rss[name] = peak_rss_mb(r["engines"], work / name)
+    print("router scaling…", flush=True)
+    routers = router_scaling(work, args.runs)
+    text = render(results, routers, rss, encoder_ms)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Backend choice: ORT CPU here; ORT CUDA and TensorRT where a GPU exists, else clean refusals."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from runtime.backends import BackendUnavailable, open_backend
+from runtime.backends.ort import cuda_usable
+from runtime.backends.tensorrt import available as trt_available
+from runtime.backends.tensorrt import engine_file_name
+from runtime.errors import CasamError
+from runtime.manifest import Manifest
+from runtime.pipeline import Pipeline
+from runtime_support import BOXES, exported, sample_images
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    return exported(tmp_path_factory)[1]
+
+
+def gpu_results(engines, backend: str) -> None:
+    """The accelerated chain against ORT CPU on the same inputs."""
+    cpu = Pipeline.from_manifest(engines, backend="ort-cpu")
+    gpu = Pipeline.from_manifest(engines, backend=backend)
+    for image in sample_images()[:2]:
+        for task in (None, "beta", "identity"):
+            a, b = cpu.predict(image, boxes=BOXES, task=task), gpu.predict(image, boxes=BOXES, task=task)
+            assert a.route == b.route
+            inter = np.logical_and(a.masks, b.masks).sum()
+            assert inter / max(np.logical_or(a.masks, b.masks).sum(), 1) >= 0.99
+
+
+def test_auto_falls_back_to_what_really_works(engines):
+    backend = open_backend("auto", Manifest.load(engines))
+    if trt_available()[0]:
+        assert backend.name in ("trt", "ort-cuda")
+    else:
+        assert backend.name == ("ort-cuda" if cuda_usable(Manifest.load(engines).graphs["router"].path) else "ort-cpu")
+    with pytest.raises(CasamError, match="unknown backend"):
+        open_backend("metal", Manifest.load(engines))
+
+
+def test_ort_cuda_keeps_embeddings_on_device_or_refuses(engines):
+    manifest = Manifest.load(engines)
+    if not cuda_usable(manifest.graphs["router"].path):
+        with pytest.raises(BackendUnavailable, match="no usable CUDA GPU"):
+            open_backend("ort-cuda", manifest)
+        return
+    backend = open_backend("ort-cuda", manifest)
+    assert backend.io_binding
+    gpu_results(engines, "ort-cuda")
+
+
+def test_tensorrt_runs_or_refuses_cleanly(engines):
+    ok, reason = trt_available()
+    if not ok:
+        with pytest.raises(BackendUnavailable) as info:
+            Pipeline.from_manifest(engines, backend="trt")
+        assert str(info.value) == reason and "\n" not in reason
+        if importlib.util.find_spec("tensorrt") is None:
+            assert "TensorRT is not installed" in reason
+        return
+    gpu_results(engines, "trt")
+
+
+def test_engine_file_names_follow_the_format():
+    name = engine_file_name("align/polyp", "ab" * 32, "NVIDIA H200 NVL", "10.3.0")
+    assert name == "align_polyp-abababababab-NVIDIA_H200_NVL-trt10.3.0.engine"
