@@ -211,5 +211,4 @@ def test_sigterm_stops_within_ten_seconds_without_orphans(engines, expected):
         assert not list(Path("/dev/shm").glob(f"pytrtion{srv.process.pid}-*")), "shared memory left behind"
         assert "listening on" in srv.log_path.read_text()
     finally:
-        srv.stop()
-        srv.log_path.unlink(missing_ok=True)
+        srv.close()

@@ -18,8 +18,8 @@ from trainer.train_task import TrainConfig, train_task
 from trainer.vae_training import single_thread
 
 SETS = ("polyp_kvasir", "cxr_jsrt")
-N_TRAIN, N_TEST = 12, 4
-CONFIG = TrainConfig(epochs=1, batch_size=4, masks_per_image=1, vae_epochs=60)
+N_TRAIN, N_TEST = 20, 4
+CONFIG = TrainConfig(epochs=1, batch_size=5, masks_per_image=1, vae_epochs=60)
 
 
 def linked_subset(source: Path, target: Path) -> Path:

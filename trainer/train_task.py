@@ -219,8 +219,9 @@ def train_task(
 
     dev = session.device
     decoder = PromptDecoder(session.sam.model).to(dev)
-    torch.manual_seed(config.seed)
-    layer = AlignmentLayer().to(dev)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        layer = AlignmentLayer().to(dev)
     optimiser = torch.optim.Adam(layer.parameters(), lr=config.lr)
     log: list[dict[str, Any]] = []
     if resume and (staging / RESUME_FILE).is_file():

@@ -66,7 +66,9 @@ class ServerProcess:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 why = "exited" if self.process.poll() is not None else f"was not ready after {timeout_s:.0f} s"
                 self.stop()
-                raise CasamError(f"casam-serve {why}; log tail:\n{self.log_tail()}")
+                tail = self.log_tail()
+                self.close()
+                raise CasamError(f"casam-serve {why}; log tail:\n{tail}")
             time.sleep(0.25)
         return self
 
@@ -91,6 +93,10 @@ class ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the server and delete its log file."""
         self.stop()
         self._log.close()
         self.log_path.unlink(missing_ok=True)
