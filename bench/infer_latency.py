@@ -44,7 +44,6 @@ from runtime.pipeline import STAGES, Pipeline  # noqa: E402
 from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
 from runtime.prompts import encode_prompts  # noqa: E402
 
-STAGE_ORDER = [s for s in STAGES if s != "total"]
 
 
 def inputs() -> tuple[np.ndarray, np.ndarray]:
@@ -92,9 +91,7 @@ def end_to_end(model_name: str, work: Path, runs: int) -> dict[str, Any]:
     folder = work / model_name
     folder.mkdir(parents=True, exist_ok=True)
     bundle, ckpt, _ = make_bundle(folder, model_name) if not (folder / "bundle").exists() else _reopen(folder, model_name)
-    t0 = time.perf_counter()
     export_bundle(bundle.root, folder / "engines", verify=False, checkpoint=ckpt, quiet=True)
-    export_s = time.perf_counter() - t0
     sam = load_frozen_sam(model_name, ckpt).model
     model = bundle.build_model(sam)
     pipe = Pipeline.from_manifest(folder / "engines", backend="ort-cpu")
@@ -118,7 +115,7 @@ def end_to_end(model_name: str, work: Path, runs: int) -> dict[str, Any]:
     with torch.no_grad():
         eg_batched = median_ms(lambda: model.decoder(et, ct, lt), runs)
         eg_separate = median_ms(lambda: [model.decoder(et, ct[i:i + 1], lt[i:i + 1]) for i in range(8)], runs)
-    return {"model": model_name, "export_s": export_s, "stages": stages, "runs": runs,
+    return {"model": model_name, "stages": stages, "runs": runs,
             "boxes": {"runtime": (rt_batched, rt_separate), "eager": (eg_batched, eg_separate)},
             "engines": folder / "engines"}
 
@@ -180,13 +177,13 @@ def peak_rss_mb(engines: Path, work: Path) -> float:
 
 def render(results: list[dict[str, Any]], routers, rss: dict[str, float], encoder_ms: dict[str, float]) -> str:
     lines = ["# Inference latency: casam runtime (ORT CPU) vs PyTorch eager CA-SAM", "",
-             f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU, other jobs running; "
+             f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU, shared with other jobs; "
              f"torch {torch.__version__} eager with {torch.get_num_threads()} threads, onnxruntime "
              f"{__import__('onnxruntime').__version__} CPUExecutionProvider, fp32, random weights. "
              "Input: one 768×1024 RGB image, one box, route forced to a task (alignment runs). "
              "Medians in ms; ratio = eager / runtime (> 1: the runtime is faster).", ""]
     for r in results:
-        lines += [f"## {r['model']} (median of {r['runs']} runs; export {r['export_s']:.0f} s)", "",
+        lines += [f"## {r['model']} (median of {r['runs']} runs)", "",
                   "| stage | runtime ms | eager ms | ratio |", "|---|---|---|---|"]
         for k in STAGES:
             rt, eg = r["stages"][k]

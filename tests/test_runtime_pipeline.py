@@ -233,3 +233,14 @@ def test_router_scores_match_numpy_pooling(pipe, model):
     weights /= weights.sum()
     np.testing.assert_allclose(pooled[0].numpy(), flat @ weights, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(pipe.route(embedding)[1], scores[0].numpy(), rtol=1e-4)
+
+
+def test_routing_rule_argmin_ties_and_threshold(engines, pipe):
+    rule = Pipeline(Manifest.load(engines[1], with_thresholds(pipe.manifest, [2.0, 3.0])), pipe.backend)
+    assert rule.choose(np.array([1.0, 1.0], np.float32)) == "alpha"  # tie → lower index
+    assert rule.choose(np.array([2.5, 2.5], np.float32)) == "identity"  # alpha wins the tie but 2.5 > τ 2
+    assert rule.choose(np.array([2.0, 5.0], np.float32)) == "alpha"  # score == τ accepts
+    assert rule.choose(np.array([9.0, 3.0], np.float32)) == "beta"
+    assert rule.choose(np.array([9.0, 3.0001], np.float32)) == "identity"
+    assert rule.choose(np.array([9.0, 3.0], np.float32), task="alpha") == "alpha"
+    assert rule.choose(np.array([0.0, 0.0], np.float32), task="identity") == "identity"

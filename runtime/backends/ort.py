@@ -70,7 +70,7 @@ class OrtBackend:
     """``ort-cpu`` or ``ort-cuda``. ``io_binding`` defaults to on for CUDA, off for the CPU."""
 
     def __init__(self, name: str = "ort-cpu", device_id: int = 0, io_binding: bool | None = None,
-                 intra_op_threads: int = 0, log_severity: int = 3) -> None:
+                 intra_op_threads: int = 0, log_severity: int = 3, spinning: bool = False) -> None:
         if name not in ("ort-cpu", "ort-cuda"):
             raise CasamError(f"unknown onnxruntime backend {name!r}")
         self.name = name
@@ -79,6 +79,7 @@ class OrtBackend:
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
         self.intra_op_threads = intra_op_threads
         self.log_severity = log_severity
+        self.spinning = spinning
         self.providers: list[Any] = [(CUDA, {"device_id": device_id}), CPU] if self.device == "cuda" else [CPU]
 
     def session(self, path: Path) -> Any:
@@ -86,6 +87,10 @@ class OrtBackend:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = self.log_severity
+        # Each session owns a thread pool whose idle threads spin by default; in a chain of
+        # sessions (encoder → router → align → decoder) the spinning pool of the previous
+        # engine then competes with the next one and with numpy pre/post-processing.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
         if self.intra_op_threads:
             options.intra_op_num_threads = self.intra_op_threads
         try:
