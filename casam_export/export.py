@@ -9,17 +9,19 @@ that are missing.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from casam_export.errors import ExportError, ParityError
+from casam_export.lean_attention import ROWS_PER_CHUNK, lean_global_attention
 from casam_export.graphs import ALIGN, DECODER, ENCODER, GraphSpec, export_graph, finalize, router_spec, write_graph
 from casam_export.manifest import build_manifest, claim_out_dir, previous_graphs, reusable
 from casam_export.tensorrt_build import build_engines, tensorrt_status
@@ -50,15 +52,20 @@ class _Job:
     """One graph to produce: where it goes, its contract, and what its bytes depend on."""
 
     def __init__(self, key: str, rel: str, spec: GraphSpec, make: Callable[[], nn.Module], precision: str,
-                 built_from: dict[str, Any], opset: int) -> None:
+                 built_from: dict[str, Any], opset: int,
+                 tracing: Callable[[nn.Module], ContextManager[Any]] = lambda module: contextlib.nullcontext()) -> None:
         self.key, self.rel, self.spec, self.make, self.precision = key, rel, spec, make, precision
+        self.tracing = tracing  # how the module is adjusted while it is traced
         self.built_from = {**built_from, "opset": opset, "precision": precision, "torch": torch.__version__}
 
 
 def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompts: int) -> list[_Job]:
     checkpoint = {"sam_model": bundle.sam_model, "checkpoint_sha256": sam.checkpoint_sha256}
     jobs = [
-        _Job("encoder", "encoder.onnx", ENCODER, lambda: sam.model.image_encoder, precision, checkpoint, opset),
+        # Global attention is traced one head and one band of query rows at a time, so the
+        # runtime never holds a full heads×4096×4096 map (casam_export/lean_attention.py).
+        _Job("encoder", "encoder.onnx", ENCODER, lambda: sam.model.image_encoder, precision,
+             {**checkpoint, "attention": f"lean-rows{ROWS_PER_CHUNK}"}, opset, tracing=lean_global_attention),
         _Job("decoder", "decoder.onnx", DECODER, lambda: PromptDecoder(sam.model), precision,
              {**checkpoint, "max_prompts": max_prompts}, opset),
         # The router stays fp32 under --fp16: it is tiny, and fp32 scores keep routing
@@ -75,7 +82,10 @@ def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompt
 
 
 def _produce(job: _Job, out: Path, opset: int, max_prompts: int) -> dict[str, Any]:
-    model = finalize(export_graph(job.make(), job.spec, opset, max_prompts), fp16=job.precision == "fp16")
+    module = job.make()
+    with job.tracing(module):
+        graph = export_graph(module, job.spec, opset, max_prompts)
+    model = finalize(graph, fp16=job.precision == "fp16")
     written = write_graph(model, job.spec, out, job.rel)
     return {"file": written.file, "sha256": written.sha256, "precision": job.precision,
             "external_data": written.external_data, **job.spec.io_dict(), "built_from": job.built_from}

@@ -18,15 +18,10 @@ from typing import Any, Callable, Mapping, Optional
 
 from casam_export.errors import ExportError
 from runtime.backends.ort import BackendUnavailable
+from runtime.backends.tensorrt import build_engine as runtime_build_engine
 from runtime.backends.tensorrt import engine_file_name, gpu_name, import_tensorrt
+from runtime.errors import ManifestError
 from runtime.files import atomic_write_bytes, sha256_file
-
-#: Upper bound of the batch dimension (encoder, router, align) in the optimisation profile.
-MAX_BATCH = 8
-#: Upper bound of the points-per-prompt dimension of the decoder.
-MAX_POINTS = 16
-WORKSPACE_BYTES = 4 << 30
-
 
 def tensorrt_status(requested: Optional[bool]) -> tuple[bool, str]:
     """(build engines?, reason when not). ``None`` means "when TensorRT and a GPU exist"."""
@@ -42,60 +37,12 @@ def tensorrt_status(requested: Optional[bool]) -> tuple[bool, str]:
     return True, ""
 
 
-def _fp32_layer(trt: Any, layer: Any) -> bool:
-    """LayerNorm (fused or SAM's hand-expanded form), softmax and reductions stay fp32."""
-    kinds = {trt.LayerType.SOFTMAX, trt.LayerType.REDUCE}
-    if hasattr(trt.LayerType, "NORMALIZATION"):
-        kinds.add(trt.LayerType.NORMALIZATION)
-    if layer.type in kinds:
-        return True
-    if layer.type == trt.LayerType.ELEMENTWISE:
-        layer.__class__ = trt.IElementWiseLayer
-        return layer.op in (trt.ElementWiseOperation.POW, trt.ElementWiseOperation.DIV)
-    if layer.type == trt.LayerType.UNARY:
-        layer.__class__ = trt.IUnaryLayer
-        return layer.op == trt.UnaryOperation.SQRT
-    return False
-
-
 def build_engine(onnx_path: Path, fp16: bool, max_prompts: int) -> bytes:
-    """ONNX → serialized engine with one optimisation profile over batch, K and P."""
-    trt = import_tensorrt()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT ≥ 10
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the file
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            if _fp32_layer(trt, layer):
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
-    profile = builder.create_optimization_profile()
-    maxima = {"point_coords": (max_prompts, MAX_POINTS), "point_labels": (max_prompts, MAX_POINTS)}
-    for i in range(network.num_inputs):
-        tensor = network.get_input(i)
-        shape = tuple(tensor.shape)
-        bounds = maxima.get(tensor.name, (MAX_BATCH,))
-        dynamic = [j for j, d in enumerate(shape) if d < 0]
-        lo = tuple(1 if d < 0 else d for d in shape)
-        hi = list(shape)
-        for n, j in enumerate(dynamic):
-            hi[j] = bounds[min(n, len(bounds) - 1)]
-        profile.set_shape(tensor.name, lo, lo, tuple(hi))
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise ExportError(f"TensorRT failed to build an engine from {onnx_path.name}")
-    return bytes(serialized)
+    """The runtime's single TensorRT builder, with its errors reported as export errors."""
+    try:
+        return runtime_build_engine(onnx_path, fp16, max_prompts)
+    except (ManifestError, BackendUnavailable) as exc:
+        raise ExportError(str(exc)) from exc
 
 
 def build_engines(
