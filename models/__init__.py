@@ -5,12 +5,12 @@ from models.casam import CASAM, CASAMOutput, routes_to_names
 from models.pooling import attention_pool
 from models.prompt_decoder import PromptDecoder
 from models.router import IDENTITY, Router, StackedVAEScorer, choose_routes
-from models.sam_loader import FrozenSam, known_models, load_frozen_sam, read_state_dict, sha256_file
+from models.sam_loader import FrozenSam, known_models, load_frozen_sam, read_state_dict
 from models.vae import TaskVAE
 
 __all__ = [
     "AlignmentLayer", "CAResBlock", "LayerNorm2d", "count_parameters", "CASAM", "CASAMOutput",
     "routes_to_names", "attention_pool", "PromptDecoder", "IDENTITY", "Router", "StackedVAEScorer",
-    "choose_routes", "FrozenSam", "known_models", "load_frozen_sam", "read_state_dict", "sha256_file",
+    "choose_routes", "FrozenSam", "known_models", "load_frozen_sam", "read_state_dict",
     "TaskVAE",
 ]

@@ -260,9 +260,11 @@ def load_frozen_sam(
     if checkpoint is None:
         if not download:
             raise CheckpointError(f"no checkpoint given for {name}; pass --checkpoint PATH")
-        checkpoint = download_checkpoint(name, cache_dir)
-    path = Path(checkpoint)
+        path = download_checkpoint(name, cache_dir)
+        verified_sha = _spec(name).sha256  # just checked by download_checkpoint: no second pass over GBs
+    else:
+        path, verified_sha = Path(checkpoint), None
     state = read_state_dict(path)
     sam = build_sam_architecture(name)
     load_state_dict_strict(sam, state, f"checkpoint {path}")
-    return FrozenSam(freeze(sam), name, sha256_file(path), untrained=False)
+    return FrozenSam(freeze(sam), name, verified_sha or sha256_file(path), untrained=False)

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -81,3 +81,36 @@ def atomic_write_json(path: PathLike, data: Any) -> None:
 def read_json(path: PathLike) -> Any:
     with open(path, "r", encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def read_versioned_json(
+    path: PathLike,
+    fmt: str,
+    version: int,
+    error: type[Exception],
+    what: str,
+    missing: str,
+    upgrade_hint: str = "",
+    data: Optional[Mapping[str, Any]] = None,
+) -> dict[str, Any]:
+    """Read a casam JSON document (bundle.json, manifest.json) and check its format header.
+
+    Bundles and manifests are both versioned documents that a later stage must refuse
+    rather than misread, so the reading and the checks live here once. ``data`` skips the
+    read (an exporter validating a manifest before writing it); ``missing`` is the message
+    for an absent file.
+    """
+    path = Path(path)
+    if data is None:
+        if not path.is_file():
+            raise error(missing)
+        try:
+            data = read_json(path)
+        except (ValueError, OSError) as exc:
+            raise error(f"{path} is corrupt ({exc})") from exc
+    if not isinstance(data, Mapping) or data.get("format") != fmt:
+        raise error(f"{path} is not a {what} (format {fmt!r} expected)")
+    got = data.get("format_version")
+    if got != version:
+        raise error(f"{path} has format version {got!r}; this casam reads version {version}{upgrade_hint}")
+    return dict(data)

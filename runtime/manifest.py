@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from runtime.errors import ManifestError
-from runtime.files import read_json, sha256_file
+from runtime.files import read_versioned_json, sha256_file
 from runtime.preprocess import Preprocessing
 
 PathLike = Union[str, os.PathLike]
@@ -110,25 +110,12 @@ class Manifest:
         ``data`` lets an exporter check its engines before it writes the final manifest.
         """
         root = Path(folder)
-        if data is None:
-            path = root / MANIFEST_NAME
-            if not path.is_file():
-                raise ManifestError(
-                    f"no {MANIFEST_NAME} in {root}: point --engines (or $CASAM_ENGINES) at a casam-export folder"
-                )
-            try:
-                data = read_json(path)
-            except (ValueError, OSError) as exc:
-                raise ManifestError(f"{path} is corrupt ({exc})") from exc
-        if not isinstance(data, Mapping) or data.get("format") != MANIFEST_FORMAT:
-            raise ManifestError(f"{root / MANIFEST_NAME} is not a casam manifest (format {MANIFEST_FORMAT!r} expected)")
-        version = data.get("format_version")
-        if version != MANIFEST_FORMAT_VERSION:
-            raise ManifestError(
-                f"{root / MANIFEST_NAME} has format version {version!r}; this casam reads version "
-                f"{MANIFEST_FORMAT_VERSION} (re-export the bundle or upgrade casam)"
-            )
-        manifest = cls(root, dict(data))
+        document = read_versioned_json(
+            root / MANIFEST_NAME, MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, ManifestError, "casam manifest",
+            missing=f"no {MANIFEST_NAME} in {root}: point --engines (or $CASAM_ENGINES) at a casam-export folder",
+            upgrade_hint=" (re-export the bundle or upgrade casam)", data=data,
+        )
+        manifest = cls(root, document)
         if verify:
             manifest.verify()
         return manifest

@@ -34,7 +34,7 @@ from models.router import Router
 from models.sam_loader import load_state_dict_strict
 from models.vae import TaskVAE
 from runtime.errors import CasamError
-from runtime.files import atomic_path, atomic_write_json, read_json, sha256_file
+from runtime.files import atomic_path, atomic_write_json, read_json, read_versioned_json, sha256_file
 from runtime.preprocess import Preprocessing
 
 BUNDLE_FORMAT = "casam-bundle"
@@ -108,19 +108,8 @@ class Bundle:
     def open(cls, root: os.PathLike | str, verify: bool = True) -> "Bundle":
         root = Path(root)
         meta_path = root / "bundle.json"
-        if not meta_path.is_file():
-            raise BundleError(f"{root} is not a casam bundle: {meta_path} is missing")
-        try:
-            meta = read_json(meta_path)
-        except (ValueError, OSError) as exc:
-            raise BundleError(f"{meta_path} is corrupt ({exc})") from exc
-        if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT:
-            raise BundleError(f"{meta_path} is not a casam bundle file")
-        if meta.get("format_version") != BUNDLE_FORMAT_VERSION:
-            raise BundleError(
-                f"{meta_path} has format version {meta.get('format_version')!r}; "
-                f"this casam reads version {BUNDLE_FORMAT_VERSION}"
-            )
+        meta = read_versioned_json(meta_path, BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BundleError, "casam bundle file",
+                                   missing=f"{root} is not a casam bundle: {meta_path} is missing")
         bundle = cls(root, meta)
         if verify:
             bundle.verify()
