@@ -8,7 +8,9 @@ from typing import Optional
 
 import click
 
+from casam_export.manifest import graph_entries
 from runtime.errors import CasamError
+from runtime.manifest import MANIFEST_NAME
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,8 +51,7 @@ def main(bundle_dir: Path, out_dir: Path, fp16: bool, trt: Optional[bool], opset
         click.echo(f"casam-export: error: {exc}", err=True)
         sys.exit(2)
     if not quiet:
-        reused = [k for k, v in {**manifest["graphs"], **{f"align/{t['name']}": t["align"] for t in manifest["tasks"]}}.items()
-                  if v.get("reused")]
+        reused = [k for k, v in graph_entries(manifest).items() if v.get("reused")]
         click.echo(f"exported {len(manifest['tasks'])} task(s), {manifest['precision']}; unchanged: {', '.join(reused) or 'none'}")
         parity = manifest["parity"]
         if parity.get("passed"):
@@ -58,7 +59,7 @@ def main(bundle_dir: Path, out_dir: Path, fp16: bool, trt: Optional[bool], opset
             click.echo(f"parity: routes identical, mean mask IoU {s['mask_iou_mean']:.5f} (min {s['mask_iou_min']:.5f})")
         if not manifest["tensorrt"]["available"]:
             click.echo(f"TensorRT: not built ({manifest['tensorrt']['reason']})")
-    click.echo(str(Path(out_dir) / "manifest.json"))
+    click.echo(str(Path(out_dir) / MANIFEST_NAME))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from casam_export.errors import ExportError, ParityError
 from casam_export.lean_attention import ROWS_PER_CHUNK, lean_global_attention
 from casam_export.graphs import ALIGN, DECODER, ENCODER, GraphSpec, export_graph, finalize, router_spec, write_graph
-from casam_export.manifest import build_manifest, claim_out_dir, previous_graphs, reusable
+from casam_export.manifest import build_manifest, claim_out_dir, graph_entries, reusable
 from casam_export.tensorrt_build import build_engines, tensorrt_status
 from models.prompt_decoder import PromptDecoder
 from models.sam_loader import FrozenSam, load_frozen_sam
@@ -123,13 +123,13 @@ def export_bundle(
     out.mkdir(parents=True, exist_ok=True)
     sam = load_bundle_sam(bundle, checkpoint)
     precision = "fp16" if fp16 else "fp32"
-    old = previous_graphs(previous)
+    old = graph_entries(previous)
     entries: dict[str, dict[str, Any]] = {}
     jobs = _jobs(bundle, sam, precision, opset, max_prompts)
     with tqdm(jobs, desc="export", unit="graph", disable=quiet) as bar:
         for job in bar:
             bar.set_postfix_str(job.key)
-            if reusable(previous, old.get(job.key), job.built_from, out):
+            if reusable(old.get(job.key), job.built_from, out):
                 entries[job.key] = {**old[job.key], "reused": True}
             else:
                 entries[job.key] = {**_produce(job, out, opset, max_prompts), "reused": False}

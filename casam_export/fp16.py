@@ -39,20 +39,20 @@ FP32_MODULES = ("LayerNorm", "PositionEmbeddingRandom")
 CLASS_HIERARCHY_KEY = "pkg.torch.onnx.class_hierarchy"
 
 
-def fp32_node_names(model: onnx.ModelProto, modules: Iterable[str] = FP32_MODULES) -> set[str]:
-    """Names of nodes exported from a module listed in ``modules`` (read from exporter metadata).
+def fp32_node_names(model: onnx.ModelProto) -> set[str]:
+    """Names of nodes exported from a module listed in ``FP32_MODULES`` (read from exporter metadata).
 
-    Must run before ``strip_metadata``: the class hierarchy is only in the metadata.
+    Must run before ``graphs.finalize`` strips the metadata: the class hierarchy is only there.
     """
     keep = set()
     for node in model.graph.node:
         hierarchy = next((p.value for p in node.metadata_props if p.key == CLASS_HIERARCHY_KEY), "")
-        if any(m in hierarchy for m in modules):
+        if any(m in hierarchy for m in FP32_MODULES):
             keep.add(node.name)
     return keep
 
 
-def _float_dtypes(model: onnx.ModelProto) -> dict[str, int]:
+def _tensor_dtypes(model: onnx.ModelProto) -> dict[str, int]:
     """Element type of every tensor in the graph, from strict shape inference."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     g = inferred.graph
@@ -75,7 +75,7 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_nodes: Iterable[str] = ()) -> o
     Assumes a single-graph model without control-flow subgraphs, which is what the
     exporter produces for CA-SAM's modules; a subgraph is refused rather than half-converted.
     """
-    src_types = _float_dtypes(model)
+    src_types = _tensor_dtypes(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph
@@ -148,26 +148,9 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_nodes: Iterable[str] = ()) -> o
                         node.input[j] = inner
             nodes.append(helper.make_node("Cast", [inner], [output.name], to=FLOAT, name=f"cast_{output.name}_fp32"))
 
+    # Still topological: each Cast went in just before its first consumer, output casts last.
     del g.node[:]
-    g.node.extend(_topological(nodes, {i.name for i in g.input} | {t.name for t in g.initializer}))
+    g.node.extend(nodes)
     del g.value_info[:]
     return onnx.shape_inference.infer_shapes(out, strict_mode=True)
 
-
-def _topological(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:
-    """Order nodes so each comes after its inputs' producers (inserted casts went last)."""
-    ready = set(available) | {""}
-    pending = list(nodes)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ValueError(f"fp16 conversion left a cycle or a dangling input at {rest[0].name}")
-        pending = rest
-    return ordered

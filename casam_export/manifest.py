@@ -76,10 +76,9 @@ def claim_out_dir(out: Path, bundle: Bundle, force: bool) -> Optional[dict[str, 
     return None
 
 
-def reusable(previous: Optional[Mapping[str, Any]], entry: Optional[Mapping[str, Any]], built_from: Mapping[str, Any],
-             out: Path) -> bool:
-    """True when ``entry`` was built from exactly ``built_from`` and its files are intact."""
-    if previous is None or not entry or entry.get("built_from") != dict(built_from):
+def reusable(entry: Optional[Mapping[str, Any]], built_from: Mapping[str, Any], out: Path) -> bool:
+    """True when ``entry`` (None: no previous export) was built from exactly ``built_from`` and its files are intact."""
+    if not entry or entry.get("built_from") != dict(built_from):
         return False
     files = [(entry.get("file"), entry.get("sha256"))]
     if entry.get("external_data"):
@@ -90,12 +89,12 @@ def reusable(previous: Optional[Mapping[str, Any]], entry: Optional[Mapping[str,
     return True
 
 
-def previous_graphs(previous: Optional[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
-    """``{"encoder": entry, …, "align/<task>": entry}`` of a previous manifest."""
-    if previous is None:
+def graph_entries(manifest: Optional[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """``{"encoder": entry, …, "align/<task>": entry}`` of a manifest ({} for None)."""
+    if manifest is None:
         return {}
-    graphs = dict(previous.get("graphs") or {})
-    for task in previous.get("tasks") or []:
+    graphs = dict(manifest.get("graphs") or {})
+    for task in manifest.get("tasks") or []:
         if isinstance(task, Mapping) and "align" in task:
             graphs[f"align/{task.get('name')}"] = task["align"]
     return graphs

@@ -14,14 +14,15 @@ TensorRT, and its tests skip there.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from casam_export.errors import ExportError
 from runtime.backends.ort import BackendUnavailable
 from runtime.backends.tensorrt import build_engine as runtime_build_engine
 from runtime.backends.tensorrt import engine_file_name, gpu_name, import_tensorrt
 from runtime.errors import ManifestError
-from runtime.files import atomic_write_bytes, sha256_file
+from runtime.files import atomic_write_bytes, sha256_bytes, sha256_file
+
 
 def tensorrt_status(requested: Optional[bool]) -> tuple[bool, str]:
     """(build engines?, reason when not). ``None`` means "when TensorRT and a GPU exist"."""
@@ -50,19 +51,21 @@ def build_engines(
     graphs: Mapping[str, Mapping[str, Any]],
     fp16: bool,
     max_prompts: int,
-    progress: Callable[[str], None] = lambda key: None,
 ) -> dict[str, Any]:
     """Build (or reuse from ``out/trt``) one engine per graph; the manifest's ``tensorrt`` table."""
     trt = import_tensorrt()
     gpu = gpu_name()
     engines = {}
     for key, entry in graphs.items():
-        progress(key)
         onnx_sha = entry["sha256"]
         rel = f"trt/{engine_file_name(key, onnx_sha, gpu, trt.__version__)}"
         path = out / rel
-        if not path.is_file():
-            atomic_write_bytes(path, build_engine(out / entry["file"], fp16, max_prompts))
-        engines[key] = {"file": rel, "sha256": sha256_file(path), "onnx_sha256": onnx_sha,
+        if path.is_file():
+            sha = sha256_file(path)
+        else:
+            engine = build_engine(out / entry["file"], fp16, max_prompts)
+            atomic_write_bytes(path, engine)
+            sha = sha256_bytes(engine)
+        engines[key] = {"file": rel, "sha256": sha, "onnx_sha256": onnx_sha,
                         "gpu": gpu, "tensorrt_version": trt.__version__}
     return {"available": True, "reason": None, "engines": engines}

@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from casam_export.errors import ExportError
 from models.casam import routes_to_names
+from runtime.backends import open_backend
 from runtime.image_io import read_image
+from runtime.manifest import Manifest
 from runtime.pipeline import Pipeline
-from runtime.preprocess import boxes_to_frame, points_to_frame, preprocess
-from runtime.prompts import encode_prompts
+from runtime.preprocess import preprocess
 from trainer.bundle import Bundle
 
 PathLike = Union[str, os.PathLike]
@@ -100,9 +101,7 @@ class _Comparison:
         for use in (("boxes",), ("points", "point_labels"))[: 2 if with_points else 1]:
             kw = {k: prompts[k] for k in use}
             _, low_o, iou_o = pipe.decode(emb_o, frame, route=route, **kw)
-            framed = {"boxes": boxes_to_frame(kw["boxes"], frame)} if "boxes" in kw else {
-                "points": points_to_frame(kw["points"], frame), "labels": kw["point_labels"]}
-            coords, labels = encode_prompts(**framed)
+            coords, labels, _ = Pipeline.prompts(frame, **kw)  # the runtime's own prompt encoding
             with torch.no_grad():
                 low_t, iou_t = model.decoder(aligned, torch.from_numpy(coords), torch.from_numpy(labels))
             self.ious += mask_ious(low_t.numpy() > 0, np.asarray(low_o) > 0)
@@ -121,13 +120,15 @@ def verify_export(
     """Compare the exported chain in ``out`` (described by ``manifest``) with PyTorch CASAM."""
     images, source = load_images(images_dir)
     model = bundle.build_model(sam)
-    pipe = Pipeline.from_manifest(out, backend=backend, manifest=manifest)
+    # Not Pipeline.from_manifest: it re-hashes every graph, which the export has just hashed.
+    files = Manifest.load(out, manifest, verify=False)
+    pipe = Pipeline(files, open_backend(backend, files))
     precision = str(manifest["precision"])
     bar = MASK_IOU_BARS[precision]
     cmp = _Comparison()
     routes_t, routes_o, per_image = [], [], []
     for i, image in enumerate(tqdm(images, desc="verify", unit="image", disable=quiet)):
-        x, frame = preprocess(image, bundle.preprocessing)
+        x, _ = preprocess(image, bundle.preprocessing)
         with torch.no_grad():
             emb_t = model.encode(torch.from_numpy(x))
             _, scores_t, route_idx = model.route(emb_t)

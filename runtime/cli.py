@@ -33,10 +33,8 @@ def open_pipeline(engines: Path, backend: str = "auto", server: Optional[str] = 
     ``Result`` works below, so a remote backend plugs in here without touching the rest.
     """
     if server is not None:
-        try:
-            from runtime.remote import RemotePipeline  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise CasamError("this casam has no remote backend (runtime/remote.py)") from exc
+        from runtime.remote import RemotePipeline
+
         return RemotePipeline(server)
     from runtime.pipeline import Pipeline
 
@@ -167,7 +165,7 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
     if task is not None and task != "identity" and task not in pipe.task_names:
         raise InputError(f"unknown task {task!r}; known: {', '.join(pipe.task_names) or 'none'}, identity")
     out.mkdir(parents=True, exist_ok=True)
-    backend_info = pipe.describe() if hasattr(pipe, "describe") else {}
+    backend_info = pipe.describe()
     routes: Counter = Counter()
     used: Counter = Counter()
     bar = tqdm(files, desc="casam-infer", unit="image", disable=quiet or len(files) < 2, file=sys.stderr)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -224,11 +224,15 @@ class Pipeline:
         points: Optional[np.ndarray] = None,
         point_labels: Optional[np.ndarray] = None,
         task: Optional[str] = None,
+        *,
+        encode: Optional[Callable[[np.ndarray], Tensor]] = None,
     ) -> Result:
         """One image (H×W or H×W×C) and its prompts in original pixels → masks at the original size.
 
         ``task``: None routes by the ELBO scores, a task name forces that task, and
         "identity" runs plain SAM. All prompts go to the decoder in one batched call.
+        ``encode`` replaces the encoder run (1×3×S×S → 1×256×64×64): casam-serve passes its
+        batcher, so a served request is this very chain with a shared encoder call.
         """
         if task is not None:
             self.check_task(task)
@@ -237,7 +241,7 @@ class Pipeline:
             x, frame = preprocess(image, self.preprocessing)
             coords, labels, warnings = self.prompts(frame, boxes, points, point_labels)
         with timer.stage("encoder"):
-            embedding = self._encode(x)
+            embedding = (encode or self._encode)(x)
         with timer.stage("router"):
             scores = self._scores(embedding)[0]
             route = self.choose(scores, task)

@@ -30,8 +30,9 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     rows = np.arange(out_size)
     np.add.at(m, (rows, i0), 1.0 - frac)
     np.add.at(m, (rows, i1), frac)
-    m.setflags(write=False)
-    return m.astype(np.float32)
+    out = m.astype(np.float32)
+    out.setflags(write=False)  # shared by every caller through the cache
+    return out
 
 
 def resize_bilinear(maps: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -51,12 +52,20 @@ def logits_to_original(low_res: np.ndarray, frame: Frame) -> np.ndarray:
     logits = np.asarray(low_res, dtype=np.float32)
     if logits.ndim == 4:
         logits = logits[:, 0]
-    h, w = logits.shape[-2:]
-    rh, rw = frame.resized_hw
-    oh, ow = frame.original_hw
+    left, right_t = _folded_matrices(logits.shape[-2:], frame)
+    return np.matmul(np.matmul(left, logits), right_t)
+
+
+@lru_cache(maxsize=64)
+def _folded_matrices(low_hw: tuple[int, int], frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+    """(H×h, w×W) matrices for upscale → crop → resize; cached per frame, as images of one
+    size repeat and building them costs more than applying them."""
+    (h, w), (rh, rw), (oh, ow) = low_hw, frame.resized_hw, frame.original_hw
     left = bilinear_matrix(rh, oh) @ bilinear_matrix(h, frame.size)[:rh]
-    right = bilinear_matrix(rw, ow) @ bilinear_matrix(w, frame.size)[:rw]
-    return np.matmul(np.matmul(left, logits), right.T)
+    right_t = np.ascontiguousarray((bilinear_matrix(rw, ow) @ bilinear_matrix(w, frame.size)[:rw]).T)
+    for m in (left, right_t):
+        m.setflags(write=False)
+    return left, right_t
 
 
 def masks_from_logits(low_res: np.ndarray, frame: Frame) -> np.ndarray:

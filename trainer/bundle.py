@@ -217,15 +217,34 @@ class Bundle:
         names = list(names) if names is not None else self.task_names
         return Router([self.load_vae(n) for n in names], temperature=self.temperature)
 
-    def build_model(self, sam: torch.nn.Module, names: Optional[Sequence[str]] = None) -> CASAM:
-        """The CASAM model of this bundle's tasks (all of them, or the first ``names``)."""
+    def build_model(
+        self,
+        sam: torch.nn.Module,
+        names: Optional[Sequence[str]] = None,
+        candidate: Optional[tuple[str, AlignmentLayer, TaskVAE, float]] = None,
+    ) -> CASAM:
+        """The CASAM model of this bundle's tasks (all of them, or the first ``names``).
+
+        ``candidate`` (name, layer, vae, threshold) is a task not yet committed: it goes last
+        and replaces a committed task of the same name, so the trainer can evaluate a task
+        exactly as the routed model will see it before it commits it.
+        """
         names = list(names) if names is not None else self.task_names
+        layers = {n: self.load_alignment(n) for n in names}
+        vaes = {n: self.load_vae(n) for n in names}
+        thresholds = {n: float(self.task(n).threshold) for n in names}
+        if candidate is not None:
+            name, layer, vae, threshold = candidate
+            for table in (layers, vaes, thresholds):
+                table.pop(name, None)
+            layers[name], vaes[name], thresholds[name] = layer, vae, float(threshold)
+        order = list(layers)
         return CASAM(
             sam,
-            names,
-            [self.load_alignment(n) for n in names],
-            self.build_router(names),
-            [self.task(n).threshold for n in names],
+            order,
+            [layers[n] for n in order],
+            Router([vaes[n] for n in order], temperature=self.temperature),
+            [thresholds[n] for n in order],
         ).eval()
 
     # ----- writing ---------------------------------------------------------------------

@@ -45,7 +45,7 @@ def calibrate(features: torch.Tensor, config: VAEConfig, folds: int = 5, percent
     record: dict[str, Any] = {"folds": k, "seed": seed, "percentile": percentile, "count": n, "mean": mean, "std": std}
     record.update({key: float(np.percentile(held_out, q)) for key, q in PERCENTILES.items()})
     record["mean_plus_2std"] = mean + 2 * std
-    record[f"p{percentile:g}"] = float(np.percentile(held_out, percentile))
+    record[threshold_key(percentile)] = float(np.percentile(held_out, percentile))
     record["scores"] = held_out.tolist()
     return final, record
 

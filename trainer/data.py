@@ -131,10 +131,13 @@ class Dataset:
         }
 
 
-def _listing(problems: list[str]) -> str:
+def _raise_problems(root: Path, problems: list[str]) -> None:
+    """One DataError listing every offending file (the first MAX_LISTED of them), if any."""
+    if not problems:
+        return
     shown = "\n  ".join(problems[:MAX_LISTED])
     more = f"\n  … and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    return f"\n  {shown}{more}"
+    raise DataError(f"{len(problems)} problem(s) in {root}:\n  {shown}{more}")
 
 
 def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
@@ -184,8 +187,7 @@ def _scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
             empty.append(stem)
             continue
         samples.append(Sample(stem, str(ipath), image.shape[:2], content_hash(image), k, image_path=ipath, mask_path=mpath))
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in {root}:{_listing(problems)}")
+    _raise_problems(root, problems)
     return samples, empty
 
 
@@ -238,8 +240,7 @@ def _scan_nifti(root: Path, axis: int, window: tuple[float, float]) -> tuple[lis
             image = np.ascontiguousarray(np.take(windowed, k, axis=axis))
             samples.append(Sample(slice_stem, f"{ipath}[axis {axis}, slice {k}]", image.shape[:2], content_hash(image),
                                   int(index.max()), image_array=image, index_array=index))
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in {root}:{_listing(problems)}")
+    _raise_problems(root, problems)
     return samples, empty
 
 
@@ -328,6 +329,5 @@ def load_images(path: PathLike) -> list[Sample]:
             problems.append(f"{p}: unreadable image ({exc})")
             continue
         out.append(Sample(stem, str(p), image.shape[:2], content_hash(image), 0, image_path=p))
-    if problems:
-        raise DataError(f"{len(problems)} problem(s) in {root}:{_listing(problems)}")
+    _raise_problems(root, problems)
     return out

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.sam_loader import default_cache_dir as casam_cache_dir
 from runtime.files import atomic_path
 from runtime.preprocess import Preprocessing, preprocess
 from trainer.data import Sample
@@ -30,8 +31,7 @@ EMBEDDING_SHAPE = (256, 64, 64)
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("CASAM_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "casam") / "embeddings"
+    return casam_cache_dir() / "embeddings"
 
 
 def encoder_autocast(device: torch.device) -> contextlib.AbstractContextManager:

@@ -67,21 +67,26 @@ def predict_masks(model: CASAM, embedding: torch.Tensor, route: int, boxes: np.n
 
 
 def evaluate_set(model: CASAM, embeddings: torch.Tensor, samples: Sequence[Sample], prep: Preprocessing,
-                 name: str, task: TaskChoice = None, expected: Optional[str] = None, quiet: bool = True) -> SetResult:
+                 name: str, task: TaskChoice = None, expected: Optional[str] = None, quiet: bool = True,
+                 memo: Optional[dict[tuple[int, int], tuple[float, float]]] = None) -> SetResult:
     """Mean IoU/BIoU (per image over its masks, then over images) of ``samples``.
 
     ``task`` None routes each image; a name or "identity" forces one path. With
-    ``expected`` the routing accuracy towards that task is reported as well.
+    ``expected`` the routing accuracy towards that task is reported as well. Several
+    passes over the same samples and model may share ``memo`` ((image, route) → scores),
+    so a routed pass only decodes the images whose route no earlier pass took.
     """
     routes, _ = route_embeddings(model, embeddings, task)
+    names = routes_to_names(routes, model.task_names)
+    memo = {} if memo is None else memo
     per_image: list[dict[str, Any]] = []
     for i, sample in enumerate(tqdm(samples, desc=f"eval {name}", unit="img", disable=quiet, leave=False)):
-        gts = sample.structures()
-        preds = predict_masks(model, embeddings[i], routes[i], tight_boxes(gts), sample.original_hw, prep)
-        s_iou, s_biou = image_scores(preds, gts)
-        per_image.append({"stem": sample.stem, "route": routes_to_names([routes[i]], model.task_names)[0],
-                          "iou": s_iou, "biou": s_biou})
-    names = [p["route"] for p in per_image]
+        if (i, routes[i]) not in memo:
+            gts = sample.structures()
+            preds = predict_masks(model, embeddings[i], routes[i], tight_boxes(gts), sample.original_hw, prep)
+            memo[(i, routes[i])] = image_scores(preds, gts)
+        s_iou, s_biou = memo[(i, routes[i])]
+        per_image.append({"stem": sample.stem, "route": names[i], "iou": s_iou, "biou": s_biou})
     accuracy = None if expected is None else float(np.mean([r == expected for r in names])) if names else None
     return SetResult(name, len(samples), float(np.mean([p["iou"] for p in per_image])) if per_image else float("nan"),
                      float(np.mean([p["biou"] for p in per_image])) if per_image else float("nan"),

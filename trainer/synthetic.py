@@ -71,10 +71,6 @@ STYLES: dict[str, Style] = {
 }
 
 
-def style_names() -> list[str]:
-    return list(STYLES)
-
-
 def _shape_layer(size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """One random filled ellipse or convex polygon as an H×W bool mask."""
     h, w = size

@@ -24,9 +24,7 @@ from tqdm import tqdm
 from models.alignment import AlignmentLayer
 from models.casam import CASAM
 from models.prompt_decoder import PromptDecoder
-from models.router import Router
 from models.sam_loader import FrozenSam
-from models.vae import TaskVAE
 from models.pooling import attention_pool
 from runtime.files import atomic_path, atomic_write_json, read_json
 from runtime.preprocess import Preprocessing, frame_for, resize_mask_to_frame
@@ -140,30 +138,13 @@ def _run_fingerprint(config: TrainConfig, dataset: Dataset, session: Session, pr
     }
 
 
-def _open_or_create_bundle(root: Path, session: Session, prep: Preprocessing) -> Bundle:
-    if (root / "bundle.json").exists():
-        bundle = Bundle.open(root)
-        check_bundle_sam(bundle, session.sam.name, session.checkpoint_sha256)
-        return bundle
-    return Bundle.create(root, session.sam.name, session.checkpoint_sha256, prep, untrained_sam=session.sam.untrained)
-
-
-def _bundle_preprocessing(root: Path, resize: Optional[str]) -> Preprocessing:
-    if (root / "bundle.json").exists():
-        prep = Bundle.open(root, verify=False).preprocessing
+def _bundle_preprocessing(bundle: Optional[Bundle], resize: Optional[str]) -> Preprocessing:
+    if bundle is not None:
+        prep = bundle.preprocessing
         if resize is not None and resize != prep.resize:
-            raise BundleError(f"bundle {root} uses resize mode {prep.resize!r}; it cannot take a task trained with {resize!r}")
+            raise BundleError(f"bundle {bundle.root} uses resize mode {prep.resize!r}; it cannot take a task trained with {resize!r}")
         return prep
     return Preprocessing(resize=resize or "longest")
-
-
-def model_with_task(bundle: Bundle, sam: torch.nn.Module, name: str, layer: AlignmentLayer, vae: TaskVAE, threshold: float) -> CASAM:
-    """The bundle's committed tasks plus one candidate task, as one routed model."""
-    names = [n for n in bundle.task_names if n != name]
-    layers = [bundle.load_alignment(n) for n in names] + [layer]
-    vaes = [bundle.load_vae(n) for n in names] + [vae]
-    thresholds = [bundle.task(n).threshold for n in names] + [threshold]
-    return CASAM(sam, names + [name], layers, Router(vaes, bundle.temperature), thresholds).eval()
 
 
 def train_task(
@@ -187,15 +168,20 @@ def train_task(
     check_task_name(task)
     config.check()
     root = Path(bundle_dir)
-    prep = _bundle_preprocessing(root, resize)
-    if (root / "bundle.json").exists():
-        existing = Bundle.open(root)
+    existing = Bundle.open(root, verify=False) if (root / "bundle.json").exists() else None
+    prep = _bundle_preprocessing(existing, resize)
+    if existing is not None:
+        existing.verify()
         check_bundle_sam(existing, sam)
         if task in existing.task_names and not replace:
             raise BundleError(f"task {task!r} already exists in {root}; pass --replace to retrain it")
     dataset = load_dataset(data, seed=config.seed)
     session = open_session(sam, checkpoint, prep, device, cache_dir, quiet, frozen_sam)
-    bundle = _open_or_create_bundle(root, session, prep)
+    if existing is not None:
+        check_bundle_sam(existing, session.sam.name, session.checkpoint_sha256)
+        bundle = existing
+    else:
+        bundle = Bundle.create(root, session.sam.name, session.checkpoint_sha256, prep, untrained_sam=session.sam.untrained)
 
     staging = bundle.staging_dir(task)
     staged_task = staging / "task"
@@ -250,7 +236,7 @@ def train_task(
     threshold = float(calibration[key])
     vae_seconds = time.time() - t0
 
-    metrics = task_metrics(model_with_task(bundle, session.sam.model, task, layer.cpu(), vae, threshold).to(dev),
+    metrics = task_metrics(bundle.build_model(session.sam.model, candidate=(task, layer.cpu(), vae, threshold)).to(dev),
                            dataset, test_emb, prep, task, quiet)
     metrics.update({"n_train": n_train, "n_test": len(dataset.test), "skipped_empty": len(dataset.skipped_empty)})
 
@@ -286,8 +272,9 @@ def task_metrics(model: CASAM, dataset: Dataset, test_emb: torch.Tensor, prep: P
     """Held-out scores recorded in bundle.json: the task's own layer, plain SAM, and routing."""
     if not dataset.test:
         return {"test_iou": None, "test_biou": None, "identity_iou": None, "identity_biou": None, "routing_accuracy": None}
-    own = evaluate_set(model, test_emb, dataset.test, prep, task, task=task, quiet=quiet)
-    plain = evaluate_set(model, test_emb, dataset.test, prep, task, task="identity", quiet=quiet)
-    routed = evaluate_set(model, test_emb, dataset.test, prep, task, expected=task, quiet=quiet)
+    memo: dict[tuple[int, int], tuple[float, float]] = {}  # the routed pass reuses both forced passes
+    own = evaluate_set(model, test_emb, dataset.test, prep, task, task=task, quiet=quiet, memo=memo)
+    plain = evaluate_set(model, test_emb, dataset.test, prep, task, task="identity", quiet=quiet, memo=memo)
+    routed = evaluate_set(model, test_emb, dataset.test, prep, task, expected=task, quiet=quiet, memo=memo)
     return {"test_iou": own.iou, "test_biou": own.biou, "identity_iou": plain.iou, "identity_biou": plain.biou,
             "routed_iou": routed.iou, "routed_biou": routed.biou, "routing_accuracy": routed.routing_accuracy}

@@ -194,14 +194,23 @@ class TrtBackend:
         self.logger = self.trt.Logger(self.trt.Logger.WARNING)
         self.runtime = self.trt.Runtime(self.logger)
         self.build_lock = threading.Lock()
+        self._verified: dict[str, Path] = {}  # prebuilt engines whose sha256 was checked once
 
     def matching_prebuilt(self, key: str) -> Optional[Path]:
+        """The manifest's engine for ``key`` when built for this GPU and TensorRT, sha256-checked.
+
+        The check runs once per engine: ``auto`` asks before loading, and the alignment
+        engine cache reloads evicted engines, neither of which should re-hash the file.
+        """
+        if key in self._verified:
+            return self._verified[key]
         entry = self.prebuilt.get(key)
         if not entry or entry.get("gpu") != self.gpu or entry.get("tensorrt_version") != self.trt.__version__:
             return None
         path = self.folder / entry["file"]
         if not path.is_file() or sha256_file(path) != entry.get("sha256"):
             raise ManifestError(f"TensorRT engine {path} for {key} is missing or does not match its sha256")
+        self._verified[key] = path
         return path
 
     def load(self, key: str, path: Path) -> TrtEngine:

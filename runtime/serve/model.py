@@ -1,10 +1,10 @@
 """The Triton model ``casam``: one request in, one ``Pipeline`` prediction out.
 
-Each request runs in its own Triton model-instance thread: it is decoded and checked,
-preprocessed, its prompts validated (before any encoder time is spent on a request that
-will be refused), then its encoder run is shared with whatever other requests are
-waiting (``EncoderBatcher``), and routing and decoding finish in the request's thread
-again, overlapping the next encoder batch.
+Each request runs in its own Triton model-instance thread through ``Pipeline.predict``:
+it is decoded and checked, preprocessed, its prompts validated (before any encoder time is
+spent on a request that will be refused), then its encoder run is shared with whatever
+other requests are waiting (``EncoderBatcher``), and routing and decoding finish in the
+request's thread again, overlapping the next encoder batch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 from runtime import __version__
 from runtime.errors import CasamError
 from runtime.pipeline import Pipeline
-from runtime.preprocess import preprocess
 from runtime.serve.batcher import EncoderBatcher
 from runtime.serve.schema import info_arrays, read_request, response_arrays
 
@@ -39,16 +38,16 @@ class CasamModel:
         pipe = self.pipeline
         try:
             call = read_request(request)
-            task = None if call.task is None else pipe.check_task(call.task)
-            x, frame = preprocess(call.image, pipe.preprocessing)
-            _, _, warnings = pipe.prompts(frame, call.boxes, call.points, call.point_labels)
+            # predict checks the task, image and prompts before its encoder call, so a
+            # request that will be refused never takes a place in an encoder batch.
+            result = pipe.predict(call.image, call.boxes, call.points, call.point_labels, call.task,
+                                  encode=self.batcher.encode)
         except CasamError as exc:
             LOG.info("refused a request: %s", exc)
             raise
-        embedding = self.batcher.encode(x)
-        route, scores, thresholds = pipe.route(embedding, task)
-        masks, low, iou = pipe.decode(embedding, frame, call.boxes, call.points, call.point_labels, route)
-        return response_arrays(masks, low, iou, route, scores, thresholds, pipe.task_names, warnings)
+        return response_arrays(result.masks, result.low_res_logits, result.iou, result.route,
+                               list(result.scores.values()), list(result.thresholds.values()),
+                               pipe.task_names, result.warnings)
 
     def info(self) -> dict[str, Any]:
         """What a client needs before its first request (task names for --task, mostly),
