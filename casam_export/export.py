@@ -22,10 +22,10 @@ from tqdm import tqdm
 
 from casam_export.errors import ExportError, ParityError
 from casam_export.lean_attention import ROWS_PER_CHUNK, lean_global_attention
+from casam_export.lean_decoder import LEAN_DECODER_VERSION, LeanPromptDecoder
 from casam_export.graphs import ALIGN, DECODER, ENCODER, GraphSpec, export_graph, finalize, router_spec, write_graph
 from casam_export.manifest import build_manifest, claim_out_dir, graph_entries, reusable
 from casam_export.tensorrt_build import build_engines, tensorrt_status
-from models.prompt_decoder import PromptDecoder
 from models.sam_loader import FrozenSam, load_frozen_sam
 from runtime.files import atomic_write_json
 from runtime.manifest import MANIFEST_NAME
@@ -66,8 +66,10 @@ def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompt
         # runtime never holds a full heads×4096×4096 map (casam_export/lean_attention.py).
         _Job("encoder", "encoder.onnx", ENCODER, lambda: sam.model.image_encoder, precision,
              {**checkpoint, "attention": f"lean-rows{ROWS_PER_CHUNK}"}, opset, tracing=lean_global_attention),
-        _Job("decoder", "decoder.onnx", DECODER, lambda: PromptDecoder(sam.model), precision,
-             {**checkpoint, "max_prompts": max_prompts}, opset),
+        # The image side of the decoder is computed once for all of an image's prompts
+        # (casam_export/lean_decoder.py).
+        _Job("decoder", "decoder.onnx", DECODER, lambda: LeanPromptDecoder(sam.model), precision,
+             {**checkpoint, "max_prompts": max_prompts, "decoder": LEAN_DECODER_VERSION}, opset),
         # The router stays fp32 under --fp16: it is tiny, and fp32 scores keep routing
         # decisions identical to the PyTorch model's.
         _Job("router", "router.onnx", router_spec(len(bundle.task_names)), bundle.build_router, "fp32",

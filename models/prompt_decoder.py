@@ -4,7 +4,8 @@ Boxes arrive as corner points with labels 2/3 and padding as label -1 (see
 ``runtime.prompts``). The embedding arithmetic is written with ``torch.where`` and masks
 instead of SAM's in-place boolean indexing, which traces cleanly to ONNX, and adds the
 same terms in the same order, so results are bit-identical to SAM's own prompt encoder.
-This module is exactly the exported ``decoder.onnx`` graph.
+The exported ``decoder.onnx`` is this module with ``predict_masks`` restructured to do each
+image's work once for all its prompts (``casam_export.lean_decoder``), the same arithmetic.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ class PromptDecoder(nn.Module):
                 f"decoder expects point_coords K×P×2 and point_labels K×P, got "
                 f"{tuple(point_coords.shape)} and {tuple(point_labels.shape)}"
             )
-        sparse = self.embed_points(point_coords, point_labels)
-        k = point_coords.shape[0]
+        return self.predict_masks(embeddings, self.embed_points(point_coords, point_labels))
+
+    def predict_masks(self, embeddings: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM's own mask decoder, single-mask output: 1×256×64×64 and K×P×256 → (K×1×256×256, K×1)."""
+        k = sparse.shape[0]
         h, w = self.prompt_encoder.image_embedding_size
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(k, -1, h, w)
         return self.mask_decoder(

@@ -35,6 +35,19 @@ def test_preprocess_normalises_and_pads_bottom_right():
     np.testing.assert_allclose(xs[0, :, 1000, 10], expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("hw,resize", [((300, 500), "longest"), ((1024, 700), "longest"), ((90, 60), "stretch")])
+def test_preprocess_is_sams_float_arithmetic_exactly(hw, resize):
+    """Normalising by table lookup gives bit-for-bit what (resized - mean) / std gives in float32."""
+    prep = Preprocessing(resize=resize)
+    image = np.random.default_rng(hw[0]).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    x, frame = preprocess(image, prep)
+    rh, rw = frame.resized_hw
+    resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR)).astype(np.float32)
+    expected = np.zeros((1, 3, 1024, 1024), np.float32)
+    expected[0, :, :rh, :rw] = ((resized - np.float32(PIXEL_MEAN)) / np.float32(PIXEL_STD)).transpose(2, 0, 1)
+    assert np.array_equal(x, expected)
+
+
 def test_grey_16bit_rgba_and_palette_inputs(tmp_path):
     grey16 = (np.arange(64 * 32, dtype=np.uint16).reshape(64, 32) * 30).astype(np.uint16)
     rgb = to_rgb_255(grey16)

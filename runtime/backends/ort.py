@@ -8,7 +8,7 @@ wheel was built with (onnxruntime-gpu lists CUDA on machines without any GPU).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Mapping, Optional
 
 import numpy as np
 
@@ -17,6 +17,10 @@ from runtime.errors import CasamError, ManifestError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+#: Graph fusions left off on the CPU. onnxruntime's CPU SkipLayerNormalization kernel
+#: (residual add fused into LayerNorm) runs 2.4× slower than the Add and LayerNormalization
+#: kernels it replaces (bench/results/ort_fusions.md); the decoder has one on K×4096×256.
+CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 ORT_DEFAULT_SEVERITY = 2  # warnings
 
 
@@ -82,10 +86,14 @@ class OrtBackend:
         self.spinning = spinning
         self.providers: list[Any] = [(CUDA, {"device_id": device_id}), CPU] if self.device == "cuda" else [CPU]
 
-    def session(self, path: Path) -> Any:
+    def session(self, path: Path, optimized_copy: Optional[Path] = None) -> Any:
+        """An InferenceSession on ``path``; ``optimized_copy`` also saves the graph as
+        onnxruntime rewrote it (fusions applied), to see what really runs."""
         ort = _ort()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimized_copy is not None:
+            options.optimized_model_filepath = str(optimized_copy)
         options.log_severity_level = self.log_severity
         # Each session owns a thread pool whose idle threads spin by default; in a chain of
         # sessions (encoder → router → align → decoder) the spinning pool of the previous
@@ -94,7 +102,8 @@ class OrtBackend:
         if self.intra_op_threads:
             options.intra_op_num_threads = self.intra_op_threads
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers,
+                                           disabled_optimizers=list(CPU_DISABLED_FUSIONS) if self.device == "cpu" else None)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception zoo for bad graphs
             raise ManifestError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0]})") from exc
         if self.device == "cuda" and CUDA not in session.get_providers():
