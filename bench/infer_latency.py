@@ -8,7 +8,7 @@ Measured in one run on the same inputs, side by side:
   3. eight boxes in one decoder call against eight separate calls (runtime and eager);
   4. peak RSS of a `casam-infer` process on the vit_b fp32 export.
 
-    .venv/bin/python bench/infer_latency.py [--models tiny,vit_b] [--runs 5] [--work DIR]
+    .venv/bin/python bench/infer_latency.py [--models tiny,vit_b] [--runs 7] [--work DIR]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from runtime.files import atomic_write_text  # noqa: E402
 from runtime.pipeline import STAGES, Pipeline  # noqa: E402
 from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
 from runtime.prompts import encode_prompts  # noqa: E402
+from trainer.bundle import Bundle  # noqa: E402
 
 
 
@@ -87,44 +88,74 @@ def eager_stages(model, sam, prep, image: np.ndarray, boxes: np.ndarray, task: s
     return ms
 
 
-def end_to_end(model_name: str, work: Path, runs: int) -> dict[str, Any]:
+def exported(model_name: str, work: Path) -> tuple[Bundle, Optional[Path], Path]:
+    """A 2-task random-weight bundle of ``model_name`` and its fp32 export under ``work``
+    (bundle, checkpoint, engines); kept there and brought up to date on later calls."""
     folder = work / model_name
     folder.mkdir(parents=True, exist_ok=True)
-    bundle, ckpt, _ = make_bundle(folder, model_name) if not (folder / "bundle").exists() else _reopen(folder, model_name)
+    if (folder / "bundle").exists():
+        ckpt: Optional[Path] = folder / f"{model_name}-random.safetensors"
+        bundle, ckpt = Bundle.open(folder / "bundle"), (ckpt if ckpt.exists() else None)
+    else:
+        bundle, ckpt, _ = make_bundle(folder, model_name)
     export_bundle(bundle.root, folder / "engines", verify=False, checkpoint=ckpt, quiet=True)
+    return bundle, ckpt, folder / "engines"
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[tuple[Any, float]]]:
+    """Each function once as a warm-up, then ``runs`` rounds of one call each, in turn.
+
+    Taking turns puts the runtime and the eager model under the same background load,
+    which on a shared machine moves by more than the differences being measured.
+    Returns each function's (result, wall ms) per round.
+    """
+    for fn in fns.values():
+        fn()
+    out: dict[str, list[tuple[Any, float]]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            value = fn()
+            out[name].append((value, (time.perf_counter() - t0) * 1000.0))
+    return out
+
+
+def end_to_end(model_name: str, work: Path, runs: int) -> dict[str, Any]:
+    bundle, ckpt, engines = exported(model_name, work)
     sam = load_frozen_sam(model_name, ckpt).model
     model = bundle.build_model(sam)
-    pipe = Pipeline.from_manifest(folder / "engines", backend="ort-cpu")
+    pipe = Pipeline.from_manifest(engines, backend="ort-cpu")
     image, boxes = inputs()
     box = boxes[:1]
 
-    rt = [pipe.predict(image, boxes=box, task="alpha").timings_ms for _ in range(runs + 1)][1:]
-    eg = [eager_stages(model, sam, bundle.preprocessing, image, box, "alpha") for _ in range(runs + 1)][1:]
-    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
-    stages = {k: (med(rt, k), med(eg, k)) for k in STAGES}
+    rows = interleaved({"runtime": lambda: pipe.predict(image, boxes=box, task="alpha").timings_ms,
+                        "eager": lambda: eager_stages(model, sam, bundle.preprocessing, image, box, "alpha")}, runs)
+    med = lambda rows, k: statistics.median(timings[k] for timings, _ in rows)  # noqa: E731
+    stages = {k: (med(rows["runtime"], k), med(rows["eager"], k)) for k in STAGES}
 
     # Eight boxes: one decoder call with K=8 against eight calls with K=1, on the same embedding.
     emb, frame = pipe.embed(image)
     coords, labels = encode_prompts(boxes_to_frame(boxes, frame))
     dec = pipe.decoder
     feeds = lambda s: {"embeddings": emb, "point_coords": coords[s], "point_labels": labels[s]}  # noqa: E731
-    rt_batched = median_ms(lambda: dec.run(feeds(slice(0, 8))), runs)
-    rt_separate = median_ms(lambda: [dec.run(feeds(slice(i, i + 1))) for i in range(8)], runs)
     et = torch.from_numpy(emb)
     ct, lt = torch.from_numpy(coords), torch.from_numpy(labels)
-    with torch.no_grad():
-        eg_batched = median_ms(lambda: model.decoder(et, ct, lt), runs)
-        eg_separate = median_ms(lambda: [model.decoder(et, ct[i:i + 1], lt[i:i + 1]) for i in range(8)], runs)
+
+    def eager_decoder(s: slice) -> None:
+        with torch.no_grad():
+            model.decoder(et, ct[s], lt[s])
+
+    calls = interleaved({
+        "runtime batched": lambda: dec.run(feeds(slice(0, 8))),
+        "runtime separate": lambda: [dec.run(feeds(slice(i, i + 1))) for i in range(8)],
+        "eager batched": lambda: eager_decoder(slice(0, 8)),
+        "eager separate": lambda: [eager_decoder(slice(i, i + 1)) for i in range(8)],
+    }, max(runs, 5))
+    m = {k: statistics.median(ms for _, ms in v) for k, v in calls.items()}
     return {"model": model_name, "stages": stages, "runs": runs,
-            "boxes": {"runtime": (rt_batched, rt_separate), "eager": (eg_batched, eg_separate)},
-            "engines": folder / "engines"}
-
-
-def _reopen(folder: Path, model_name: str):
-    from trainer.bundle import Bundle
-
-    ckpt = folder / f"{model_name}-random.safetensors"
-    return Bundle.open(folder / "bundle"), (ckpt if ckpt.exists() else None), None
+            "boxes": {"runtime": (m["runtime batched"], m["runtime separate"]),
+                      "eager": (m["eager batched"], m["eager separate"])},
+            "engines": engines}
 
 
 def router_scaling(work: Path, runs: int) -> list[tuple[int, float, float]]:
@@ -175,12 +206,20 @@ def peak_rss_mb(engines: Path, work: Path) -> float:
     return int(report.read_text()) / 1024.0
 
 
+def machine() -> str:
+    """CPU model, cores and load average: figures from a shared VM mean little without them."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown CPU")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{os.cpu_count()}-core {model} ({platform.machine()}), no GPU, load average {load} when written"
+
+
 def render(results: list[dict[str, Any]], routers, rss: dict[str, float], encoder_ms: dict[str, float]) -> str:
     lines = ["# Inference latency: casam runtime (ORT CPU) vs PyTorch eager CA-SAM", "",
-             f"Machine: {os.cpu_count()}-core CPU ({platform.machine()}), no GPU, shared with other jobs; "
-             f"torch {torch.__version__} eager with {torch.get_num_threads()} threads, onnxruntime "
-             f"{__import__('onnxruntime').__version__} CPUExecutionProvider, fp32, random weights. "
+             f"Machine: {machine()}; torch {torch.__version__} eager with {torch.get_num_threads()} threads, "
+             f"onnxruntime {__import__('onnxruntime').__version__} CPUExecutionProvider, fp32, random weights. "
              "Input: one 768×1024 RGB image, one box, route forced to a task (alignment runs). "
+             "Runtime and eager runs take turns after a warm-up each. "
              "Medians in ms; ratio = eager / runtime (> 1: the runtime is faster).", ""]
     for r in results:
         lines += [f"## {r['model']} (median of {r['runs']} runs)", "",
@@ -209,7 +248,7 @@ def render(results: list[dict[str, Any]], routers, rss: dict[str, float], encode
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,vit_b")
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per measurement (vit_b uses min(runs, 3))")
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per measurement (vit_b uses min(runs, 3))")
     parser.add_argument("--work", type=Path, default=None, help="keep bundles and exports here (reused next time)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "infer_latency.md")
     args = parser.parse_args()

@@ -95,6 +95,16 @@ class OrtBackend:
         if optimized_copy is not None:
             options.optimized_model_filepath = str(optimized_copy)
         options.log_severity_level = self.log_severity
+        if self.device == "cpu":
+            # onnxruntime's planner reuses a freed buffer only for a tensor of exactly its
+            # size, and a reused buffer lives until the last tensor of its chain dies, so
+            # with reuse and memory patterns on, a graph with many tensor sizes (SAM's
+            # windowed and global attention) keeps one buffer per size alive: the vit_b
+            # encoder peaked at 1.4 GB (2.3 GB from its second run) for a 160 MB live set.
+            # With both off, tensors come from the arena and go back to it when they die:
+            # 0.77 GB at the same speed (bench/results/ort_memory.md).
+            options.enable_mem_reuse = False
+            options.enable_mem_pattern = False
         # Each session owns a thread pool whose idle threads spin by default; in a chain of
         # sessions (encoder → router → align → decoder) the spinning pool of the previous
         # engine then competes with the next one and with numpy pre/post-processing.
