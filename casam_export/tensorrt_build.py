@@ -22,6 +22,7 @@ from runtime.backends.tensorrt import build_engine as runtime_build_engine
 from runtime.backends.tensorrt import engine_file_name, gpu_name, import_tensorrt
 from runtime.errors import ManifestError
 from runtime.files import atomic_write_bytes, sha256_bytes, sha256_file
+from runtime.manifest import graph_content_id
 
 
 def tensorrt_status(requested: Optional[bool]) -> tuple[bool, str]:
@@ -58,7 +59,8 @@ def build_engines(
     engines = {}
     for key, entry in graphs.items():
         onnx_sha = entry["sha256"]
-        rel = f"trt/{engine_file_name(key, onnx_sha, gpu, trt.__version__)}"
+        content_id = graph_content_id(onnx_sha, (entry.get("external_data") or {}).get("sha256"))
+        rel = f"trt/{engine_file_name(key, content_id, gpu, trt.__version__)}"
         path = out / rel
         if path.is_file():
             sha = sha256_file(path)

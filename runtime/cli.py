@@ -162,8 +162,8 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
     boxes, points, labels = group_prompts(box, point, label)
     files = expand_inputs(images)
     pipe = open_pipeline(engines, backend, server=server, max_resident=max_resident)
-    if task is not None and task != "identity" and task not in pipe.task_names:
-        raise InputError(f"unknown task {task!r}; known: {', '.join(pipe.task_names) or 'none'}, identity")
+    if task is not None:
+        pipe.check_task(task)
     out.mkdir(parents=True, exist_ok=True)
     backend_info = pipe.describe()
     routes: Counter = Counter()

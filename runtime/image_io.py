@@ -78,16 +78,21 @@ def read_dicom(path: PathLike) -> np.ndarray:
     return array
 
 
-def read_nifti_slice(path: PathLike, index: Optional[int] = None, axis: int = 2) -> np.ndarray:
-    """One 2-D slice of a NIfTI volume (the middle one when ``index`` is None)."""
+def read_nifti_volume(path: PathLike) -> np.ndarray:
+    """A NIfTI file's voxels in their stored dtype (the trainer's volumes and the runtime's slices)."""
     try:
         import nibabel as nib
     except ImportError as exc:
         raise InputError("reading NIfTI needs nibabel: pip install 'casam[medical]'") from exc
     try:
-        volume = np.asarray(nib.load(str(path)).dataobj)
-    except Exception as exc:  # noqa: BLE001
+        return np.asarray(nib.load(str(path)).dataobj)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
         raise InputError(f"NIfTI file {path} is unreadable ({exc})") from exc
+
+
+def read_nifti_slice(path: PathLike, index: Optional[int] = None, axis: int = 2) -> np.ndarray:
+    """One 2-D slice of a NIfTI volume (the middle one when ``index`` is None)."""
+    volume = read_nifti_volume(path)
     if volume.ndim == 2:
         return volume
     if volume.ndim != 3:

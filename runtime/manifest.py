@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from runtime.errors import ManifestError
-from runtime.files import read_versioned_json, sha256_file
+from runtime.errors import InputError, ManifestError
+from runtime.files import read_versioned_json, sha256_bytes, sha256_file
 from runtime.preprocess import Preprocessing
 
 PathLike = Union[str, os.PathLike]
@@ -22,6 +22,13 @@ MANIFEST_FORMAT = "casam-manifest"
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 IDENTITY = "identity"
+
+
+def check_task(task: str, task_names: list[str]) -> str:
+    """``task`` when it names one of ``task_names`` or the identity, else one clear error."""
+    if task != IDENTITY and task not in task_names:
+        raise InputError(f"unknown task {task!r}; known: {', '.join(task_names) or 'none'}, identity")
+    return task
 CORE_GRAPHS = ("encoder", "router", "decoder")
 
 
@@ -34,6 +41,17 @@ class GraphFile:
     sha256: str
     external_data: Optional[Path] = None
     external_sha256: Optional[str] = None
+
+    @property
+    def content_id(self) -> str:
+        return graph_content_id(self.sha256, self.external_sha256)
+
+
+def graph_content_id(sha256: str, external_sha256: Optional[str] = None) -> str:
+    """What a graph's compiled engine depends on: the .onnx file and, where its weights live
+    apart (vit_h's encoder), the weights file too. Without external data it is the .onnx
+    sha256 itself, so engine names of such graphs stay as they were."""
+    return sha256 if not external_sha256 else sha256_bytes(f"{sha256}:{external_sha256}".encode())
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from runtime.backends import Backend, Engine, Tensor, open_backend
 from runtime.engine_cache import EngineCache
 from runtime.errors import InputError
-from runtime.manifest import IDENTITY, Manifest
+from runtime.manifest import IDENTITY, Manifest, check_task
 from runtime.postprocess import masks_from_logits
 from runtime.preprocess import Frame, Preprocessing, boxes_to_frame, points_to_frame, preprocess
 from runtime.prompt_checks import check_boxes, check_points
@@ -98,13 +98,15 @@ class Pipeline:
         max_resident: int = 8,
         preload: bool = False,
         manifest: Optional[Mapping[str, Any]] = None,
+        verify: bool = True,
     ) -> "Pipeline":
         """Open an export folder, checking every engine file's sha256 against the manifest.
 
         ``manifest`` replaces ``folder/manifest.json``: an exporter can verify its engines
-        through the runtime before it writes the final manifest.
+        through the runtime before it writes the final manifest. ``verify=False`` skips the
+        hashing, for a caller that has just hashed the files itself.
         """
-        loaded = Manifest.load(folder, manifest)
+        loaded = Manifest.load(folder, manifest, verify=verify)
         return cls(loaded, open_backend(backend, loaded), max_resident=max_resident, preload=preload)
 
     # ----- stages ---------------------------------------------------------------------
@@ -151,9 +153,7 @@ class Pipeline:
         return self.task_names[best] if scores[best] <= self.thresholds[best] else IDENTITY
 
     def check_task(self, task: str) -> str:
-        if task != IDENTITY and task not in self.task_names:
-            raise InputError(f"unknown task {task!r}; known: {', '.join(self.task_names) or 'none'}, identity")
-        return task
+        return check_task(task, self.task_names)
 
     @staticmethod
     def prompts(

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from runtime.errors import CasamError, InputError, ManifestError
+from runtime.manifest import check_task
 from runtime.pipeline import Result
 from runtime.serve import INFO_MODEL_NAME, MODEL_NAME
 from runtime.serve.schema import INPUTS, OUTPUTS, Call, read_response, request_arrays
@@ -72,6 +73,9 @@ class RemotePipeline:
     @property
     def task_names(self) -> list[str]:
         return list(self.info()["tasks"])
+
+    def check_task(self, task: str) -> str:
+        return check_task(task, self.task_names)
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "remote", "server": self.url, "protocol": self.scheme, "server_engines": self.info()}

@@ -72,7 +72,7 @@ def test_vectorised_scores_equal_separate_vae_scores():
     stacked = StackedVAEScorer(vaes)(f)
     separate = torch.stack([v.score(f) for v in vaes], dim=1)
     assert stacked.shape == (5, 7)
-    np.testing.assert_allclose(stacked.detach().numpy(), separate.detach().numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(stacked.detach().numpy(), separate.detach().numpy(), rtol=1e-5, atol=1e-5)  # float32 sums over 256 features, BLAS-dependent order
 
 
 def test_router_scores_are_deterministic_and_pool_raw_features():

@@ -70,3 +70,14 @@ def test_tensorrt_runs_or_refuses_cleanly(engines):
 def test_engine_file_names_follow_the_format():
     name = engine_file_name("align/polyp", "ab" * 32, "NVIDIA H200 NVL", "10.3.0")
     assert name == "align_polyp-abababababab-NVIDIA_H200_NVL-trt10.3.0.engine"
+
+
+def test_engine_names_change_with_external_weights():
+    """A graph whose weights live in a .data file gets a new engine name when only the weights change."""
+    from runtime.manifest import graph_content_id
+
+    onnx_sha = "cd" * 32
+    assert graph_content_id(onnx_sha) == graph_content_id(onnx_sha, None) == onnx_sha
+    one, other = graph_content_id(onnx_sha, "01" * 32), graph_content_id(onnx_sha, "02" * 32)
+    assert len({one, other, onnx_sha}) == 3
+    assert engine_file_name("encoder", one, "gpu", "10") != engine_file_name("encoder", other, "gpu", "10")

@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime.errors import CasamError, InputError
 from runtime.files import read_json
-from runtime.image_io import IMAGE_SUFFIXES, read_image, read_pil
+from runtime.image_io import IMAGE_SUFFIXES, read_image, read_nifti_volume, read_pil
 
 PathLike = Union[str, os.PathLike]
 MAX_LABELS = 32  # more distinct values than this: a soft/JPEG-compressed binary mask
@@ -199,13 +199,7 @@ def _window(volume: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
 
 
 def _load_volume(path: Path) -> np.ndarray:
-    import nibabel as nib
-
-    try:
-        volume = np.asarray(nib.load(str(path)).dataobj)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
-        raise InputError(f"unreadable NIfTI ({exc})") from exc
-    volume = np.squeeze(volume)
+    volume = np.squeeze(read_nifti_volume(path))
     if volume.ndim != 3:
         raise InputError(f"expected a 3-D volume, got shape {volume.shape}")
     return volume

@@ -41,7 +41,8 @@ def _trt(manifest: Manifest) -> Backend:
     from runtime.backends.tensorrt import TrtBackend
 
     return TrtBackend(manifest.tensorrt_engines(), manifest.folder, fp16=manifest.data.get("precision") == "fp16",
-                      max_prompts=manifest.max_prompts)
+                      max_prompts=manifest.max_prompts,
+                      content_ids={g.key: g.content_id for g in manifest.all_graphs()})
 
 
 def _refuse(name: str, why: str) -> None:

@@ -69,10 +69,12 @@ def gpu_name(device_id: int = 0) -> str:
     return buf.value.decode()
 
 
-def engine_file_name(key: str, onnx_sha256: str, gpu: str, trt_version: str) -> str:
-    """``<graph>-<onnx sha[:12]>-<gpu>-trt<version>.engine`` (docs/FORMATS.md)."""
+def engine_file_name(key: str, content_id: str, gpu: str, trt_version: str) -> str:
+    """``<graph>-<content id[:12]>-<gpu>-trt<version>.engine`` (docs/FORMATS.md); the
+    content id is ``runtime.manifest.graph_content_id`` (the .onnx sha256 unless its
+    weights are external)."""
     safe = lambda s: re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_")  # noqa: E731
-    return f"{safe(key.replace('/', '_'))}-{onnx_sha256[:12]}-{safe(gpu)}-trt{trt_version}.engine"
+    return f"{safe(key.replace('/', '_'))}-{content_id[:12]}-{safe(gpu)}-trt{trt_version}.engine"
 
 
 def _fp32_layer(trt: Any, layer: Any) -> bool:
@@ -182,12 +184,14 @@ class TrtBackend:
     device = "cuda"
 
     def __init__(self, engines: Mapping[str, Mapping[str, Any]], folder: Path, device_id: int = 0,
-                 fp16: bool = False, max_prompts: int = 16, cache_dir: Optional[Path] = None) -> None:
+                 fp16: bool = False, max_prompts: int = 16, cache_dir: Optional[Path] = None,
+                 content_ids: Optional[Mapping[str, str]] = None) -> None:
         self.trt = import_tensorrt()
         self.gpu = gpu_name(device_id)
         self.device_id = device_id
         self.prebuilt = dict(engines)
         self.folder = folder
+        self.content_ids = dict(content_ids or {})  # graph key → graph_content_id, from the manifest
         self.fp16 = fp16
         self.max_prompts = max_prompts
         self.cache_dir = cache_dir or _cache_dir(folder)
@@ -217,7 +221,8 @@ class TrtBackend:
         engine_path = self.matching_prebuilt(key)
         if engine_path is None:
             with self.build_lock:
-                engine_path = self.cache_dir / engine_file_name(key, sha256_file(path), self.gpu, self.trt.__version__)
+                content_id = self.content_ids.get(key) or sha256_file(path)
+                engine_path = self.cache_dir / engine_file_name(key, content_id, self.gpu, self.trt.__version__)
                 if not engine_path.is_file():
                     atomic_write_bytes(engine_path, build_engine(path, self.fp16, self.max_prompts))
         engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
