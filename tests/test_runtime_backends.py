@@ -81,3 +81,14 @@ def test_engine_names_change_with_external_weights():
     one, other = graph_content_id(onnx_sha, "01" * 32), graph_content_id(onnx_sha, "02" * 32)
     assert len({one, other, onnx_sha}) == 3
     assert engine_file_name("encoder", one, "gpu", "10") != engine_file_name("encoder", other, "gpu", "10")
+
+
+def test_cpu_sessions_allocate_per_tensor_not_per_size(engines):
+    """onnxruntime's size-keyed buffer reuse and memory patterns stay off on the CPU: with
+    them the vit_b encoder peaks near 1.4 GB (2.3 GB from its second run) for a 160 MB live
+    set (bench/results/ort_options.md)."""
+    from runtime.backends.ort import OrtBackend
+
+    options = OrtBackend("ort-cpu").session(engines / "encoder.onnx").get_session_options()
+    assert options.enable_mem_reuse is False and options.enable_mem_pattern is False
+    assert options.enable_cpu_mem_arena is True  # freed tensors go back to the arena, not the OS
