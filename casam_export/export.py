@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Union
+from typing import Any, Callable, ContextManager, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from casam_export.errors import ExportError, ParityError
 from casam_export.lean_attention import ROWS_PER_CHUNK, lean_global_attention
 from casam_export.lean_decoder import LEAN_DECODER_VERSION, LeanPromptDecoder
+from casam_export.lean_layernorm import channels_last_layernorms
 from casam_export.graphs import ALIGN, DECODER, ENCODER, GraphSpec, export_graph, finalize, router_spec, write_graph
 from casam_export.manifest import build_manifest, claim_out_dir, graph_entries, reusable
 from casam_export.tensorrt_build import build_engines, tensorrt_status
@@ -59,13 +60,22 @@ class _Job:
         self.built_from = {**built_from, "opset": opset, "precision": precision, "torch": torch.__version__}
 
 
+@contextlib.contextmanager
+def _lean_encoder(image_encoder: nn.Module) -> Iterator[None]:
+    """The encoder as exported: lean global attention and fused neck LayerNorms."""
+    with lean_global_attention(image_encoder), channels_last_layernorms(image_encoder):
+        yield
+
+
 def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompts: int) -> list[_Job]:
     checkpoint = {"sam_model": bundle.sam_model, "checkpoint_sha256": sam.checkpoint_sha256}
     jobs = [
         # Global attention is traced one head and one band of query rows at a time, so the
-        # runtime never holds a full heads×4096×4096 map (casam_export/lean_attention.py).
+        # runtime never holds a full heads×4096×4096 map (casam_export/lean_attention.py),
+        # and the neck's LayerNorm2d as one node (casam_export/lean_layernorm.py).
         _Job("encoder", "encoder.onnx", ENCODER, lambda: sam.model.image_encoder, precision,
-             {**checkpoint, "attention": f"lean-rows{ROWS_PER_CHUNK}"}, opset, tracing=lean_global_attention),
+             {**checkpoint, "attention": f"lean-rows{ROWS_PER_CHUNK}", "layernorm": "channels-last"}, opset,
+             tracing=_lean_encoder),
         # The image side of the decoder is computed once for all of an image's prompts
         # (casam_export/lean_decoder.py).
         _Job("decoder", "decoder.onnx", DECODER, lambda: LeanPromptDecoder(sam.model), precision,
