@@ -18,8 +18,9 @@ from runtime.errors import CasamError, ManifestError
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 #: Graph fusions left off on the CPU. onnxruntime's CPU SkipLayerNormalization kernel
-#: (residual add fused into LayerNorm) runs 2.4× slower than the Add and LayerNormalization
-#: kernels it replaces (bench/results/ort_fusions.md); the decoder has one on K×4096×256.
+#: (residual add fused into LayerNorm) runs about 2× slower than the Add and
+#: LayerNormalization kernels it replaces (bench/results/ort_options.md); the decoder has
+#: one on K×4096×256.
 CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 ORT_DEFAULT_SEVERITY = 2  # warnings
 
@@ -100,9 +101,9 @@ class OrtBackend:
             # size, and a reused buffer lives until the last tensor of its chain dies, so
             # with reuse and memory patterns on, a graph with many tensor sizes (SAM's
             # windowed and global attention) keeps one buffer per size alive: the vit_b
-            # encoder peaked at 1.4 GB (2.3 GB from its second run) for a 160 MB live set.
-            # With both off, tensors come from the arena and go back to it when they die:
-            # 0.77 GB at the same speed (bench/results/ort_memory.md).
+            # encoder held ~0.9 GB of buffers (2.4 GB from its second run) for a ~160 MB
+            # live set. With both off, tensors come from the arena and go back to it when
+            # they die: 0.8 GB peak in all, at the same speed (bench/results/ort_options.md).
             options.enable_mem_reuse = False
             options.enable_mem_pattern = False
         # Each session owns a thread pool whose idle threads spin by default; in a chain of
