@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Optional, Union
+from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
 from torch import nn
@@ -23,7 +23,6 @@ from tqdm import tqdm
 from casam_export.errors import ExportError, ParityError
 from casam_export.lean_attention import ROWS_PER_CHUNK, lean_global_attention
 from casam_export.lean_decoder import LEAN_DECODER_VERSION, LeanPromptDecoder
-from casam_export.fusable_ops import FUSABLE_OPS_VERSION, fusable_ops
 from casam_export.graphs import ALIGN, DECODER, ENCODER, GraphSpec, export_graph, finalize, router_spec, write_graph
 from casam_export.manifest import build_manifest, claim_out_dir, graph_entries, reusable
 from casam_export.tensorrt_build import build_engines, tensorrt_status
@@ -60,27 +59,17 @@ class _Job:
         self.built_from = {**built_from, "opset": opset, "precision": precision, "torch": torch.__version__}
 
 
-@contextlib.contextmanager
-def _lean_encoder(image_encoder: nn.Module) -> Iterator[None]:
-    """The encoder as exported: lean global attention, ops in their fusable forms."""
-    with lean_global_attention(image_encoder), fusable_ops(image_encoder):
-        yield
-
-
 def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompts: int) -> list[_Job]:
     checkpoint = {"sam_model": bundle.sam_model, "checkpoint_sha256": sam.checkpoint_sha256}
     jobs = [
         # Global attention is traced one head and one band of query rows at a time, so the
-        # runtime never holds a full heads×4096×4096 map (casam_export/lean_attention.py),
-        # and LayerNorm2d, GELU and Linear trace as the nodes runtimes fuse (fusable_ops.py).
+        # runtime never holds a full heads×4096×4096 map (casam_export/lean_attention.py).
         _Job("encoder", "encoder.onnx", ENCODER, lambda: sam.model.image_encoder, precision,
-             {**checkpoint, "attention": f"lean-rows{ROWS_PER_CHUNK}", "ops": FUSABLE_OPS_VERSION}, opset,
-             tracing=_lean_encoder),
+             {**checkpoint, "attention": f"lean-rows{ROWS_PER_CHUNK}"}, opset, tracing=lean_global_attention),
         # The image side of the decoder is computed once for all of an image's prompts
         # (casam_export/lean_decoder.py).
         _Job("decoder", "decoder.onnx", DECODER, lambda: LeanPromptDecoder(sam.model), precision,
-             {**checkpoint, "max_prompts": max_prompts, "decoder": LEAN_DECODER_VERSION, "ops": FUSABLE_OPS_VERSION},
-             opset, tracing=fusable_ops),
+             {**checkpoint, "max_prompts": max_prompts, "decoder": LEAN_DECODER_VERSION}, opset),
         # The router stays fp32 under --fp16: it is tiny, and fp32 scores keep routing
         # decisions identical to the PyTorch model's.
         _Job("router", "router.onnx", router_spec(len(bundle.task_names)), bundle.build_router, "fp32",

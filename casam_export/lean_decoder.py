@@ -11,9 +11,9 @@ beats K separate calls, on a CPU as well as on a GPU.
 The upscaling runs channels-last: a 2×2, stride-2 transposed convolution touches each
 output pixel once, so it is a matmul followed by a pixel shuffle; LayerNorm2d is then a
 plain LayerNorm over the last axis (one fused kernel in onnxruntime and TensorRT instead
-of nine nodes); GELU takes the form runtimes fuse (``fusable_ops``); and the pixel shuffle
-is applied to the one-channel mask at the end instead of to the 32-channel features. Only
-the mask token that single-mask output returns is projected.
+of seven elementwise ops); and the pixel shuffle is applied to the one-channel mask at the
+end instead of to the 32-channel features. Only the mask token that single-mask output
+returns is projected.
 
 The PyTorch model keeps SAM's own decoder; this module is used only while exporting, and
 the export's parity check compares the two chains.
@@ -21,16 +21,27 @@ the export's parity check compares the two chains.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from casam_export.fusable_ops import erf_gelu
 from models.errors import ShapeError
 from models.prompt_decoder import PromptDecoder
 
 #: Recorded in the manifest's ``built_from``, so a change here re-exports older decoders.
 LEAN_DECODER_VERSION = "lean-v1"
+
+
+def erf_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``nn.GELU()`` (the exact, erf form) written as the node pattern onnxruntime fuses.
+
+    The exporter's own expansion of ``aten.gelu`` scales ``(1 + erf)`` by ½ before
+    multiplying by x, which onnxruntime's GeluFusion does not match: five separate passes
+    over the largest tensors of the decoder instead of one fused kernel.
+    """
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
 def _shuffle_weight(conv: nn.ConvTranspose2d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,4 +37,3 @@ def test_context_swaps_only_global_blocks_and_restores(tiny_sam):
             got = encoder(x)
         assert all("forward" not in vars(b.attn) for b in encoder.blocks)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-
