@@ -32,11 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 from casam_export.graphs import DECODER, GraphSpec, export_graph, finalize, write_graph  # noqa: E402
 from casam_export.lean_decoder import LeanPromptDecoder  # noqa: E402
-from infer_latency import inputs, interleaved, machine  # noqa: E402
+from infer_latency import inputs, interleaved, machine, write_report  # noqa: E402
 from models.prompt_decoder import PromptDecoder  # noqa: E402
 from models.sam_loader import load_frozen_sam  # noqa: E402
 from runtime.backends import OrtBackend  # noqa: E402
-from runtime.files import atomic_write_text  # noqa: E402
 from runtime.preprocess import Preprocessing, frame_for, preprocess, to_rgb_255  # noqa: E402
 from runtime.prompts import encode_prompts  # noqa: E402
 
@@ -101,10 +100,7 @@ def main() -> None:
              "the two variants taking turns after a warm-up.", "",
              "| what | variants | before ms | after ms | speed-up |", "|---|---|---|---|---|"]
     lines += [f"| {what} | {variants} | {a:.1f} | {b:.1f} | {a / b:.2f}× |" for what, variants, a, b in rows]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, text)
-    print(text)
+    write_report(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

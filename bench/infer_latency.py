@@ -102,6 +102,13 @@ def exported(model_name: str, work: Path) -> tuple[Bundle, Optional[Path], Path]
     return bundle, ckpt, folder / "engines"
 
 
+def write_report(out: Path, text: str) -> None:
+    """Write a benchmark's markdown under ``out`` (atomically) and echo it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    print(text)
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[tuple[Any, float]]]:
     """Each function once as a warm-up, then ``runs`` rounds of one call each, in turn.
 
@@ -265,10 +272,7 @@ def main() -> None:
         rss[name] = peak_rss_mb(r["engines"], work / name)
     print("router scaling…", flush=True)
     routers = router_scaling(work, args.runs)
-    text = render(results, routers, rss, encoder_ms)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, text)
-    print(text)
+    write_report(args.out, render(results, routers, rss, encoder_ms))
 
 
 if __name__ == "__main__":

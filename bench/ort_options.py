@@ -134,9 +134,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ort_options.md")
     args = parser.parse_args()
 
-    from infer_latency import exported, machine
+    from infer_latency import exported, machine, write_report
 
-    from runtime.files import atomic_write_text
 
     work = args.work or Path(tempfile.mkdtemp(prefix="casam_ort_options_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -161,10 +160,7 @@ def main() -> None:
         row(f"{name} encoder", "1 image, 1024²", engines / "encoder.onnx", "encoder", 3 if name == "vit_b" else 9, True)
         row(f"{name} decoder", "8 boxes, one call", engines / "decoder.onnx", "decoder K=8", 9, True)
         row(f"{name} decoder", "8 boxes, 8 calls", engines / "decoder.onnx", "decoder 8×K=1", 9, False)
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, text)
-    print(text)
+    write_report(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
