@@ -19,32 +19,23 @@ import logging
 import statistics
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from casam_export.graphs import DECODER, GraphSpec, export_graph, finalize, write_graph  # noqa: E402
+from casam_export.graphs import DECODER  # noqa: E402
 from casam_export.lean_decoder import LeanPromptDecoder  # noqa: E402
-from infer_latency import inputs, interleaved, machine, write_report  # noqa: E402
+from infer_latency import export_fp32_graph, inputs, interleaved, machine, write_report  # noqa: E402
 from models.prompt_decoder import PromptDecoder  # noqa: E402
 from models.sam_loader import load_frozen_sam  # noqa: E402
 from runtime.backends import OrtBackend  # noqa: E402
-from runtime.preprocess import Preprocessing, frame_for, preprocess, to_rgb_255  # noqa: E402
+from runtime.preprocess import Preprocessing, frame_for, preprocess, resize_rgb, to_rgb_255  # noqa: E402
 from runtime.prompts import encode_prompts  # noqa: E402
-
-
-def export(module: Any, spec: GraphSpec, folder: Path, name: str) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        written = write_graph(finalize(export_graph(module, spec, 18, 16), fp16=False), spec, folder, name)
-    return folder / written.file
 
 
 def float_preprocess(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -52,7 +43,7 @@ def float_preprocess(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
     rgb = to_rgb_255(image)
     frame = frame_for(*rgb.shape[:2], prep)
     rh, rw = frame.resized_hw
-    resized = rgb if rgb.shape[:2] == (rh, rw) else np.asarray(Image.fromarray(rgb).resize((rw, rh), Image.BILINEAR))
+    resized = resize_rgb(rgb, frame.resized_hw)
     normalised = (resized.astype(np.float32) - np.float32(prep.mean)) / np.float32(prep.std)
     out = np.zeros((1, 3, prep.size, prep.size), np.float32)
     out[0, :, :rh, :rw] = normalised.transpose(2, 0, 1)
@@ -75,9 +66,8 @@ def main() -> None:
     rows: list[tuple[str, str, float, float]] = []
 
     print("decoder…", flush=True)
-    sam_dec = backend.load("sam", export(PromptDecoder(sam), DECODER, work, "decoder_sam.onnx"))
-    lean = LeanPromptDecoder(sam)
-    lean_dec = backend.load("lean", export(lean, DECODER, work, "decoder_lean.onnx"))
+    sam_dec = backend.load("sam", export_fp32_graph(PromptDecoder(sam), DECODER, work, "decoder_sam.onnx"))
+    lean_dec = backend.load("lean", export_fp32_graph(LeanPromptDecoder(sam), DECODER, work, "decoder_lean.onnx"))
     emb = np.random.default_rng(0).normal(size=(1, 256, 64, 64)).astype(np.float32)
     _, boxes = inputs()
     coords, labels = encode_prompts(boxes)  # the 768×1024 image is already at the model scale

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -34,7 +35,7 @@ from encoder_time import median_ms  # noqa: E402
 from export_size_time import make_bundle  # noqa: E402  (random-weight bundles, one implementation)
 
 from casam_export import export_bundle  # noqa: E402
-from casam_export.graphs import export_graph, finalize, router_spec, write_graph  # noqa: E402
+from casam_export.graphs import GraphSpec, export_graph, finalize, router_spec, write_graph  # noqa: E402
 from models.router import Router  # noqa: E402
 from models.sam_loader import load_frozen_sam  # noqa: E402
 from models.vae import TaskVAE  # noqa: E402
@@ -100,6 +101,14 @@ def exported(model_name: str, work: Path) -> tuple[Bundle, Optional[Path], Path]
         bundle, ckpt, _ = make_bundle(folder, model_name)
     export_bundle(bundle.root, folder / "engines", verify=False, checkpoint=ckpt, quiet=True)
     return bundle, ckpt, folder / "engines"
+
+
+def export_fp32_graph(module: torch.nn.Module, spec: GraphSpec, folder: Path, name: str) -> Path:
+    """One graph through the exporter's own steps (opset 18, fp32), outside a bundle."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the dynamo exporter's tracing chatter
+        written = write_graph(finalize(export_graph(module, spec, 18, 16), fp16=False), spec, folder, name)
+    return folder / written.file
 
 
 def write_report(out: Path, text: str) -> None:
@@ -173,9 +182,7 @@ def router_scaling(work: Path, runs: int) -> list[tuple[int, float, float]]:
     for n in (1, 9, 100):
         torch.manual_seed(n)
         router = Router([TaskVAE() for _ in range(n)]).eval()
-        spec = router_spec(n)
-        written = write_graph(finalize(export_graph(router, spec, 18, 16), fp16=False), spec, work / "routers", f"router{n}.onnx")
-        engine = backend.load("router", work / "routers" / written.file)
+        engine = backend.load("router", export_fp32_graph(router, router_spec(n), work / "routers", f"router{n}.onnx"))
         rt = median_ms(lambda: engine.run({"embeddings": emb}), max(runs, 20))
         with torch.no_grad():
             et = torch.from_numpy(emb)

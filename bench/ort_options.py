@@ -136,7 +136,6 @@ def main() -> None:
 
     from infer_latency import exported, machine, write_report
 
-
     work = args.work or Path(tempfile.mkdtemp(prefix="casam_ort_options_"))
     work.mkdir(parents=True, exist_ok=True)
     lines = ["# onnxruntime CPU session settings: onnxruntime defaults vs the casam runtime's", "",
