@@ -44,7 +44,8 @@ from runtime.files import atomic_write_text  # noqa: E402
 from runtime.pipeline import STAGES, Pipeline  # noqa: E402
 from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
 from runtime.prompts import encode_prompts  # noqa: E402
-from trainer.bundle import Bundle  # noqa: E402
+from casam_bundle import Bundle  # noqa: E402
+from models.bundle_models import build_model  # noqa: E402
 
 
 
@@ -139,7 +140,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[
 def end_to_end(model_name: str, work: Path, runs: int) -> dict[str, Any]:
     bundle, ckpt, engines = exported(model_name, work)
     sam = load_frozen_sam(model_name, ckpt).model
-    model = bundle.build_model(sam)
+    model = build_model(bundle, sam)
     pipe = Pipeline.from_manifest(engines, backend="ort-cpu")
     image, boxes = inputs()
     box = boxes[:1]

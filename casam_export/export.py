@@ -29,7 +29,8 @@ from casam_export.tensorrt_build import build_engines, tensorrt_status
 from models.sam_loader import FrozenSam, load_frozen_sam
 from runtime.files import atomic_write_json
 from runtime.manifest import MANIFEST_NAME
-from trainer.bundle import Bundle
+from casam_bundle import Bundle
+from models.bundle_models import build_router, load_alignment
 
 PathLike = Union[str, os.PathLike]
 MAX_PROMPTS_LIMIT = 256
@@ -72,13 +73,13 @@ def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompt
              {**checkpoint, "max_prompts": max_prompts, "decoder": LEAN_DECODER_VERSION}, opset),
         # The router stays fp32 under --fp16: it is tiny, and fp32 scores keep routing
         # decisions identical to the PyTorch model's.
-        _Job("router", "router.onnx", router_spec(len(bundle.task_names)), bundle.build_router, "fp32",
+        _Job("router", "router.onnx", router_spec(len(bundle.task_names)), lambda: build_router(bundle), "fp32",
              {"tasks": [[r.name, r.files.get("vae.safetensors")] for r in bundle.tasks],
               "temperature": bundle.temperature}, opset),
     ]
     for record in bundle.tasks:
         jobs.append(_Job(f"align/{record.name}", f"align/{record.name}.onnx", ALIGN,
-                         lambda name=record.name: bundle.load_alignment(name), precision,
+                         lambda name=record.name: load_alignment(bundle, name), precision,
                          {"alignment_sha256": record.files.get("alignment.safetensors"), **record.alignment}, opset))
     return jobs
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 from casam_export.errors import ExportError
 from runtime.files import read_json, sha256_file
 from runtime.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, MANIFEST_NAME
-from trainer.bundle import THRESHOLD_KEYS, Bundle
+from casam_bundle import THRESHOLD_KEYS, Bundle
 
 #: What an --out folder may hold without being someone else's: this export's own files.
 EXPORT_ENTRIES = {MANIFEST_NAME, "encoder.onnx", "encoder.onnx.data", "router.onnx", "decoder.onnx",

@@ -20,10 +20,13 @@ from tqdm import tqdm
 
 from casam_export.errors import ExportError
 from models.casam import routes_to_names
+from models.router import IDENTITY_INDEX
 from runtime.image_io import read_image
 from runtime.pipeline import Pipeline
+from runtime.names import IDENTITY
 from runtime.preprocess import preprocess
-from trainer.bundle import Bundle
+from casam_bundle import Bundle
+from models.bundle_models import build_model
 
 PathLike = Union[str, os.PathLike]
 MASK_IOU_BARS = {"fp32": 0.999, "fp16": 0.99}
@@ -94,7 +97,7 @@ class _Comparison:
     def decode(self, model: nn.Module, pipe: Pipeline, emb_t: torch.Tensor, emb_o: np.ndarray, frame: Any,
                route: str, prompts: Mapping[str, np.ndarray], with_points: bool = True) -> None:
         """Decode boxes (and point prompts) both ways and record mask IoUs and IoU-head diffs."""
-        index = -1 if route == "identity" else model.task_names.index(route)
+        index = IDENTITY_INDEX if route == IDENTITY else model.task_names.index(route)
         aligned = model.align(emb_t, index)
         for use in (("boxes",), ("points", "point_labels"))[: 2 if with_points else 1]:
             kw = {k: prompts[k] for k in use}
@@ -117,7 +120,7 @@ def verify_export(
 ) -> dict[str, Any]:
     """Compare the exported chain in ``out`` (described by ``manifest``) with PyTorch CASAM."""
     images, source = load_images(images_dir)
-    model = bundle.build_model(sam)
+    model = build_model(bundle, sam)
     # The export has just hashed every graph; hashing them again here would double its I/O.
     pipe = Pipeline.from_manifest(out, backend, manifest=manifest, verify=False)
     precision = str(manifest["precision"])
@@ -145,7 +148,7 @@ def verify_export(
         first = len(cmp.ious)
         cmp.decode(model, pipe, emb_t, emb_o, frame_o, route_o, prompts)
         if i == 0:  # every align graph (and plain SAM) at least once, whatever the routes
-            for forced in [*model.task_names, "identity"]:
+            for forced in [*model.task_names, IDENTITY]:
                 if forced != route_o:
                     cmp.decode(model, pipe, emb_t, emb_o, frame_o, forced, prompts, with_points=False)
         per_image.append({"image": i, "size": list(image.shape[:2]), "route_pytorch": route_t, "route_exported": route_o,

@@ -12,7 +12,8 @@ from torch import nn
 from models.alignment import AlignmentLayer
 from models.errors import ShapeError
 from models.prompt_decoder import PromptDecoder
-from models.router import IDENTITY, Router, choose_routes
+from models.router import IDENTITY_INDEX, Router, choose_routes
+from runtime.names import IDENTITY
 from runtime.prompts import encode_prompts
 
 TaskChoice = Union[None, int, str]
@@ -23,7 +24,7 @@ PerImage = Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None]
 class CASAMOutput:
     """Per image: low-res mask logits (K×1×256×256) and IoU (K×1); routes and scores for the batch.
 
-    ``routes[b]`` is a task index or ``IDENTITY`` (-1) for plain SAM.
+    ``routes[b]`` is a task index or ``IDENTITY_INDEX`` (-1) for plain SAM.
     """
 
     masks: list[torch.Tensor]
@@ -59,16 +60,16 @@ class CASAM(nn.Module):
         )
 
     def task_index(self, task: TaskChoice) -> Optional[int]:
-        """None → route; "identity"/-1 → IDENTITY; a name or index → that task."""
+        """None → route; "identity"/-1 → IDENTITY_INDEX; a name or index → that task."""
         if task is None:
             return None
         if isinstance(task, str):
-            if task == "identity":
-                return IDENTITY
+            if task == IDENTITY:
+                return IDENTITY_INDEX
             if task not in self.task_names:
                 raise ValueError(f"unknown task {task!r}; known: {', '.join(self.task_names) or 'none'}, identity")
             return self.task_names.index(task)
-        if task != IDENTITY and not 0 <= task < len(self.task_names):
+        if task != IDENTITY_INDEX and not 0 <= task < len(self.task_names):
             raise ValueError(f"task index {task} out of range for {len(self.task_names)} tasks")
         return int(task)
 
@@ -79,7 +80,7 @@ class CASAM(nn.Module):
         return self.image_encoder(images)
 
     def align(self, embedding: torch.Tensor, route: int) -> torch.Tensor:
-        return embedding if route == IDENTITY else self.alignment[route](embedding)
+        return embedding if route == IDENTITY_INDEX else self.alignment[route](embedding)
 
     def route(self, embeddings: torch.Tensor, task: TaskChoice = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pooled, scores = self.router(embeddings)
@@ -136,4 +137,4 @@ class CASAM(nn.Module):
 
 
 def routes_to_names(routes: torch.Tensor | np.ndarray, task_names: Sequence[str]) -> list[str]:
-    return ["identity" if int(r) == IDENTITY else task_names[int(r)] for r in routes]
+    return [IDENTITY if int(r) == IDENTITY_INDEX else task_names[int(r)] for r in routes]

@@ -18,7 +18,8 @@ from models.errors import ShapeError
 from models.pooling import attention_pool
 from models.vae import TaskVAE
 
-IDENTITY = -1
+#: The router's index for the identity route (plain SAM); its name is runtime.names.IDENTITY.
+IDENTITY_INDEX = -1
 
 
 class StackedVAEScorer(nn.Module):
@@ -86,13 +87,13 @@ class Router(nn.Module):
 
 
 def choose_routes(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Argmin task per row if its score is within its threshold, else ``IDENTITY`` (-1).
+    """Argmin task per row if its score is within its threshold, else ``IDENTITY_INDEX`` (-1).
 
     ``torch.argmin`` returns the first minimum, so ties go to the lower task index.
     """
     if scores.shape[1] == 0:
-        return torch.full((scores.shape[0],), IDENTITY, dtype=torch.long, device=scores.device)
+        return torch.full((scores.shape[0],), IDENTITY_INDEX, dtype=torch.long, device=scores.device)
     best = torch.argmin(scores, dim=1)
     best_score = scores.gather(1, best[:, None])[:, 0]
     accepted = best_score <= thresholds.to(scores.device)[best]
-    return torch.where(accepted, best, torch.full_like(best, IDENTITY))
+    return torch.where(accepted, best, torch.full_like(best, IDENTITY_INDEX))

@@ -15,13 +15,13 @@ from typing import Any, Mapping, Optional, Union
 
 from runtime.errors import InputError, ManifestError
 from runtime.files import read_versioned_json, sha256_bytes, sha256_file
+from runtime.names import IDENTITY, check_task_name
 from runtime.preprocess import Preprocessing
 
 PathLike = Union[str, os.PathLike]
 MANIFEST_FORMAT = "casam-manifest"
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-IDENTITY = "identity"
 
 
 def check_task(task: str, task_names: list[str]) -> str:
@@ -83,15 +83,13 @@ class Manifest:
         self.tasks: list[TaskEntry] = []
         for i, task in enumerate(data.get("tasks") or []):
             try:
-                name = str(task["name"])
+                name = check_task_name(task["name"], ManifestError, f"manifest task #{i}")
                 entry = TaskEntry(name, int(task.get("index", i)), float(task["threshold"]),
                                   _graph_file(folder, f"align/{name}", task["align"]))
             except (KeyError, TypeError, ValueError) as exc:
                 raise ManifestError(f"manifest task #{i} is malformed ({exc!r})") from exc
             if entry.index != i:
                 raise ManifestError(f"manifest task {name!r} has index {entry.index} but sits at position {i}")
-            if name == IDENTITY:
-                raise ManifestError("manifest has a task named 'identity', which is reserved for plain SAM")
             self.tasks.append(entry)
         names = self.task_names
         if len(set(names)) != len(names):

@@ -46,7 +46,8 @@ def make_random_bundle(
     from models.vae import TaskVAE
     from runtime.files import atomic_write_json
     from runtime.preprocess import Preprocessing
-    from trainer.bundle import Bundle, TaskRecord, save_module
+    from casam_bundle import Bundle, TaskRecord
+    from models.bundle_models import save_module
 
     bundle = Bundle.create(root, "tiny", TINY_CHECKPOINT_SHA.format(seed=0), Preprocessing(resize=resize), untrained_sam=True)
     for i, name in enumerate(names):

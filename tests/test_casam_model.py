@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from models import CASAM, IDENTITY, AlignmentLayer, Router, TaskVAE
+from models import CASAM, IDENTITY_INDEX, AlignmentLayer, Router, TaskVAE
 from models.errors import ShapeError
 from runtime.prompts import encode_prompts
 
@@ -42,7 +42,7 @@ def test_identity_route_is_bit_identical_to_sam_boxes(sam, embedding):
         out = model.forward_embeddings(embedding, boxes=[BOXES], task="identity")
         sparse, dense = sam.prompt_encoder(points=None, boxes=BOXES, masks=None)
         masks, iou = sam.mask_decoder(embedding, sam.prompt_encoder.get_dense_pe(), sparse, dense, False)
-    assert out.routes.tolist() == [IDENTITY]
+    assert out.routes.tolist() == [IDENTITY_INDEX]
     assert torch.equal(out.masks[0], masks) and torch.equal(out.iou[0], iou)
 
 
@@ -78,7 +78,7 @@ def test_routing_uses_argmin_and_threshold_and_forcing(sam):
         assert [m.shape for m in out.masks] == [(1, 1, 256, 256), (2, 1, 256, 256)]
         # Thresholds below every score: everything falls back to plain SAM.
         low = _model(sam, thresholds=(-1e9, -1e9))
-        assert low(images, boxes=[BOXES[:1], BOXES[:1]]).routes.tolist() == [IDENTITY, IDENTITY]
+        assert low(images, boxes=[BOXES[:1], BOXES[:1]]).routes.tolist() == [IDENTITY_INDEX, IDENTITY_INDEX]
         forced = model(images, boxes=[BOXES[:1], BOXES[:1]], task="b")
         assert forced.routes.tolist() == [1, 1]
         aligned = model.decoder(model.alignment[1](model.encode(images[:1])), *map(torch.from_numpy, encode_prompts(BOXES[:1].numpy())))

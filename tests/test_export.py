@@ -29,7 +29,8 @@ from models.sam_loader import load_frozen_sam
 from runtime.errors import CasamError, ManifestError
 from runtime.files import read_json, sha256_file
 from runtime.pipeline import Pipeline
-from trainer.bundle import Bundle, BundleError
+from casam_bundle import Bundle, BundleError
+from models.bundle_models import build_model, build_router, load_alignment
 
 NAMES = ("alpha", "beta")
 
@@ -49,7 +50,7 @@ def bundle2(root) -> Bundle:
     sees both a task route and the identity fallback."""
     probe = make_random_bundle(root / "probe", NAMES)
     sam = load_frozen_sam("tiny")
-    model = probe.build_model(sam.model)
+    model = build_model(probe, sam.model)
     from runtime.preprocess import preprocess
 
     best = []
@@ -115,14 +116,14 @@ def test_decoder_and_align_graphs_are_dynamic_and_match_torch(out32, bundle2, ti
             low_t, iou_t = decoder(torch.from_numpy(emb), torch.from_numpy(coords), torch.from_numpy(labels))
         np.testing.assert_allclose(low, low_t.numpy(), atol=2e-3, rtol=1e-3)
         np.testing.assert_allclose(iou, iou_t.numpy(), atol=1e-4)
-    layer = bundle2.load_alignment("beta")
+    layer = load_alignment(bundle2, "beta")
     x = rng.normal(size=(3, 256, 64, 64)).astype(np.float32)
     (aligned,) = session(out32 / "align" / "beta.onnx").run(None, {"embeddings": x})
     with torch.no_grad():
         np.testing.assert_allclose(aligned, layer(torch.from_numpy(x)).numpy(), atol=1e-4)
     pooled, scores = session(out32 / "router.onnx").run(None, {"embeddings": x[:1]})
     with torch.no_grad():
-        pooled_t, scores_t = bundle2.build_router()(torch.from_numpy(x[:1]))
+        pooled_t, scores_t = build_router(bundle2)(torch.from_numpy(x[:1]))
     np.testing.assert_allclose(scores, scores_t.numpy(), rtol=1e-4)
     np.testing.assert_allclose(pooled, pooled_t.numpy(), atol=1e-5)
 

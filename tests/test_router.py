@@ -6,7 +6,7 @@ import torch
 
 from models.errors import ShapeError
 from models.pooling import attention_pool
-from models.router import IDENTITY, Router, StackedVAEScorer, choose_routes
+from models.router import IDENTITY_INDEX, Router, StackedVAEScorer, choose_routes
 from models.vae import TaskVAE
 
 
@@ -90,11 +90,11 @@ def test_choose_routes_argmin_threshold_and_ties():
     routes = choose_routes(scores, thresholds)
     # row 0: argmin 1, 1.0 <= 1.5 -> 1; row 1: tie 0/1 -> lower index 0, 1.0 <= 10 -> 0
     # row 2: argmin 2, 7.5 > 7.0 -> identity; row 3: tie 1/2 -> 1, 0.2 <= 1.5 -> 1
-    assert routes.tolist() == [1, 0, IDENTITY, 1]
+    assert routes.tolist() == [1, 0, IDENTITY_INDEX, 1]
 
 
 def test_choose_routes_with_no_tasks_is_identity():
-    assert choose_routes(torch.zeros(2, 0), torch.zeros(0)).tolist() == [IDENTITY, IDENTITY]
+    assert choose_routes(torch.zeros(2, 0), torch.zeros(0)).tolist() == [IDENTITY_INDEX, IDENTITY_INDEX]
 
 
 def test_router_rejects_wrong_shapes():

@@ -14,7 +14,8 @@ from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
 from runtime.preprocess import Frame, boxes_to_frame, preprocess, resize_rgb
 from runtime_support import BOXES, TASKS, exported, sample_images, with_thresholds
-from trainer.bundle import Bundle
+from casam_bundle import Bundle
+from models.bundle_models import build_model
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def pipe(engines):
 
 @pytest.fixture(scope="module")
 def model(engines, tiny_sam):
-    return Bundle.open(engines[0]).build_model(tiny_sam.model)
+    return build_model(Bundle.open(engines[0]), tiny_sam.model)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

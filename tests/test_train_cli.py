@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from runtime.files import atomic_write_json, read_json
-from trainer.bundle import Bundle
+from casam_bundle import Bundle
 from trainer.cli import main
 from trainer.metrics import continual_metrics
 from trainer.vae_training import single_thread

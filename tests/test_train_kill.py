@@ -12,7 +12,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from runtime.files import atomic_write_json, read_json
-from trainer.bundle import Bundle
+from casam_bundle import Bundle
 from trainer.cli import main
 from trainer.synthetic import write_synthetic_task
 from trainer.vae_training import single_thread

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from conftest import real_data_or_skip
 from runtime.files import atomic_write_json
-from trainer.bundle import Bundle
+from casam_bundle import Bundle
+from models.bundle_models import build_model
 from trainer.data import load_dataset
 from trainer.evaluate import route_embeddings
 from trainer.session import open_bundle_session
@@ -46,7 +47,7 @@ def test_two_real_tasks_train_and_route_to_themselves(tmp_path, tiny_sam):
         assert summary["metrics"]["n_train"] == N_TRAIN and summary["metrics"]["test_iou"] is not None
     bundle = Bundle.open(bundle_dir)
     session = open_bundle_session(bundle, device="cpu", cache_dir=cache, quiet=True, sam=tiny_sam)
-    model = bundle.build_model(tiny_sam.model)
+    model = build_model(bundle, tiny_sam.model)
     for index, name in enumerate(SETS):
         test = load_dataset(data[name], split=bundle.load_split(name)).test
         routes, scores = route_embeddings(model, session.cache.embeddings(test))

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from runtime.files import atomic_write_json, read_json
-from trainer.bundle import Bundle, BundleError
+from casam_bundle import Bundle, BundleError
+from models.bundle_models import build_model, load_vae
 from trainer.calibration import calibrate
 from trainer.data import load_dataset, load_images
 from trainer.evaluate import predict_masks, rejection_rate, route_embeddings
@@ -45,7 +46,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 def predictions(bundle: Bundle, sam, root: Path, cache_dir: Path) -> tuple[list[int], list[np.ndarray]]:
     """Routed masks of task stripes' test images under the bundle's current model."""
     session = open_bundle_session(bundle, device="cpu", cache_dir=cache_dir, quiet=True, sam=sam)
-    model = bundle.build_model(sam.model)
+    model = build_model(bundle, sam.model)
     samples = load_dataset(root).test
     emb = session.cache.embeddings(samples)
     routes, _ = route_embeddings(model, emb)
@@ -91,7 +92,7 @@ def test_training_lowers_loss_and_beats_identity(trained):
 def test_routing_and_ood_rejection(trained, tiny_sam):
     bundle = Bundle.open(trained["bundle_dir"])
     session = open_bundle_session(bundle, device="cpu", cache_dir=trained["cache"], quiet=True, sam=tiny_sam)
-    model = bundle.build_model(tiny_sam.model)
+    model = build_model(bundle, tiny_sam.model)
     correct, total = 0, 0
     for index, name in enumerate(bundle.task_names):
         test = load_dataset(trained["data"][name], split=bundle.load_split(name)).test
@@ -122,7 +123,7 @@ def test_threshold_is_numpy_percentile_of_held_out_scores(trained, tiny_sam):
     vae, again = calibrate(pooled, VAEConfig(epochs=CONFIG.vae_epochs, batch_size=CONFIG.batch_size), train_seed=CONFIG.seed)
     np.testing.assert_allclose(again["scores"], scores, rtol=1e-5)
     # And the committed VAE is the final one, scored deterministically (z = μ).
-    committed = bundle.load_vae("stripes")
+    committed = load_vae(bundle, "stripes")
     torch.testing.assert_close(committed.score(pooled), vae.score(pooled))
 
 

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from models.casam import CASAM, TaskChoice, routes_to_names
-from models.router import IDENTITY
+from models.router import IDENTITY_INDEX
 from runtime.postprocess import masks_from_logits
 from runtime.preprocess import Preprocessing, boxes_to_frame, frame_for
 from trainer.data import Sample
@@ -97,7 +97,7 @@ def rejection_rate(model: CASAM, embeddings: torch.Tensor) -> tuple[float, list[
     """Fraction of images routed to the identity (plain SAM), and every image's route."""
     routes, _ = route_embeddings(model, embeddings)
     names = routes_to_names(routes, model.task_names)
-    return (float(np.mean([r == IDENTITY for r in routes])) if routes else float("nan")), names
+    return (float(np.mean([r == IDENTITY_INDEX for r in routes])) if routes else float("nan")), names
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:

@@ -16,7 +16,8 @@ import numpy as np
 
 from models.sam_loader import FrozenSam, load_frozen_sam
 from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from trainer.bundle import Bundle
+from casam_bundle import Bundle
+from models.bundle_models import build_model
 from trainer.data import Dataset, load_dataset, load_images
 from trainer.evaluate import SetResult, evaluate_set, format_table, rejection_rate
 from trainer.metrics import continual_metrics
@@ -53,7 +54,7 @@ def evaluate_bundle(
     """Routed IoU/BIoU and routing accuracy per dataset, rejection rate per OOD set."""
     bundle = Bundle.open(bundle_dir)
     session = open_bundle_session(bundle, checkpoint, device, cache_dir, quiet, frozen_sam)
-    model = bundle.build_model(session.sam.model).to(session.device)
+    model = build_model(bundle, session.sam.model).to(session.device)
     rows: list[dict[str, Any]] = []
     tasks: list[dict[str, Any]] = []
     for name, path in data:
@@ -145,7 +146,7 @@ def run_sequence(
         bundle = Bundle.open(bundle_dir)
         datasets.append(task_test_set(bundle, name, path))
         session = open_bundle_session(bundle, checkpoint, device, cache_dir, quiet, fs)
-        model = bundle.build_model(fs.model, names[: t + 1]).to(session.device)
+        model = build_model(bundle, fs.model, names[: t + 1]).to(session.device)
         for k in range(t + 1):
             result = _evaluate_task(session, bundle, model, names[k], datasets[k], quiet)
             iou[k][t], biou[k][t] = result.iou, result.biou

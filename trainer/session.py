@@ -17,7 +17,7 @@ import torch
 from models.sam_loader import FrozenSam, load_frozen_sam
 from runtime.errors import InputError
 from runtime.preprocess import Preprocessing
-from trainer.bundle import Bundle, BundleError
+from casam_bundle import Bundle, BundleError
 from trainer.embedding_cache import EmbeddingCache
 
 PathLike = Union[str, os.PathLike]

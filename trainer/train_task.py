@@ -26,9 +26,11 @@ from models.casam import CASAM
 from models.prompt_decoder import PromptDecoder
 from models.sam_loader import FrozenSam
 from models.pooling import attention_pool
+from runtime.names import IDENTITY
 from runtime.files import atomic_path, atomic_write_json, read_json
 from runtime.preprocess import Preprocessing, frame_for, resize_mask_to_frame
-from trainer.bundle import Bundle, BundleError, TaskRecord, check_task_name, save_module
+from casam_bundle import Bundle, BundleError, TaskRecord, check_task_name
+from models.bundle_models import build_model, save_module
 from trainer.calibration import calibrate, threshold_key
 from trainer.data import Dataset, Sample, load_dataset
 from trainer.evaluate import evaluate_set
@@ -236,7 +238,7 @@ def train_task(
     threshold = float(calibration[key])
     vae_seconds = time.time() - t0
 
-    metrics = task_metrics(bundle.build_model(session.sam.model, candidate=(task, layer.cpu(), vae, threshold)).to(dev),
+    metrics = task_metrics(build_model(bundle, session.sam.model, candidate=(task, layer.cpu(), vae, threshold)).to(dev),
                            dataset, test_emb, prep, task, quiet)
     metrics.update({"n_train": n_train, "n_test": len(dataset.test), "skipped_empty": len(dataset.skipped_empty)})
 
@@ -274,7 +276,7 @@ def task_metrics(model: CASAM, dataset: Dataset, test_emb: torch.Tensor, prep: P
         return {"test_iou": None, "test_biou": None, "identity_iou": None, "identity_biou": None, "routing_accuracy": None}
     memo: dict[tuple[int, int], tuple[float, float]] = {}  # the routed pass reuses both forced passes
     own = evaluate_set(model, test_emb, dataset.test, prep, task, task=task, quiet=quiet, memo=memo)
-    plain = evaluate_set(model, test_emb, dataset.test, prep, task, task="identity", quiet=quiet, memo=memo)
+    plain = evaluate_set(model, test_emb, dataset.test, prep, task, task=IDENTITY, quiet=quiet, memo=memo)
     routed = evaluate_set(model, test_emb, dataset.test, prep, task, expected=task, quiet=quiet, memo=memo)
     return {"test_iou": own.iou, "test_biou": own.biou, "identity_iou": plain.iou, "identity_biou": plain.biou,
             "routed_iou": routed.iou, "routed_biou": routed.biou, "routing_accuracy": routed.routing_accuracy}

@@ -18,29 +18,19 @@ files of earlier tasks.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from models.alignment import AlignmentLayer
-from models.casam import CASAM
-from models.errors import CheckpointError
-from models.router import Router
-from models.sam_loader import load_state_dict_strict
-from models.vae import TaskVAE
 from runtime.errors import CasamError
-from runtime.files import atomic_path, atomic_write_json, read_json, read_versioned_json, sha256_file
+from runtime.files import atomic_write_json, read_json, read_versioned_json, sha256_file
+from runtime.names import check_task_name as _check_name
 from runtime.preprocess import Preprocessing
 
 BUNDLE_FORMAT = "casam-bundle"
 BUNDLE_FORMAT_VERSION = 1
 TASK_FILES = ("alignment.safetensors", "vae.safetensors", "calibration.json", "split.json", "train_log.json")
-TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 THRESHOLD_KEYS = ("p95", "p97", "p99", "mean_plus_2std")
 
 
@@ -48,13 +38,9 @@ class BundleError(CasamError):
     """A bundle that is missing, corrupt, tampered with or used inconsistently."""
 
 
-def check_task_name(name: str) -> str:
-    if not TASK_NAME_RE.match(name) or name == "identity":
-        raise BundleError(
-            f"task name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
-            "starting with a letter or digit, and not 'identity'"
-        )
-    return name
+def check_task_name(name: object, where: str = "") -> str:
+    """The one task-name check (runtime.names), raising ``BundleError`` for bundle files."""
+    return _check_name(name, BundleError, where)
 
 
 @dataclass
@@ -78,24 +64,6 @@ class TaskRecord:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-def save_module(module: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
-
-
-def load_module_file(module: torch.nn.Module, path: Path) -> torch.nn.Module:
-    try:
-        state = load_file(str(path))
-    except Exception as exc:  # noqa: BLE001
-        raise BundleError(f"{path} is unreadable or truncated ({exc})") from exc
-    try:
-        load_state_dict_strict(module, state, str(path))
-    except CheckpointError as exc:
-        raise BundleError(str(exc)) from exc
-    return module.eval()
-
-
 class Bundle:
     """A bundle folder. ``Bundle.open`` validates it; ``Bundle.create`` starts a new one."""
 
@@ -110,6 +78,8 @@ class Bundle:
         meta_path = root / "bundle.json"
         meta = read_versioned_json(meta_path, BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, BundleError, "casam bundle file",
                                    missing=f"{root} is not a casam bundle: {meta_path} is missing")
+        for i, task in enumerate(meta.get("tasks") or []):
+            check_task_name(task.get("name") if isinstance(task, dict) else None, f"{meta_path} (task #{i})")
         bundle = cls(root, meta)
         if verify:
             bundle.verify()
@@ -194,16 +164,6 @@ class Bundle:
                         f"{expected[:12]}… (the file was modified or corrupted)"
                     )
 
-    def load_alignment(self, name: str) -> AlignmentLayer:
-        record = self.task(name)
-        layer = AlignmentLayer(num_blocks=int(record.alignment["num_blocks"]), dim=int(record.alignment["dim"]))
-        return load_module_file(layer, self.task_dir(name) / "alignment.safetensors")
-
-    def load_vae(self, name: str) -> TaskVAE:
-        v = self.task(name).vae
-        vae = TaskVAE(int(v["in_dim"]), int(v["latent_dim"]), int(v["hidden_dim"]), float(v["beta"]))
-        return load_module_file(vae, self.task_dir(name) / "vae.safetensors")
-
     def load_calibration(self, name: str) -> dict[str, Any]:
         return read_json(self.task_dir(name) / "calibration.json")
 
@@ -212,40 +172,6 @@ class Bundle:
 
     def thresholds(self) -> list[float]:
         return [float(t.threshold) for t in self.tasks]
-
-    def build_router(self, names: Optional[Sequence[str]] = None) -> Router:
-        names = list(names) if names is not None else self.task_names
-        return Router([self.load_vae(n) for n in names], temperature=self.temperature)
-
-    def build_model(
-        self,
-        sam: torch.nn.Module,
-        names: Optional[Sequence[str]] = None,
-        candidate: Optional[tuple[str, AlignmentLayer, TaskVAE, float]] = None,
-    ) -> CASAM:
-        """The CASAM model of this bundle's tasks (all of them, or the first ``names``).
-
-        ``candidate`` (name, layer, vae, threshold) is a task not yet committed: it goes last
-        and replaces a committed task of the same name, so the trainer can evaluate a task
-        exactly as the routed model will see it before it commits it.
-        """
-        names = list(names) if names is not None else self.task_names
-        layers = {n: self.load_alignment(n) for n in names}
-        vaes = {n: self.load_vae(n) for n in names}
-        thresholds = {n: float(self.task(n).threshold) for n in names}
-        if candidate is not None:
-            name, layer, vae, threshold = candidate
-            for table in (layers, vaes, thresholds):
-                table.pop(name, None)
-            layers[name], vaes[name], thresholds[name] = layer, vae, float(threshold)
-        order = list(layers)
-        return CASAM(
-            sam,
-            order,
-            [layers[n] for n in order],
-            Router([vaes[n] for n in order], temperature=self.temperature),
-            [thresholds[n] for n in order],
-        ).eval()
 
     # ----- writing ---------------------------------------------------------------------
     def staging_dir(self, name: str) -> Path:
