@@ -1,7 +1,7 @@
 # casam: one command installs and runs the demo, one installs and runs the tests.
 #
 #   make demo                      # install, then train → export → infer on the tiny SAM
-#   make test                      # install, then the whole test suite
+#   make test                      # install, then the whole test suite (2 pytest-xdist workers)
 #
 # Variables:
 #   TORCH=torch==2.13.0            torch requirement (a CPU build on CPU machines; plain
@@ -34,8 +34,10 @@ install: $(PY)
 demo: install
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo.sh
 
+# Two workers (the CI machine has 2 cores); a test file stays on one worker, so the
+# fixtures a file shares (trained bundles, exports) are built once per file, not per test.
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: install
 	$(PY) bench/encoder_time.py

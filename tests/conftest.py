@@ -15,6 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+# Under pytest-xdist (`make test` runs two workers on the 2-core CI machine) each worker gets
+# one torch thread: two workers × two threads on two cores only adds contention.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 REAL_DATA = Path(os.environ.get("CASAM_REAL_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "real")).resolve()
 
 
