@@ -128,6 +128,7 @@ def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: O
     a synthetic dataset).
     """
     if ctx.invoked_subcommand is not None:
+        _refuse_data_parallel(ctx.invoked_subcommand)
         return
     missing = [f"--{n}" for n, v in (("bundle", bundle), ("task", task), ("data", data)) if v is None]
     if missing:
@@ -140,7 +141,17 @@ def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: O
                              cache_dir=kw["cache_dir"], quiet=kw["quiet"])
     except CasamError as exc:
         _fail(exc)
-    _emit_summary(summary, kw["json_summary"], kw["quiet"])
+    if summary is not None:  # None: a torchrun rank other than 0, which commits and reports
+        _emit_summary(summary, kw["json_summary"], kw["quiet"])
+
+
+def _refuse_data_parallel(subcommand: str) -> None:
+    """Only the training of one task is data-parallel; N copies of a subcommand would race."""
+    from trainer.distributed import world_size_from_env
+
+    if world_size_from_env() > 1:
+        _fail(InputError(f"'{subcommand}' does not run under torchrun; launch it as plain casam-train "
+                         f"(torchrun trains one task: give --bundle, --task and --data)"))
 
 
 @main.command("eval", cls=GreedyCommand)

@@ -5,7 +5,9 @@ encoded once and its embedding reused in every epoch, for VAE training, calibrat
 evaluation, and by later runs. An entry is keyed by the checkpoint's sha256, the
 preprocessing and the image's decoded content, so a different model, resize mode or pixel
 change can never return a stale embedding. Preprocessing is ``runtime.preprocess``, the
-same numpy code the edge runtime runs. Entries are fp16 ``.npy`` files written atomically.
+same numpy code the edge runtime runs. Entries are fp16 ``.npy`` files written atomically
+(a unique temporary file renamed into place), so ranks and runs sharing a cache folder
+never see a torn entry, even when two of them write the same one.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from models.sam_loader import default_cache_dir as casam_cache_dir
 from runtime.files import atomic_path
 from runtime.preprocess import Preprocessing, preprocess
 from trainer.data import Sample
+from trainer.distributed import SINGLE, World
 
 PathLike = Union[str, os.PathLike]
 EMBEDDING_SHAPE = (256, 64, 64)
@@ -95,25 +98,46 @@ class EmbeddingCache:
             out = self.encoder(torch.from_numpy(batch).to(self.device))
         return out.float().cpu().numpy()
 
-    def embeddings(self, samples: Sequence[Sample], desc: str = "embedding") -> torch.Tensor:
-        """N×256×64×64 fp16 CPU tensor, encoding only the samples not yet cached."""
-        out = np.empty((len(samples),) + EMBEDDING_SHAPE, np.float16)
+    def embeddings(self, samples: Sequence[Sample], desc: str = "embedding", world: World = SINGLE) -> torch.Tensor:
+        """N×256×64×64 fp16 CPU tensor, encoding only the samples not yet cached.
+
+        Under torchrun the cache is filled in shards: each rank encodes its share of the
+        samples into the shared cache folder, and once every rank is done, all read all.
+        The shares are fixed by sample position, not by what a rank finds missing, so
+        they cannot overlap or leave a gap while other ranks are writing. An entry a rank
+        cannot read back (another node's cache folder, a disabled cache) is encoded again.
+        """
+        if not world.parallel:
+            return self._embeddings(samples, desc)
+        hits, misses = self.hits, self.misses
+        self._embeddings([samples[i] for i in world.share(len(samples))], desc, show=world.is_main, keep=False)
+        world.barrier()
+        out = self._embeddings(samples, desc, show=False)
+        # Counted over all ranks: how many images were encoded, and how many were reused.
+        encoded = int(world.sum({"encoded": self.misses - misses})["encoded"])
+        self.hits, self.misses = hits + max(0, len(samples) - encoded), misses + encoded
+        return out
+
+    def _embeddings(self, samples: Sequence[Sample], desc: str, show: bool = True, keep: bool = True) -> Optional[torch.Tensor]:
+        """Read or encode ``samples``; ``keep=False`` only fills the cache (no N×2 MB array)."""
+        out = np.empty((len(samples) if keep else 0,) + EMBEDDING_SHAPE, np.float16)
         todo: list[int] = []
         for i, s in enumerate(samples):
             cached = self._read(self.path(s.image_hash))
             if cached is None:
                 todo.append(i)
-            else:
+            elif keep:
                 out[i] = cached
         self.hits += len(samples) - len(todo)
         self.misses += len(todo)
-        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=self.quiet or not todo, leave=False)
+        bar = tqdm(total=len(todo), desc=desc, unit="img", disable=self.quiet or not show or not todo, leave=False)
         for start in range(0, len(todo), self.batch_size):
             chunk = todo[start : start + self.batch_size]
             encoded = self.encode([samples[i].image() for i in chunk]).astype(np.float16)
             for i, emb in zip(chunk, encoded):
-                out[i] = emb
+                if keep:
+                    out[i] = emb
                 self._write(self.path(samples[i].image_hash), emb)
             bar.update(len(chunk))
         bar.close()
-        return torch.from_numpy(out)
+        return torch.from_numpy(out) if keep else None

@@ -5,6 +5,10 @@ single rename by ``Bundle.commit_task``; until then the bundle is exactly what i
 a kill at any moment is harmless. Each finished epoch leaves a resume checkpoint in the
 staging folder, so ``resume=True`` continues an interrupted task where it stopped. Only
 the new task's data is read, and earlier tasks' files are never opened for writing.
+
+Under torchrun (``trainer/distributed.py``) the same function runs on every rank: the
+ranks share the embedding cache fill and the alignment-layer steps, and rank 0 alone
+writes to the bundle.
 """
 
 from __future__ import annotations
@@ -33,10 +37,11 @@ from casam_bundle import Bundle, BundleError, TaskRecord, check_task_name
 from models.bundle_models import build_model, save_module
 from trainer.calibration import calibrate, threshold_key
 from trainer.data import Dataset, Sample, load_dataset
+from trainer.distributed import SINGLE, World, join
 from trainer.evaluate import evaluate_set
 from trainer.losses import alignment_loss
 from trainer.prompt_sampling import BOX_JITTER_PX, choose_structures, sample_prompts
-from trainer.session import Session, check_bundle_sam, open_session
+from trainer.session import Session, check_bundle_sam, open_session, resolve_device
 from trainer.vae_training import VAEConfig
 
 PathLike = Union[str, os.PathLike]
@@ -86,15 +91,34 @@ def frame_structures(sample: Sample, prep: Preprocessing) -> np.ndarray:
     return masks[masks.reshape(len(masks), -1).any(axis=1)]
 
 
-def train_epoch(layer: AlignmentLayer, decoder: PromptDecoder, optimiser: torch.optim.Optimizer,
+Prompts = tuple[np.ndarray, np.ndarray, np.ndarray]  # target masks, point coords, point labels
+
+
+def draw_prompts(sample: Sample, prep: Preprocessing, config: TrainConfig, use_boxes: bool,
+                 rng: np.random.Generator) -> Prompts:
+    """One image's training targets and prompts for one step."""
+    masks = frame_structures(sample, prep)
+    pick = masks[choose_structures(len(masks), config.masks_per_image, rng)]
+    coords, labels = sample_prompts(pick, use_boxes, rng, config.box_jitter)
+    return pick, coords, labels
+
+
+def train_epoch(layer: torch.nn.Module, decoder: PromptDecoder, optimiser: torch.optim.Optimizer,
                 embeddings: torch.Tensor, samples: Sequence[Sample], prep: Preprocessing,
-                config: TrainConfig, epoch: int, device: torch.device, bar: Optional[tqdm] = None) -> dict[str, float]:
+                config: TrainConfig, epoch: int, device: torch.device, bar: Optional[tqdm] = None,
+                world: World = SINGLE) -> dict[str, float]:
     """One pass over the training images; returns the mean loss terms of the epoch.
 
     The alignment layer runs once per batch; each image's decoder pass and loss are then
     back-propagated one at a time into the aligned embeddings, and the accumulated gradient
     goes through the layer once. Same gradient, but only one image's 1024² loss maps are
     ever held in memory.
+
+    Under torchrun ``layer`` is wrapped in DistributedDataParallel. Every rank draws the
+    prompts of the whole global batch, so the random stream is the one a single process
+    draws, but runs the layer, decoder and loss on its share of the batch only. Each loss
+    is divided by len(batch)/ranks, and DDP averages the gradients over the ranks: the
+    step is the one a single process takes, up to the order of the float32 sums.
     """
     rng = np.random.default_rng([config.seed, epoch])
     order = rng.permutation(len(samples))
@@ -103,23 +127,24 @@ def train_epoch(layer: AlignmentLayer, decoder: PromptDecoder, optimiser: torch.
     for start in range(0, len(order), config.batch_size):
         batch = order[start : start + config.batch_size]
         use_boxes = bool(rng.random() < 0.5)
-        aligned = layer(embeddings[torch.from_numpy(batch)].to(device).float())
+        prompts = [draw_prompts(samples[i], prep, config, use_boxes, rng) for i in batch]
+        mine = world.share(len(batch))
+        aligned = layer(embeddings[torch.from_numpy(batch[mine])].to(device).float())
         held = aligned.detach().requires_grad_(True)
-        for j, i in enumerate(batch):
-            masks = frame_structures(samples[i], prep)
-            pick = masks[choose_structures(len(masks), config.masks_per_image, rng)]
-            coords, labels = sample_prompts(pick, use_boxes, rng, config.box_jitter)
-            low_res, iou_pred = decoder(held[j : j + 1], torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device))
+        for row, j in enumerate(mine):
+            pick, coords, labels = prompts[j]
+            low_res, iou_pred = decoder(held[row : row + 1], torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device))
             loss, parts = alignment_loss(low_res, iou_pred, torch.from_numpy(pick).to(device).float())
-            (loss / len(batch)).backward()
+            (loss / (len(batch) / world.size)).backward()
             totals["loss"] += float(loss.detach())
             for key, value in parts.items():
                 totals[key] += value
         optimiser.zero_grad()
-        aligned.backward(held.grad)
+        aligned.backward(held.grad if held.grad is not None else torch.zeros_like(held))  # an empty share
         optimiser.step()
         if bar is not None:
             bar.update(len(batch))
+    totals = world.sum(totals)
     return {k: v / len(samples) for k, v in totals.items()}
 
 
@@ -138,6 +163,13 @@ def _run_fingerprint(config: TrainConfig, dataset: Dataset, session: Session, pr
         "train": [[s.stem, s.image_hash] for s in dataset.train],
         "test": [[s.stem, s.image_hash] for s in dataset.test],
     }
+
+
+def _reset_staging(staging: Path, fingerprint: dict[str, Any]) -> None:
+    """A fresh staging folder for a run that starts from epoch 0."""
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "task").mkdir(parents=True)
+    atomic_write_json(staging / STATE_FILE, fingerprint)
 
 
 def _bundle_preprocessing(bundle: Optional[Bundle], resize: Optional[str]) -> Preprocessing:
@@ -164,11 +196,15 @@ def train_task(
     cache_dir: Optional[PathLike] = None,
     quiet: bool = False,
     frozen_sam: Optional[FrozenSam] = None,
-) -> dict[str, Any]:
-    """Train ``task`` on ``data`` and commit it to the bundle; returns the JSON summary."""
+) -> Optional[dict[str, Any]]:
+    """Train ``task`` on ``data`` and commit it to the bundle; returns the JSON summary.
+
+    Under torchrun, ranks other than 0 return None once rank 0 has committed.
+    """
     started = time.time()
     check_task_name(task)
     config.check()
+    world = join(resolve_device(device))  # SINGLE unless launched by torchrun
     root = Path(bundle_dir)
     existing = Bundle.open(root, verify=False) if (root / "bundle.json").exists() else None
     prep = _bundle_preprocessing(existing, resize)
@@ -183,7 +219,9 @@ def train_task(
         check_bundle_sam(existing, session.sam.name, session.checkpoint_sha256)
         bundle = existing
     else:
-        bundle = Bundle.create(root, session.sam.name, session.checkpoint_sha256, prep, untrained_sam=session.sam.untrained)
+        bundle = world.main_first(
+            lambda: Bundle.create(root, session.sam.name, session.checkpoint_sha256, prep, untrained_sam=session.sam.untrained),
+            lambda: Bundle.open(root, verify=False))
 
     staging = bundle.staging_dir(task)
     staged_task = staging / "task"
@@ -195,12 +233,10 @@ def train_task(
                 f"the interrupted run of task {task!r} used other data or settings; rerun without --resume to start over"
             )
     else:
-        shutil.rmtree(staging, ignore_errors=True)
-        staged_task.mkdir(parents=True)
-        atomic_write_json(staging / STATE_FILE, fingerprint)
+        world.main_first(lambda: _reset_staging(staging, fingerprint), lambda: None)
 
     t0 = time.time()
-    embeddings = session.cache.embeddings(dataset.samples, desc=f"embedding {task}")
+    embeddings = session.cache.embeddings(dataset.samples, desc=f"embedding {task}", world=world)
     embed_seconds = time.time() - t0
     n_train = len(dataset.train)
     train_emb, test_emb = embeddings[:n_train], embeddings[n_train:]
@@ -218,17 +254,23 @@ def train_task(
         optimiser.load_state_dict(state["optimiser"])
         resumed_from = int(state["epoch"])
         log = json.loads(state["log"])
+    model = world.wrap(layer)  # DistributedDataParallel under torchrun, else the layer itself
 
     t0 = time.time()
-    bar = tqdm(total=(config.epochs - resumed_from) * n_train, desc=f"training {task}", unit="img", disable=quiet)
+    bar = tqdm(total=(config.epochs - resumed_from) * n_train, desc=f"training {task}", unit="img",
+               disable=quiet or not world.is_main)
     for epoch in range(resumed_from, config.epochs):
         e0 = time.time()
-        parts = train_epoch(layer, decoder, optimiser, train_emb, dataset.train, prep, config, epoch, dev, bar)
+        parts = train_epoch(model, decoder, optimiser, train_emb, dataset.train, prep, config, epoch, dev, bar, world)
         log.append({"epoch": epoch + 1, **parts, "seconds": time.time() - e0})
         bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        _save_resume(staging / RESUME_FILE, layer, optimiser, epoch + 1, log)
+        if world.is_main:
+            _save_resume(staging / RESUME_FILE, layer, optimiser, epoch + 1, log)
     bar.close()
     train_seconds = time.time() - t0
+    if not world.is_main:
+        world.finish()  # rank 0 alone calibrates, evaluates and commits
+        return None
     layer = layer.eval()
 
     t0 = time.time()
@@ -259,7 +301,8 @@ def train_task(
     )
     bundle.commit_task(record, staged_task, replace=replace)
     shutil.rmtree(staging, ignore_errors=True)
-    return {
+    world.finish()
+    summary = {
         "task": task, "bundle": str(root), "tasks": bundle.task_names, "threshold_key": key, "threshold": threshold,
         "epochs": config.epochs, "resumed_from_epoch": resumed_from,
         "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
@@ -268,6 +311,9 @@ def train_task(
         "seconds": {"embedding": embed_seconds, "alignment": train_seconds, "vae_and_calibration": vae_seconds,
                     "total": time.time() - started},
     }
+    if world.parallel:
+        summary["data_parallel"] = {"processes": world.size, "backend": world.backend}
+    return summary
 
 
 def task_metrics(model: CASAM, dataset: Dataset, test_emb: torch.Tensor, prep: Preprocessing, task: str, quiet: bool) -> dict[str, Any]:
