@@ -126,6 +126,9 @@ def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: O
 
     Subcommands: eval (score a bundle), sequence (the continual protocol), synth (write
     a synthetic dataset).
+
+    Data-parallel: `torchrun --nproc_per_node=N -m trainer` with these options trains the
+    task on N processes (DDP; gloo on CPU, nccl on CUDA); rank 0 alone commits.
     """
     if ctx.invoked_subcommand is not None:
         _refuse_data_parallel(ctx.invoked_subcommand)

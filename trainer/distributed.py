@@ -74,7 +74,7 @@ class World:
 
     def barrier(self) -> None:
         if self.parallel:
-            dist.barrier()
+            dist.barrier(device_ids=[self.local_rank] if self.device.type == "cuda" else None)
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` under DistributedDataParallel (averages gradients over ranks)."""
@@ -102,7 +102,7 @@ class World:
         """
         if not self.parallel:
             return make()
-        dist.barrier()
+        self.barrier()
         result, error = None, None
         if self.is_main:
             try:
@@ -118,7 +118,7 @@ class World:
     def finish(self) -> None:
         """Wait for every rank (the others wait for rank 0's commit), then leave the group."""
         if self.parallel and dist.is_initialized():
-            dist.barrier()
+            self.barrier()
             dist.destroy_process_group()
 
 
