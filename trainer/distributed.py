@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runtime.errors import CasamError
+from runtime.errors import CasamError, InputError
 
 T = TypeVar("T")
 
@@ -137,6 +137,9 @@ def join(device: torch.device) -> World:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     collective_device = torch.device("cpu")
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise InputError(f"rank {rank} has LOCAL_RANK {local_rank}, but torch sees {torch.cuda.device_count()} "
+                             f"CUDA device(s); give torchrun --nproc_per_node at most that many")
         torch.cuda.set_device(local_rank)
         collective_device = torch.device("cuda", local_rank)
     world = World(rank, size, local_rank, collective_device)
