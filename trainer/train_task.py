@@ -29,7 +29,7 @@ from models.pooling import attention_pool
 from runtime.names import IDENTITY
 from runtime.files import atomic_path, atomic_write_json, read_json
 from runtime.preprocess import Preprocessing, frame_for, resize_mask_to_frame
-from casam_bundle import Bundle, BundleError, TaskRecord, check_task_name
+from casam_bundle import DEFAULT_WAIT_S, Bundle, BundleError, TaskRecord, check_task_name
 from models.bundle_models import build_model, save_module
 from trainer.calibration import calibrate, threshold_key
 from trainer.data import Dataset, Sample, load_dataset
@@ -164,8 +164,12 @@ def train_task(
     cache_dir: Optional[PathLike] = None,
     quiet: bool = False,
     frozen_sam: Optional[FrozenSam] = None,
+    wait: float = DEFAULT_WAIT_S,
 ) -> dict[str, Any]:
-    """Train ``task`` on ``data`` and commit it to the bundle; returns the JSON summary."""
+    """Train ``task`` on ``data`` and commit it to the bundle; returns the JSON summary.
+
+    ``wait``: seconds to wait for the bundle's write lock at the commit (0: fail at once).
+    """
     started = time.time()
     check_task_name(task)
     config.check()
@@ -183,7 +187,8 @@ def train_task(
         check_bundle_sam(existing, session.sam.name, session.checkpoint_sha256)
         bundle = existing
     else:
-        bundle = Bundle.create(root, session.sam.name, session.checkpoint_sha256, prep, untrained_sam=session.sam.untrained)
+        bundle = Bundle.create(root, session.sam.name, session.checkpoint_sha256, prep, untrained_sam=session.sam.untrained,
+                               wait=wait)
 
     staging = bundle.staging_dir(task)
     staged_task = staging / "task"
@@ -257,7 +262,7 @@ def train_task(
         hyperparameters={**asdict(config), "resize": prep.resize, "data": str(dataset.root), "split": dataset.split_source},
         metrics=metrics,
     )
-    bundle.commit_task(record, staged_task, replace=replace)
+    bundle.commit_task(record, staged_task, replace=replace, wait=wait)
     shutil.rmtree(staging, ignore_errors=True)
     return {
         "task": task, "bundle": str(root), "tasks": bundle.task_names, "threshold_key": key, "threshold": threshold,
