@@ -266,7 +266,7 @@ def unpack_package(
     name = check_task_name(as_name if as_name is not None else package.name)
     if require_signatures and trust is None:
         raise BundleError("--require-signatures needs --trust: the folder of the sites' public keys")
-    existing = Bundle.open(root) if (root / "bundle.json").exists() else None
+    existing = Bundle.open(root, verify=False) if (root / "bundle.json").exists() else None
     required = existing is not None and existing.require_signatures
     signed_by = check_signature(package, trust, required, root)
     if existing is not None:
@@ -286,10 +286,10 @@ def unpack_package(
             record = package.record(name)
             if vet is not None:
                 vet(bundle, record, staged)
+            if require_signatures:  # before the commit: a kill in between errs on the strict side
+                bundle.set_require_signatures(wait)
             fault_point("unpack:before-commit")
             bundle.commit_task(record, staged, wait=wait)
-            if require_signatures:
-                bundle.set_require_signatures(wait)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
     return {"task": name, "from": package.name, "bundle": str(root), "tasks": bundle.task_names,

@@ -231,11 +231,13 @@ def test_redacted_split_ships_no_stems(tmp_path):
     assert Bundle.open(tmp_path / "hub").load_split("gamma")["redacted"] is True
 
 
-def test_check_data_flags_a_task_that_captures_every_image(site, tmp_path):
+def test_check_data_flags_a_task_that_captures_every_image(site, tmp_path, tiny_sam, capsys):
     """A VAE with zero weights and β = 0 scores every image at mean(f²), lower than any real
     VAE, so with a generous threshold it would win every routing decision."""
     from safetensors.torch import save_file
+    from casam_bundle.package import unpack_package
     from models.vae import TaskVAE
+    from trainer.package_check import package_vet
 
     package, target = site
     refs = tmp_path / "refs"
@@ -244,18 +246,24 @@ def test_check_data_flags_a_task_that_captures_every_image(site, tmp_path):
         Image.fromarray(image[..., :3] if image.ndim == 3 else (image >> 8).astype(np.uint8)).save(refs / f"ref{i}.png")
     evil_site = make_random_bundle(tmp_path / "evil_site", ("gamma",), seed=7)  # threshold 1e6
     zero = {k: v.zero_() for k, v in TaskVAE().state_dict().items()}
-    buffer = tmp_path / "zero.safetensors"
-    save_file(zero, str(buffer))
-    restage(evil_site, "gamma", vae_beta=0.0, vae_safetensors=buffer.read_bytes())
+    save_file(zero, str(tmp_path / "zero.safetensors"))
+    restage(evil_site, "gamma", vae_beta=0.0, vae_safetensors=(tmp_path / "zero.safetensors").read_bytes())
     evil = tmp_path / "evil.casam"
     pack_task(evil_site.root, "gamma", evil)
-    common = ["--bundle", str(target), "--check-data", str(refs), "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
-              "--quiet"]
+    cache = tmp_path / "cache"
     before = snapshot(target)
-    refused(unpack(str(evil), *common, "--strict"), "would take 3 of 3 reference images", "refused (--strict)")
+    refused(unpack(str(evil), "--bundle", str(target), "--check-data", str(refs), "--strict", "--device", "cpu",
+                   "--cache-dir", str(cache), "--quiet"),
+            "would take 3 of 3 reference images", "refused (--strict)")
     assert snapshot(target) == before
-    benign = unpack(str(package), *common, "--strict", "--as", "gamma_ok")  # τ = 0.75: takes nothing
-    assert benign.exit_code == 0 and "takes 0/3 reference images" in benign.output, benign.output
-    warned = unpack(str(evil), *common)
-    assert warned.exit_code == 0 and "warning: task 'gamma' would take 3 of 3" in warned.stderr
+
+    def vet(strict: bool, report: dict):
+        return package_vet(refs, strict=strict, device="cpu", cache_dir=cache, quiet=True, frozen_sam=tiny_sam, report=report)
+
+    benign: dict = {}
+    unpack_package(target, package, as_name="gamma_ok", vet=vet(True, benign))  # τ = 0.75: takes nothing
+    assert benign["takeover"] == {"images": 3, "taken": 0, "share": 0.0}
+    warned: dict = {}
+    unpack_package(target, evil, vet=vet(False, warned))
+    assert warned["takeover"]["taken"] == 3 and "warning: task 'gamma' would take 3 of 3" in capsys.readouterr().err
     assert Bundle.open(target).task_names == ["alpha", "beta", "gamma_ok", "gamma"]
