@@ -10,6 +10,10 @@ outside those tests) it costs one environment lookup.
 
 Points in use (grep ``fault_point(`` for the exact places):
 
+- ``export:before-graphs``      casam-export has claimed --out and loaded SAM, no graph written yet
+- ``export:after-first-graph``  the first newly built graph is in --out, the others are not
+- ``export:before-manifest``    every graph (and parity) is done, the new manifest is not yet renamed in
+- ``export:after-manifest``     the new manifest is in place, unreferenced old files not yet removed
 - ``commit:locked``         a bundle writer holds the lock and has re-read bundle.json
 - ``commit:after-move``     the task folder is in tasks/, bundle.json not yet rewritten
 - ``unpack:before-commit``  an imported task is fully staged, not yet committed
