@@ -14,11 +14,11 @@ Points in use (grep ``fault_point(`` for the exact places):
 - ``export:after-first-graph``  the first newly built graph is in --out, the others are not
 - ``export:before-manifest``    every graph (and parity) is done, the new manifest is not yet renamed in
 - ``export:after-manifest``     the new manifest is in place, unreferenced old files not yet removed
-- ``commit:locked``         a bundle writer holds the lock and has re-read bundle.json
-- ``commit:after-move``     the task folder is in tasks/, bundle.json not yet rewritten
-- ``unpack:before-commit``  an imported task is fully staged, not yet committed
-- ``remove:locked``         remove holds the lock, bundle.json not yet rewritten
-- ``remove:after-commit``   bundle.json no longer names the task, its folder not yet moved
+- ``commit:locked``             a bundle writer holds the lock and has re-read bundle.json
+- ``commit:after-move``         the task folder is in tasks/, bundle.json not yet rewritten
+- ``unpack:before-commit``      an imported task is fully staged, not yet committed
+- ``remove:locked``             remove holds the lock, bundle.json not yet rewritten
+- ``remove:after-commit``       bundle.json no longer names the task, its folder not yet moved
 """
 
 from __future__ import annotations
