@@ -67,8 +67,10 @@ def make_random_bundle(
         save_module(layer, staged / "alignment.safetensors")
         save_module(TaskVAE(), staged / "vae.safetensors")
         tau = float(thresholds[i]) if thresholds is not None else 1e6
-        calib = {"folds": 5, "seed": 2025, "percentile": 97, "count": 0, "mean": 0.0, "std": 0.0,
-                 "p95": tau, "p97": tau, "p99": tau, "mean_plus_2std": tau, "scores": []}
+        # Held-out scores all equal to τ: every recorded percentile reproduces τ exactly, so
+        # the bundle passes the calibration check of task packages.
+        calib = {"folds": 5, "seed": 2025, "percentile": 97, "count": 5, "mean": tau, "std": 0.0,
+                 "p95": tau, "p97": tau, "p99": tau, "mean_plus_2std": tau, "scores": [tau] * 5}
         atomic_write_json(staged / "calibration.json", calib)
         atomic_write_json(staged / "split.json", {"train": [], "test": [], "seed": seed})
         atomic_write_json(staged / "train_log.json", {"epochs": [], "note": "random test bundle, untrained"})

@@ -4,18 +4,25 @@
     casam-train eval --bundle DIR --data NAME=PATH ... [--ood PATH ...]
     casam-train sequence --bundle DIR --tasks NAME=PATH ...
     casam-train synth OUT --style S --count N --seed K
+    casam-train pack --bundle DIR --task NAME --out T.casam [--sign KEY] [--redact-split]
+    casam-train unpack --bundle DIR T.casam [--as NAME] [--trust KEYS/] [--check-data DIR [--strict]]
+    casam-train remove --bundle DIR --task NAME [--keep]
+    casam-train keygen --out site_key
 
-Any casam error ends the command with one line on stderr and exit code 2.
+Any casam error ends the command with one line on stderr and exit code 2. Every command
+that writes a bundle holds its lock; a second writer waits up to --wait seconds.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import click
 
+from casam_bundle.lock import DEFAULT_WAIT_S
 from runtime.errors import CasamError, InputError
 
 SAM_CHOICES = ("vit_b", "vit_l", "vit_h", "tiny")
@@ -52,6 +59,14 @@ def _emit_summary(summary: dict[str, Any], json_path: Optional[str], quiet: bool
         atomic_write_text(json_path, text + "\n")
     if not quiet or not json_path:
         click.echo(text)
+
+
+def wait_option(func):
+    """``--wait SECONDS``: how long a writer waits for a bundle another command is writing."""
+    return click.option(
+        "--wait", "wait", type=click.FloatRange(min=0), default=DEFAULT_WAIT_S, show_default=True,
+        help="Seconds to wait when another command is writing the bundle (it says so on stderr); "
+             "0 fails at once with 'bundle … is busy (pid N)'.")(func)
 
 
 def training_options(func):
@@ -118,14 +133,17 @@ def _pairs(values: Sequence[str], what: str) -> list[tuple[str, str]]:
               help="Dataset: images/ + masks/ (matching stems, optional split.json) or images/*.nii.gz + labels/*.nii.gz.")
 @click.option("--replace", is_flag=True, help="Retrain a task that is already in the bundle.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this task from its last finished epoch.")
+@wait_option
 @training_options
 @click.pass_context
-def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: Optional[str], replace: bool, resume: bool, **kw: Any) -> None:
+def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: Optional[str], replace: bool, resume: bool,
+         wait: float, **kw: Any) -> None:
     """Add one task to a CA-SAM bundle: train its alignment layer and VAE, calibrate its
     threshold, evaluate it on its held-out split, and commit it atomically.
 
     Subcommands: eval (score a bundle), sequence (the continual protocol), synth (write
-    a synthetic dataset).
+    a synthetic dataset), pack / unpack (ship one task to another bundle), remove
+    (withdraw a task), keygen (a site's signing key).
 
     Data-parallel: `torchrun --nproc_per_node=N -m trainer` with these options trains the
     task on N processes (DDP; gloo on CPU, nccl on CUDA); rank 0 alone commits.
@@ -135,13 +153,13 @@ def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: O
         return
     missing = [f"--{n}" for n, v in (("bundle", bundle), ("task", task), ("data", data)) if v is None]
     if missing:
-        raise click.UsageError(f"missing {', '.join(missing)} (or give a subcommand: eval, sequence, synth)")
+        raise click.UsageError(f"missing {', '.join(missing)} (or give a subcommand: {', '.join(sorted(main.commands))})")
     from trainer.train_task import train_task
 
     try:
         summary = train_task(bundle, task, data, sam=kw["sam"], checkpoint=kw["checkpoint"], config=_config(kw),
                              resize=kw["resize"], device=kw["device"], replace=replace, resume=resume,
-                             cache_dir=kw["cache_dir"], quiet=kw["quiet"])
+                             cache_dir=kw["cache_dir"], quiet=kw["quiet"], wait=wait)
     except CasamError as exc:
         _fail(exc)
     if summary is not None:  # None: a torchrun rank other than 0, which commits and reports
@@ -221,6 +239,108 @@ def synth_command(out: str, style: str, count: int, seed: int, size: tuple[int, 
     except CasamError as exc:
         _fail(exc)
     click.echo(f"wrote {count} {style} images to {root}")
+
+
+@main.command("pack")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), required=True, help="Bundle folder holding the task.")
+@click.option("--task", required=True, help="Task to pack.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Package file to write (e.g. polyp.casam).")
+@click.option("--sign", "sign_key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Sign the package with this private key (from casam-train keygen).")
+@click.option("--redact-split", is_flag=True,
+              help="Drop the image stems and the data path from split.json (only counts remain).")
+def pack_command(bundle: str, task: str, out: str, sign_key: Optional[str], redact_split: bool) -> None:
+    """Write one task as a single package file: its weights, calibration, split and log, each
+    file's sha256, the SAM checkpoint sha256 and preprocessing. It holds no image data."""
+    from casam_bundle.package import pack_task
+
+    try:
+        index = pack_task(bundle, task, out, redact=redact_split, sign_key=sign_key)
+    except CasamError as exc:
+        _fail(exc)
+    signed = " (signed)" if sign_key else ""
+    click.echo(f"packed task {index['task']['name']!r} into {out}{signed}")
+
+
+@main.command("unpack")
+@click.argument("package", type=click.Path(dir_okay=False))
+@click.option("--bundle", type=click.Path(file_okay=False), required=True,
+              help="Bundle folder to add the task to (created from the package when absent).")
+@click.option("--as", "as_name", default=None, help="Add the task under this name (when its own name is taken).")
+@click.option("--trust", type=click.Path(file_okay=False), default=None,
+              help="Folder of trusted public keys (*.pub): the package must be signed by one of them.")
+@click.option("--require-signatures", is_flag=True,
+              help="From now on this bundle refuses every package not signed by a key in --trust.")
+@click.option("--check-data", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Reference images of the existing tasks: warn when the new task would take more than "
+                   "--max-takeover of them.")
+@click.option("--max-takeover", type=float, default=None,
+              help="Largest share of the --check-data images the new task may take. [default: 0.1]")
+@click.option("--strict", is_flag=True, help="Refuse (rather than warn about) a task over --max-takeover.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="The bundle's SAM checkpoint, for --check-data (sha256 must match).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Torch device for --check-data.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Embedding cache folder for --check-data.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@wait_option
+def unpack_command(package: str, bundle: str, as_name: Optional[str], trust: Optional[str], require_signatures: bool,
+                   check_data: Optional[str], max_takeover: Optional[float], strict: bool, checkpoint: Optional[str],
+                   device: str, cache_dir: Optional[str], quiet: bool, wait: float) -> None:
+    """Add a task package to a bundle, under the bundle lock, after checking it: archive
+    paths, file sha256s, format version, signature, SAM checkpoint and preprocessing, name,
+    a finite threshold that its recorded calibration scores reproduce, and loadable weights."""
+    from casam_bundle.package import unpack_package
+    from trainer.package_check import DEFAULT_MAX_TAKEOVER, package_vet
+
+    report: dict[str, Any] = {}
+    try:
+        if (strict or max_takeover is not None) and check_data is None:
+            raise InputError("--strict and --max-takeover need --check-data DIR")
+        vet = package_vet(check_data, max_share=DEFAULT_MAX_TAKEOVER if max_takeover is None else max_takeover,
+                          strict=strict, checkpoint=checkpoint, device=device, cache_dir=cache_dir, quiet=quiet,
+                          report=report)
+        summary = unpack_package(bundle, package, as_name=as_name, trust=trust, require_signatures=require_signatures,
+                                 vet=vet, wait=wait)
+    except CasamError as exc:
+        _fail(exc)
+    signed = f", signed by trusted key {summary['signed_by']}" if summary["signed_by"] else ""
+    taken = report.get("takeover")
+    checked = f"; takes {taken['taken']}/{taken['images']} reference images" if taken else ""
+    click.echo(f"added task {summary['task']!r} to {bundle}{signed}{checked}; tasks: {', '.join(summary['tasks'])}")
+
+
+@main.command("remove")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), required=True, help="Bundle folder.")
+@click.option("--task", required=True, help="Task to withdraw.")
+@click.option("--keep", is_flag=True, help="Move the task's files to removed/ instead of deleting them.")
+@wait_option
+def remove_command(bundle: str, task: str, keep: bool, wait: float) -> None:
+    """Withdraw a task (e.g. when a site revokes consent): it leaves bundle.json, its files are
+    deleted (or moved to removed/ with --keep), and bundle.json's history records the name,
+    time and files' sha256. The next casam-export drops its graph and rebuilds only the router."""
+    from casam_bundle import Bundle, check_task_name
+
+    try:
+        entry = Bundle.open(bundle, verify=False).remove_task(check_task_name(task), keep=keep, wait=wait)
+    except CasamError as exc:
+        _fail(exc)
+    where = f"; files kept in {Path(bundle) / entry['kept']}" if entry["kept"] else "; files deleted"
+    click.echo(f"removed task {task!r} from {bundle}{where}")
+
+
+@main.command("keygen")
+@click.option("--out", type=click.Path(dir_okay=False), required=True,
+              help="Private key file to write; the public key goes to OUT.pub (give that to coordinators).")
+def keygen_command(out: str) -> None:
+    """Make a site's Ed25519 key pair for signing task packages (pack --sign)."""
+    from casam_bundle.signing import generate_keypair
+
+    try:
+        private, public, kid = generate_keypair(out)
+    except CasamError as exc:
+        _fail(exc)
+    click.echo(f"wrote private key {private} and public key {public} (key id {kid})")
 
 
 if __name__ == "__main__":

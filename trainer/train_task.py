@@ -33,7 +33,7 @@ from models.pooling import attention_pool
 from runtime.names import IDENTITY
 from runtime.files import atomic_path, atomic_write_json, read_json
 from runtime.preprocess import Preprocessing, frame_for, resize_mask_to_frame
-from casam_bundle import Bundle, BundleError, TaskRecord, check_task_name
+from casam_bundle import DEFAULT_WAIT_S, Bundle, BundleError, TaskRecord, check_task_name
 from models.bundle_models import build_model, save_module
 from trainer.calibration import calibrate, threshold_key
 from trainer.data import Dataset, Sample, load_dataset
@@ -196,10 +196,12 @@ def train_task(
     cache_dir: Optional[PathLike] = None,
     quiet: bool = False,
     frozen_sam: Optional[FrozenSam] = None,
+    wait: float = DEFAULT_WAIT_S,
 ) -> Optional[dict[str, Any]]:
     """Train ``task`` on ``data`` and commit it to the bundle; returns the JSON summary.
 
     Under torchrun, ranks other than 0 return None once rank 0 has committed.
+    ``wait``: seconds to wait for the bundle's write lock at the commit (0: fail at once).
     """
     started = time.time()
     check_task_name(task)
@@ -220,7 +222,8 @@ def train_task(
         bundle = existing
     else:
         bundle = world.main_first(
-            lambda: Bundle.create(root, session.sam.name, session.checkpoint_sha256, prep, untrained_sam=session.sam.untrained),
+            lambda: Bundle.create(root, session.sam.name, session.checkpoint_sha256, prep,
+                                  untrained_sam=session.sam.untrained, wait=wait),
             lambda: Bundle.open(root, verify=False))
 
     staging = bundle.staging_dir(task)
@@ -299,7 +302,7 @@ def train_task(
         hyperparameters={**asdict(config), "resize": prep.resize, "data": str(dataset.root), "split": dataset.split_source},
         metrics=metrics,
     )
-    bundle.commit_task(record, staged_task, replace=replace)
+    bundle.commit_task(record, staged_task, replace=replace, wait=wait)
     shutil.rmtree(staging, ignore_errors=True)
     world.finish()
     summary = {

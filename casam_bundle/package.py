@@ -1,0 +1,297 @@
+"""Task packages: one site's task in one file, and its import into another bundle.
+
+A package is a zip archive::
+
+    package.json            index: format, casam version, the task's bundle.json record
+                            (with every file's sha256), SAM model and checkpoint sha256,
+                            preprocessing and pooling
+    files/<task file>       the five files of tasks/<name>/ (TASK_FILES), nothing else
+    signature.json          optional: Ed25519 signature of package.json's exact bytes
+
+It holds no image data: ``split.json`` names image stems only, and ``--redact-split``
+drops those (and the site's data path) too. Importing checks everything before it writes
+anything, in the order cheapest first: archive entries (no path may leave the task folder),
+format version, each file's sha256 against the index, the calibration (τ finite and
+reproduced by the recorded scores), the signature, then compatibility with the bundle
+(SAM checkpoint, preprocessing, name). The task is then staged and committed under the
+bundle lock exactly like a trained one, so a refused or killed import leaves the bundle as
+it was.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Mapping, Optional, Union
+
+from casam_bundle.calibration import check_calibration
+from casam_bundle.errors import BundleError
+from casam_bundle.format import TASK_FILES, Bundle, TaskRecord, check_task_name
+from casam_bundle.lock import DEFAULT_WAIT_S, bundle_lock
+from casam_bundle import signing
+from runtime.faults import fault_point
+from runtime.files import atomic_path, atomic_write_bytes, read_versioned_json, sha256_bytes
+from runtime.preprocess import Preprocessing
+
+PathLike = Union[str, os.PathLike]
+PACKAGE_FORMAT = "casam-task-package"
+PACKAGE_FORMAT_VERSION = 1
+PACKAGE_SUFFIX = ".casam"
+INDEX = "package.json"
+SIGNATURE = "signature.json"
+FILES_PREFIX = "files/"
+#: Largest archive member read (the alignment layer is ~14 MB); guards against zip bombs.
+MAX_MEMBER_BYTES = 1 << 30
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry times: the same task packs to the same bytes
+#: Called under the lock before an import commits: (bundle, record, staged task folder).
+Vet = Callable[[Bundle, TaskRecord, Path], None]
+
+
+@dataclass
+class TaskPackage:
+    """A package read and checked on its own (not yet against a bundle)."""
+
+    path: Path
+    index_bytes: bytes
+    index: dict[str, Any]
+    files: dict[str, bytes]
+    signature: Optional[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.index["task"]["name"]
+
+    def record(self, name: Optional[str] = None) -> TaskRecord:
+        record = TaskRecord.from_dict(self.index["task"])
+        record.name = name or record.name
+        return record
+
+
+# ----- packing -----------------------------------------------------------------------------
+def redact_split(split: Mapping[str, Any]) -> dict[str, Any]:
+    """split.json without image stems or the site's data path: only counts remain."""
+    kept = {k: v for k, v in split.items() if k in ("source", "seed", "kind", "axis")}
+    counts = {f"n_{k}": len(split.get(k) or []) for k in ("train", "test", "skipped_empty")}
+    return {**kept, **counts, "redacted": True}
+
+
+def _zip_bytes(entries: Mapping[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    return buffer.getvalue()
+
+
+def pack_task(bundle_dir: PathLike, task: str, out: PathLike, *, redact: bool = False,
+              sign_key: Optional[PathLike] = None) -> dict[str, Any]:
+    """Write task ``task`` of the bundle as one package file ``out``; returns its index."""
+    from runtime import __version__
+
+    bundle = Bundle.open(bundle_dir, verify=False)
+    record = bundle.task(check_task_name(task))
+    bundle.verify_task(record)
+    files = {f: (bundle.task_dir(task) / f).read_bytes() for f in TASK_FILES}
+    check_calibration(record.to_dict(), json.loads(files["calibration.json"]), f"task {task!r}")
+    task_entry = record.to_dict()
+    if redact:
+        files["split.json"] = (json.dumps(redact_split(json.loads(files["split.json"])), indent=2) + "\n").encode()
+        task_entry["hyperparameters"] = {k: v for k, v in record.hyperparameters.items() if k != "data"}
+    task_entry["files"] = {f: sha256_bytes(data) for f, data in files.items()}
+    index = {
+        "format": PACKAGE_FORMAT,
+        "format_version": PACKAGE_FORMAT_VERSION,
+        "casam_version": __version__,
+        "task": task_entry,
+        "sam": dict(bundle.meta["sam"]),
+        "preprocessing": dict(bundle.meta["preprocessing"]),
+        "pooling": dict(bundle.meta["pooling"]),
+        "split_redacted": bool(redact),
+    }
+    index_bytes = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+    entries = {INDEX: index_bytes, **{FILES_PREFIX + f: files[f] for f in TASK_FILES}}
+    if sign_key is not None:
+        entries[SIGNATURE] = (json.dumps(signing.sign(sign_key, index_bytes), indent=2) + "\n").encode()
+    atomic_write_bytes(out, _zip_bytes(entries))
+    return index
+
+
+# ----- reading a package on its own ------------------------------------------------------
+def _check_entry_name(name: str, where: Path) -> None:
+    """Refuse any archive path that could land outside the task folder (zip-slip)."""
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or "\\" in name or ":" in name or "\x00" in name or ".." in parts:
+        raise BundleError(f"{where}: archive entry {name!r} would escape the task folder (zip-slip); package refused")
+    allowed = {INDEX, SIGNATURE, *(FILES_PREFIX + f for f in TASK_FILES)}
+    if name not in allowed:
+        raise BundleError(f"{where}: unexpected archive entry {name!r}; a task package holds only "
+                          f"{INDEX}, {SIGNATURE} and {FILES_PREFIX}<task file>")
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    members: dict[str, bytes] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                _check_entry_name(info.filename, path)
+                if info.filename in members:
+                    raise BundleError(f"{path}: archive entry {info.filename!r} appears twice; package refused")
+                if info.file_size > MAX_MEMBER_BYTES:
+                    raise BundleError(f"{path}: archive entry {info.filename!r} is larger than {MAX_MEMBER_BYTES} bytes")
+                with archive.open(info) as fh:
+                    data = fh.read(MAX_MEMBER_BYTES + 1)
+                if len(data) > MAX_MEMBER_BYTES:
+                    raise BundleError(f"{path}: archive entry {info.filename!r} is larger than {MAX_MEMBER_BYTES} bytes")
+                members[info.filename] = data
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not a readable task package ({exc})") from exc
+    return members
+
+
+def _json(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"{what} is not valid JSON ({exc})") from exc
+
+
+def _check_index(index: dict[str, Any], path: Path) -> None:
+    task = index.get("task")
+    if not isinstance(task, dict):
+        raise BundleError(f"{path}: {INDEX} has no task record")
+    check_task_name(task.get("name"), f"{path} ({INDEX})")
+    files = task.get("files")
+    if not isinstance(files, dict) or set(files) != set(TASK_FILES):
+        raise BundleError(f"{path}: {INDEX} must list the sha256 of exactly {', '.join(TASK_FILES)}")
+    for key in ("alignment", "vae"):
+        if not isinstance(task.get(key), dict):
+            raise BundleError(f"{path}: the task record in {INDEX} has no {key!r} entry")
+    for key in ("sam", "preprocessing", "pooling"):
+        if not isinstance(index.get(key), dict):
+            raise BundleError(f"{path}: {INDEX} has no {key!r} entry")
+
+
+def read_package(path: PathLike) -> TaskPackage:
+    """Read a package and check it on its own: entries, format version, file hashes, calibration."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"task package {path} does not exist")
+    members = _read_members(path)
+    if INDEX not in members:
+        raise BundleError(f"{path} is not a casam task package: it has no {INDEX}")
+    index = read_versioned_json(path, PACKAGE_FORMAT, PACKAGE_FORMAT_VERSION, BundleError, "casam task package",
+                                missing="", data=_json(members[INDEX], f"{path}: {INDEX}"))
+    _check_index(index, path)
+    files: dict[str, bytes] = {}
+    for fname, expected in index["task"]["files"].items():
+        data = members.get(FILES_PREFIX + fname)
+        if data is None:
+            raise BundleError(f"{path}: {FILES_PREFIX}{fname} is missing")
+        got = sha256_bytes(data)
+        if got != expected:
+            raise BundleError(f"{path}: {FILES_PREFIX}{fname} has sha256 {got[:12]}…, the index says {expected[:12]}… "
+                              "(the package was modified or corrupted); refused")
+        files[fname] = data
+    check_calibration(index["task"], _json(files["calibration.json"], f"{path}: calibration.json"), f"{path}")
+    signature = _json(members[SIGNATURE], f"{path}: {SIGNATURE}") if SIGNATURE in members else None
+    if signature is not None and not isinstance(signature, dict):
+        raise BundleError(f"{path}: {SIGNATURE} is not a signature record")
+    return TaskPackage(path, members[INDEX], index, files, signature)
+
+
+# ----- importing into a bundle -----------------------------------------------------------
+def check_signature(package: TaskPackage, trust: Optional[PathLike], required: bool, bundle_root: Path) -> Optional[str]:
+    """The trusted key id that signed the package, None when no trust folder is given."""
+    if trust is None:
+        if required:
+            raise BundleError(f"bundle {bundle_root} requires signed task packages; pass --trust with the sites' public keys")
+        return None
+    if package.signature is None:
+        raise BundleError(f"{package.path} is not signed, and --trust requires a signature by a trusted key")
+    return signing.verify(package.signature, package.index_bytes, signing.load_trusted(trust), str(package.path))
+
+
+def check_compatible(package: TaskPackage, bundle: Bundle, name: str) -> None:
+    """Refuse a task that this bundle's SAM, preprocessing or task names cannot take."""
+    sam, where = package.index["sam"], str(package.path)
+    if sam.get("model") != bundle.sam_model or sam.get("checkpoint_sha256") != bundle.checkpoint_sha256:
+        raise BundleError(
+            f"{where} was trained on SAM {sam.get('model')!r} checkpoint {str(sam.get('checkpoint_sha256'))[:16]}…, "
+            f"bundle {bundle.root} uses {bundle.sam_model!r} {bundle.checkpoint_sha256[:16]}…; a task only works "
+            "with the SAM it was trained on"
+        )
+    for key in ("preprocessing", "pooling"):
+        if package.index[key] != bundle.meta[key]:
+            raise BundleError(f"{where} was trained with {key} {package.index[key]}, bundle {bundle.root} uses "
+                              f"{bundle.meta[key]}; the task cannot be mixed into this bundle")
+    if name in bundle.task_names:
+        raise BundleError(f"task {name!r} already exists in bundle {bundle.root}; unpack it under another name with --as NAME")
+
+
+def _open_or_create(root: Path, package: TaskPackage, wait: float) -> Bundle:
+    if (root / "bundle.json").exists():
+        return Bundle.open(root)
+    sam = package.index["sam"]
+    return Bundle.create(root, sam["model"], sam["checkpoint_sha256"], Preprocessing.from_dict(package.index["preprocessing"]),
+                         temperature=float(package.index["pooling"]["temperature"]),
+                         untrained_sam=bool(sam.get("untrained", False)), wait=wait)
+
+
+def unpack_package(
+    bundle_dir: PathLike,
+    package_path: PathLike,
+    *,
+    as_name: Optional[str] = None,
+    trust: Optional[PathLike] = None,
+    require_signatures: bool = False,
+    vet: Optional[Vet] = None,
+    wait: float = DEFAULT_WAIT_S,
+) -> dict[str, Any]:
+    """Add the package's task to the bundle (created from the package when absent).
+
+    ``require_signatures`` makes the bundle refuse unsigned packages from now on (it needs
+    ``trust``). ``vet`` may refuse the staged task (the trainer's take-over check).
+    """
+    root = Path(bundle_dir)
+    package = read_package(package_path)
+    name = check_task_name(as_name if as_name is not None else package.name)
+    if require_signatures and trust is None:
+        raise BundleError("--require-signatures needs --trust: the folder of the sites' public keys")
+    existing = Bundle.open(root, verify=False) if (root / "bundle.json").exists() else None
+    required = existing is not None and existing.require_signatures
+    signed_by = check_signature(package, trust, required, root)
+    if existing is not None:
+        check_compatible(package, existing, name)  # cheap refusals before taking the lock
+    with bundle_lock(root, wait):
+        bundle = _open_or_create(root, package, wait)
+        if bundle.require_signatures and signed_by is None:
+            check_signature(package, trust, True, root)
+        check_compatible(package, bundle, name)
+        staged = root / ".staging" / f".unpack-{name}"
+        shutil.rmtree(staged, ignore_errors=True)  # left by a killed import
+        staged.mkdir(parents=True)
+        try:
+            for fname, data in package.files.items():
+                with atomic_path(staged / fname) as tmp:
+                    tmp.write_bytes(data)
+            record = package.record(name)
+            if vet is not None:
+                vet(bundle, record, staged)
+            if require_signatures:  # before the commit: a kill in between errs on the strict side
+                bundle.set_require_signatures(wait)
+            fault_point("unpack:before-commit")
+            bundle.commit_task(record, staged, wait=wait)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    return {"task": name, "from": package.name, "bundle": str(root), "tasks": bundle.task_names,
+            "signed_by": signed_by, "split_redacted": bool(package.index.get("split_redacted")),
+            "require_signatures": bundle.require_signatures}
