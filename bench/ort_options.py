@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from runtime.manifest import Manifest  # noqa: E402
 from runtime.prompts import encode_prompts  # noqa: E402
 
 SETTINGS = ("onnxruntime defaults", "casam runtime")
@@ -155,10 +156,10 @@ def main() -> None:
 
     row("Add + LayerNormalization", "8×4096×256", residual_layernorm_graph(work), "skip+layernorm", 20, False)
     for name in args.models.split(","):
-        engines = exported(name, work)[2]
-        row(f"{name} encoder", "1 image, 1024²", engines / "encoder.onnx", "encoder", 3 if name == "vit_b" else 9, True)
-        row(f"{name} decoder", "8 boxes, one call", engines / "decoder.onnx", "decoder K=8", 9, True)
-        row(f"{name} decoder", "8 boxes, 8 calls", engines / "decoder.onnx", "decoder 8×K=1", 9, False)
+        graphs = Manifest.load(exported(name, work)[2]).graphs  # content-named files: ask the manifest
+        row(f"{name} encoder", "1 image, 1024²", graphs["encoder"].path, "encoder", 3 if name == "vit_b" else 9, True)
+        row(f"{name} decoder", "8 boxes, one call", graphs["decoder"].path, "decoder K=8", 9, True)
+        row(f"{name} decoder", "8 boxes, 8 calls", graphs["decoder"].path, "decoder 8×K=1", 9, False)
     write_report(args.out, "\n".join(lines) + "\n")
 
 

@@ -30,7 +30,9 @@ from runtime.manifest import MANIFEST_NAME
               help="Most prompts (boxes or point sets) per decoder call; the runtime splits larger batches.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run the exported chain against the PyTorch model and fail when routes differ or mask "
-                   "IoU misses the bar (0.999 fp32, 0.99 fp16); writes parity.json.")
+                   "IoU misses the bar (0.999 fp32, 0.99 fp16); writes parity.json. On failure no manifest is "
+                   "written (the previous export in --out stays in force) and the report goes to "
+                   "parity-failed.json. --no-verify marks the manifest unverified; the runtime warns on loading it.")
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
               help="Folder of images for --verify (default: built-in synthetic images).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
@@ -57,6 +59,8 @@ def main(bundle_dir: Path, out_dir: Path, fp16: bool, trt: Optional[bool], opset
         if parity.get("passed"):
             s = parity[manifest["precision"]]
             click.echo(f"parity: routes identical, mean mask IoU {s['mask_iou_mean']:.5f} (min {s['mask_iou_min']:.5f})")
+        else:
+            click.echo("parity: not verified (--no-verify); the runtime warns when it loads this export")
         if not manifest["tensorrt"]["available"]:
             click.echo(f"TensorRT: not built ({manifest['tensorrt']['reason']})")
     click.echo(str(Path(out_dir) / MANIFEST_NAME))

@@ -2,9 +2,14 @@
 
 Graphs are separate so that adding a task ships only a small alignment graph and a new
 router while the large encoder stays untouched: every graph records what it was built from,
-and one whose inputs and file are unchanged is kept byte-for-byte. The manifest is written
-last and atomically, so an interrupted export never leaves a manifest pointing at files
-that are missing.
+and one whose inputs and file are unchanged is kept byte-for-byte.
+
+A deployment folder switches from one export to the next in one step. Graph files are
+named by their content (``encoder-<sha12>.onnx``), so new graphs land beside the deployed
+ones without touching them; the new manifest is renamed over the old one last, and only
+then are the files it no longer names removed. A kill, a full disk or a failed parity
+check at any earlier moment leaves the previous manifest and all its files in force
+(tests/test_faults.py kills the export at each stage through ``runtime.faults``).
 """
 
 from __future__ import annotations
@@ -12,9 +17,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional, Union
+from typing import Any, Callable, ContextManager, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -24,11 +28,23 @@ from casam_export.errors import ExportError, ParityError
 from casam_export.lean_attention import ROWS_PER_CHUNK, lean_global_attention
 from casam_export.lean_decoder import LEAN_DECODER_VERSION, LeanPromptDecoder
 from casam_export.graphs import ALIGN, DECODER, ENCODER, GraphSpec, export_graph, finalize, router_spec, write_graph
-from casam_export.manifest import build_manifest, claim_out_dir, graph_entries, reusable
+from casam_export.manifest import (
+    PARITY_FAILED,
+    PARITY_REPORT,
+    UNVERIFIED,
+    build_manifest,
+    claim_out_dir,
+    graph_entries,
+    read_previous,
+    remove_unreferenced,
+    reusable,
+)
 from casam_export.tensorrt_build import build_engines, tensorrt_status
 from models.sam_loader import FrozenSam, load_frozen_sam
+from runtime.faults import fault_point
 from runtime.files import atomic_write_json
 from runtime.manifest import MANIFEST_NAME
+from runtime.names import check_task_name
 from casam_bundle import Bundle
 from models.bundle_models import build_router, load_alignment
 
@@ -50,7 +66,8 @@ def load_bundle_sam(bundle: Bundle, checkpoint: Optional[PathLike]) -> FrozenSam
 
 
 class _Job:
-    """One graph to produce: where it goes, its contract, and what its bytes depend on."""
+    """One graph to produce: its base file name (``rel``; written content-named by ``write_graph``),
+    its contract, and what its bytes depend on."""
 
     def __init__(self, key: str, rel: str, spec: GraphSpec, make: Callable[[], nn.Module], precision: str,
                  built_from: dict[str, Any], opset: int,
@@ -111,8 +128,14 @@ def export_bundle(
     """Export ``bundle_dir`` into ``out_dir`` and return the manifest written there.
 
     ``trt``: None builds TensorRT engines where TensorRT and a GPU exist, True requires
-    them, False skips them. ``verify`` runs the exported chain against the PyTorch model
-    and raises ``ParityError`` (after writing parity.json and the manifest) when a bar is missed.
+    them, False skips them. ``verify`` runs the exported chain against the PyTorch model;
+    when a bar is missed it writes parity-failed.json and raises ``ParityError`` without
+    writing a manifest, so the deployment already in ``out_dir`` (if any) stays in force.
+
+    The folder switches atomically: new graphs get new content names next to the deployed
+    ones, the new manifest is renamed over the old one in one step, and only then are the
+    files it no longer names removed. A failed or killed export leaves the previous
+    manifest and every file it names untouched.
     """
     if not 1 <= max_prompts <= MAX_PROMPTS_LIMIT:
         raise ExportError(f"--max-boxes must be between 1 and {MAX_PROMPTS_LIMIT}, got {max_prompts}")
@@ -121,14 +144,41 @@ def export_bundle(
     bundle = Bundle.open(bundle_dir)
     if not bundle.task_names:
         raise ExportError(f"bundle {bundle.root} has no tasks yet; train one with casam-train first")
+    for name in bundle.task_names:  # each becomes a file name under --out
+        check_task_name(name, ExportError, str(bundle.root / "bundle.json"))
     out = Path(out_dir)
     previous = claim_out_dir(out, bundle, force)
-    out.mkdir(parents=True, exist_ok=True)
-    sam = load_bundle_sam(bundle, checkpoint)
-    precision = "fp16" if fp16 else "fp32"
-    old = graph_entries(previous)
+    deployed = read_previous(out) if out.is_dir() else None  # in force until the switch, even with --force
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        sam = load_bundle_sam(bundle, checkpoint)
+        precision = "fp16" if fp16 else "fp32"
+        entries = _graphs(_jobs(bundle, sam, precision, opset, max_prompts), graph_entries(previous), out, opset,
+                          max_prompts, quiet)
+        manifest = _manifest(bundle, sam, entries, out, opset, precision, max_prompts, fp16, trt)
+        report = _verify(out, manifest, bundle, sam, verify_images, quiet, deployed) if verify else None
+        fault_point("export:before-manifest")
+        atomic_write_json(out / MANIFEST_NAME, manifest)  # the switch
+    except OSError as exc:  # a full disk, a read-only folder …: one line, and the old deployment stands
+        remove_unreferenced(out, deployed)
+        raise ExportError(f"export to {out} failed: {exc}; {_kept(deployed, out)}") from exc
+    except BaseException:
+        remove_unreferenced(out, deployed)
+        raise
+    fault_point("export:after-manifest")
+    if report is not None:
+        atomic_write_json(out / PARITY_REPORT, report)
+    (out / PARITY_FAILED).unlink(missing_ok=True)
+    remove_unreferenced(out, manifest)
+    return manifest
+
+
+def _graphs(jobs: list[_Job], old: Mapping[str, Mapping[str, Any]], out: Path, opset: int, max_prompts: int,
+            quiet: bool) -> dict[str, dict[str, Any]]:
+    """Every graph's manifest entry: the previous one where ``reusable``, else a freshly built file."""
+    fault_point("export:before-graphs")
     entries: dict[str, dict[str, Any]] = {}
-    jobs = _jobs(bundle, sam, precision, opset, max_prompts)
+    built = 0
     with tqdm(jobs, desc="export", unit="graph", disable=quiet) as bar:
         for job in bar:
             bar.set_postfix_str(job.key)
@@ -136,7 +186,15 @@ def export_bundle(
                 entries[job.key] = {**old[job.key], "reused": True}
             else:
                 entries[job.key] = {**_produce(job, out, opset, max_prompts), "reused": False}
+                built += 1
+                if built == 1:
+                    fault_point("export:after-first-graph")
+    return entries
 
+
+def _manifest(bundle: Bundle, sam: FrozenSam, entries: Mapping[str, dict[str, Any]], out: Path, opset: int,
+              precision: str, max_prompts: int, fp16: bool, trt: Optional[bool]) -> dict[str, Any]:
+    """The manifest to write (engines built where asked); ``parity`` says "not verified" until ``_verify`` passes."""
     build_trt, reason = tensorrt_status(trt)
     if build_trt:
         tensorrt = build_engines(out, entries, fp16, max_prompts)
@@ -144,28 +202,23 @@ def export_bundle(
         tensorrt = {"available": False, "reason": reason, "engines": {}}
     graphs = {k: v for k, v in entries.items() if not k.startswith("align/")}
     aligns = {k.split("/", 1)[1]: v for k, v in entries.items() if k.startswith("align/")}
-    manifest = build_manifest(bundle, sam.checkpoint_sha256, graphs, aligns, opset=opset, precision=precision,
-                              max_prompts=max_prompts, tensorrt=tensorrt, parity=None)
-    report: Optional[dict[str, Any]] = None
-    if verify:
-        from casam_export.verify import verify_export
-
-        report = verify_export(out, manifest, bundle, sam.model, verify_images, quiet=quiet)
-        atomic_write_json(out / "parity.json", report)
-        manifest["parity"] = {precision: report["summary"], "passed": report["passed"]}
-    else:
-        manifest["parity"] = {"verified": False, "passed": None}
-    atomic_write_json(out / MANIFEST_NAME, manifest)
-    _remove_stale(out, manifest)
-    if report is not None and not report["passed"]:
-        raise ParityError(f"exported chain misses the parity bars: {'; '.join(report['failures'])} (see {out / 'parity.json'})")
-    return manifest
+    return build_manifest(bundle, sam.checkpoint_sha256, graphs, aligns, opset=opset, precision=precision,
+                          max_prompts=max_prompts, tensorrt=tensorrt, parity=UNVERIFIED)
 
 
-def _remove_stale(out: Path, manifest: dict[str, Any]) -> None:
-    """Drop align graphs the manifest no longer names (e.g. from a --force overwrite) and staging."""
-    named = {t["align"]["file"] for t in manifest["tasks"]}
-    for path in (out / "align").glob("*.onnx"):
-        if f"align/{path.name}" not in named:
-            path.unlink()
-    shutil.rmtree(out / ".staging", ignore_errors=True)
+def _verify(out: Path, manifest: dict[str, Any], bundle: Bundle, sam: FrozenSam, images: Optional[PathLike],
+            quiet: bool, deployed: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """Parity of the chain ``manifest`` describes; recorded in it when passed, else ``ParityError`` (no manifest)."""
+    from casam_export.verify import verify_export
+
+    report = verify_export(out, manifest, bundle, sam.model, images, quiet=quiet)
+    if not report["passed"]:
+        atomic_write_json(out / PARITY_FAILED, report)
+        raise ParityError(f"exported chain misses the parity bars: {'; '.join(report['failures'])} "
+                          f"(see {out / PARITY_FAILED}); no manifest was written, {_kept(deployed, out)}")
+    manifest["parity"] = {"verified": True, "passed": True, manifest["precision"]: report["summary"]}
+    return report
+
+
+def _kept(deployed: Optional[Mapping[str, Any]], out: Path) -> str:
+    return f"the previous export in {out} is unchanged" if deployed else f"{out} holds no usable export"

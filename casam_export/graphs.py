@@ -18,6 +18,7 @@ from typing import Optional, Union
 
 import onnx
 import torch
+from onnx import external_data_helper
 from torch import nn
 
 from casam_export.errors import ExportError
@@ -178,44 +179,96 @@ def check_graph(model: onnx.ModelProto, spec: GraphSpec, path: Path) -> None:
 
 @dataclass(frozen=True)
 class WrittenGraph:
-    file: str  # relative to the export folder
+    file: str  # relative to the export folder, content-addressed (``encoder-<sha12>.onnx``)
     sha256: str
     external_data: Optional[dict]
 
 
-def write_graph(model: onnx.ModelProto, spec: GraphSpec, out: Path, rel: str) -> WrittenGraph:
-    """Check ``model`` and move it into ``out/rel`` atomically; big weights go to ``rel.data``.
+def content_name(rel: str, sha256: str) -> str:
+    """``encoder.onnx`` → ``encoder-<sha256[:12]>.onnx`` (``align/x.onnx`` → ``align/x-<sha12>.onnx``;
+    ``encoder.onnx.data`` → ``encoder-<sha12>.onnx.data``).
 
-    The graph is written into a private staging folder first (an external-data file must sit
-    next to its graph under its final name), checked there, and renamed into place data
-    first, so the folder never holds a graph whose weights are missing.
+    Graph files are named by their content so that a re-export never overwrites a file the
+    deployed manifest names: the old manifest and its files stay valid until the new
+    manifest is renamed into place (docs/FORMATS.md).
     """
-    target = out / rel
-    target.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(rel)
+    stem, dot, suffix = path.name.partition(".")
+    return str(path.with_name(f"{stem}-{sha256[:12]}{dot}{suffix}"))
+
+
+def check_relative(out: Path, rel: str) -> Path:
+    """``out/rel``, refused when ``rel`` could climb out of the export folder (checked lexically)."""
+    path = Path(rel)
+    if not rel or path.is_absolute() or ".." in path.parts:
+        raise ExportError(f"refusing to write {rel!r}: it points outside the export folder {out}")
+    return out / path
+
+
+def write_graph(model: onnx.ModelProto, spec: GraphSpec, out: Path, rel: str) -> WrittenGraph:
+    """Check ``model`` and move it into ``out`` under its content name (see ``content_name``).
+
+    ``rel`` is the base name (``encoder.onnx``, ``align/<task>.onnx``); big weights go to a
+    ``.data`` file named by its own content. The graph is written into a private staging
+    folder first (an external-data file must sit next to its graph under its final name),
+    checked there, and moved into place data first, so the folder never holds a graph whose
+    weights are missing. A file already there under the same content name holds the same
+    bytes and is left untouched.
+    """
+    check_relative(out, rel)
+    (out / rel).parent.mkdir(parents=True, exist_ok=True)
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
     staging = out / ".staging" / f"{rel.replace('/', '_')}.{os.getpid()}"
     staging.mkdir(parents=True, exist_ok=True)
     try:
-        staged = staging / target.name
+        staged = staging / Path(rel).name
         external = None
         if weights > EXTERNAL_DATA_BYTES:
-            location = target.name + ".data"
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=location, size_threshold=1024)
+            data_rel = _stage_external(model, staged, rel + ".data")
             check_graph(model, spec, staged)
-            with atomic_path(target.parent / location) as tmp:
-                os.replace(staging / location, tmp)
-            external = {"file": str(Path(rel).parent / location) if "/" in rel else location,
-                        "sha256": sha256_file(target.parent / location)}
+            external = {"file": data_rel, "sha256": _place(staging / Path(data_rel).name, out / data_rel)}
         else:
             onnx.save_model(model, str(staged))
             check_graph(model, spec, staged)
-        with atomic_path(target) as tmp:
-            os.replace(staged, tmp)
+        final = content_name(rel, sha256_file(staged))
+        sha = _place(staged, out / final)
     finally:
         for leftover in staging.iterdir():
             leftover.unlink()
         staging.rmdir()
         with contextlib.suppress(OSError):  # only when no other graph is being staged
             staging.parent.rmdir()
-    return WrittenGraph(rel, sha256_file(target), external)
+    return WrittenGraph(final, sha, external)
+
+
+def _stage_external(model: onnx.ModelProto, staged: Path, data_rel: str) -> str:
+    """Save ``model`` with its weights in one external file named by the weights' sha256.
+
+    The graph records the weights' file name, so the weights are saved first under a
+    provisional name, hashed, renamed, and the (small) graph re-saved pointing at the new
+    name. Returns the weights' path relative to the export folder.
+    """
+    provisional = Path(data_rel).name
+    onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=provisional, size_threshold=1024)
+    final_rel = content_name(data_rel, sha256_file(staged.parent / provisional))
+    final = Path(final_rel).name
+    os.replace(staged.parent / provisional, staged.parent / final)
+    graph = onnx.load_model(str(staged), load_external_data=False)
+    for tensor in external_data_helper._get_all_tensors(graph):
+        if external_data_helper.uses_external_data(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = final
+    onnx.save_model(graph, str(staged))
+    return final_rel
+
+
+def _place(staged: Path, target: Path) -> str:
+    """Move ``staged`` to ``target`` atomically (unless ``target`` already holds the same bytes); its sha256."""
+    sha = sha256_file(staged)
+    if target.is_file() and sha256_file(target) == sha:
+        return sha  # same content name, same bytes: the deployed file is never touched
+    with atomic_path(target) as tmp:
+        os.replace(staged, tmp)
+    return sha

@@ -5,22 +5,42 @@ also records ``built_from``: everything its bytes depend on (checkpoint sha, ali
 file sha, opset, precision …). A later export reuses a graph only when ``built_from`` is
 unchanged *and* the file on disk still has the recorded sha256, which is how adding a task
 re-exports only its alignment graph and the router while the encoder stays untouched.
+
+Graph files carry their content in their names (``casam_export.graphs.content_name``), so
+the files a deployed manifest names are never overwritten; ``remove_unreferenced`` is the
+one place that deletes them, once another manifest is in force.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import re
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from casam_export.errors import ExportError
 from runtime.files import read_json, sha256_file
-from runtime.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, MANIFEST_NAME
+from runtime.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, MANIFEST_NAME, graph_content_id
 from casam_bundle import THRESHOLD_KEYS, Bundle
 
-#: What an --out folder may hold without being someone else's: this export's own files.
-EXPORT_ENTRIES = {MANIFEST_NAME, "encoder.onnx", "encoder.onnx.data", "router.onnx", "decoder.onnx",
-                  "align", "trt", "parity.json", ".staging"}
+#: The parity report of the export in force, and the report of a verification that failed
+#: (written instead of a manifest; removed by the next successful export).
+PARITY_REPORT = "parity.json"
+PARITY_FAILED = "parity-failed.json"
+#: ``parity`` of a manifest exported with --no-verify; the runtime warns when it loads one.
+UNVERIFIED = {"verified": False, "passed": None}
+#: Top-level graph files an export writes: content-named (``encoder-<sha12>.onnx``), or the
+#: fixed names of exports made before content naming (``encoder.onnx``), with weights files.
+TOP_GRAPH_FILE = re.compile(r"(encoder|router|decoder)(-[0-9a-f]{12})?\.onnx(\.data)?")
+#: Other entries an export folder holds.
+EXPORT_ENTRIES = {MANIFEST_NAME, PARITY_REPORT, PARITY_FAILED, "align", "trt", ".staging"}
+
+
+def is_export_entry(name: str) -> bool:
+    """May a top-level entry called ``name`` belong to a casam export (so --out is not someone else's)?"""
+    return name in EXPORT_ENTRIES or TOP_GRAPH_FILE.fullmatch(name) is not None
 
 
 def read_previous(out: Path) -> Optional[dict[str, Any]]:
@@ -69,7 +89,7 @@ def claim_out_dir(out: Path, bundle: Bundle, force: bool) -> Optional[dict[str, 
             owner = previous.get("bundle", {}).get("path", "another bundle")
             raise ExportError(f"--out {out} holds the export of {owner}, not of {bundle.root}; pass --force to overwrite it")
         return previous
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_ENTRIES and not p.name.startswith(".")) if out.is_dir() else []
+    foreign = sorted(p.name for p in out.iterdir() if not is_export_entry(p.name) and not p.name.startswith(".")) if out.is_dir() else []
     if foreign:
         raise ExportError(f"--out {out} is not empty and holds no casam export ({', '.join(foreign[:5])}); "
                           "pass --force to write into it anyway")
@@ -84,9 +104,67 @@ def reusable(entry: Optional[Mapping[str, Any]], built_from: Mapping[str, Any], 
     if entry.get("external_data"):
         files.append((entry["external_data"].get("file"), entry["external_data"].get("sha256")))
     for rel, sha in files:
-        if not rel or not (out / rel).is_file() or sha256_file(out / rel) != sha:
+        if not isinstance(rel, str) or not _relative(rel) or not (out / rel).is_file() or sha256_file(out / rel) != sha:
             return False
     return True
+
+
+def _relative(rel: str) -> bool:
+    """A path read from a previous manifest stays inside the folder (the manifest is untrusted)."""
+    path = Path(rel)
+    return bool(rel) and not path.is_absolute() and ".." not in path.parts
+
+
+def named_files(manifest: Optional[Mapping[str, Any]]) -> set[str]:
+    """Every file ``manifest`` names (graphs, their weights, TensorRT engines), relative to its folder."""
+    files = []
+    for entry in graph_entries(manifest).values():
+        if isinstance(entry, Mapping):
+            files.append(entry.get("file"))
+            if isinstance(entry.get("external_data"), Mapping):
+                files.append(entry["external_data"].get("file"))
+    engines = ((manifest or {}).get("tensorrt") or {}).get("engines") or {}
+    files += [e.get("file") for e in engines.values() if isinstance(e, Mapping)]
+    return {Path(f).as_posix() for f in files if isinstance(f, str) and f}  # "./x.onnx" names x.onnx
+
+
+def _content_ids(manifest: Optional[Mapping[str, Any]]) -> set[str]:
+    """The 12-hex content ids that engine file names of ``manifest``'s graphs carry."""
+    ids = set()
+    for entry in graph_entries(manifest).values():
+        if isinstance(entry, Mapping) and isinstance(entry.get("sha256"), str):
+            external = entry.get("external_data") if isinstance(entry.get("external_data"), Mapping) else {}
+            ids.add(graph_content_id(entry["sha256"], external.get("sha256"))[:12])
+    return ids
+
+
+def remove_unreferenced(out: Path, manifest: Optional[Mapping[str, Any]]) -> None:
+    """Delete the export's own files that ``manifest`` (the one in force; None: none) does not name.
+
+    Graph files (``encoder…onnx``, ``align/*.onnx``, weights), temporary files left by a kill
+    (``.*.tmp``) and ``.staging``. TensorRT engines stay when they were built for one of the
+    manifest's graphs (the runtime caches engines for other GPUs there too). Nothing else in
+    the folder is touched, and a file that cannot be removed is left (this also runs while an
+    error is being reported).
+    """
+    if not out.is_dir():
+        return
+    named = named_files(manifest)
+    ids = _content_ids(manifest)
+    doomed = [p for p in out.iterdir() if p.is_file() and TOP_GRAPH_FILE.fullmatch(p.name) and p.name not in named]
+    if (out / "align").is_dir():
+        doomed += [p for p in (out / "align").iterdir()
+                   if p.is_file() and p.name.endswith((".onnx", ".onnx.data")) and f"align/{p.name}" not in named]
+    if (out / "trt").is_dir():
+        doomed += [p for p in (out / "trt").glob("*.engine")
+                   if f"trt/{p.name}" not in named and not any(f"-{i}-" in p.name for i in ids)]
+    for folder in (out, out / "align", out / "trt"):
+        if folder.is_dir():
+            doomed += [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for path in doomed:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    shutil.rmtree(out / ".staging", ignore_errors=True)
 
 
 def graph_entries(manifest: Optional[Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -20,14 +21,49 @@ import numpy as np
 
 from runtime.backends import Backend, Engine, Tensor, open_backend
 from runtime.engine_cache import EngineCache
-from runtime.errors import InputError
-from runtime.manifest import IDENTITY, Manifest, check_task
+from runtime.errors import InputError, ManifestError
+from runtime.manifest import IDENTITY, MANIFEST_NAME, Manifest, check_task
 from runtime.postprocess import masks_from_logits
 from runtime.preprocess import Frame, Preprocessing, boxes_to_frame, points_to_frame, preprocess
 from runtime.prompt_checks import check_boxes, check_points
 from runtime.prompts import encode_prompts
 
 PathLike = Union[str, os.PathLike]
+
+
+class UnverifiedExportWarning(UserWarning):
+    """The export folder was written with ``casam-export --no-verify``: its parity with the
+    PyTorch model was never checked. Silence with ``-W ignore::runtime.pipeline.UnverifiedExportWarning``."""
+
+
+_warned: set[tuple[str, str]] = set()
+_warned_lock = threading.Lock()
+
+
+def check_parity(manifest: Manifest) -> None:
+    """Refuse an export whose parity check failed; warn, once per process, about an unverified one.
+
+    casam-export writes no manifest when verification fails, so ``passed: false`` means a
+    manifest from an older casam or edited by hand. ``--no-verify`` exports load with one
+    ``UnverifiedExportWarning`` (Python ``warnings``, so a library user can filter it and
+    casam-infer shows it on stderr), repeated for neither the same folder nor the same manifest.
+    """
+    parity = manifest.data.get("parity")
+    parity = parity if isinstance(parity, Mapping) else {}
+    if parity.get("passed") is False:
+        raise ManifestError(f"{manifest.folder / MANIFEST_NAME} records a failed parity check; "
+                            "re-export the bundle (casam-export) before deploying it")
+    if parity.get("passed") is True:
+        return
+    key = (str(manifest.folder.resolve()), str(manifest.data.get("created_utc")))
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(f"export {manifest.folder} was not verified against the PyTorch model (casam-export --no-verify); "
+                  "re-export with verification before relying on its masks", UnverifiedExportWarning, stacklevel=3)
+
+
 STAGES = ("preprocess", "encoder", "router", "align", "decoder", "postprocess", "total")
 
 
@@ -104,9 +140,12 @@ class Pipeline:
 
         ``manifest`` replaces ``folder/manifest.json``: an exporter can verify its engines
         through the runtime before it writes the final manifest. ``verify=False`` skips the
-        hashing, for a caller that has just hashed the files itself.
+        hashing, for a caller that has just hashed the files itself. A manifest read from
+        the folder goes through ``check_parity``.
         """
         loaded = Manifest.load(folder, manifest, verify=verify)
+        if manifest is None:
+            check_parity(loaded)
         return cls(loaded, open_backend(backend, loaded), max_resident=max_resident, preload=preload)
 
     # ----- stages ---------------------------------------------------------------------

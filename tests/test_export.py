@@ -6,7 +6,9 @@ work on copies of the bundle or the export folder.
 
 from __future__ import annotations
 
+import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from PIL import Image
 from casam_export import ExportError, export_bundle
 from casam_export.cli import main as cli_main
 from casam_export.fp16 import convert_to_fp16, fp32_node_names
-from casam_export.graphs import ALIGN, DECODER, GraphSpec, TensorSpec, export_graph, finalize
+from casam_export.graphs import ALIGN, DECODER, GraphSpec, TensorSpec, export_graph, finalize, write_graph
 from casam_export.manifest import claim_out_dir
 from casam_export.verify import synthetic_images
 from conftest import make_random_bundle
@@ -28,7 +30,7 @@ from models.prompt_decoder import PromptDecoder
 from models.sam_loader import load_frozen_sam
 from runtime.errors import CasamError, ManifestError
 from runtime.files import read_json, sha256_file
-from runtime.pipeline import Pipeline
+from runtime.pipeline import Pipeline, UnverifiedExportWarning
 from casam_bundle import Bundle, BundleError
 from models.bundle_models import build_model, build_router, load_alignment
 
@@ -37,6 +39,13 @@ NAMES = ("alpha", "beta")
 
 def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def graph(out: Path, key: str) -> Path:
+    """The file of graph ``key`` (``encoder``, ``align/beta`` …): content-named, so read from the manifest."""
+    m = read_json(out / "manifest.json")
+    entry = m["graphs"][key] if "/" not in key else next(t["align"] for t in m["tasks"] if t["name"] == key[6:])
+    return out / entry["file"]
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +104,18 @@ def test_graphs_pass_checker_and_have_the_documented_io(out32):
         assert io_dims(model.graph.input) == {t["name"]: t["shape"] for t in entry["inputs"]}
         assert io_dims(model.graph.output) == {t["name"]: t["shape"] for t in entry["outputs"]}
         assert not any(n.metadata_props for n in model.graph.node), "exporter metadata (local paths) must be stripped"
-    assert io_dims(onnx.load(str(out32 / "encoder.onnx")).graph.input) == {"image": ["batch", 3, 1024, 1024]}
-    assert io_dims(onnx.load(str(out32 / "router.onnx")).graph.output) == {"pooled": ["batch", 256], "scores": ["batch", 2]}
+        # Content-named, so a re-export never overwrites a file the deployed manifest names.
+        assert entry["file"] == f"{key}-{entry['sha256'][:12]}.onnx"
+    assert io_dims(onnx.load(str(graph(out32, "encoder"))).graph.input) == {"image": ["batch", 3, 1024, 1024]}
+    assert io_dims(onnx.load(str(graph(out32, "router"))).graph.output) == {"pooled": ["batch", 256], "scores": ["batch", 2]}
     assert [t.name for t in DECODER.inputs] == ["embeddings", "point_coords", "point_labels"]
-    assert io_dims(onnx.load(str(out32 / "decoder.onnx")).graph.output) == {
+    assert io_dims(onnx.load(str(graph(out32, "decoder"))).graph.output) == {
         "low_res_masks": ["prompts", 1, 256, 256], "iou_predictions": ["prompts", 1]}
 
 
 def test_decoder_and_align_graphs_are_dynamic_and_match_torch(out32, bundle2, tiny_sam):
     decoder = PromptDecoder(tiny_sam.model).eval()
-    dec = session(out32 / "decoder.onnx")
+    dec = session(graph(out32, "decoder"))
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(1, 256, 64, 64)).astype(np.float32)
     for k, p in ((1, 1), (5, 4)):  # neither size was traced at export (2 prompts, 3 points)
@@ -118,10 +129,10 @@ def test_decoder_and_align_graphs_are_dynamic_and_match_torch(out32, bundle2, ti
         np.testing.assert_allclose(iou, iou_t.numpy(), atol=1e-4)
     layer = load_alignment(bundle2, "beta")
     x = rng.normal(size=(3, 256, 64, 64)).astype(np.float32)
-    (aligned,) = session(out32 / "align" / "beta.onnx").run(None, {"embeddings": x})
+    (aligned,) = session(graph(out32, "align/beta")).run(None, {"embeddings": x})
     with torch.no_grad():
         np.testing.assert_allclose(aligned, layer(torch.from_numpy(x)).numpy(), atol=1e-4)
-    pooled, scores = session(out32 / "router.onnx").run(None, {"embeddings": x[:1]})
+    pooled, scores = session(graph(out32, "router")).run(None, {"embeddings": x[:1]})
     with torch.no_grad():
         pooled_t, scores_t = build_router(bundle2)(torch.from_numpy(x[:1]))
     np.testing.assert_allclose(scores, scores_t.numpy(), rtol=1e-4)
@@ -159,7 +170,8 @@ def test_manifest_fields(out32, bundle2):
     if not m["tensorrt"]["available"]:
         assert m["tensorrt"]["reason"]
         assert not (out32 / "trt").exists(), "no engine may be written without TensorRT"
-    assert m["parity"]["passed"] is True and "fp32" in m["parity"]
+    assert m["parity"]["verified"] is True and m["parity"]["passed"] is True and "fp32" in m["parity"]
+    assert not (out32 / "parity-failed.json").exists()
 
 
 # ----- parity -----------------------------------------------------------------------------
@@ -179,16 +191,19 @@ def test_fp16_parity_and_precision(out16, out32):
     assert m["parity"]["fp16"]["image_source"].endswith("verify_images") and m["parity"]["fp16"]["images"] == 2
     assert {k: g["precision"] for k, g in m["graphs"].items()} == {"encoder": "fp16", "decoder": "fp16", "router": "fp32"}
     assert all(t["align"]["precision"] == "fp16" for t in m["tasks"])
-    enc = onnx.load(str(out16 / "encoder.onnx"))
-    assert (out16 / "encoder.onnx").stat().st_size < 0.7 * (out32 / "encoder.onnx").stat().st_size
+    enc = onnx.load(str(graph(out16, "encoder")))
+    assert graph(out16, "encoder").stat().st_size < 0.7 * graph(out32, "encoder").stat().st_size
     assert io_dims(enc.graph.input) == {"image": ["batch", 3, 1024, 1024]}
     assert all(v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for v in [*enc.graph.input, *enc.graph.output])
     types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(enc).graph.value_info}
     for node in enc.graph.node:
         if node.op_type in ("LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"):
             assert types[node.output[0]] == onnx.TensorProto.FLOAT, f"{node.op_type} must stay fp32"
-    # The fp16 and fp32 chains agree with each other, not only each with PyTorch.
-    p32, p16 = Pipeline.from_manifest(out32, backend="ort-cpu"), Pipeline.from_manifest(out16, backend="ort-cpu")
+    # The fp16 and fp32 chains agree with each other, not only each with PyTorch; both
+    # were verified, so loading them raises no UnverifiedExportWarning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedExportWarning)
+        p32, p16 = Pipeline.from_manifest(out32, backend="ort-cpu"), Pipeline.from_manifest(out16, backend="ort-cpu")
     image = synthetic_images()[0]
     boxes = np.array([[40, 30, 260, 200], [100, 120, 400, 290]], np.float32)
     r32, r16 = p32.predict(image, boxes=boxes), p16.predict(image, boxes=boxes)
@@ -228,25 +243,30 @@ def test_adding_a_task_reexports_only_its_align_graph_and_the_router(root, bundl
     staged = bundle.staging_dir("gamma")
     shutil.copytree(donor.task_dir("gamma"), staged)
     bundle.commit_task(donor.task("gamma"), staged)
-    before = {f: (out / f).read_bytes() for f in ("encoder.onnx", "decoder.onnx", "align/alpha.onnx", "align/beta.onnx")}
+    keys = ("encoder", "decoder", "align/alpha", "align/beta")
+    before = {k: (graph(out, k).relative_to(out), graph(out, k).read_bytes()) for k in keys}
+    old_router = graph(out, "router")
     m = export_bundle(bundle.root, out, verify=False)
-    for f, data in before.items():
-        assert (out / f).read_bytes() == data, f"{f} must stay byte-identical"
+    for k, (rel, data) in before.items():
+        assert graph(out, k) == out / rel and (out / rel).read_bytes() == data, f"{k} must stay byte-identical"
     assert m["graphs"]["encoder"]["reused"] and m["graphs"]["decoder"]["reused"]
     assert [t["align"]["reused"] for t in m["tasks"]] == [True, True, False]
     assert not m["graphs"]["router"]["reused"]
-    assert io_dims(onnx.load(str(out / "router.onnx")).graph.output)["scores"] == ["batch", 3]
-    Pipeline.from_manifest(out, backend="ort-cpu")  # every sha in the new manifest holds
+    assert io_dims(onnx.load(str(graph(out, "router"))).graph.output)["scores"] == ["batch", 3]
+    assert not old_router.exists(), "the replaced router is removed once the new manifest is in place"
+    with pytest.warns(UnverifiedExportWarning):
+        Pipeline.from_manifest(out, backend="ort-cpu")  # every sha in the new manifest holds
 
     # Tampering with a graph in the export folder: the runtime refuses it and the next
-    # export rebuilds exactly that graph.
-    with open(out / "align" / "alpha.onnx", "ab") as fh:
+    # export rebuilds exactly that graph, under the same content name.
+    with open(graph(out, "align/alpha"), "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(ManifestError, match="alpha"):
         Pipeline.from_manifest(out, backend="ort-cpu")
     m = export_bundle(bundle.root, out, verify=False)
     assert [t["align"]["reused"] for t in m["tasks"]] == [False, True, True]
-    assert (out / "align" / "alpha.onnx").read_bytes() == before["align/alpha.onnx"]
+    assert graph(out, "align/alpha").read_bytes() == before["align/alpha"][1]
+    assert graph(out, "align/alpha") == out / before["align/alpha"][0]
 
 
 # ----- bad input ------------------------------------------------------------------------------
@@ -295,6 +315,40 @@ def test_wrong_checkpoint_is_refused(root, bundle2, tiny_sam):
         export_bundle(bundle2.root, root / "ckpt_out", checkpoint=ckpt)
 
 
+def test_task_name_climbing_out_is_refused_and_nothing_is_written_outside_out(root, bundle2, monkeypatch):
+    """A bundle.json task renamed ``../../evil``, with matching files where that name points:
+    casam-export refuses with exit 2 and one line, and writes nothing anywhere (the graph
+    would have gone to ``<out>/align/../../evil.onnx``, outside --out). The exporter checks
+    names itself too, so it refuses even if the bundle reader's check were bypassed."""
+    base = root / "escape"
+    bundle = Path(shutil.copytree(bundle2.root, base / "a" / "b" / "bundle"))
+    meta = read_json(bundle / "bundle.json")
+    meta["tasks"][1]["name"] = "../../evil"
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    shutil.copytree(bundle / "tasks" / "beta", bundle / "tasks" / "../../evil")  # base/a/b/evil
+    out = base / "a" / "b" / "out"
+    snapshot = lambda: {p: p.read_bytes() for p in base.rglob("*") if p.is_file()}  # noqa: E731
+    before = snapshot()
+    args = ["--bundle", str(bundle), "--out", str(out), "--no-verify", "--quiet"]
+    for bypass in (False, True):
+        if bypass:
+            import casam_bundle.format
+
+            monkeypatch.setattr(casam_bundle.format, "check_task_name", lambda name, where="": name)
+            Bundle.open(bundle)  # the reader's check is really bypassed
+        result = CliRunner().invoke(cli_main, args)
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1 and "'../../evil'" in result.output and "Traceback" not in result.output
+        assert snapshot() == before and not out.exists(), "nothing may be written, inside or outside --out"
+
+
+def test_graph_paths_cannot_climb_out_of_the_export_folder(tmp_path):
+    for rel in ("align/../../evil.onnx", "/tmp/evil.onnx", ""):
+        with pytest.raises(ExportError, match="outside the export folder"):
+            write_graph(onnx.ModelProto(), ALIGN, tmp_path / "out", rel)
+    assert not any(tmp_path.rglob("*"))
+
+
 # ----- CLI -----------------------------------------------------------------------------------
 def test_cli_help_explains_every_option():
     result = CliRunner().invoke(cli_main, ["--help"])
@@ -306,10 +360,24 @@ def test_cli_help_explains_every_option():
 
 def test_cli_reexport_and_error(root, bundle2, out32):
     out = shutil.copytree(out32, root / "cli_out")
+    # Leftovers of a killed export and engines the runtime cached: after the switch, files
+    # of the export that no manifest names go; engines built for the graphs in force and
+    # files that are not the export's stay.
+    encoder_id = read_json(out / "manifest.json")["graphs"]["encoder"]["sha256"][:12]
+    planted = {"trt/encoder-" + encoder_id + "-Some_GPU-trt10.9.engine": True, "notes.txt": True,
+               "trt/encoder-0123456789ab-Some_GPU-trt10.9.engine": False, "align/ghost-0123456789ab.onnx": False,
+               "router-0123456789ab.onnx": False, ".router.onnx.x1y2.tmp": False, "align/.beta.onnx.x1y2.tmp": False,
+               ".staging/align_beta.onnx.123/beta.onnx": False}
+    for rel in planted:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"leftover")
     result = CliRunner().invoke(cli_main, ["--bundle", str(bundle2.root), "--out", str(out), "--no-verify"])
     assert result.exit_code == 0, result.output
     assert "unchanged: encoder, decoder, router, align/alpha, align/beta" in result.output
     assert read_json(out / "manifest.json")["parity"] == {"verified": False, "passed": None}
+    assert "parity: not verified (--no-verify)" in result.output
+    assert {rel: (out / rel).exists() for rel in planted} == planted
+    assert not (out / ".staging").exists()
     result = CliRunner().invoke(cli_main, ["--bundle", str(root / "nowhere"), "--out", str(out)])
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0 and "casam-export: error:" in result.output
@@ -353,11 +421,15 @@ def test_big_weights_go_to_external_data(tmp_path, monkeypatch):
     monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 0)
     layer = AlignmentLayer().eval()
     written = graphs.write_graph(finalize(export_graph(layer, ALIGN, 18, 16), fp16=False), ALIGN, tmp_path, "encoder.onnx")
-    assert written.external_data["file"] == "encoder.onnx.data"
-    assert sha256_file(tmp_path / "encoder.onnx.data") == written.external_data["sha256"]
-    assert (tmp_path / "encoder.onnx").stat().st_size < 100_000 < (tmp_path / "encoder.onnx.data").stat().st_size
+    data_sha = written.external_data["sha256"]
+    # Both files are content-named: new weights never overwrite a deployed weights file.
+    assert written.external_data["file"] == f"encoder-{data_sha[:12]}.onnx.data"
+    assert written.file == f"encoder-{written.sha256[:12]}.onnx"
+    data, model = tmp_path / written.external_data["file"], tmp_path / written.file
+    assert sha256_file(data) == data_sha and sha256_file(model) == written.sha256
+    assert model.stat().st_size < 100_000 < data.stat().st_size
     x = np.random.default_rng(0).normal(size=(1, 256, 64, 64)).astype(np.float32)
-    (y,) = session(tmp_path / "encoder.onnx").run(None, {"embeddings": x})
+    (y,) = session(model).run(None, {"embeddings": x})
     with torch.no_grad():
         np.testing.assert_allclose(y, layer(torch.from_numpy(x)).numpy(), atol=1e-4)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["encoder.onnx", "encoder.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([model.name, data.name])

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import real_data_or_skip
 from runtime.cli import main
+from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
 from runtime_support import copy_engines, exported
 
@@ -117,13 +118,15 @@ def test_bad_engine_folders(engines, images, tmp_path):
     assert "format version 99" in one_error_line(invoke(*args, versioned))
 
     tampered = copy_engines(engines, tmp_path / "tampered")
-    with open(tampered / "router.onnx", "ab") as fh:
+    files = Manifest.load(tampered, verify=False)  # graph files are content-named: ask the manifest
+    router, alpha = files.graphs["router"].path, files.task("alpha").graph.path
+    with open(router, "ab") as fh:
         fh.write(b"\0")
-    assert "router.onnx" in (line := one_error_line(invoke(*args, tampered))) and "sha256" in line
+    assert router.name in (line := one_error_line(invoke(*args, tampered))) and "sha256" in line
 
-    (tampered / "align" / "alpha.onnx").unlink()
-    (tampered / "router.onnx").write_bytes((engines / "router.onnx").read_bytes())
-    assert "alpha.onnx" in (line := one_error_line(invoke(*args, tampered))) and "missing" in line
+    alpha.unlink()
+    router.write_bytes((engines / router.name).read_bytes())
+    assert alpha.name in (line := one_error_line(invoke(*args, tampered))) and "missing" in line
 
 
 def test_real_files_of_several_sizes_and_modes(engines, tmp_path):

@@ -89,6 +89,6 @@ def test_cpu_sessions_allocate_per_tensor_not_per_size(engines):
     ~160 MB live set; without, 0.8 GB peak in all (bench/results/ort_options.md)."""
     from runtime.backends.ort import OrtBackend
 
-    options = OrtBackend("ort-cpu").session(engines / "encoder.onnx").get_session_options()
+    options = OrtBackend("ort-cpu").session(Manifest.load(engines, verify=False).graphs["encoder"].path).get_session_options()
     assert options.enable_mem_reuse is False and options.enable_mem_pattern is False
     assert options.enable_cpu_mem_arena is True  # freed tensors go back to the arena, not the OS
