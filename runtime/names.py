@@ -1,6 +1,6 @@
 """Task names and the identity route: the one check every stage applies to a name it reads.
 
-A task name becomes a folder (``tasks/<name>/``), a file (``align/<name>.onnx``) and a key
+A task name becomes a folder (``tasks/<name>/``), a file name (``align/<name>-<sha12>.onnx``) and a key
 in JSON, and it is read back from files that may have been edited by hand or shipped by
 another site. So the same check runs when a name is given on the command line and when it
 is read from ``bundle.json``, ``manifest.json`` or a task package: a name that passes can
