@@ -2,7 +2,7 @@
 
     casam-train --bundle DIR --task NAME --data PATH [options]     add one task
     casam-train eval --bundle DIR --data NAME=PATH ... [--ood PATH ...]
-    casam-train sequence --bundle DIR --tasks NAME=PATH ...
+    casam-train sequence --bundle DIR --tasks NAME=PATH ... [--methods casam,naive,sam] [--ood NAME=PATH ...]
     casam-train synth OUT --style S --count N --seed K
     casam-train pack --bundle DIR --task NAME --out T.casam [--sign KEY] [--redact-split]
     casam-train unpack --bundle DIR T.casam [--as NAME] [--trust KEYS/] [--check-data DIR [--strict]]
@@ -203,20 +203,39 @@ def eval_command(bundle: str, data: Sequence[str], ood: Sequence[str], checkpoin
     click.echo(f"report written to {out}")
 
 
+def _methods_option(func):
+    """``--methods a,b,c``; choices and help come from the method table (trainer.methods)."""
+    from trainer.methods import DEFAULT_METHODS, METHODS, methods_help
+
+    return click.option("--methods", default=",".join(DEFAULT_METHODS), show_default=True,
+                        metavar="|".join(METHODS) + ",...",
+                        help=f"Comma-separated methods to compare on the same tasks, splits, prompts and seeds. "
+                             f"{methods_help()}.")(func)
+
+
 @main.command("sequence", cls=GreedyCommand)
-@click.option("--bundle", type=click.Path(file_okay=False), required=True, help="Bundle folder (created if needed).")
+@click.option("--bundle", type=click.Path(file_okay=False), default=None,
+              help="CA-SAM bundle folder (created if needed; needed when the methods include casam).")
 @click.option("--tasks", "tasks", multiple=True, required=True,
               help="NAME=PATH in training order (several after one --tasks, or repeat the flag).")
+@click.option("--ood", "ood", multiple=True,
+              help="NAME=PATH of an unseen dataset (images/ + masks/), scored zero-shot after the last stage "
+                   "(repeatable). Reports each method's IoU/BIoU, its drop against sam and CA-SAM's rejection rate.")
+@_methods_option
 @click.option("--out", type=click.Path(file_okay=False), default="sequence_out", show_default=True,
-              help="Folder for iou_matrix.csv, biou_matrix.csv, sequence.json and iou_plot.png.")
+              help="Folder for sequence.json, report.html, <method>_iou_matrix.csv, <method>_biou_matrix.csv "
+                   "and the naive baseline's per-stage weights (naive/, never in the bundle).")
 @training_options
-def sequence_command(bundle: str, tasks: Sequence[str], out: str, **kw: Any) -> None:
-    """The continual protocol: train the tasks in order (tasks already in the bundle are kept),
-    evaluate every seen task after each stage, and write IoU/BIoU matrices, Last/Avg/FF and a plot."""
+def sequence_command(bundle: Optional[str], tasks: Sequence[str], ood: Sequence[str], methods: str, out: str, **kw: Any) -> None:
+    """The continual protocol: train the tasks in order with every method (CA-SAM tasks already
+    in the bundle are kept), score every seen task after each stage, score the --ood sets
+    zero-shot at the end, and write IoU/BIoU matrices, Last/Avg/FF and report.html."""
+    from trainer.methods import parse_methods
     from trainer.sequence import run_sequence
 
     try:
-        report = run_sequence(bundle, _pairs(tasks, "--tasks"), out, sam=kw["sam"], checkpoint=kw["checkpoint"],
+        report = run_sequence(bundle, _pairs(tasks, "--tasks"), out, methods=parse_methods(methods),
+                              ood=_pairs(ood, "--ood"), sam=kw["sam"], checkpoint=kw["checkpoint"],
                               config=_config(kw), resize=kw["resize"], device=kw["device"],
                               cache_dir=kw["cache_dir"], quiet=kw["quiet"])
     except CasamError as exc:

@@ -1,4 +1,4 @@
-"""Evaluating a bundle, and the paper's continual protocol over a sequence of tasks.
+"""Evaluating a bundle, and the paper's continual protocol over a sequence of tasks and methods.
 
 A seen task is always scored on the test split recorded in its bundle folder, so an
 evaluation never touches the images its alignment layer or VAE were trained on.
@@ -9,20 +9,28 @@ from __future__ import annotations
 import csv
 import io
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
+from models.casam import CASAM, routes_to_names
 from models.sam_loader import FrozenSam, load_frozen_sam
-from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from casam_bundle import Bundle
+from runtime.errors import InputError
+from runtime.files import atomic_write_json, atomic_write_text
+from runtime.names import IDENTITY, check_task_name
+from runtime.preprocess import Preprocessing
+from casam_bundle import Bundle, BundleError
 from models.bundle_models import build_model
 from trainer.data import Dataset, load_dataset, load_images
-from trainer.evaluate import SetResult, evaluate_set, format_table, rejection_rate
+from trainer.evaluate import SetResult, evaluate_set, format_table, rejection_rate, route_embeddings
+from trainer.methods import DEFAULT_METHODS, METHODS, REFERENCE, Context, MethodRun, parse_methods
 from trainer.metrics import continual_metrics
-from trainer.session import Session, open_bundle_session
-from trainer.train_task import TrainConfig, train_task
+from trainer.report import render_report
+from trainer.session import Session, check_bundle_sam, open_bundle_session, open_session
+from trainer.train_task import TrainConfig
 
 PathLike = Union[str, os.PathLike]
 
@@ -75,7 +83,15 @@ def evaluate_bundle(
     return {"bundle": str(bundle.root), "task_order": bundle.task_names, "tasks": tasks, "ood": ood_out, "table": table}
 
 
-def _matrix_csv(matrix: list[list[Optional[float]]], names: Sequence[str]) -> str:
+
+# --------------------------------------------------------------------------------------
+# The continual protocol: several methods, one task order, one zero-shot table.
+# --------------------------------------------------------------------------------------
+
+Matrix = list[list[Optional[float]]]
+
+
+def _matrix_csv(matrix: Matrix, names: Sequence[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["task \\ after stage"] + [f"{t + 1}:{n}" for t, n in enumerate(names)])
@@ -84,35 +100,139 @@ def _matrix_csv(matrix: list[list[Optional[float]]], names: Sequence[str]) -> st
     return buffer.getvalue()
 
 
-def _plot(per_stage: dict[str, list[float]], names: Sequence[str]) -> bytes:
-    import matplotlib
+def zero_shot_row(set_name: str, results: dict[str, SetResult], reference: str = REFERENCE) -> dict[str, Any]:
+    """One unseen set's row: each method's IoU/BIoU and its drop against ``reference``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    ``drop = reference − method`` (fractions; positive means the method lost accuracy
+    against plain SAM on the same images, the paper's Table 2 reading). CA-SAM's rejection
+    rate is the share of images it routed to the identity. Refuses results that were not
+    computed on the same images in the same order, since a drop between different image
+    sets means nothing.
+    """
+    stems = {m: [p["stem"] for p in r.per_image] for m, r in results.items()}
+    first = next(iter(stems.values()), [])
+    if any(s != first for s in stems.values()):
+        raise ValueError(f"zero-shot results for {set_name!r} were computed on different images")
+    ref = results.get(reference)
+    row: dict[str, Any] = {"set": set_name, "count": len(first), "methods": {}}
+    for m, r in results.items():
+        row["methods"][m] = {
+            "iou": r.iou, "biou": r.biou,
+            "iou_drop": None if ref is None else ref.iou - r.iou,
+            "biou_drop": None if ref is None else ref.biou - r.biou,
+        }
+    casam = results.get("casam")
+    row["rejection_rate"] = None if casam is None else float(np.mean([r == IDENTITY for r in casam.routes]))
+    return row
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    stages = np.arange(1, len(names) + 1)
-    for label, values in per_stage.items():
-        ax.plot(stages, np.asarray(values) * 100, marker="o", label=label)
-    ax.set_xticks(stages)
-    ax.set_xticklabels([f"{t}\n{n}" for t, n in zip(stages, names)], fontsize=8)
-    ax.set_xlabel("stage (tasks trained)")
-    ax.set_ylabel("score on seen tasks (%)")
-    ax.set_title("CA-SAM continual protocol")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
+
+def _check_inputs(tasks: Sequence[tuple[str, str]], ood: Sequence[tuple[str, str]], config: TrainConfig) -> None:
+    """Cheap checks before any image is read or any epoch run."""
+    names = [n for n, _ in tasks] + [n for n, _ in ood]
+    for n in names:
+        check_task_name(n)
+    if len(set(names)) != len(names):
+        raise InputError(f"task and --ood names must be distinct, got {', '.join(names)}")
+    if not tasks:
+        raise InputError("the protocol needs at least one task")
+    config.check()
+
+
+def _load_task_sets(bundle_dir: Optional[Path], tasks: Sequence[tuple[str, str]], seed: int) -> list[Dataset]:
+    """Every task's dataset, validated before any training, split as training will split it
+    (or as recorded, for a task already in the bundle)."""
+    bundle = Bundle.open(bundle_dir, verify=False) if bundle_dir and (bundle_dir / "bundle.json").exists() else None
+    return [task_test_set(bundle, n, p) if bundle is not None and n in bundle.task_names else load_dataset(p, seed=seed)
+            for n, p in tasks]
+
+
+def _open_protocol_session(bundle_dir: Optional[Path], sam: str, checkpoint: Optional[PathLike], resize: Optional[str],
+                           device: str, cache_dir: Optional[PathLike], quiet: bool, fs: FrozenSam) -> Session:
+    """The frozen SAM with the preprocessing every method shares: the bundle's, if one exists."""
+    if bundle_dir is not None and (bundle_dir / "bundle.json").exists():
+        bundle = Bundle.open(bundle_dir, verify=False)
+        check_bundle_sam(bundle, sam)
+        if resize is not None and resize != bundle.preprocessing.resize:
+            raise BundleError(f"bundle {bundle_dir} uses resize mode {bundle.preprocessing.resize!r}, not {resize!r}")
+        session = open_session(sam, checkpoint, bundle.preprocessing, device, cache_dir, quiet, fs)
+        check_bundle_sam(bundle, session.sam.name, session.checkpoint_sha256)
+        return session
+    return open_session(sam, checkpoint, Preprocessing(resize=resize or "longest"), device, cache_dir, quiet, fs)
+
+
+def _run_stages(runs: dict[str, MethodRun], ctx: Context, tasks: Sequence[tuple[str, str]],
+                datasets: list[Dataset]) -> tuple[dict[str, Matrix], dict[str, Matrix], list[torch.Tensor]]:
+    """Stage t: every method learns task t, then is scored on tasks 1..t."""
+    n = len(tasks)
+    iou = {m: [[None] * n for _ in range(n)] for m in runs}
+    biou = {m: [[None] * n for _ in range(n)] for m in runs}
+    test_embs: list[torch.Tensor] = []
+    for t, (name, path) in enumerate(tasks):
+        dataset = datasets[t]
+        emb = ctx.session.cache.embeddings(dataset.samples, desc=f"embedding {name}")
+        n_train = len(dataset.train)
+        test_embs.append(emb[n_train:])
+        for run in runs.values():
+            run.train(t, name, path, dataset, emb[:n_train])
+        del emb
+        for m, run in runs.items():
+            for k in range(t + 1):
+                result = run.evaluate(tasks[k][0], datasets[k].test, test_embs[k], seen=True)
+                iou[m][k][t], biou[m][k][t] = result.iou, result.biou
+    return iou, biou, test_embs
+
+
+def _zero_shot(runs: dict[str, MethodRun], ctx: Context, ood: Sequence[tuple[str, Dataset]]
+               ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
+    rows, embs = [], []
+    for name, dataset in ood:
+        emb = ctx.session.cache.embeddings(dataset.samples, desc=f"embedding {name}")
+        embs.append(emb)
+        rows.append(zero_shot_row(name, {m: run.evaluate(name, dataset.samples, emb, seen=False) for m, run in runs.items()}))
+    return rows, embs
+
+
+def routing_diagnostics(model: CASAM, bundle: Bundle, sets: Sequence[tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    """What a user checks to trust the thresholds, from the final CA-SAM model.
+
+    ``confusion[i][j]``: images of set i (a seen task's test split or an OOD set) routed to
+    column j (a task or the identity). ``vae_scores[task]``: the task's K-fold held-out
+    calibration scores (from which τ was taken), τ itself, and the scores its VAE gives
+    to every set's images.
+    """
+    columns = list(model.task_names) + [IDENTITY]
+    confusion, scores_by_set = [], {}
+    for set_name, emb in sets:
+        routes, scores = route_embeddings(model, emb)
+        names = routes_to_names(routes, model.task_names)
+        confusion.append([names.count(c) for c in columns])
+        scores_by_set[set_name] = scores
+    vae_scores = {}
+    for k, task in enumerate(model.task_names):
+        vae_scores[task] = {
+            "threshold": float(model.thresholds[k]),
+            "held_out": [float(s) for s in bundle.load_calibration(task).get("scores", [])],
+            "sets": {s: [float(v) for v in scores_by_set[s][:, k]] for s, _ in sets},
+        }
+    return {"rows": [s for s, _ in sets], "columns": columns, "confusion": confusion, "vae_scores": vae_scores}
+
+
+def _write_outputs(out_dir: Path, report: dict[str, Any]) -> None:
+    names = report["tasks"]
+    for m, result in report["results"].items():
+        atomic_write_text(out_dir / f"{m}_iou_matrix.csv", _matrix_csv(result["iou_matrix"], names))
+        atomic_write_text(out_dir / f"{m}_biou_matrix.csv", _matrix_csv(result["biou_matrix"], names))
+    atomic_write_json(out_dir / "sequence.json", report)
+    atomic_write_text(out_dir / "report.html", render_report(report))
 
 
 def run_sequence(
-    bundle_dir: PathLike,
+    bundle_dir: Optional[PathLike],
     tasks: Sequence[tuple[str, str]],
     out: PathLike,
     *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    ood: Sequence[tuple[str, str]] = (),
     sam: str = "vit_b",
     checkpoint: Optional[PathLike] = None,
     config: TrainConfig = TrainConfig(),
@@ -122,45 +242,46 @@ def run_sequence(
     quiet: bool = False,
     frozen_sam: Optional[FrozenSam] = None,
 ) -> dict[str, Any]:
-    """Train ``tasks`` in order; after stage t score tasks 1..t with the routed model of tasks 1..t.
+    """Train ``tasks`` in order with every method; after stage t score tasks 1..t; after
+    the last stage score the ``ood`` sets zero-shot. Writes sequence.json, per-method
+    IoU/BIoU CSVs, report.html and the naive layer's per-stage weights under ``out``.
 
-    Tasks already in the bundle (e.g. from an interrupted sequence) are not retrained.
+    CA-SAM tasks already in the bundle (e.g. from an interrupted sequence) are not retrained.
     """
-    names = [n for n, _ in tasks]
-    if len(set(names)) != len(names):
-        from runtime.errors import InputError
-
-        raise InputError(f"task names must be distinct, got {', '.join(names)}")
+    methods = parse_methods(methods)
+    _check_inputs(tasks, ood, config)
+    root = Path(bundle_dir) if bundle_dir is not None else None
+    if "casam" in methods and root is None:
+        raise InputError("method 'casam' needs --bundle (the bundle its tasks are added to)")
+    datasets = _load_task_sets(root, tasks, config.seed)
+    ood_sets = [(n, load_dataset(p, seed=config.seed)) for n, p in ood]
     fs = frozen_sam if frozen_sam is not None else load_frozen_sam(sam, Path(checkpoint) if checkpoint else None)
-    n_tasks = len(tasks)
-    iou: list[list[Optional[float]]] = [[None] * n_tasks for _ in range(n_tasks)]
-    biou: list[list[Optional[float]]] = [[None] * n_tasks for _ in range(n_tasks)]
-    trained: list[str] = []
-    datasets: list[Dataset] = []
-    summaries: list[dict[str, Any]] = []
-    for t, (name, path) in enumerate(tasks):
-        if not (Path(bundle_dir) / "bundle.json").exists() or name not in Bundle.open(bundle_dir, verify=False).task_names:
-            summaries.append(train_task(bundle_dir, name, path, sam=sam, checkpoint=checkpoint, config=config,
-                                        resize=resize, device=device, cache_dir=cache_dir, quiet=quiet, frozen_sam=fs))
-            trained.append(name)
-        bundle = Bundle.open(bundle_dir)
-        datasets.append(task_test_set(bundle, name, path))
-        session = open_bundle_session(bundle, checkpoint, device, cache_dir, quiet, fs)
-        model = build_model(bundle, fs.model, names[: t + 1]).to(session.device)
-        for k in range(t + 1):
-            result = _evaluate_task(session, bundle, model, names[k], datasets[k], quiet)
-            iou[k][t], biou[k][t] = result.iou, result.biou
+    session = _open_protocol_session(root, sam, checkpoint, resize, device, cache_dir, quiet, fs)
+    out_dir = Path(out)
+    ctx = Context(session, config, session.cache.preprocessing, out_dir, root, checkpoint, resize, device, cache_dir, quiet)
+    runs = {m: METHODS[m].start(ctx) for m in methods}
+
+    iou, biou, test_embs = _run_stages(runs, ctx, tasks, datasets)
+    zero_shot, ood_embs = _zero_shot(runs, ctx, ood_sets)
+
+    names = [n for n, _ in tasks]
     sizes = [len(d.test) for d in datasets]
     fill = lambda m: [[np.nan if v is None else v for v in row] for row in m]  # noqa: E731
-    iou_metrics = continual_metrics(fill(iou), sizes)
-    biou_metrics = continual_metrics(fill(biou), sizes)
-    out_dir = Path(out)
-    atomic_write_text(out_dir / "iou_matrix.csv", _matrix_csv(iou, names))
-    atomic_write_text(out_dir / "biou_matrix.csv", _matrix_csv(biou, names))
-    atomic_write_bytes(out_dir / "iou_plot.png", _plot({"IoU_t": iou_metrics["per_stage"], "BIoU_t": biou_metrics["per_stage"]}, names))
-    report = {"bundle": str(bundle_dir), "tasks": names, "test_sizes": sizes, "trained": trained,
-              "iou_matrix": iou, "biou_matrix": biou, "iou": iou_metrics, "biou": biou_metrics,
-              "files": ["iou_matrix.csv", "biou_matrix.csv", "sequence.json", "iou_plot.png"]}
-    atomic_write_json(out_dir / "sequence.json", report)
-    report["training"] = summaries
+    results = {m: {"label": METHODS[m].label, "iou_matrix": iou[m], "biou_matrix": biou[m],
+                   "iou": continual_metrics(fill(iou[m]), sizes), "biou": continual_metrics(fill(biou[m]), sizes)}
+               for m in methods}
+    report: dict[str, Any] = {
+        "tasks": names, "test_sizes": sizes, "methods": methods, "reference": REFERENCE, "results": results,
+        "zero_shot": zero_shot, "ood": [{"name": n, "path": str(p), "count": len(d.samples)} for (n, p), (_, d) in zip(ood, ood_sets)],
+        "sam": {"model": session.sam.name, "checkpoint_sha256": session.checkpoint_sha256, "untrained": session.sam.untrained},
+        "config": asdict(config), "preprocessing": ctx.prep.to_dict(), "bundle": str(root) if root else None,
+        "trained": {m: [s["task"] for s in run.trained] for m, run in runs.items() if METHODS[m].trains},
+    }
+    if "casam" in runs:
+        report["routing"] = routing_diagnostics(runs["casam"].model, Bundle.open(root),
+                                                list(zip(names, test_embs)) + [(n, e) for (n, _), e in zip(ood, ood_embs)])
+    report["files"] = (["sequence.json", "report.html"] + [f"{m}_{k}_matrix.csv" for m in methods for k in ("iou", "biou")]
+                       + [str(Path(s["weights"]).relative_to(out_dir)) for s in getattr(runs.get("naive"), "trained", [])])
+    _write_outputs(out_dir, report)
+    report["training"] = {m: run.trained for m, run in runs.items() if METHODS[m].trains}
     return report

@@ -1,0 +1,164 @@
+"""The methods the continual protocol compares, as one table (CLI choices derive from it).
+
+Every method sees the same task order, splits, prompts, seeds and frozen SAM; the
+protocol calls, per stage, ``train`` on the new task and then ``evaluate`` on every set.
+
+- ``casam``: this toolkit, one alignment layer and VAE per task in the bundle, routed.
+- ``naive``: the paper's "SAM + AL (naive)", one layer fine-tuned on each task in turn.
+- ``sam``: plain frozen SAM, the identity route everywhere; the zero-shot reference.
+
+``sam`` and ``casam`` share one memo per evaluated set: CA-SAM's layer k never changes
+once trained and its identity route *is* plain SAM, so an (image, route) pair scored once
+is the same number in every later stage and for both methods.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from casam_bundle import Bundle
+from models.bundle_models import build_model
+from models.casam import CASAM
+from models.prompt_decoder import PromptDecoder
+from runtime.errors import InputError
+from runtime.names import IDENTITY
+from runtime.preprocess import Preprocessing
+from trainer.data import Dataset, Sample
+from trainer.evaluate import SetResult, evaluate_set
+from trainer.naive import NAIVE_TASK, fine_tune, initial_layer, save_stage, stage_summary
+from trainer.session import Session
+from trainer.train_task import TrainConfig, train_task
+
+PathLike = Union[str, os.PathLike]
+Memo = dict[tuple[int, int], tuple[float, float]]
+
+
+@dataclass
+class Context:
+    """What every method of one protocol run shares."""
+
+    session: Session
+    config: TrainConfig
+    prep: Preprocessing
+    out_dir: Path
+    bundle_dir: Optional[Path]
+    checkpoint: Optional[PathLike]
+    resize: Optional[str]
+    device: str
+    cache_dir: Optional[PathLike]
+    quiet: bool
+    memos: dict[str, Memo] = field(default_factory=dict)
+
+    def memo(self, set_name: str) -> Memo:
+        """The (image, route) → (IoU, BIoU) memo of one set, shared by ``sam`` and ``casam``."""
+        return self.memos.setdefault(set_name, {})
+
+
+class MethodRun:
+    """One method through the protocol: ``train`` per stage, then ``evaluate`` per set."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.trained: list[dict[str, Any]] = []
+        self.model: CASAM = CASAM(ctx.session.sam.model).to(ctx.session.device)
+
+    def train(self, stage: int, name: str, path: PathLike, dataset: Dataset, train_emb: torch.Tensor) -> None:
+        """Learn task ``name`` (stage is 0-based); the default learns nothing."""
+
+    def evaluate(self, set_name: str, samples: Sequence[Sample], embeddings: torch.Tensor, seen: bool) -> SetResult:
+        raise NotImplementedError
+
+
+class SamRun(MethodRun):
+    def evaluate(self, set_name: str, samples: Sequence[Sample], embeddings: torch.Tensor, seen: bool) -> SetResult:
+        return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name, task=IDENTITY,
+                            quiet=self.ctx.quiet, memo=self.ctx.memo(set_name))
+
+
+class CasamRun(MethodRun):
+    """Tasks already in the bundle (an interrupted run) are kept, not retrained."""
+
+    def __init__(self, ctx: Context) -> None:
+        if ctx.bundle_dir is None:
+            raise InputError("method 'casam' needs --bundle (the bundle its tasks are added to)")
+        super().__init__(ctx)
+        self.names: list[str] = []
+
+    def _in_bundle(self, name: str) -> bool:
+        root = self.ctx.bundle_dir
+        return (root / "bundle.json").exists() and name in Bundle.open(root, verify=False).task_names
+
+    def train(self, stage: int, name: str, path: PathLike, dataset: Dataset, train_emb: torch.Tensor) -> None:
+        ctx = self.ctx
+        if not self._in_bundle(name):
+            self.trained.append(train_task(ctx.bundle_dir, name, path, sam=ctx.session.sam.name, checkpoint=ctx.checkpoint,
+                                           config=ctx.config, resize=ctx.resize, device=ctx.device,
+                                           cache_dir=ctx.cache_dir, quiet=ctx.quiet, frozen_sam=ctx.session.sam))
+        self.names.append(name)
+        bundle = Bundle.open(ctx.bundle_dir)
+        self.model = build_model(bundle, ctx.session.sam.model, self.names).to(ctx.session.device)
+
+    def evaluate(self, set_name: str, samples: Sequence[Sample], embeddings: torch.Tensor, seen: bool) -> SetResult:
+        return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name,
+                            expected=set_name if seen else None, quiet=self.ctx.quiet, memo=self.ctx.memo(set_name))
+
+
+class NaiveRun(MethodRun):
+    """One layer, trained on every task in turn; its weights after each stage go under --out."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self.layer = initial_layer(ctx.config, ctx.session.device)
+        self.decoder = PromptDecoder(ctx.session.sam.model).to(ctx.session.device)
+
+    def train(self, stage: int, name: str, path: PathLike, dataset: Dataset, train_emb: torch.Tensor) -> None:
+        ctx = self.ctx
+        t0 = time.time()
+        log = fine_tune(self.layer, self.decoder, train_emb, dataset.train, ctx.prep, ctx.config,
+                        ctx.session.device, desc=f"naive {name}", quiet=ctx.quiet)
+        weights = save_stage(self.layer, ctx.out_dir, stage + 1, name)
+        self.trained.append(stage_summary(name, log, weights, time.time() - t0))
+        self.model = CASAM(ctx.session.sam.model, [NAIVE_TASK], [self.layer]).to(ctx.session.device).eval()
+
+    def evaluate(self, set_name: str, samples: Sequence[Sample], embeddings: torch.Tensor, seen: bool) -> SetResult:
+        return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name, task=NAIVE_TASK, quiet=self.ctx.quiet)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str  # as the paper's tables name it
+    summary: str
+    trains: bool
+    start: Callable[[Context], MethodRun]
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("casam", "CA-SAM", "one alignment layer + VAE per task, routed (this toolkit)", True, CasamRun),
+    Method("naive", "SAM + AL (naive)", "one alignment layer fine-tuned on each task in turn, no router", True, NaiveRun),
+    Method("sam", "SAM", "plain frozen SAM, the identity route everywhere (zero-shot reference)", False, SamRun),
+)}
+#: The zero-shot reference: drops are measured against this method's numbers.
+REFERENCE = "sam"
+DEFAULT_METHODS = ("casam", "naive", "sam")
+
+
+def parse_methods(value: Union[str, Sequence[str]]) -> list[str]:
+    """"casam,naive,sam" (or a list) → distinct known method names, in the order given."""
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value)]
+    items = [v for v in items if v]
+    unknown = [v for v in items if v not in METHODS]
+    if unknown or not items:
+        raise InputError(f"unknown method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"choose from {', '.join(METHODS)}")
+    return list(dict.fromkeys(items))
+
+
+def methods_help() -> str:
+    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())
