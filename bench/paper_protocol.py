@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from trainer.report import render_report  # noqa: E402
 from trainer.sequence import run_sequence  # noqa: E402
 from trainer.train_task import TrainConfig  # noqa: E402
 
@@ -174,6 +175,7 @@ def main() -> None:
         loads = read_json(args.work / "out" / "timing.json")["load"]
         text = summary_markdown(report, args, seconds, loads[0], loads[1])
         atomic_write_text(args.results.with_suffix(".md"), text)
+        atomic_write_text(args.work / "out" / "report.html", render_report(report))  # with today's report code
         save_figures(args.work / "out" / "report.html", args.results)
         print(text)
         return

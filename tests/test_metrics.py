@@ -103,3 +103,20 @@ def test_loss_terms_by_hand():
     inter = float((p * target).sum())
     assert float(dice_loss(logits, target)) == pytest.approx(1 - (2 * inter + 1) / (float(p.sum()) + 2 + 1), rel=1e-6)
     assert float(soft_iou(logits, target)[0]) == pytest.approx(inter / (float(p.sum()) + 2 - inter), rel=1e-6)
+
+
+def test_naive_forgetting_by_hand():
+    # One layer fine-tuned task after task: task 1 peaks after stage 2 (0.7, a related
+    # task helped), then task 3 overwrites it (0.2). FF takes the largest drop from ANY
+    # stage to the last, not just from the diagonal: task 1 → 0.7 − 0.2 = 0.5,
+    # task 2 → 0.8 − 0.3 = 0.5, so FF = 0.5. Sizes 1, 1, 2 weight the stages.
+    nan = float("nan")
+    naive = [[0.6, 0.7, 0.2], [nan, 0.8, 0.3], [nan, nan, 0.9]]
+    out = continual_metrics(naive, [1, 1, 2])
+    assert out["per_stage"] == pytest.approx([0.6, 0.75, (0.2 + 0.3 + 2 * 0.9) / 4])
+    assert out["last"] == pytest.approx(0.575)
+    assert out["avg"] == pytest.approx((0.6 + 0.75 + 0.575) / 3)
+    assert out["ff"] == pytest.approx(0.5)
+    # Drops are measured from the best earlier stage: task 1 ends 0.05 below its 0.7 peak, task 2
+    # never moved, so FF = (0.05 + 0) / 2.
+    assert continual_metrics([[0.6, 0.7, 0.65], [nan, 0.5, 0.5], [nan, nan, 0.4]], [1, 1, 1])["ff"] == pytest.approx(0.025)

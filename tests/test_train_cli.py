@@ -89,21 +89,24 @@ def test_cli_errors_are_one_line_with_exit_code_2(cli_run, tmp_path):
     assert not (tmp_path / "b").exists()  # nothing written for bad data
 
 
-def test_sequence_writes_matrices_metrics_and_plot(cli_run):
+def test_sequence_writes_matrices_metrics_and_report(cli_run):
     base, env = cli_run["base"], cli_run["env"]
     out = base / "seq"
     result = invoke(["sequence", "--bundle", str(base / "bundle"), "--tasks", f"stripes={base / 'stripes'}",
-                     f"dots={base / 'dots'}", "--out", str(out), "--json-summary", str(base / "seq_summary.json"), "--cache-dir", cli_run["cache"]] + TRAIN, env)
+                     f"dots={base / 'dots'}", "--methods", "casam,sam", "--out", str(out),
+                     "--json-summary", str(base / "seq_summary.json"), "--cache-dir", cli_run["cache"]] + TRAIN, env)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "sequence.json").read_text())
-    assert report["tasks"] == ["stripes", "dots"] and report["trained"] == ["dots"]  # stripes kept as it was
-    iou = report["iou_matrix"]
+    assert report["tasks"] == ["stripes", "dots"] and report["trained"] == {"casam": ["dots"]}  # stripes kept as it was
+    casam = report["results"]["casam"]
+    iou = casam["iou_matrix"]
     assert iou[1][0] is None and all(v is not None for v in (iou[0][0], iou[0][1], iou[1][1]))
     nan = float("nan")
     expected = continual_metrics([[iou[0][0], iou[0][1]], [nan, iou[1][1]]], report["test_sizes"])
-    assert report["iou"]["per_stage"] == pytest.approx(expected.pop("per_stage"))
-    assert {k: report["iou"][k] for k in expected} == pytest.approx(expected)
-    assert (out / "iou_matrix.csv").read_text().count("\n") == 3
-    assert (out / "biou_matrix.csv").is_file()
-    assert (out / "iou_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert casam["iou"]["per_stage"] == pytest.approx(expected.pop("per_stage"))
+    assert {k: casam["iou"][k] for k in expected} == pytest.approx(expected)
+    for method in ("casam", "sam"):
+        assert (out / f"{method}_iou_matrix.csv").read_text().count("\n") == 3
+        assert (out / f"{method}_biou_matrix.csv").is_file()
+    assert (out / "report.html").read_text().count("data:image/png;base64,") == 4
     assert Bundle.open(base / "bundle").task_names == ["stripes", "dots"]

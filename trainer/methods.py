@@ -23,10 +23,11 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 
 from casam_bundle import Bundle
-from models.bundle_models import build_model
+from models.bundle_models import build_model, load_alignment
 from models.casam import CASAM
 from models.prompt_decoder import PromptDecoder
 from runtime.errors import InputError
+from runtime.files import read_json
 from runtime.names import IDENTITY
 from runtime.preprocess import Preprocessing
 from trainer.data import Dataset, Sample
@@ -54,6 +55,9 @@ class Context:
     cache_dir: Optional[PathLike]
     quiet: bool
     memos: dict[str, Memo] = field(default_factory=dict)
+    #: The first task, when CA-SAM trained it in this run with this config: naive's stage 1
+    #: is the very same training (same seeded init, data, prompts, epochs), so it is reused.
+    casam_first_task: Optional[str] = None
 
     def memo(self, set_name: str) -> Memo:
         """The (image, route) → (IoU, BIoU) memo of one set, shared by ``sam`` and ``casam``."""
@@ -97,6 +101,8 @@ class CasamRun(MethodRun):
     def train(self, stage: int, name: str, path: PathLike, dataset: Dataset, train_emb: torch.Tensor) -> None:
         ctx = self.ctx
         if not self._in_bundle(name):
+            if stage == 0:
+                ctx.casam_first_task = name
             self.trained.append(train_task(ctx.bundle_dir, name, path, sam=ctx.session.sam.name, checkpoint=ctx.checkpoint,
                                            config=ctx.config, resize=ctx.resize, device=ctx.device,
                                            cache_dir=ctx.cache_dir, quiet=ctx.quiet, frozen_sam=ctx.session.sam))
@@ -120,8 +126,14 @@ class NaiveRun(MethodRun):
     def train(self, stage: int, name: str, path: PathLike, dataset: Dataset, train_emb: torch.Tensor) -> None:
         ctx = self.ctx
         t0 = time.time()
-        log = fine_tune(self.layer, self.decoder, train_emb, dataset.train, ctx.prep, ctx.config,
-                        ctx.session.device, desc=f"naive {name}", quiet=ctx.quiet)
+        if stage == 0 and ctx.casam_first_task == name:
+            # Bit-identical to training it again: CA-SAM's task-1 layer started from the same
+            # seeded init and saw the same batches and prompts (see Context.casam_first_task).
+            self.layer.load_state_dict(load_alignment(Bundle.open(ctx.bundle_dir), name).state_dict())
+            log = read_json(Bundle.open(ctx.bundle_dir).task_dir(name) / "train_log.json")["epochs"]
+        else:
+            log = fine_tune(self.layer, self.decoder, train_emb, dataset.train, ctx.prep, ctx.config,
+                            ctx.session.device, desc=f"naive {name}", quiet=ctx.quiet)
         weights = save_stage(self.layer, ctx.out_dir, stage + 1, name)
         self.trained.append(stage_summary(name, log, weights, time.time() - t0))
         self.model = CASAM(ctx.session.sam.model, [NAIVE_TASK], [self.layer]).to(ctx.session.device).eval()

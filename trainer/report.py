@@ -123,20 +123,20 @@ def score_figure(report: dict[str, Any]) -> str:
         entry = routing["vae_scores"][task]
         others = [v for s, vals in entry["sets"].items() if s != task and s not in ood for v in vals]
         unseen = [v for s in ood for v in entry["sets"].get(s, [])]
-        groups = [("held-out (own train, K-fold)", entry["held_out"], "tab:blue"),
-                  ("own test", entry["sets"].get(task, []), "tab:cyan"),
-                  ("other tasks' test", others, "tab:orange"), ("unseen sets", unseen, "tab:red")]
+        groups = [("held-out scores of its own training images (K-fold)", entry["held_out"], "tab:blue"),
+                  ("its own test images", entry["sets"].get(task, []), "tab:cyan"),
+                  ("other tasks' test images", others, "tab:orange"), ("unseen sets' images", unseen, "tab:red")]
         bins = _bins([v for _, vals, _ in groups for v in vals] + [entry["threshold"]])
         for label, vals, colour in groups:
-            if vals:
-                ax.hist(vals, bins=bins, alpha=0.55, color=colour, label=f"{label} ({len(vals)})")
-        ax.axvline(entry["threshold"], color="black", ls="--", lw=1.2, label=f"τ = {entry['threshold']:.3g}")
+            ax.hist(vals, bins=bins, alpha=0.55, color=colour, label=label)
+        ax.axvline(entry["threshold"], color="black", ls="--", lw=1.2, label="threshold τ")
         if bins[0] > 0:
             ax.set_xscale("log")
-        ax.set_title(f"VAE of {task}", fontsize=10)
+        ax.set_title(f"VAE of {task} (τ = {entry['threshold']:.3g})", fontsize=10)
         ax.set_xlabel("score (lower = more like the task)", fontsize=8)
-        ax.legend(fontsize=6.5)
-    fig.tight_layout()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]))
     return _png(fig)
 
 
@@ -146,7 +146,7 @@ def confusion_figure(report: dict[str, Any]) -> str:
     counts = np.asarray(routing["confusion"], np.float64)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     r, c = counts.shape
-    fig, ax = plt.subplots(figsize=(1.6 + 1.0 * c, 1.0 + 0.5 * r))
+    fig, ax = plt.subplots(figsize=(2.4 + 1.1 * c, 1.4 + 0.55 * r))
     ax.imshow(share, vmin=0, vmax=1, cmap="Blues")
     for i in range(r):
         for j in range(c):
@@ -170,7 +170,7 @@ def summary_table(report: dict[str, Any]) -> str:
         cells = "".join(
             f'<td data-key="{html.escape(m)}.{kind}.{key}">{percent(report["results"][m][kind][key])}</td>'
             for kind in ("iou", "biou") for key, _ in METRICS)
-        lines.append(f'<tr><td class="name">{html.escape(_label(report, m))} ({html.escape(m)})</td>{cells}</tr>')
+        lines.append(f'<tr><td class="name">{html.escape(_label(report, m))} <code>{html.escape(m)}</code></td>{cells}</tr>')
     return "\n".join(lines + ["</table>"])
 
 
@@ -179,8 +179,10 @@ def zero_shot_table(report: dict[str, Any]) -> str:
     if not rows:
         return '<p class="note">No unseen sets were given (--ood NAME=PATH).</p>'
     methods = report["methods"]
-    head = "".join(f"<th>{html.escape(_label(report, m))} IoU</th><th>BIoU</th><th>IoU drop</th>" for m in methods)
-    lines = [f'<table id="zero-shot"><tr><th class="name">set</th><th>images</th>{head}<th>CA-SAM rejected</th></tr>']
+    groups = "".join(f'<th colspan="3">{html.escape(_label(report, m))}</th>' for m in methods)
+    subheads = "<th>IoU</th><th>BIoU</th><th>IoU drop</th>" * len(methods)
+    lines = [f'<table id="zero-shot"><tr><th class="name" rowspan="2">set</th><th rowspan="2">images</th>{groups}'
+             f'<th rowspan="2">CA-SAM rejected</th></tr><tr>{subheads}</tr>']
     for row in rows:
         cells = "".join(
             f'<td>{percent(row["methods"][m]["iou"])}</td><td>{percent(row["methods"][m]["biou"])}</td>'

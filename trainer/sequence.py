@@ -172,8 +172,8 @@ def _run_stages(runs: dict[str, MethodRun], ctx: Context, tasks: Sequence[tuple[
         emb = ctx.session.cache.embeddings(dataset.samples, desc=f"embedding {name}")
         n_train = len(dataset.train)
         test_embs.append(emb[n_train:])
-        for run in runs.values():
-            run.train(t, name, path, dataset, emb[:n_train])
+        for m in sorted(runs, key=lambda m: m != "casam"):  # casam first: naive may reuse its task-1 layer
+            runs[m].train(t, name, path, dataset, emb[:n_train])
         del emb
         for m, run in runs.items():
             for k in range(t + 1):
