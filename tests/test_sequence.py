@@ -91,15 +91,15 @@ def test_every_method_saw_the_same_tasks_and_splits(protocol):
 
 def test_naive_weights_live_under_out_never_in_the_bundle(protocol):
     out, bundle_dir = protocol["out"], protocol["base"] / "bundle"
+    assert Bundle.open(bundle_dir).task_names == list(TASKS)
+    assert not [p for p in bundle_dir.rglob("*") if "naive" in p.name]
     stages = [out / "naive" / f"stage{t + 1}_{n}.safetensors" for t, n in enumerate(TASKS)]
     first, second = (load_file(str(p)) for p in stages)
     assert first.keys() == second.keys()
     assert any(not np.array_equal(first[k].numpy(), second[k].numpy()) for k in first)  # stage 2 moved the layer
-    assert Bundle.open(bundle_dir).task_names == list(TASKS)
     # Stage 1 of naive is CA-SAM's task 1 (same seeded init, batches, prompts): reused, not retrained.
     casam_first = load_file(str(bundle_dir / "tasks" / TASKS[0] / "alignment.safetensors"))
     assert all(np.array_equal(first[k].numpy(), casam_first[k].numpy()) for k in first)
-    assert not [p for p in bundle_dir.rglob("*") if "naive" in p.name]
     assert {f"naive/{p.name}" for p in stages} <= set(protocol["json"]["files"])
 
 
