@@ -59,8 +59,9 @@ def heatmap_figure(report: dict[str, Any]) -> str:
     plt = _pyplot()
     names, methods = report["tasks"], report["methods"]
     n = len(names)
-    fig, axes = plt.subplots(1, len(methods), figsize=(1.2 + 2.0 * len(methods) * max(1.0, 0.6 * n), 0.9 + 0.6 * n + 0.8),
-                             squeeze=False)
+    # About 0.5 inch per cell plus room for the task names, so the page (~1200 px) shows
+    # three methods side by side with readable numbers.
+    fig, axes = plt.subplots(1, len(methods), figsize=(len(methods) * (1.8 + 0.5 * n), 1.3 + 0.5 * n), squeeze=False)
     for ax, m in zip(axes[0], methods):
         matrix = np.array([[np.nan if v is None else 100 * v for v in row] for row in report["results"][m]["iou_matrix"]])
         ax.imshow(np.ma.masked_invalid(matrix), vmin=0, vmax=100, cmap="viridis")
