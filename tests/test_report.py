@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
 from trainer.metrics import continual_metrics
 from trainer.report import percent, render_report
 
