@@ -303,5 +303,6 @@ class Pipeline:
 
     def describe(self) -> dict[str, Any]:
         return {**self.backend.describe(), "tasks": self.task_names, "max_prompts": self.max_prompts,
-                "precision": self.manifest.get("precision"), "sam": self.manifest.get("sam", {}).get("model")}
+                "precision": self.manifest.get("precision"), "sam": self.manifest.get("sam", {}).get("model"),
+                "intensity": self.preprocessing.intensity.to_dict()}
 
