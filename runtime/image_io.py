@@ -42,10 +42,10 @@ def is_dicom(path: PathLike) -> bool:
     return str(path).lower().endswith(DICOM_SUFFIXES)
 
 
-def check_pixels(width: int, height: int, max_pixels: Optional[int]) -> None:
+def check_pixels(width: int, height: int, max_pixels: Optional[int], path: PathLike) -> None:
     """One line for an image over the limit (None: no limit)."""
     if max_pixels is not None and width * height > max_pixels:
-        raise InputError(f"image {width}×{height} exceeds the {max_pixels}-pixel limit (--max-pixels)")
+        raise InputError(f"{path}: image {width}×{height} exceeds the {max_pixels}-pixel limit (--max-pixels)")
 
 
 @dataclass
@@ -105,11 +105,13 @@ def read_pil(path: PathLike, palette_indices: bool = False, max_pixels: Optional
         raise InputError(f"image {p} does not exist")
     try:
         with _open_header(p) as img:
-            check_pixels(img.size[0], img.size[1], max_pixels)
+            check_pixels(img.size[0], img.size[1], max_pixels, p)
             img.load()
             if palette_indices and img.mode == "P":
                 return np.asarray(img)
             return _pil_to_array(img)
+    except InputError:
+        raise
     except Image.DecompressionBombError as exc:  # defensive: a plugin that re-checks on load
         raise InputError(f"image {p} exceeds Pillow's decompression-bomb limit ({exc}); see --max-pixels") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -136,7 +136,7 @@ def _read_dataset(path: Path, max_pixels: Optional[int], header_only: bool = Fal
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad files
         raise InputError(f"DICOM file {path} is unreadable ({exc})") from exc
     if "Rows" in ds and "Columns" in ds:
-        check_pixels(int(ds.Columns), int(ds.Rows), max_pixels)
+        check_pixels(int(ds.Columns), int(ds.Rows), max_pixels, path)
     return ds
 
 
