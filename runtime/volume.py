@@ -199,7 +199,7 @@ class VolumeSegmenter:
             z0, z1 = prompt.limits
             self.prefetch(list(range(z0, z1 + 1)))
             for k in range(z0, z1 + 1):
-                self._segment(k, box, prompt.label, route_for, labels, records)
+                self._segment(k, box, prompt.label, route_for, labels, records, keep_small=True)
             return
         self.embedding(prompt.start, 1)
         mask = self._segment(prompt.start, box, prompt.label, route_for, labels, records)
@@ -214,14 +214,16 @@ class VolumeSegmenter:
                 k += step
 
     def _segment(self, k: int, box: np.ndarray, label: int, route_for: Callable[[int], str], labels: np.ndarray,
-                 records: dict[int, SliceRecord]) -> np.ndarray:
+                 records: dict[int, SliceRecord], keep_small: bool = False) -> np.ndarray:
+        """Decode slice k into ``labels``. A propagated mask under ``min_area`` ends the walk
+        and is left out (it is noise at the object's tip); a 3-D box keeps every mask."""
         self.embedding(k)
         route = route_for(k)
         mask, iou = self._decode(k, box, route)
         record = records.setdefault(k, SliceRecord(k, [float(s) for s in self.scores[k]]))
         record.route = route
         record.prompts.append({"label": label, "box": [float(v) for v in box], "area": int(mask.sum()), "iou": iou})
-        if int(mask.sum()) >= self.min_area:
+        if keep_small or int(mask.sum()) >= self.min_area:
             view = np.moveaxis(labels, self.axis, 0)[k]
             view[mask & (view == 0)] = label
         return mask

@@ -20,7 +20,7 @@ from casam_bundle import Bundle
 from models.bundle_models import build_model
 from trainer.data import Dataset, load_dataset, load_images
 from trainer.evaluate import SetResult, evaluate_set, format_table, rejection_rate
-from trainer.metrics import continual_metrics
+from runtime.metrics import continual_metrics
 from trainer.session import Session, open_bundle_session
 from trainer.train_task import TrainConfig, train_task
 
