@@ -149,7 +149,8 @@ def volume_record(scan: Scan, result: VolumeResult, axis: int, outputs: Mapping[
 
 
 def write_volume_outputs(out_dir: Path, stem: str, scan: Scan, result: VolumeResult, axis: int, with_overlay: bool,
-                         slice_image: Any, backend: Mapping[str, Any]) -> dict[str, Any]:
+                         slice_image: Any, backend: Mapping[str, Any],
+                         extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Write the NIfTI mask, the SEG (DICOM input), the montage, then the JSON record."""
     outputs: dict[str, Optional[str]] = {"mask": f"{stem}_mask.nii.gz", "seg": None, "overlay": None}
     write_nifti_mask(out_dir / outputs["mask"], scan, result.labels)  # type: ignore[operator]
@@ -162,6 +163,6 @@ def write_volume_outputs(out_dir: Path, stem: str, scan: Scan, result: VolumeRes
         if grid is not None:
             outputs["overlay"] = f"{stem}_overlay.png"
             atomic_write_bytes(out_dir / outputs["overlay"], png_bytes(grid))
-    record = volume_record(scan, result, axis, outputs, backend)
+    record = {**volume_record(scan, result, axis, outputs, backend), **dict(extra or {})}
     atomic_write_json(out_dir / f"{stem}.json", record)
     return record

@@ -11,9 +11,8 @@ is reported in one error that lists all offending files, because a hospital prep
 dataset wants the whole list, not one failure per run. Empty masks are skipped and counted.
 Each sample remembers its image's content hash, which keys the embedding cache.
 
-A structure is one foreground object to prompt for: a binary mask has one, a label map
-has one per non-zero value (METHOD.md). Structures are kept as an "index map" (0 =
-background, 1..k = structure), which resizes into the model frame in one nearest pass.
+Structures (the objects to prompt for) are defined in runtime.structures, shared with
+casam-infer's ``--boxes-from-masks``.
 """
 
 from __future__ import annotations
@@ -30,9 +29,9 @@ from runtime.errors import CasamError, InputError
 from runtime.files import read_json
 from runtime.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepare, read_pil, read_prepared, read_scan
 from runtime.intensity import Intensity
+from runtime.structures import mask_to_index_map, structure_masks
 
 PathLike = Union[str, os.PathLike]
-MAX_LABELS = 32  # more distinct values than this: a soft/JPEG-compressed binary mask
 TEST_FRACTION = 0.2
 MAX_LISTED = 20
 PICTURE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
@@ -52,37 +51,6 @@ def content_hash(array: np.ndarray) -> str:
     digest = hashlib.sha256(f"{a.shape}|{a.dtype.str}|".encode())
     digest.update(a.tobytes())
     return digest.hexdigest()
-
-
-def mask_to_index_map(mask: np.ndarray) -> np.ndarray:
-    """Any mask → H×W uint8 structure map (0 background, 1..k one value per structure).
-
-    - one non-zero value (0/1, 0/255, …): one structure;
-    - 2..MAX_LABELS distinct non-zero values: a label map, one structure per value;
-    - more: a soft or JPEG-compressed binary mask, thresholded at half its maximum;
-    - colour masks: one structure per distinct non-black colour (greyscale if R=G=B).
-    """
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m[:, :, :3] if m.shape[2] >= 3 else m[:, :, 0]
-        if m.ndim == 3:
-            if np.array_equal(m[:, :, 0], m[:, :, 1]) and np.array_equal(m[:, :, 0], m[:, :, 2]):
-                m = m[:, :, 0]
-            else:
-                packed = (m[:, :, 0].astype(np.int64) << 16) | (m[:, :, 1].astype(np.int64) << 8) | m[:, :, 2]
-                m = packed
-    if m.ndim != 2:
-        raise InputError(f"a mask must be H×W or H×W×C, got shape {m.shape}")
-    values = np.unique(m)
-    values = values[values != 0]
-    if len(values) <= 1:
-        return (m != 0).astype(np.uint8)
-    if len(values) > MAX_LABELS:
-        return (m.astype(np.float64) > float(m.max()) / 2.0).astype(np.uint8)
-    out = np.zeros(m.shape, np.uint8)
-    for i, v in enumerate(values, start=1):
-        out[m == v] = i
-    return out
 
 
 @dataclass
@@ -121,8 +89,7 @@ class Sample:
 
     def structures(self) -> np.ndarray:
         """K×H×W bool, one mask per structure, at the original size."""
-        idx = self.index_map()
-        return idx[None] == np.arange(1, int(idx.max()) + 1, dtype=idx.dtype)[:, None, None]
+        return structure_masks(self.index_map())
 
 
 @dataclass
