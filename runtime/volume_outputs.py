@@ -36,10 +36,7 @@ def nifti_mask(scan: Scan, labels: np.ndarray) -> Any:
         header = scan.header.copy()
         header.set_data_dtype(np.uint8)
         header.set_slope_inter(1.0, 0.0)
-        image = nib.Nifti1Image(labels, None, header=header)
-        image.set_qform(scan.header.get_qform(), code=int(scan.header["qform_code"]))
-        image.set_sform(scan.header.get_sform(), code=int(scan.header["sform_code"]))
-        return image
+        return nib.Nifti1Image(labels, None, header=header)  # affine None: qform and sform come from the header
     if scan.affine is None:
         raise InputError(f"{scan.path} has no geometry; cannot write a NIfTI mask for it")
     image = nib.Nifti1Image(labels, scan.affine)

@@ -90,7 +90,7 @@ def test_prompts_file_gives_each_image_its_own_boxes(engines, labelled, tmp_path
 
 
 def test_label_volume_gives_3d_boxes_and_slice_wise_scores(engines, tmp_path):
-    volume, label = sphere_volume((48, 48, 4), (24, 24, 1.5), radius_mm=8.0, spacing=(1.0, 1.0, 4.0))
+    volume, label = sphere_volume((48, 48, 5), (24, 24, 1.5), radius_mm=8.0, spacing=(1.0, 1.0, 4.0))  # slice 4 empty
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
     save_nifti(tmp_path / "images" / "ball.nii.gz", volume, np.eye(4))
