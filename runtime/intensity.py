@@ -107,6 +107,13 @@ class Source:
     pil: bool = False  # an ordinary picture (PNG, JPEG, TIFF…), never windowed in scanner units
 
 
+def count_nonfinite(array: np.ndarray) -> int:
+    """How many values are NaN or infinite (0 at once for integer data)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
 def finite_values(array: np.ndarray) -> tuple[np.ndarray, int]:
     """(the finite values of ``array``, how many were NaN or infinite). No copy for integers."""
     if not np.issubdtype(array.dtype, np.floating):
@@ -140,10 +147,10 @@ def find_window(array: np.ndarray, intensity: Intensity, source: Source) -> tupl
     mode = effective_mode(intensity, source)
     if mode == "window":
         center, width = intensity.window  # type: ignore[misc]
-        return (center - width / 2.0, center + width / 2.0), finite_values(array)[1]
+        return (center - width / 2.0, center + width / 2.0), count_nonfinite(array)
     if mode == "dicom-voi":
         center, width = source.voi  # type: ignore[misc]
-        return (center - width / 2.0, center + width / 2.0), finite_values(array)[1]
+        return (center - width / 2.0, center + width / 2.0), count_nonfinite(array)
     if mode == "minmax" and array.dtype == np.uint8:
         return None, 0
     values, bad = finite_values(array)

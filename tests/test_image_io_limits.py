@@ -69,6 +69,10 @@ def test_nan_pixels_warn_once_per_image(engines, tmp_path):
     lines = [line for line in result.stderr.splitlines() if "NaN" in line]
     assert lines == [f"casam-infer: warning: {name}: 16 NaN or infinite pixel(s) shown as black"
                      for name in ("nan.tif", "nan2.tif")]
+    from runtime.pipeline import Pipeline
+
+    direct = Pipeline.from_manifest(engines, backend="ort-cpu").predict(data, boxes=np.array([[1, 1, 30, 30]], np.float32))
+    assert direct.warnings == ["16 NaN or infinite pixel(s) shown as black"]  # the API warns too
 
 
 def test_4d_nifti_warns_and_offers_volume(engines, tmp_path):
