@@ -87,7 +87,12 @@ def test_held_out_volume_gets_the_pytorch_models_route_and_masks(trained, tiny_s
     torch_route = "sphere" if mean[0] <= tau else IDENTITY
     assert result.route == torch_route
     # float32 scores of the same graph on two runtimes: ~1e-6 relative per op, 1e-4 leaves room for the VAE's sums
+    runtime_scores = np.asarray([r.scores for r in result.slices.values()])
+    np.testing.assert_allclose(runtime_scores, np.asarray(torch_scores), rtol=1e-4)
     np.testing.assert_allclose(list(result.mean_scores.values()), mean, rtol=1e-4)
+    # the volume's mean is the float64 mean of exactly these slice scores (same numbers, same order)
+    np.testing.assert_allclose(list(result.mean_scores.values()), runtime_scores.mean(axis=0), rtol=1e-12)
+    assert np.ptp(runtime_scores[:, 0]) > 1e-9 * abs(runtime_scores[0, 0])  # slices differ, so the mean is checked
     for k, expected in torch_masks.items():
         got = np.take(result.labels, k, axis=2) == 1
         union = np.logical_or(got, expected).sum()
