@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -19,8 +20,13 @@ import numpy as np
 
 from runtime.backends import BACKENDS
 from runtime.errors import CasamError, InputError
-from runtime.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_image
+from runtime.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepared_slice, read_scan
+from runtime.intensity import Intensity
+from runtime.files import atomic_write_json
 from runtime.outputs import write_outputs
+from runtime.prompt_sources import ImagePrompts, boxes_from_masks, read_prompt_file
+from runtime.scoring import DeploymentScores
+from runtime.volume import DEFAULT_BATCH, DEFAULT_MARGIN, DEFAULT_MIN_AREA, VolumePrompt
 
 DEFAULT_ENGINES = "casam_engines"
 INPUT_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
@@ -48,10 +54,15 @@ def resolve_engines(engines: Optional[Path]) -> Path:
 
 
 def expand_inputs(paths: Sequence[Path]) -> list[Path]:
-    """Files as given; folders → their image files (not recursive), sorted by name."""
+    """Files as given; a DICOM series folder as one volume; other folders → their image
+    files (not recursive), sorted by name."""
+    from runtime.volume_io import is_dicom_series
+
     files: list[Path] = []
     for path in paths:
-        if path.is_dir():
+        if path.is_dir() and is_dicom_series(path, IMAGE_SUFFIXES + NIFTI_SUFFIXES):
+            files.append(path)
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES))
             if not found:
                 raise InputError(f"folder {path} holds no images ({', '.join(INPUT_SUFFIXES)})")
@@ -93,6 +104,106 @@ def unique_stem(path: Path, used: Counter) -> str:
     return name if used[name] == 1 else f"{name}_{used[name] - 1}"
 
 
+# ----- volumes (NIfTI, DICOM series and multi-frame files) ----------------------------------
+@dataclass(frozen=True)
+class VolumeOptions:
+    """How volumes are read and segmented (casam-infer's volume options, grouped)."""
+
+    slice: Optional[int] = None
+    axis: int = 2
+    volume: Optional[int] = None
+    box3d: tuple[tuple[float, ...], ...] = ()
+    per_slice: bool = False
+    batch: int = DEFAULT_BATCH
+    margin: float = DEFAULT_MARGIN
+    min_area: int = DEFAULT_MIN_AREA
+    allow_gaps: bool = False
+    single_slice: bool = False
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
+
+
+def volume_prompts(boxes: Sequence[Sequence[float]], points: Sequence[Sequence[float]],
+                   box3d: Sequence[Sequence[float]], start: Optional[int], scan: Scan, axis: int) -> list[VolumePrompt]:
+    """Boxes on slice ``start`` (default: the middle slice) and 3-D boxes → labels 1..K in that order."""
+    if points:
+        raise InputError("--point is not supported for volumes; give --box with --slice, or --box3d")
+    if not boxes and not box3d:
+        raise InputError("give a prompt for the volume: --box X0 Y0 X1 Y1 with --slice K, or --box3d X0 Y0 Z0 X1 Y1 Z1")
+    start = scan.data.shape[axis] // 2 if start is None else start
+    prompts = [VolumePrompt(i, (b[0], b[1], b[2], b[3]), start) for i, b in enumerate(boxes, start=1)]
+    for j, (x0, y0, z0, x1, y1, z1) in enumerate(box3d, start=len(prompts) + 1):
+        if z1 < z0 or z0 != int(z0) or z1 != int(z1):
+            raise InputError(f"--box3d #{j - len(boxes)}: give whole slice numbers Z0 ≤ Z1, got {z0:g} {z1:g}")
+        prompts.append(VolumePrompt(j, (x0, y0, x1, y1), (int(z0) + int(z1)) // 2, (int(z0), int(z1))))
+    return prompts
+
+
+def run_volume(pipe: Any, path: Path, scan: Scan, stem: str, prompts: ImagePrompts, opts: VolumeOptions,
+               intensity: Intensity, task: Optional[str], out: Path, overlay: bool, backend_info: dict[str, Any],
+               scores: DeploymentScores) -> dict[str, Any]:
+    """One volume: propagate, route the volume, write the NIfTI mask (+ SEG, montage, JSON)."""
+    from runtime.volume import segment_volume
+    from runtime.volume_outputs import write_volume_outputs
+
+    if not hasattr(pipe, "encode"):
+        raise InputError("volumes run on local engines only; drop --server for volume input")
+    start = prompts.slice if prompts.slice is not None else opts.slice
+    result = segment_volume(pipe, scan, volume_prompts(prompts.boxes, prompts.points, prompts.box3d, start, scan, opts.axis),
+                            intensity, axis=opts.axis, task=task, per_slice=opts.per_slice, batch=opts.batch,
+                            margin=opts.margin, min_area=opts.min_area)
+    evaluation = scores.add_volume(path.name, result.route, [r.route for r in result.slices.values()], result.labels,
+                                   prompts.truth, prompts.truth_values, opts.axis)
+    return write_volume_outputs(out, stem, scan, result, opts.axis, overlay,
+                                lambda k: prepared_slice(scan, intensity, k, opts.axis)[0], backend_info,
+                                {"evaluation": evaluation})
+
+
+# ----- prompts per image and scoring on ground truth ----------------------------------------
+@dataclass(frozen=True)
+class PromptOptions:
+    """Where each image's prompts come from, and what it is scored against."""
+
+    prompts_file: Optional[Path] = None
+    boxes_from_masks: Optional[Path] = None
+    box_jitter: float = 0.0
+    expect_task: Optional[str] = None
+
+
+def base_stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(INPUT_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def prompts_for(path: Path, scan: Scan, table: Optional[dict[str, ImagePrompts]], popts: PromptOptions,
+                vol: VolumeOptions, rng: Any, box, point, label) -> ImagePrompts:
+    """This image's prompts: its --prompts entry, else boxes from its mask, else the CLI's;
+    with --boxes-from-masks its mask is the ground truth either way."""
+    truth = None
+    if popts.boxes_from_masks is not None:
+        truth = boxes_from_masks(popts.boxes_from_masks, base_stem(path), scan.is_volume, vol.axis, popts.box_jitter, rng)
+    entry = table.get(path.name) if table is not None else None
+    if table is not None and entry is None and truth is None:
+        raise InputError(f"{popts.prompts_file} has no prompts for {path.name}")
+    if entry is None:
+        entry = truth or ImagePrompts(boxes=list(box), points=list(point),
+                                      point_labels=list(label) or [1] * len(point), slice=vol.slice, box3d=list(vol.box3d))
+    if truth is not None:
+        entry.truth, entry.truth_values = truth.truth, truth.truth_values
+    return entry
+
+
+
+def volume_line(name: str, record: dict[str, Any]) -> str:
+    spans = ", ".join(f"label {s['label']} slices {s['slices'][0]}-{s['slices'][1]} ({s['voxels']} voxels)"
+                      for s in record["structures"]) or "nothing segmented"
+    return (f"{name}: volume {'×'.join(map(str, record['shape']))}, route {record['route']} ({record['route_mode']}); "
+            f"{spans}; {record['outputs']['mask']}")
+# ----- end volumes ---------------------------------------------------------------------------
+
+
 def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
     scores = ", ".join(
         f"{t} {s:.4g}{' ≤' if s <= record['thresholds'][t] else ' >'} τ {record['thresholds'][t]:.4g}"
@@ -125,27 +236,68 @@ def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: TensorRT engines built for this GPU, else ORT CUDA if usable, else ORT CPU.")
 @click.option("--timings", is_flag=True, help="Print per-stage milliseconds for each image.")
-@click.option("--slice", "nifti_slice", type=int, default=None, metavar="K",
-              help="Slice index of NIfTI volumes (default: the middle slice).")
 @click.option("--max-resident", type=click.IntRange(min=1), default=8, show_default=True,
               help="Alignment engines kept loaded at once (least recently used ones are dropped).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-image lines; errors still go to stderr.")
 @click.option("--server", default=None, metavar="URL",
               help="Send each image to a casam-serve server (http://HOST:8000 or grpc://HOST:8001) "
                    "instead of running local engines; outputs are the same.")
+# --- volumes and input limits (VolumeOptions) ---
+@click.option("--slice", "slice", type=int, default=None, metavar="K",
+              help="Volumes: the slice --box is drawn on (default: the middle slice along --axis).")
+@click.option("--axis", type=click.IntRange(0, 2), default=2, show_default=True,
+              help="Volumes: the slicing axis (2: the last, axial for the usual orientations).")
+@click.option("--volume", "volume", type=click.IntRange(min=0), default=None, metavar="K",
+              help="The volume of a 4-D NIfTI to segment (required for 4-D files in volume mode).")
+@click.option("--box3d", "box3d", nargs=6, type=float, multiple=True, metavar="X0 Y0 Z0 X1 Y1 Z1",
+              help="Volumes: a box prompting every slice Z0..Z1 (inclusive) instead of propagating; "
+                   "repeat for several labels (after those of --box).")
+@click.option("--route-per-slice", "per_slice", is_flag=True,
+              help="Volumes: route every slice on its own instead of one route for the volume.")
+@click.option("--batch", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
+              help="Volumes: slices per encoder call.")
+@click.option("--margin", type=click.FloatRange(min=0), default=DEFAULT_MARGIN, show_default=True,
+              help="Volumes: pixels added around the previous slice's mask box when propagating.")
+@click.option("--min-area", type=click.IntRange(min=1), default=DEFAULT_MIN_AREA, show_default=True,
+              help="Volumes: propagation stops when a mask has fewer pixels than this.")
+@click.option("--allow-gaps", is_flag=True, help="Accept a DICOM series with uneven slice positions (with a warning).")
+@click.option("--single-slice", is_flag=True,
+              help="Segment only slice --slice of a volume, as a 2-D image (PNG masks), without propagation.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+              help="Refuse images with more pixels than this (decoding them could exhaust memory).")
+# --- end volumes and input limits ---
+# --- prompts per image and evaluation (PromptOptions) ---
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="JSON or CSV giving each file its own boxes, points and slice, keyed by file name "
+                   "(see docs/MEDICAL.md).")
+@click.option("--boxes-from-masks", type=click.Path(path_type=Path, file_okay=False), default=None, metavar="DIR",
+              help="One box per structure from each image's mask (DIR/<stem>.png or .nii.gz); also reports "
+                   "IoU and BIoU against those masks, per image, per route and overall.")
+@click.option("--box-jitter", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="PX",
+              help="Move each coordinate of a --boxes-from-masks box by up to ±PX pixels (seeded).")
+@click.option("--expect-task", default=None, metavar="NAME|identity",
+              help="The task every input should be routed to: reports the routing accuracy.")
+# --- end prompts per image and evaluation ---
 def main(images: tuple[Path, ...], box, point, label, engines: Optional[Path], out: Path, overlay: bool,
-         as_json: bool, task: Optional[str], backend: str, timings: bool, nifti_slice: Optional[int],
-         max_resident: int, quiet: bool, server: Optional[str]) -> None:
+         as_json: bool, task: Optional[str], backend: str, timings: bool,
+         max_resident: int, quiet: bool, server: Optional[str], **options: Any) -> None:
     """Segment IMAGE(s) (files or folders) with CA-SAM: each image is routed to the task whose
     VAE explains it best, or to plain SAM (identity) when none does.
 
+    A volume (NIfTI file, DICOM series folder, multi-frame DICOM) is segmented in 3-D: --box
+    on --slice K is propagated outward slice by slice, the volume gets one route, and
+    <stem>_mask.nii.gz (plus <stem>_seg.dcm for DICOM) is written. Intensities are windowed
+    as the bundle was trained (manifest preprocessing.intensity).
+
     \b
-    Example:
+    Examples:
       casam-infer scan.png --box 40 60 220 210 --overlay --engines casam_engines
+      casam-infer ct.nii.gz --box 120 140 200 210 --slice 40 --overlay
+      casam-infer series_dir/ --box3d 120 140 30 200 210 52
     """
     try:
         run(images, box, point, label, resolve_engines(engines), out, overlay, as_json, task, backend,
-            timings, nifti_slice, max_resident, quiet, server)
+            timings, max_resident, quiet, server, *split_options(options))
     except CasamError as exc:
         click.echo(f"casam-infer: error: {exc}", err=True)
         sys.exit(2)
@@ -154,36 +306,86 @@ def main(images: tuple[Path, ...], box, point, label, engines: Optional[Path], o
         sys.exit(2)
 
 
+def split_options(options: dict[str, Any]) -> tuple[VolumeOptions, PromptOptions]:
+    fields = VolumeOptions.__dataclass_fields__
+    return (VolumeOptions(**{k: v for k, v in options.items() if k in fields}),
+            PromptOptions(**{k: v for k, v in options.items() if k not in fields}))
+
+
 def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_json: bool, task: Optional[str],
-        backend: str, timings: bool, nifti_slice: Optional[int], max_resident: int, quiet: bool,
-        server: Optional[str] = None) -> None:
+        backend: str, timings: bool, max_resident: int, quiet: bool,
+        server: Optional[str] = None, vol: VolumeOptions = VolumeOptions(), popts: PromptOptions = PromptOptions()) -> None:
+    import numpy as np
     from tqdm import tqdm
 
-    boxes, points, labels = group_prompts(box, point, label)
+    # Prompts are checked before any engine is loaded; --box3d alone is for volumes only.
+    table = read_prompt_file(popts.prompts_file) if popts.prompts_file is not None else None
+    if table is None and popts.boxes_from_masks is None and (box or point or not vol.box3d):
+        group_prompts(box, point, label)
+    if popts.boxes_from_masks is not None and not popts.boxes_from_masks.is_dir():
+        raise InputError(f"--boxes-from-masks {popts.boxes_from_masks} is not a folder")
     files = expand_inputs(images)
     pipe = open_pipeline(engines, backend, server=server, max_resident=max_resident)
     if task is not None:
         pipe.check_task(task)
+    if popts.expect_task is not None:
+        pipe.check_task(popts.expect_task)
+    scores = DeploymentScores(popts.expect_task)
+    rng = np.random.default_rng(0)  # --box-jitter draws: the same boxes on every run
     out.mkdir(parents=True, exist_ok=True)
     backend_info = pipe.describe()
     routes: Counter = Counter()
     used: Counter = Counter()
     bar = tqdm(files, desc="casam-infer", unit="image", disable=quiet or len(files) < 2, file=sys.stderr)
+    intensity = pipeline_intensity(pipe)
     for path in bar:
-        image = read_image(path, nifti_slice)
+        scan = read_scan(path, volume=vol.volume, max_pixels=vol.max_pixels, allow_gaps=vol.allow_gaps,
+                         strict_4d=not vol.single_slice)
+        given = prompts_for(path, scan, table, popts, vol, rng, box, point, label)
+        if scan.is_volume and not vol.single_slice:
+            record = run_volume(pipe, path, scan, unique_stem(path, used), given, vol, intensity, task, out,
+                                overlay, backend_info, scores)
+            _warn(bar, path, record["warnings"])
+            routes[record["route"]] += 1
+            _echo(bar, record, volume_line(path.name, record), as_json, quiet)
+            continue
+        if given.box3d:
+            raise InputError(f"--box3d is for volumes; {path.name} is a 2-D image: give --box or --point")
+        boxes, points, labels = group_prompts(given.boxes, given.points, given.point_labels)
+        image, read_warnings = prepared_slice(scan, intensity, vol.slice, vol.axis)
         result = pipe.predict(image, boxes=boxes, points=points, point_labels=labels, task=task)
-        for warning in result.warnings:
-            bar.write(f"casam-infer: warning: {path.name}: {warning}", file=sys.stderr)
+        result.warnings[:0] = read_warnings
+        _warn(bar, path, result.warnings)
+        evaluation = scores.add_image(path.name, result.route, result.masks, given.truth, given.truth_values)
         record = write_outputs(out, unique_stem(path, used), str(path), image, result, boxes, points, labels,
-                               overlay, backend_info)
+                               overlay, backend_info, {"evaluation": evaluation})
         routes[result.route] += 1
-        if as_json:
-            click.echo(json.dumps(record))
-        elif not quiet:
-            bar.write(describe_line(path.name, record, timings), file=sys.stdout)
+        _echo(bar, record, describe_line(path.name, record, timings), as_json, quiet)
     if len(files) > 1 and not quiet and not as_json:
         summary = ", ".join(f"{name} {count}" for name, count in sorted(routes.items()))
         click.echo(f"routes over {len(files)} images: {summary}; outputs in {out}")
+    if popts.boxes_from_masks is not None or popts.expect_task is not None:
+        atomic_write_json(out / "evaluation.json", scores.summary())
+        if not quiet and not as_json:
+            click.echo(scores.line() + f" (details: {out / 'evaluation.json'})")
+
+
+def pipeline_intensity(pipe: Any) -> Intensity:
+    """The intensity handling the engines were trained with (manifest, or the server's)."""
+    prep = getattr(pipe, "preprocessing", None)
+    return prep.intensity if prep is not None else pipe.intensity
+
+
+def _warn(bar: Any, path: Path, warnings: Sequence[str]) -> None:
+    for warning in warnings:
+        bar.write(f"casam-infer: warning: {path.name}: {warning}", file=sys.stderr)
+
+
+def _echo(bar: Any, record: dict[str, Any], line: str, as_json: bool, quiet: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(record))
+    elif not quiet:
+        bar.write(line, file=sys.stdout)
 
 
 if __name__ == "__main__":  # pragma: no cover

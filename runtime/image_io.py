@@ -1,26 +1,37 @@
-"""Reading images as numpy arrays, whatever their mode: the one reader trainer and runtime share.
+"""Reading every supported file into the array preprocessing takes: the one reader trainer
+and runtime share.
 
 Real medical files are messy: 16-bit greyscale PNG/TIFF, palette PNGs, RGBA screenshots,
-multi-page TIFFs. Everything is returned as an H×W or H×W×C array in its native dtype;
-scaling to 0–255 is ``runtime.preprocess.to_rgb_255``'s job, so training and inference
-agree. DICOM (pydicom) and NIfTI slices (nibabel) are optional extras.
+DICOM with rescale slopes and inverted photometry, NIfTI volumes in any orientation.
+``read_scan`` returns a file's raw values (after DICOM's RescaleSlope/Intercept) with what
+decides their window (``runtime.intensity.Source``); ``prepare`` turns a whole scan into
+8-bit with the recorded intensity handling, and ``read_prepared`` gives one 2-D slice of it.
+Training and inference call these same functions, so both see the same grey levels.
+
+Pictures are refused above a pixel limit, checked on the header before any decoding, so a
+decompression bomb costs nothing and a huge scan fails with one line instead of swapping.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from runtime.errors import InputError
+from runtime.intensity import Intensity, Source, apply_window, find_window, nonfinite_warning, to_uint8
 
 PathLike = Union[str, os.PathLike]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: a 10000×10000 slide tile, 1.2 GB as 12-bit RGB
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 def is_nifti(path: PathLike) -> bool:
@@ -31,6 +42,36 @@ def is_dicom(path: PathLike) -> bool:
     return str(path).lower().endswith(DICOM_SUFFIXES)
 
 
+def check_pixels(width: int, height: int, max_pixels: Optional[int], path: PathLike) -> None:
+    """One line for an image over the limit (None: no limit)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise InputError(f"{path}: image {width}×{height} exceeds the {max_pixels}-pixel limit (--max-pixels)")
+
+
+@dataclass
+class Scan:
+    """A file's raw values, in the dtype it stores (float after a DICOM rescale).
+
+    ``data`` is H×W or H×W×3 for 2-D files, X×Y×Z for volumes (slices along any axis).
+    ``affine`` maps voxel indices to RAS millimetres; ``header`` is the NIfTI header (to
+    write a mask with the same qform/sform); ``datasets`` are a DICOM series' headers in
+    slice order (to reference them from a DICOM SEG).
+    """
+
+    path: Path
+    data: np.ndarray
+    source: Source
+    affine: Optional[np.ndarray] = None
+    header: Any = None
+    datasets: list[Any] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def is_volume(self) -> bool:
+        return self.source.kind == "volume"
+
+
+# ----- pictures (Pillow) -------------------------------------------------------------------
 def _pil_to_array(img: Image.Image) -> np.ndarray:
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -43,74 +84,112 @@ def _pil_to_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
-def read_pil(path: PathLike, palette_indices: bool = False) -> np.ndarray:
-    """Pillow-readable file → array. ``palette_indices`` keeps a palette image's indices
-    (label maps are often saved as palette PNGs) instead of converting to RGB."""
+def _open_header(path: Path) -> Image.Image:
+    """Open lazily (header only). casam checks its own limit on the header, so Pillow's global
+    one is lifted for this call only: its DecompressionBombError would otherwise fire first,
+    at 2×89.5 Mpx, before we know the size."""
+    with _PIL_LIMIT_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def read_pil(path: PathLike, palette_indices: bool = False, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Pillow-readable file → array, decoded once. ``palette_indices`` keeps a palette
+    image's indices (label maps are often saved as palette PNGs) instead of converting to RGB."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"image {p} does not exist")
     try:
-        with Image.open(p) as img:
+        with _open_header(p) as img:
+            check_pixels(img.size[0], img.size[1], max_pixels, p)
             img.load()
             if palette_indices and img.mode == "P":
                 return np.asarray(img)
             return _pil_to_array(img)
+    except InputError:
+        raise
+    except Image.DecompressionBombError as exc:  # defensive: a plugin that re-checks on load
+        raise InputError(f"image {p} exceeds Pillow's decompression-bomb limit ({exc}); see --max-pixels") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"image {p} is unreadable or corrupt ({exc})") from exc
 
 
-def read_dicom(path: PathLike) -> np.ndarray:
-    try:
-        import pydicom
-    except ImportError as exc:
-        raise InputError("reading DICOM needs pydicom: pip install 'casam[medical]'") from exc
-    try:
-        ds = pydicom.dcmread(str(path))
-        array = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad files
-        raise InputError(f"DICOM file {path} is unreadable ({exc})") from exc
-    slope = float(getattr(ds, "RescaleSlope", 1.0))
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0))
-    if slope != 1.0 or intercept != 0.0:
-        array = array.astype(np.float32) * slope + intercept
-    if array.ndim == 3 and array.shape[-1] not in (3, 4):  # multi-frame: first frame
-        array = array[0]
-    return array
+# ----- any file or folder → Scan --------------------------------------------------------
+def read_scan(path: PathLike, volume: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+              allow_gaps: bool = False, strict_4d: bool = False) -> Scan:
+    """A picture, DICOM file, DICOM series folder or NIfTI file → Scan.
 
+    ``volume`` picks one volume of a 4-D NIfTI. Without it a 4-D file uses volume 0 with a
+    warning, or is refused when ``strict_4d`` (volume mode, training).
+    """
+    from runtime.volume_io import read_dicom_file, read_dicom_series, read_nifti
 
-def read_nifti_volume(path: PathLike) -> np.ndarray:
-    """A NIfTI file's voxels in their stored dtype (the trainer's volumes and the runtime's slices)."""
-    try:
-        import nibabel as nib
-    except ImportError as exc:
-        raise InputError("reading NIfTI needs nibabel: pip install 'casam[medical]'") from exc
-    try:
-        return np.asarray(nib.load(str(path)).dataobj)
-    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
-        raise InputError(f"NIfTI file {path} is unreadable ({exc})") from exc
-
-
-def read_nifti_slice(path: PathLike, index: Optional[int] = None, axis: int = 2) -> np.ndarray:
-    """One 2-D slice of a NIfTI volume (the middle one when ``index`` is None)."""
-    volume = read_nifti_volume(path)
-    if volume.ndim == 2:
-        return volume
-    if volume.ndim != 3:
-        volume = volume.reshape(volume.shape[:3] + (-1,))[..., 0]
-    n = volume.shape[axis]
-    k = n // 2 if index is None else index
-    if not 0 <= k < n:
-        raise InputError(f"slice {k} is outside {path}, which has {n} slices along axis {axis}")
-    return np.take(volume, k, axis=axis)
-
-
-def read_image(path: PathLike, nifti_slice: Optional[int] = None) -> np.ndarray:
-    """Any supported file → H×W or H×W×C array in its native dtype."""
     p = Path(path)
+    if p.is_dir():
+        return read_dicom_series(p, max_pixels=max_pixels, allow_gaps=allow_gaps)
     if not p.exists():
         raise InputError(f"image {p} does not exist")
     if is_nifti(p):
-        return read_nifti_slice(p, nifti_slice)
+        return read_nifti(p, volume=volume, strict_4d=strict_4d)
     if is_dicom(p):
-        return read_dicom(p)
-    return read_pil(p)
+        return read_dicom_file(p, max_pixels=max_pixels)
+    from runtime.preprocess import standard_channels
+
+    return Scan(p, standard_channels(read_pil(p, max_pixels=max_pixels)), Source(kind="image", pil=True))
+
+
+def prepare(scan: Scan, intensity: Intensity) -> tuple[np.ndarray, list[str]]:
+    """The whole scan → uint8 under ``intensity`` (one window per volume), and warnings."""
+    return to_uint8(scan.data, intensity, scan.source)
+
+
+def slice_of(data: np.ndarray, index: Optional[int], axis: int, what: str) -> tuple[np.ndarray, int]:
+    """(slice ``index`` along ``axis`` — the middle one when None —, its index)."""
+    if not -data.ndim <= axis < data.ndim:
+        raise InputError(f"axis {axis} does not exist in {what}, which has shape {data.shape}")
+    n = data.shape[axis]
+    k = n // 2 if index is None else index
+    if not 0 <= k < n:
+        raise InputError(f"slice {k} is outside {what}, which has {n} slices along axis {axis}")
+    return np.take(data, k, axis=axis), k
+
+
+def read_prepared(path: PathLike, intensity: Intensity = Intensity(), index: Optional[int] = None, axis: int = 2,
+                  volume: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
+    """One 8-bit 2-D image of any file: a picture as is, a volume's slice ``index`` along
+    ``axis`` (the middle one by default), windowed over the whole volume as in training."""
+    return prepared_slice(read_scan(path, volume=volume, max_pixels=max_pixels), intensity, index, axis)
+
+
+def prepared_slice(scan: Scan, intensity: Intensity, index: Optional[int] = None, axis: int = 2) -> tuple[np.ndarray, list[str]]:
+    """``read_prepared`` for a scan already read."""
+    if not scan.is_volume:
+        image, warnings = prepare(scan, intensity)
+        return image, scan.warnings + warnings
+    window, bad = find_window(scan.data, intensity, scan.source)
+    raw, _ = slice_of(scan.data, index, axis, str(scan.path))
+    warnings = list(scan.warnings) + ([nonfinite_warning(bad)] if bad else [])
+    return np.ascontiguousarray(apply_window(raw, window, scan.source.invert)), warnings
+
+
+def read_image(path: PathLike, nifti_slice: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Any supported file → its raw H×W or H×W×C array (a volume's slice), native dtype.
+
+    For callers that do their own scaling (``to_rgb_255``); the trainer and casam-infer use
+    ``read_prepared``, which applies the recorded intensity handling.
+    """
+    scan = read_scan(path, max_pixels=max_pixels)
+    if not scan.is_volume:
+        return scan.data
+    return slice_of(scan.data, nifti_slice, 2 if scan.data.ndim == 3 else -1, str(path))[0]
+
+
+def read_nifti_volume(path: PathLike) -> np.ndarray:
+    """A NIfTI file's voxels (the first volume of a 4-D file), as nibabel scales them."""
+    from runtime.volume_io import read_nifti
+
+    return read_nifti(Path(path), volume=None, strict_4d=False).data

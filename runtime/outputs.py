@@ -64,8 +64,10 @@ def write_outputs(
     labels: Optional[np.ndarray],
     with_overlay: bool,
     backend: Mapping[str, Any],
+    extra: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
-    """Write one image's masks (and overlay), then its JSON record; returns the record."""
+    """Write one image's masks (and overlay), then its JSON record (with ``extra`` fields,
+    e.g. its evaluation); returns the record."""
     mask_files = []
     for k, mask in enumerate(result.masks):
         name = f"{stem}_mask{k}.png"
@@ -86,6 +88,7 @@ def write_outputs(
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
         "warnings": list(getattr(result, "warnings", [])),
         "backend": dict(backend),
+        **dict(extra or {}),
     }
     atomic_write_json(out_dir / f"{stem}.json", record)
     return record

@@ -22,6 +22,7 @@ import numpy as np
 from runtime.backends import Backend, Engine, Tensor, open_backend
 from runtime.engine_cache import EngineCache
 from runtime.errors import InputError, ManifestError
+from runtime.intensity import count_nonfinite, nonfinite_warning
 from runtime.manifest import IDENTITY, MANIFEST_NAME, Manifest, check_task
 from runtime.postprocess import masks_from_logits
 from runtime.preprocess import Frame, Preprocessing, boxes_to_frame, points_to_frame, preprocess
@@ -279,6 +280,9 @@ class Pipeline:
         with timer.stage("preprocess"):
             x, frame = preprocess(image, self.preprocessing)
             coords, labels, warnings = self.prompts(frame, boxes, points, point_labels)
+            bad = count_nonfinite(np.asarray(image))
+            if bad:  # shown black by preprocessing; say so once for this image
+                warnings.append(nonfinite_warning(bad))
         with timer.stage("encoder"):
             embedding = (encode or self._encode)(x)
         with timer.stage("router"):
@@ -303,5 +307,6 @@ class Pipeline:
 
     def describe(self) -> dict[str, Any]:
         return {**self.backend.describe(), "tasks": self.task_names, "max_prompts": self.max_prompts,
-                "precision": self.manifest.get("precision"), "sam": self.manifest.get("sam", {}).get("model")}
+                "precision": self.manifest.get("precision"), "sam": self.manifest.get("sam", {}).get("model"),
+                "intensity": self.preprocessing.intensity.to_dict()}
 

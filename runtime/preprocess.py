@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from runtime.errors import InputError
+from runtime.intensity import Intensity, Source, to_uint8
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -27,20 +28,25 @@ class Preprocessing:
     """How images are brought to SAM's input frame; recorded in bundle and manifest.
 
     ``longest`` is SAM's convention (resize the longest side, zero-pad bottom/right);
-    ``stretch`` is the CA-SAM authors' (resize straight to size×size).
+    ``stretch`` is the CA-SAM authors' (resize straight to size×size). ``intensity`` is how
+    raw values became 8-bit (runtime.intensity); bundles and manifests written before it
+    was recorded read as ``auto``, which is how they were trained.
     """
 
     resize: ResizeMode = "longest"
     size: int = IMAGE_SIZE
     mean: tuple[float, float, float] = field(default=PIXEL_MEAN)
     std: tuple[float, float, float] = field(default=PIXEL_STD)
+    intensity: Intensity = field(default_factory=Intensity)
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise InputError(f"unknown resize mode {self.resize!r}; use one of {', '.join(RESIZE_MODES)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "intensity"}
+        out["intensity"] = self.intensity.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Preprocessing":
@@ -49,6 +55,7 @@ class Preprocessing:
             size=int(data["size"]),
             mean=tuple(float(x) for x in data["mean"]),  # type: ignore[arg-type]
             std=tuple(float(x) for x in data["std"]),  # type: ignore[arg-type]
+            intensity=Intensity.from_dict(data.get("intensity")),
         )
 
 
@@ -76,17 +83,10 @@ def frame_for(height: int, width: int, prep: Preprocessing) -> Frame:
     return Frame((height, width), (int(height * scale + 0.5), int(width * scale + 0.5)), prep.size)
 
 
-def to_rgb_255(image: np.ndarray) -> np.ndarray:
-    """Any H×W or H×W×C array → H×W×3 uint8 on a 0–255 scale.
-
-    8-bit data is kept as is. Deeper data (16-bit, int, float) is min-max scaled per image,
-    since medical scanners rarely use the full 16-bit range. Alpha is dropped; grey is
-    replicated to three channels.
-    """
+def standard_channels(image: np.ndarray) -> np.ndarray:
+    """Any H×W or H×W×C array → H×W (grey) or H×W×3, alpha dropped, no copy where possible."""
     array = np.asarray(image)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    if array.ndim == 3 and array.shape[2] == 2:  # grey + alpha
+    if array.ndim == 3 and array.shape[2] in (1, 2):  # grey, grey + alpha
         array = array[:, :, 0]
     if array.ndim == 3 and array.shape[2] == 4:
         array = array[:, :, :3]
@@ -96,13 +96,20 @@ def to_rgb_255(image: np.ndarray) -> np.ndarray:
         raise InputError(f"image is empty (shape {array.shape})")
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
+    return array
+
+
+def to_rgb_255(image: np.ndarray) -> np.ndarray:
+    """Any H×W or H×W×C array → H×W×3 uint8 on a 0–255 scale.
+
+    8-bit data is kept as is. Deeper data (16-bit, int, float) is min-max scaled per image
+    (runtime.intensity, the one implementation), since medical scanners rarely use the full
+    16-bit range; NaN pixels become black. Files read by casam are already 8-bit here: the
+    reader applied the recorded intensity handling. Alpha is dropped; grey is replicated.
+    """
+    array = standard_channels(image)
     if array.dtype != np.uint8:
-        values = array.astype(np.float64)
-        if not np.isfinite(values).all():
-            values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
-        lo, hi = float(values.min()), float(values.max())
-        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
-        array = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        array, _ = to_uint8(array, Intensity(mode="minmax"), Source(kind="image"))
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return np.ascontiguousarray(array)

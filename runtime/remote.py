@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from runtime.intensity import Intensity
 from runtime.errors import CasamError, InputError, ManifestError
 from runtime.manifest import check_task
 from runtime.pipeline import Result
@@ -73,6 +74,11 @@ class RemotePipeline:
     @property
     def task_names(self) -> list[str]:
         return list(self.info()["tasks"])
+
+    @property
+    def intensity(self) -> Intensity:
+        """The served bundle's intensity handling (servers that predate it: auto)."""
+        return Intensity.from_dict(self.info().get("intensity"))
 
     def check_task(self, task: str) -> str:
         return check_task(task, self.task_names)

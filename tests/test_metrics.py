@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from trainer.losses import dice_loss, focal_loss, soft_iou
-from trainer.metrics import band_width, boundary, boundary_iou, continual_metrics, image_scores, iou
+from runtime.metrics import band_width, boundary, boundary_iou, continual_metrics, image_scores, iou
 
 
 def square(size: int, x0: int, y0: int, side: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from trainer.metrics import continual_metrics
+from runtime.metrics import continual_metrics
 from trainer.report import percent, render_report
 
 NAN = float("nan")

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from runtime.files import atomic_write_json, read_json
 from casam_bundle import Bundle
 from trainer.cli import main
-from trainer.metrics import continual_metrics
+from runtime.metrics import continual_metrics
 from trainer.vae_training import single_thread
 
 TRAIN = ["--sam", "tiny", "--epochs", "1", "--batch-size", "4", "--masks-per-image", "1", "--vae-epochs", "40",

@@ -24,6 +24,7 @@ import click
 
 from casam_bundle.lock import DEFAULT_WAIT_S
 from runtime.errors import CasamError, InputError
+from runtime.intensity import INTENSITY_MODES, WINDOW_PRESETS, intensity_from_options
 
 SAM_CHOICES = ("vit_b", "vit_l", "vit_h", "tiny")
 GREEDY_OPTIONS = ("--tasks", "--data", "--ood")
@@ -130,14 +131,28 @@ def _pairs(values: Sequence[str], what: str) -> list[tuple[str, str]]:
 @click.option("--bundle", type=click.Path(file_okay=False), default=None, help="Bundle folder (created if it does not exist).")
 @click.option("--task", default=None, help="Name of the task to add (letters, digits, '_', '.', '-').")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Dataset: images/ + masks/ (matching stems, optional split.json) or images/*.nii.gz + labels/*.nii.gz.")
+              help="Dataset: images/ + masks/ (matching stems, optional split.json), or volumes: "
+                   "images/<case>.nii.gz or images/<case>/ (a DICOM series) with labels/<case>.nii.gz.")
 @click.option("--replace", is_flag=True, help="Retrain a task that is already in the bundle.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this task from its last finished epoch.")
+# --- volumes and intensity (runtime.intensity; recorded in bundle.json, applied by casam-infer) ---
+@click.option("--axis", type=click.IntRange(0, 2), default=2, show_default=True,
+              help="Axis along which volumes are sliced (2: the last, axial for the usual orientations).")
+@click.option("--intensity", "intensity_mode", type=click.Choice(list(INTENSITY_MODES)), default=None,
+              help="How raw values become 8-bit, for a new bundle (default auto). "
+                   + "; ".join(f"{k}: {v}" for k, v in INTENSITY_MODES.items()) + ".")
+@click.option("--window", "window", type=float, nargs=2, default=None, metavar="CENTER WIDTH",
+              help="A fixed window in stored units (Hounsfield for CT), e.g. --window 40 400.")
+@click.option("--window-preset", type=click.Choice(list(WINDOW_PRESETS)), default=None,
+              help="A named CT window: " + ", ".join(f"{k} {c:g}/{w:g}" for k, (c, w) in WINDOW_PRESETS.items())
+                   + " (center/width HU).")
+# --- end volumes and intensity ---
 @wait_option
 @training_options
 @click.pass_context
 def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: Optional[str], replace: bool, resume: bool,
-         wait: float, **kw: Any) -> None:
+         wait: float, axis: int, intensity_mode: Optional[str], window: Optional[tuple[float, float]],
+         window_preset: Optional[str], **kw: Any) -> None:
     """Add one task to a CA-SAM bundle: train its alignment layer and VAE, calibrate its
     threshold, evaluate it on its held-out split, and commit it atomically.
 
@@ -157,9 +172,10 @@ def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: O
     from trainer.train_task import train_task
 
     try:
+        intensity = intensity_from_options(intensity_mode, window, window_preset)
         summary = train_task(bundle, task, data, sam=kw["sam"], checkpoint=kw["checkpoint"], config=_config(kw),
                              resize=kw["resize"], device=kw["device"], replace=replace, resume=resume,
-                             cache_dir=kw["cache_dir"], quiet=kw["quiet"], wait=wait)
+                             cache_dir=kw["cache_dir"], quiet=kw["quiet"], wait=wait, axis=axis, intensity=intensity)
     except CasamError as exc:
         _fail(exc)
     if summary is not None:  # None: a torchrun rank other than 0, which commits and reports

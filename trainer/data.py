@@ -1,13 +1,18 @@
-"""Training data: folders of images + masks, or NIfTI volumes, validated before training.
+"""Training data: folders of images + masks, or volumes + label volumes, validated before training.
+
+Volumes are NIfTI files or DICOM series folders (``images/<case>.nii.gz`` or
+``images/<case>/``) with NIfTI labels (``labels/<case>.nii.gz``), sliced along any axis.
+Every image goes through runtime.image_io and runtime.intensity, the reader and intensity
+handling the runtime applies at the edge, so trained and deployed slices are bit-identical.
+A volume's slices are split together (by case), so no test slice has a training neighbour.
 
 Every file is read once up front. Bad data (missing or unreadable files, size mismatches)
 is reported in one error that lists all offending files, because a hospital preparing a
 dataset wants the whole list, not one failure per run. Empty masks are skipped and counted.
 Each sample remembers its image's content hash, which keys the embedding cache.
 
-A structure is one foreground object to prompt for: a binary mask has one, a label map
-has one per non-zero value (METHOD.md). Structures are kept as an "index map" (0 =
-background, 1..k = structure), which resizes into the model frame in one nearest pass.
+Structures (the objects to prompt for) are defined in runtime.structures, shared with
+casam-infer's ``--boxes-from-masks``.
 """
 
 from __future__ import annotations
@@ -22,13 +27,18 @@ import numpy as np
 
 from runtime.errors import CasamError, InputError
 from runtime.files import read_json
-from runtime.image_io import IMAGE_SUFFIXES, read_image, read_nifti_volume, read_pil
+from runtime.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepare, read_pil, read_prepared, read_scan
+from runtime.intensity import Intensity
+from runtime.structures import mask_to_index_map, structure_masks
 
 PathLike = Union[str, os.PathLike]
-MAX_LABELS = 32  # more distinct values than this: a soft/JPEG-compressed binary mask
 TEST_FRACTION = 0.2
-NIFTI_WINDOW = (0.5, 99.5)
 MAX_LISTED = 20
+PICTURE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
+# A label volume's affine may differ from its image's by this much (mm, and direction
+# cosines × spacing): far below any voxel, above the rounding of positions in DICOM
+# (decimal strings) and NIfTI (float32, ~1e-4 mm at 1000 mm from the origin).
+GEOMETRY_TOL_MM = 0.01
 
 
 class DataError(CasamError):
@@ -43,40 +53,13 @@ def content_hash(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def mask_to_index_map(mask: np.ndarray) -> np.ndarray:
-    """Any mask → H×W uint8 structure map (0 background, 1..k one value per structure).
-
-    - one non-zero value (0/1, 0/255, …): one structure;
-    - 2..MAX_LABELS distinct non-zero values: a label map, one structure per value;
-    - more: a soft or JPEG-compressed binary mask, thresholded at half its maximum;
-    - colour masks: one structure per distinct non-black colour (greyscale if R=G=B).
-    """
-    m = np.asarray(mask)
-    if m.ndim == 3:
-        m = m[:, :, :3] if m.shape[2] >= 3 else m[:, :, 0]
-        if m.ndim == 3:
-            if np.array_equal(m[:, :, 0], m[:, :, 1]) and np.array_equal(m[:, :, 0], m[:, :, 2]):
-                m = m[:, :, 0]
-            else:
-                packed = (m[:, :, 0].astype(np.int64) << 16) | (m[:, :, 1].astype(np.int64) << 8) | m[:, :, 2]
-                m = packed
-    if m.ndim != 2:
-        raise InputError(f"a mask must be H×W or H×W×C, got shape {m.shape}")
-    values = np.unique(m)
-    values = values[values != 0]
-    if len(values) <= 1:
-        return (m != 0).astype(np.uint8)
-    if len(values) > MAX_LABELS:
-        return (m.astype(np.float64) > float(m.max()) / 2.0).astype(np.uint8)
-    out = np.zeros(m.shape, np.uint8)
-    for i, v in enumerate(values, start=1):
-        out[m == v] = i
-    return out
-
-
 @dataclass
 class Sample:
-    """One 2-D training image and its structures; arrays are kept only for NIfTI slices."""
+    """One 2-D training image and its structures; arrays are kept only for volume slices.
+
+    ``case`` is the volume a slice comes from (the image's own stem for 2-D files): the
+    unit of the train/test split.
+    """
 
     stem: str
     source: str
@@ -87,9 +70,17 @@ class Sample:
     mask_path: Optional[Path] = None
     image_array: Optional[np.ndarray] = field(default=None, repr=False)
     index_array: Optional[np.ndarray] = field(default=None, repr=False)
+    case: str = ""
+    intensity: Intensity = field(default_factory=Intensity, repr=False)
+
+    def __post_init__(self) -> None:
+        self.case = self.case or self.stem
 
     def image(self) -> np.ndarray:
-        return self.image_array if self.image_array is not None else read_image(self.image_path)  # type: ignore[arg-type]
+        """The 8-bit image the encoder is given, exactly as the runtime prepares it."""
+        if self.image_array is not None:
+            return self.image_array
+        return read_prepared(self.image_path, self.intensity)[0]  # type: ignore[arg-type]
 
     def index_map(self) -> np.ndarray:
         if self.index_array is not None:
@@ -98,20 +89,20 @@ class Sample:
 
     def structures(self) -> np.ndarray:
         """K×H×W bool, one mask per structure, at the original size."""
-        idx = self.index_map()
-        return idx[None] == np.arange(1, int(idx.max()) + 1, dtype=idx.dtype)[:, None, None]
+        return structure_masks(self.index_map())
 
 
 @dataclass
 class Dataset:
     root: Path
-    kind: str  # "folder" or "nifti"
+    kind: str  # "folder", "nifti", "dicom" or "volumes" (both)
     train: list[Sample]
     test: list[Sample]
     split_source: str
     seed: int
     skipped_empty: list[str]
     axis: int = 2
+    intensity: Intensity = field(default_factory=Intensity)
 
     @property
     def samples(self) -> list[Sample]:
@@ -125,10 +116,17 @@ class Dataset:
             "data": str(self.root),
             "kind": self.kind,
             "axis": self.axis,
+            "intensity": self.intensity.to_dict(),
             "train": [s.stem for s in self.train],
             "test": [s.stem for s in self.test],
+            "unit": "case",
+            "cases": {"train": _unique(s.case for s in self.train), "test": _unique(s.case for s in self.test)},
             "skipped_empty": list(self.skipped_empty),
         }
+
+
+def _unique(items: Any) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 def _raise_problems(root: Path, problems: list[str]) -> None:
@@ -140,27 +138,32 @@ def _raise_problems(root: Path, problems: list[str]) -> None:
     raise DataError(f"{len(problems)} problem(s) in {root}:\n  {shown}{more}")
 
 
-def _files_by_stem(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+def _files_by_stem(folder: Path, suffixes: tuple[str, ...], folders: bool = False) -> dict[str, Path]:
+    """Files (and, with ``folders``, sub-folders: DICOM series) by stem, sorted by name."""
     out: dict[str, Path] = {}
     for p in sorted(folder.iterdir()):
         name = p.name.lower()
-        if p.is_file() and not p.name.startswith(".") and name.endswith(suffixes):
+        if p.name.startswith("."):
+            continue
+        if folders and p.is_dir():
+            out.setdefault(p.name, p)
+        elif p.is_file() and name.endswith(suffixes):
             stem = p.name[: -len(".nii.gz")] if name.endswith(".nii.gz") else p.stem
             out.setdefault(stem, p)
     return out
 
 
-def _scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
+def _scan_folder(root: Path, intensity: Intensity) -> tuple[list[Sample], list[str]]:
     images_dir, masks_dir = root / "images", root / "masks"
     if not images_dir.is_dir() or not masks_dir.is_dir():
         raise DataError(
             f"{root} is not a dataset: expected images/ and masks/ (matching stems), "
             "or images/*.nii.gz with labels/*.nii.gz"
         )
-    images = _files_by_stem(images_dir, IMAGE_SUFFIXES)
+    images = _files_by_stem(images_dir, PICTURE_SUFFIXES)
     masks = _files_by_stem(masks_dir, IMAGE_SUFFIXES)
     if not images:
-        raise DataError(f"{images_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"{images_dir} holds no images ({', '.join(PICTURE_SUFFIXES)})")
     problems: list[str] = []
     samples: list[Sample] = []
     empty: list[str] = []
@@ -170,7 +173,7 @@ def _scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
             problems.append(f"{ipath.name}: no mask {stem}.* in {masks_dir}")
             continue
         try:
-            image = read_image(ipath)
+            image = read_prepared(ipath, intensity)[0]
         except InputError as exc:
             problems.append(f"{ipath}: unreadable image ({exc})")
             continue
@@ -186,63 +189,88 @@ def _scan_folder(root: Path) -> tuple[list[Sample], list[str]]:
         if k == 0:
             empty.append(stem)
             continue
-        samples.append(Sample(stem, str(ipath), image.shape[:2], content_hash(image), k, image_path=ipath, mask_path=mpath))
+        samples.append(Sample(stem, str(ipath), image.shape[:2], content_hash(image), k, image_path=ipath,
+                              mask_path=mpath, intensity=intensity))
     _raise_problems(root, problems)
     return samples, empty
 
 
-def _window(volume: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
-    lo, hi = np.percentile(volume, percentiles)
-    if hi <= lo:
-        hi = lo + 1.0
-    return np.clip(np.rint((volume.astype(np.float64) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+def _check_geometry(case: str, scan: Scan, label: Scan) -> Optional[str]:
+    """Why a label volume does not lie on its image's voxels (None when it does)."""
+    if label.data.shape != scan.data.shape:
+        return f"case {case}: label volume is {label.data.shape} but image volume is {scan.data.shape}"
+    if scan.affine is not None and label.affine is not None:
+        off = float(np.max(np.abs(scan.affine - label.affine)))
+        if off > GEOMETRY_TOL_MM:
+            return (f"case {case}: label volume's affine differs from the image's by {off:.3g} mm "
+                    f"(allowed {GEOMETRY_TOL_MM}); resample the label onto the image grid")
+    return None
 
 
-def _load_volume(path: Path) -> np.ndarray:
-    volume = np.squeeze(read_nifti_volume(path))
-    if volume.ndim != 3:
-        raise InputError(f"expected a 3-D volume, got shape {volume.shape}")
-    return volume
+def _volume_slices(case: str, ipath: Path, image: np.ndarray, label: np.ndarray, axis: int,
+                   intensity: Intensity) -> tuple[list[Sample], list[str]]:
+    """A prepared (8-bit) volume and its labels → one Sample per labelled slice, and the
+    stems of the unlabelled ones."""
+    samples: list[Sample] = []
+    empty: list[str] = []
+    for k in range(image.shape[axis]):
+        index = mask_to_index_map(np.rint(np.take(label, k, axis=axis)).astype(np.int64))
+        slice_stem = f"{case}_a{axis}_{k:04d}"
+        if index.max() == 0:
+            empty.append(slice_stem)
+            continue
+        sl = np.ascontiguousarray(np.take(image, k, axis=axis))
+        samples.append(Sample(slice_stem, f"{ipath}[axis {axis}, slice {k}]", sl.shape[:2], content_hash(sl),
+                              int(index.max()), image_array=sl, index_array=index, case=case, intensity=intensity))
+    return samples, empty
 
 
-def _scan_nifti(root: Path, axis: int, window: tuple[float, float]) -> tuple[list[Sample], list[str]]:
-    images = _files_by_stem(root / "images", (".nii", ".nii.gz"))
-    labels = _files_by_stem(root / "labels", (".nii", ".nii.gz"))
+def _scan_volumes(root: Path, axis: int, intensity: Intensity) -> tuple[list[Sample], list[str]]:
+    images = _files_by_stem(root / "images", NIFTI_SUFFIXES, folders=True)
+    labels = _files_by_stem(root / "labels", NIFTI_SUFFIXES)
     problems: list[str] = []
     samples: list[Sample] = []
     empty: list[str] = []
-    for stem, ipath in images.items():
-        lpath = labels.get(stem)
+    for case, ipath in images.items():
+        lpath = labels.get(case)
         if lpath is None:
-            problems.append(f"{ipath.name}: no label volume {stem}.nii(.gz) in {root / 'labels'}")
+            problems.append(f"case {case}: no label volume {case}.nii(.gz) in {root / 'labels'}")
             continue
         try:
-            vol, lab = _load_volume(ipath), _load_volume(lpath)
+            scan, label = read_scan(ipath, strict_4d=True), read_scan(lpath, strict_4d=True)
+            if not -3 <= axis < 3:
+                raise InputError(f"--axis {axis} does not exist in a 3-D volume")
         except InputError as exc:
-            problems.append(f"{ipath.name} / {lpath.name}: {exc}")
+            problems.append(f"case {case}: {exc}")
             continue
-        if vol.shape != lab.shape:
-            problems.append(f"{lpath.name}: label volume is {lab.shape} but image volume {ipath.name} is {vol.shape}")
+        mismatch = _check_geometry(case, scan, label)
+        if mismatch:
+            problems.append(mismatch)
             continue
-        windowed = _window(vol, window)
-        for k in range(vol.shape[axis]):
-            index = mask_to_index_map(np.rint(np.take(lab, k, axis=axis)).astype(np.int64))
-            slice_stem = f"{stem}_a{axis}_{k:04d}"
-            if index.max() == 0:
-                empty.append(slice_stem)
-                continue
-            image = np.ascontiguousarray(np.take(windowed, k, axis=axis))
-            samples.append(Sample(slice_stem, f"{ipath}[axis {axis}, slice {k}]", image.shape[:2], content_hash(image),
-                                  int(index.max()), image_array=image, index_array=index))
+        image, _ = prepare(scan, intensity)
+        found, skipped = _volume_slices(case, ipath, image, label.data, axis, intensity)
+        samples += found
+        empty += skipped
     _raise_problems(root, problems)
     return samples, empty
 
 
-def is_nifti_dataset(root: Path) -> bool:
+def is_volume_dataset(root: Path) -> bool:
+    """images/ holds NIfTI files or DICOM series folders, next to labels/."""
     folder = root / "images"
     return folder.is_dir() and (root / "labels").is_dir() and any(
-        p.name.lower().endswith((".nii", ".nii.gz")) for p in folder.iterdir()
+        p.name.lower().endswith(NIFTI_SUFFIXES) or (p.is_dir() and not p.name.startswith(".")) for p in folder.iterdir()
     )
+
+
+is_nifti_dataset = is_volume_dataset  # the name earlier callers know
+
+
+def _volume_kind(root: Path) -> str:
+    entries = [p for p in (root / "images").iterdir() if not p.name.startswith(".")]
+    series = any(p.is_dir() for p in entries)
+    nifti = any(p.name.lower().endswith(NIFTI_SUFFIXES) for p in entries)
+    return "volumes" if series and nifti else ("dicom" if series else "nifti")
 
 
 def _split(samples: list[Sample], root: Path, seed: int, test_fraction: float,
@@ -265,13 +293,16 @@ def _split(samples: list[Sample], root: Path, seed: int, test_fraction: float,
         return ([by_stem[s] for s in fixed["train"] if s in known],
                 [by_stem[s] for s in fixed["test"] if s in known],
                 source + (f" ({len(unknown)} listed stems missing or empty)" if unknown else ""))
-    order = np.random.default_rng(seed).permutation(len(samples))
-    n_test = int(round(len(samples) * test_fraction))
-    if len(samples) >= 2 and test_fraction > 0:
-        n_test = min(max(n_test, 1), len(samples) - 1)
-    test_idx = set(order[:n_test].tolist())
-    train = [s for i, s in enumerate(samples) if i not in test_idx]
-    test = [s for i, s in enumerate(samples) if i in test_idx]
+    # By case: a 2-D file is its own case (the same permutation as a split by image), a
+    # volume's slices go to one side together.
+    cases = _unique(s.case for s in samples)
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_test = int(round(len(cases) * test_fraction))
+    if len(cases) >= 2 and test_fraction > 0:
+        n_test = min(max(n_test, 1), len(cases) - 1)
+    test_cases = {cases[i] for i in order[:n_test].tolist()}
+    train = [s for s in samples if s.case not in test_cases]
+    test = [s for s in samples if s.case in test_cases]
     return train, test, source
 
 
@@ -281,47 +312,52 @@ def load_dataset(
     test_fraction: float = TEST_FRACTION,
     split: Optional[dict[str, Any]] = None,
     axis: int = 2,
-    window: tuple[float, float] = NIFTI_WINDOW,
+    intensity: Optional[Intensity] = None,
 ) -> Dataset:
-    """Scan, validate and split a dataset folder (folder format or NIfTI volumes).
+    """Scan, validate and split a dataset folder (images + masks, or volumes + labels).
 
     ``split`` (train/test stem lists, e.g. from a bundle's split.json) overrides both the
-    folder's split.json and the seeded split.
+    folder's split.json and the seeded split. ``axis`` slices volumes; ``intensity`` is the
+    bundle's recorded intensity handling; None takes the one ``split`` records (a task's
+    split.json), else ``auto``.
     """
+    if intensity is None:
+        recorded = split.get("intensity") if isinstance(split, dict) else None
+        intensity = Intensity.from_dict(recorded if isinstance(recorded, dict) else None)
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist")
-    if is_nifti_dataset(root):
-        samples, empty = _scan_nifti(root, axis, window)
-        kind = "nifti"
+    if is_volume_dataset(root):
+        samples, empty = _scan_volumes(root, axis, intensity)
+        kind = _volume_kind(root)
     else:
-        samples, empty = _scan_folder(root)
+        samples, empty = _scan_folder(root, intensity)
         kind = "folder"
     if not samples:
         raise DataError(f"{root}: no image has a non-empty mask ({len(empty)} empty masks skipped)")
     train, test, source = _split(samples, root, seed, test_fraction, split)
     if not train:
         raise DataError(f"{root}: the training split is empty")
-    return Dataset(root, kind, train, test, source, seed, empty, axis)
+    return Dataset(root, kind, train, test, source, seed, empty, axis, intensity)
 
 
-def load_images(path: PathLike) -> list[Sample]:
+def load_images(path: PathLike, intensity: Intensity = Intensity()) -> list[Sample]:
     """Images without masks (e.g. an OOD set): ``path/images/*`` or the images in ``path``."""
     root = Path(path)
     folder = root / "images" if (root / "images").is_dir() else root
     if not folder.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    files = _files_by_stem(folder, IMAGE_SUFFIXES)
+    files = _files_by_stem(folder, PICTURE_SUFFIXES)
     if not files:
-        raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"{folder} holds no images ({', '.join(PICTURE_SUFFIXES)})")
     problems: list[str] = []
     out: list[Sample] = []
     for stem, p in files.items():
         try:
-            image = read_image(p)
+            image = read_prepared(p, intensity)[0]
         except InputError as exc:
             problems.append(f"{p}: unreadable image ({exc})")
             continue
-        out.append(Sample(stem, str(p), image.shape[:2], content_hash(image), 0, image_path=p))
+        out.append(Sample(stem, str(p), image.shape[:2], content_hash(image), 0, image_path=p, intensity=intensity))
     _raise_problems(root, problems)
     return out

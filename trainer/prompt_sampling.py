@@ -10,14 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.prompts import encode_prompts
+from runtime.structures import tight_box
 
 BOX_JITTER_PX = 5.0
-
-
-def tight_box(mask: np.ndarray) -> np.ndarray:
-    """xyxy of a mask's foreground as pixel indices (x_min, y_min, x_max, y_max)."""
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
 
 
 def tight_boxes(masks: np.ndarray) -> np.ndarray:

@@ -25,9 +25,9 @@ from runtime.preprocess import Preprocessing
 from casam_bundle import Bundle, BundleError
 from models.bundle_models import build_model
 from trainer.data import Dataset, load_dataset, load_images
+from runtime.metrics import continual_metrics
 from trainer.evaluate import SetResult, evaluate_set, format_table, rejection_rate, route_embeddings
 from trainer.methods import DEFAULT_METHODS, METHODS, REFERENCE, Context, MethodRun, parse_methods
-from trainer.metrics import continual_metrics
 from trainer.report import render_report
 from trainer.session import Session, check_bundle_sam, open_bundle_session, open_session
 from trainer.train_task import TrainConfig

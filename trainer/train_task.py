@@ -32,6 +32,7 @@ from models.sam_loader import FrozenSam
 from models.pooling import attention_pool
 from runtime.names import IDENTITY
 from runtime.files import atomic_path, atomic_write_json, read_json
+from runtime.intensity import Intensity
 from runtime.preprocess import Preprocessing, frame_for, resize_mask_to_frame
 from casam_bundle import DEFAULT_WAIT_S, Bundle, BundleError, TaskRecord, check_task_name
 from models.bundle_models import build_model, save_module
@@ -172,13 +173,19 @@ def _reset_staging(staging: Path, fingerprint: dict[str, Any]) -> None:
     atomic_write_json(staging / STATE_FILE, fingerprint)
 
 
-def _bundle_preprocessing(bundle: Optional[Bundle], resize: Optional[str]) -> Preprocessing:
+def _bundle_preprocessing(bundle: Optional[Bundle], resize: Optional[str],
+                          intensity: Optional[Intensity] = None) -> Preprocessing:
+    """A new bundle's preprocessing, or the existing one's, refusing other settings: every
+    task of a bundle shares one encoder input (resize and intensity handling)."""
     if bundle is not None:
         prep = bundle.preprocessing
         if resize is not None and resize != prep.resize:
             raise BundleError(f"bundle {bundle.root} uses resize mode {prep.resize!r}; it cannot take a task trained with {resize!r}")
+        if intensity is not None and intensity != prep.intensity:
+            raise BundleError(f"bundle {bundle.root} uses intensity {prep.intensity.to_dict()}; "
+                              f"it cannot take a task trained with {intensity.to_dict()}")
         return prep
-    return Preprocessing(resize=resize or "longest")
+    return Preprocessing(resize=resize or "longest", intensity=intensity or Intensity())
 
 
 def train_task(
@@ -197,11 +204,15 @@ def train_task(
     quiet: bool = False,
     frozen_sam: Optional[FrozenSam] = None,
     wait: float = DEFAULT_WAIT_S,
+    axis: int = 2,
+    intensity: Optional[Intensity] = None,
 ) -> Optional[dict[str, Any]]:
     """Train ``task`` on ``data`` and commit it to the bundle; returns the JSON summary.
 
     Under torchrun, ranks other than 0 return None once rank 0 has committed.
     ``wait``: seconds to wait for the bundle's write lock at the commit (0: fail at once).
+    ``axis`` slices volumes; ``intensity`` (runtime.intensity) is recorded in a new bundle,
+    and must match an existing bundle's when given.
     """
     started = time.time()
     check_task_name(task)
@@ -209,13 +220,13 @@ def train_task(
     world = join(resolve_device(device))  # SINGLE unless launched by torchrun
     root = Path(bundle_dir)
     existing = Bundle.open(root, verify=False) if (root / "bundle.json").exists() else None
-    prep = _bundle_preprocessing(existing, resize)
+    prep = _bundle_preprocessing(existing, resize, intensity)
     if existing is not None:
         existing.verify()
         check_bundle_sam(existing, sam)
         if task in existing.task_names and not replace:
             raise BundleError(f"task {task!r} already exists in {root}; pass --replace to retrain it")
-    dataset = load_dataset(data, seed=config.seed)
+    dataset = load_dataset(data, seed=config.seed, axis=axis, intensity=prep.intensity)
     session = open_session(sam, checkpoint, prep, device, cache_dir, quiet, frozen_sam)
     if existing is not None:
         check_bundle_sam(existing, session.sam.name, session.checkpoint_sha256)

@@ -2,6 +2,8 @@
 
 Masks are compared at the original image size (predictions are ``logits > 0`` after
 ``runtime.postprocess``), so the trainer reports what the deployed runtime would produce.
+They live in the torch-free runtime so that casam-infer scores a deployment on a site's own
+labelled cases with the very definitions the trainer reports (one implementation).
 """
 
 from __future__ import annotations

@@ -1,0 +1,140 @@
+"""Volume inference cost: per-slice time in volume mode against single-image casam-infer, the
+gain from encoder batching, and the peak RSS of a 64-slice 512×512 CT volume.
+
+Measured in one run on the tiny SAM (random weights, fp32 export, ORT CPU), side by side:
+  1. single image: ``Pipeline.predict`` on one 512×512 slice (windowed as casam-infer does),
+     per slice, over ``--single`` slices;
+  2. volume mode: ``segment_volume`` over all 64 slices (a 3-D box covering them, volume
+     routing), with ``--batch 1`` and each of ``--batches``; per-slice cost = total / 64.
+     The runs take turns, so they share the background load.
+  3. peak RSS (VmHWM) of a ``casam-infer VOLUME --box3d …`` process on the same volume.
+
+    .venv/bin/python bench/volume_latency.py [--runs 2] [--batches 4,8] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from infer_latency import RSS_PROBE, exported, machine, write_report  # noqa: E402
+
+from runtime.image_io import read_scan  # noqa: E402
+from runtime.pipeline import Pipeline  # noqa: E402
+from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume  # noqa: E402
+
+SHAPE = (512, 512, 64)
+BOX = (150.0, 160.0, 360.0, 370.0)
+
+
+def ct_volume(path: Path) -> Path:
+    """A 512×512×64 int16 CT-like volume in HU: air outside a body, soft tissue, a bright
+    ellipsoid (the target), noise; saved as NIfTI with 0.7×0.7×2.5 mm voxels."""
+    import nibabel as nib
+
+    if path.exists():
+        return path
+    x, y, z = np.meshgrid(*(np.arange(n, dtype=np.float32) for n in SHAPE), indexing="ij", sparse=True)
+    body = ((x - 256) / 220) ** 2 + ((y - 256) / 180) ** 2 < 1
+    target = ((x - 260) / 90) ** 2 + ((y - 265) / 90) ** 2 + ((z - 32) / 22) ** 2 < 1
+    rng = np.random.default_rng(0)
+    hu = np.where(target, 120.0, np.where(body, 40.0, -1000.0)) + rng.normal(0, 12, SHAPE).astype(np.float32)
+    nib.save(nib.Nifti1Image(hu.astype(np.int16), np.diag([0.7, 0.7, 2.5, 1.0])), str(path))
+    return path
+
+
+def single_images(pipe: Pipeline, scan, count: int) -> float:
+    """ms per slice: read-prepared 2-D slice → Pipeline.predict, as single-image casam-infer."""
+    slicer = VolumeSegmenter(pipe, scan, pipe.preprocessing.intensity)
+    picks = np.linspace(0, SHAPE[2] - 1, count).round().astype(int)
+    t0 = time.perf_counter()
+    for k in picks:
+        pipe.predict(slicer.slice_image(int(k)), boxes=np.asarray([BOX], np.float32))
+    slicer.close()
+    return (time.perf_counter() - t0) * 1000.0 / count
+
+
+def volume_mode(pipe: Pipeline, scan, batch: int) -> tuple[float, dict[str, Any]]:
+    t0 = time.perf_counter()
+    result = segment_volume(pipe, scan, [VolumePrompt(1, BOX, SHAPE[2] // 2, (0, SHAPE[2] - 1))],
+                            pipe.preprocessing.intensity, batch=batch)
+    ms = (time.perf_counter() - t0) * 1000.0 / SHAPE[2]
+    return ms, {"passes": result.passes, "route": result.route, **{k: v / SHAPE[2] for k, v in result.timings_ms.items()}}
+
+
+def peak_rss_mb(engines: Path, volume: Path, work: Path, batch: int) -> float:
+    report = work / "volume_rss_kb.txt"
+    cmd = [sys.executable, "-c", RSS_PROBE, str(report), str(volume), "--box3d", *(str(v) for v in
+           (BOX[0], BOX[1], 0, BOX[2], BOX[3], SHAPE[2] - 1)), "--batch", str(batch), "--engines", str(engines),
+           "--backend", "ort-cpu", "--out", str(work / "volume_rss_out"), "--quiet"]
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return int(report.read_text()) / 1024.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=2, help="rounds; each runs every mode once, in turn")
+    parser.add_argument("--single", type=int, default=8, help="slices per single-image measurement")
+    parser.add_argument("--batches", default="4,8", help="encoder batch sizes to compare with --batch 1")
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "volume_latency.md")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="casam_volume_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    _, _, engines = exported("tiny", work)
+    volume = ct_volume(work / "ct.nii.gz")
+    pipe = Pipeline.from_manifest(engines, backend="ort-cpu")
+    scan = read_scan(volume)
+    batches = [1] + [int(b) for b in args.batches.split(",")]
+    single_images(pipe, scan, 2)  # warm-up: sessions, alignment engines, cached matrices
+    single: list[float] = []
+    vol: dict[int, list[float]] = {b: [] for b in batches}
+    detail: dict[int, dict[str, Any]] = {}
+    for r in range(args.runs):
+        print(f"round {r + 1}/{args.runs}: single images…", flush=True)
+        single.append(single_images(pipe, scan, args.single))
+        for b in batches:
+            print(f"round {r + 1}/{args.runs}: volume mode, batch {b}…", flush=True)
+            ms, detail[b] = volume_mode(pipe, scan, b)
+            vol[b].append(ms)
+    print("peak RSS…", flush=True)
+    rss = peak_rss_mb(engines, volume, work, max(batches))
+    write_report(args.out, render(single, vol, detail, rss, args))
+
+
+def render(single: list[float], vol: dict[int, list[float]], detail: dict[int, dict[str, Any]], rss: float,
+           args: argparse.Namespace) -> str:
+    med = statistics.median
+    s = med(single)
+    one = med(vol[1])
+    lines = ["# Volume inference: per-slice cost and peak RSS (tiny SAM, ORT CPU)", "",
+             f"Machine: {machine()}. Volume: {SHAPE[0]}×{SHAPE[1]}×{SHAPE[2]} int16 CT (NIfTI), one 3-D box over all "
+             f"{SHAPE[2]} slices, volume routing. Single image: Pipeline.predict on one windowed slice with the same "
+             f"box ({args.single} slices per round). Modes take turns; medians of {args.runs} rounds, ms per slice.", "",
+             "| mode | ms / slice | vs single image | vs volume batch 1 | encoder ms / slice | decoder ms / slice | passes |",
+             "|---|---|---|---|---|---|---|",
+             f"| single image | {s:.1f} | 1.00× | | | | |"]
+    for b, runs in vol.items():
+        v = med(runs)
+        d = detail[b]
+        lines.append(f"| volume, --batch {b} | {v:.1f} | {s / v:.2f}× | {one / v:.2f}× | {d['encoder']:.1f} | "
+                     f"{d['decoder']:.1f} | {d['passes']} |")
+    lines += ["", f"Peak RSS of `casam-infer` on the volume (--batch {max(vol)}): **{rss:.0f} MB** (target < 1536 MB).", ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

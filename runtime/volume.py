@@ -1,0 +1,285 @@
+"""Volume inference: box prompts on one slice, propagated through a NIfTI or DICOM volume,
+with one route for the whole volume.
+
+Propagation: slice K is segmented with the user's box; going outward in both directions,
+each next slice is prompted with the bounding box of the previous slice's mask (enlarged
+by ``margin`` pixels) until the mask falls below ``min_area`` pixels. A 3-D box instead
+prompts every slice of its range with its box.
+
+Volume routing: the router scores every processed slice and the volume takes one route,
+the argmin of the mean score over those slices, checked against that task's threshold, so
+a tumour's slices cannot flip between tasks. The route needs the slices and the slices need
+the route, so propagation first runs with each slice's own route; when any differs from
+the volume route the volume is propagated again with it, from embeddings kept on disk.
+
+Memory stays flat in the number of slices: slices are windowed one at a time (with the
+volume's window, found once), embeddings go to a temporary file as they are computed, and
+only the current encoder batch is held in memory.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from runtime.errors import InputError
+from runtime.image_io import Scan
+from runtime.intensity import Intensity, apply_window, find_window, nonfinite_warning
+from runtime.names import IDENTITY
+from runtime.preprocess import Frame, preprocess
+
+DEFAULT_MIN_AREA = 16  # pixels: below this a propagated mask is noise, not the object
+DEFAULT_MARGIN = 2.0  # pixels added around the previous mask's bounding box
+DEFAULT_BATCH = 4
+
+
+@dataclass(frozen=True)
+class VolumePrompt:
+    """One structure to segment: label 1..K, a box in slice pixels (x0 y0 x1 y1), the slice
+    it is drawn on, and, for a 3-D box, the inclusive slice range it covers."""
+
+    label: int
+    box: tuple[float, float, float, float]
+    start: int
+    limits: Optional[tuple[int, int]] = None
+
+
+@dataclass
+class SliceRecord:
+    index: int
+    scores: list[float]
+    route: str = IDENTITY
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class VolumeResult:
+    labels: np.ndarray  # uint8, the volume's shape; 0 background, 1..K
+    route: str  # the volume's route ("per-slice" with per-slice routing)
+    route_mode: str  # "volume", "per-slice" or "forced"
+    mean_scores: dict[str, float]
+    thresholds: dict[str, float]
+    slices: dict[int, SliceRecord]
+    passes: int
+    warnings: list[str]
+    timings_ms: dict[str, float]
+
+
+class EmbeddingSpill:
+    """Slice embeddings on disk, keyed by slice index: encoded once, read back when needed,
+    never all in memory."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="casam-volume-")
+        self._file = open(Path(self._dir.name) / "embeddings.bin", "w+b")  # noqa: SIM115 - closed in close()
+        self._where: dict[int, tuple[int, tuple[int, ...]]] = {}
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._where
+
+    def put(self, index: int, embedding: np.ndarray) -> None:
+        data = np.ascontiguousarray(embedding, dtype=np.float32)
+        self._file.seek(0, 2)
+        self._where[index] = (self._file.tell(), data.shape)
+        self._file.write(data.tobytes())
+
+    def get(self, index: int) -> np.ndarray:
+        offset, shape = self._where[index]
+        self._file.seek(offset)
+        count = int(np.prod(shape))
+        return np.frombuffer(self._file.read(count * 4), dtype=np.float32).reshape(shape)
+
+    def close(self) -> None:
+        self._file.close()
+        self._dir.cleanup()
+
+
+class VolumeSegmenter:
+    """Runs one volume through a Pipeline (``encode``, ``route``, ``decode``, ``choose``)."""
+
+    def __init__(self, pipe: Any, scan: Scan, intensity: Intensity, axis: int = 2, batch: int = DEFAULT_BATCH,
+                 margin: float = DEFAULT_MARGIN, min_area: int = DEFAULT_MIN_AREA) -> None:
+        if scan.data.ndim != 3:
+            raise InputError(f"{scan.path} is not a volume (shape {scan.data.shape})")
+        if not 0 <= axis < 3:
+            raise InputError(f"--axis {axis} does not exist in a 3-D volume (0, 1 or 2)")
+        self.pipe, self.scan, self.axis = pipe, scan, axis
+        self.batch, self.margin, self.min_area = max(1, int(batch)), float(margin), int(min_area)
+        self.window, bad = find_window(scan.data, intensity, scan.source)
+        self.warnings = list(scan.warnings) + ([nonfinite_warning(bad)] if bad else [])
+        self.count = scan.data.shape[axis]
+        self.slice_hw = tuple(s for i, s in enumerate(scan.data.shape) if i != axis)
+        self.scores: dict[int, np.ndarray] = {}
+        self.spill = EmbeddingSpill()
+        self.frame: Optional[Frame] = None
+        self.ms = {"preprocess": 0.0, "encoder": 0.0, "router": 0.0, "decoder": 0.0}
+        self.encoded = 0
+
+    # ----- slices and embeddings --------------------------------------------------------
+    def slice_image(self, k: int) -> np.ndarray:
+        """Slice k as 8-bit, with the volume's window (identical to windowing the volume)."""
+        raw = np.take(self.scan.data, k, axis=self.axis)
+        return np.ascontiguousarray(apply_window(raw, self.window, self.scan.source.invert))
+
+    def _encode(self, indices: list[int]) -> None:
+        t0 = time.perf_counter()
+        inputs = []
+        for k in indices:
+            x, self.frame = preprocess(self.slice_image(k), self.pipe.preprocessing)
+            inputs.append(x)
+        t1 = time.perf_counter()
+        embeddings = self.pipe.encode(np.concatenate(inputs))
+        t2 = time.perf_counter()
+        for i, k in enumerate(indices):
+            one = embeddings[i:i + 1]
+            self.scores[k] = np.asarray(self.pipe.route(one)[1], dtype=np.float64)
+            self.spill.put(k, one)
+        t3 = time.perf_counter()
+        self.ms["preprocess"] += (t1 - t0) * 1e3
+        self.ms["encoder"] += (t2 - t1) * 1e3
+        self.ms["router"] += (t3 - t2) * 1e3
+        self.encoded += len(indices)
+
+    def embedding(self, k: int, step: int = 1, stop: Optional[int] = None) -> np.ndarray:
+        """Slice k's embedding; a miss encodes a batch of the next slices in direction
+        ``step`` (up to ``stop``, exclusive), which propagation is about to ask for."""
+        if k not in self.spill:
+            end = (self.count if step > 0 else -1) if stop is None else stop
+            ahead = [j for j in range(k, end, step) if j not in self.spill][: self.batch]
+            self._encode(ahead or [k])
+        return self.spill.get(k)
+
+    def prefetch(self, indices: list[int]) -> None:
+        todo = [k for k in indices if k not in self.spill]
+        for start in range(0, len(todo), self.batch):
+            self._encode(todo[start:start + self.batch])
+
+    # ----- one slice ----------------------------------------------------------------------
+    def _decode(self, k: int, box: np.ndarray, route: str) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        assert self.frame is not None
+        masks, _, iou = self.pipe.decode(self.spill.get(k), self.frame, boxes=box[None], route=route)
+        self.ms["decoder"] += (time.perf_counter() - t0) * 1e3
+        return masks[0], float(iou[0])
+
+    def _next_box(self, mask: np.ndarray) -> Optional[np.ndarray]:
+        """The mask's bounding box enlarged by the margin, or None when the mask is too small."""
+        if int(mask.sum()) < self.min_area:
+            return None
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        h, w = mask.shape
+        return np.array([max(cols[0] - self.margin, 0.0), max(rows[0] - self.margin, 0.0),
+                         min(cols[-1] + 1 + self.margin, float(w)), min(rows[-1] + 1 + self.margin, float(h))],
+                        dtype=np.float32)
+
+    # ----- propagation ----------------------------------------------------------------------
+    def check_prompt(self, prompt: VolumePrompt) -> None:
+        h, w = self.slice_hw
+        x0, y0, x1, y1 = prompt.box
+        where = f"label {prompt.label}: box ({x0:g} {y0:g} {x1:g} {y1:g})"
+        if not 0 <= prompt.start < self.count:
+            raise InputError(f"{where}: slice {prompt.start} is outside the volume's {self.count} slices along axis {self.axis}")
+        if not (x1 > x0 and y1 > y0) or x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
+            raise InputError(f"{where} is outside (or empty in) slice {prompt.start}, which is {w}×{h} pixels")
+        if prompt.limits is not None:
+            z0, z1 = prompt.limits
+            if not (0 <= z0 <= z1 < self.count):
+                raise InputError(f"{where}: slice range {z0}..{z1} is outside the volume's {self.count} slices")
+
+    def propagate(self, prompt: VolumePrompt, route_for: Callable[[int], str], labels: np.ndarray,
+                  records: dict[int, SliceRecord]) -> None:
+        """Segment one structure into ``labels`` (lower labels win where structures overlap)."""
+        box = np.asarray(prompt.box, dtype=np.float32)
+        if prompt.limits is not None:
+            z0, z1 = prompt.limits
+            self.prefetch(list(range(z0, z1 + 1)))
+            for k in range(z0, z1 + 1):
+                self._segment(k, box, prompt.label, route_for, labels, records, keep_small=True)
+            return
+        self.embedding(prompt.start, 1)
+        mask = self._segment(prompt.start, box, prompt.label, route_for, labels, records)
+        for step in (1, -1):
+            current, k = mask, prompt.start + step
+            while 0 <= k < self.count:
+                next_box = self._next_box(current)
+                if next_box is None:
+                    break
+                self.embedding(k, step)
+                current = self._segment(k, next_box, prompt.label, route_for, labels, records)
+                k += step
+
+    def _segment(self, k: int, box: np.ndarray, label: int, route_for: Callable[[int], str], labels: np.ndarray,
+                 records: dict[int, SliceRecord], keep_small: bool = False) -> np.ndarray:
+        """Decode slice k into ``labels``. A propagated mask under ``min_area`` ends the walk
+        and is left out (it is noise at the object's tip); a 3-D box keeps every mask."""
+        self.embedding(k)
+        route = route_for(k)
+        mask, iou = self._decode(k, box, route)
+        record = records.setdefault(k, SliceRecord(k, [float(s) for s in self.scores[k]]))
+        record.route = route
+        record.prompts.append({"label": label, "box": [float(v) for v in box], "area": int(mask.sum()), "iou": iou})
+        if keep_small or int(mask.sum()) >= self.min_area:
+            view = np.moveaxis(labels, self.axis, 0)[k]
+            view[mask & (view == 0)] = label
+        return mask
+
+    def run_pass(self, prompts: list[VolumePrompt], route_for: Callable[[int], str]) -> tuple[np.ndarray, dict[int, SliceRecord]]:
+        labels = np.zeros(self.scan.data.shape, dtype=np.uint8)
+        records: dict[int, SliceRecord] = {}
+        for prompt in prompts:
+            self.propagate(prompt, route_for, labels, records)
+        return labels, records
+
+    def close(self) -> None:
+        self.spill.close()
+
+
+def volume_route(pipe: Any, scores: list[np.ndarray]) -> tuple[str, np.ndarray]:
+    """(route, mean score per task) over the processed slices: the argmin of the mean, if it
+    is within that task's threshold, else the identity."""
+    if not scores or len(scores[0]) == 0:
+        return IDENTITY, np.zeros(0)
+    mean = np.mean(np.stack(scores), axis=0)
+    return pipe.choose(mean.astype(np.float32)), mean
+
+
+def segment_volume(pipe: Any, scan: Scan, prompts: list[VolumePrompt], intensity: Intensity, *, axis: int = 2,
+                   task: Optional[str] = None, per_slice: bool = False, batch: int = DEFAULT_BATCH,
+                   margin: float = DEFAULT_MARGIN, min_area: int = DEFAULT_MIN_AREA) -> VolumeResult:
+    """Segment ``prompts`` (labels 1..K) through ``scan`` and route the volume (see module doc)."""
+    if not prompts:
+        raise InputError("give at least one --box (with --slice) or --box3d for a volume")
+    if len(prompts) > 255:
+        raise InputError(f"{len(prompts)} structures do not fit uint8 labels (at most 255)")
+    started = time.perf_counter()
+    seg = VolumeSegmenter(pipe, scan, intensity, axis, batch, margin, min_area)
+    try:
+        for prompt in prompts:
+            seg.check_prompt(prompt)
+        names = list(pipe.task_names)
+        if task is not None:
+            forced = pipe.check_task(task)
+            labels, records = seg.run_pass(prompts, lambda k: forced)
+            route, mode, passes = forced, "forced", 1
+            _, mean = volume_route(pipe, [seg.scores[k] for k in sorted(records)])
+        else:
+            labels, records = seg.run_pass(prompts, lambda k: pipe.choose(seg.scores[k].astype(np.float32)))
+            route, mean = volume_route(pipe, [seg.scores[k] for k in sorted(records)])
+            mode, passes = "volume", 1
+            if per_slice:
+                route, mode = "per-slice", "per-slice"
+            elif any(r.route != route for r in records.values()):
+                labels, records = seg.run_pass(prompts, lambda k: route)
+                passes = 2
+        thresholds = {n: float(t) for n, t in zip(names, getattr(pipe, "thresholds", []))}
+        seg.ms["total"] = (time.perf_counter() - started) * 1e3
+        seg.ms["slices_encoded"] = float(seg.encoded)
+        return VolumeResult(labels, route, mode, {n: float(m) for n, m in zip(names, mean)}, thresholds,
+                            dict(sorted(records.items())), passes, seg.warnings, seg.ms)
+    finally:
+        seg.close()

@@ -1,0 +1,274 @@
+"""NIfTI and DICOM readers with geometry: volumes as X×Y×Z arrays plus a voxel → RAS affine.
+
+A DICOM series folder becomes one volume with its slices sorted along the slice normal and
+stacked on the last axis (rows × columns × slices, so a slice is shown as the scanner
+shows it). The series is refused, with one line, when its slices differ in size or
+orientation, or leave a gap in slice positions (a warning instead with ``allow_gaps``): a
+volume with a missing slice would give a mask that no longer lines up with the anatomy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from runtime.errors import InputError
+from runtime.intensity import Source
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+ORIENTATION_TOL = 1e-4  # direction cosines are written with ~6 decimals
+GAP_TOL = 0.05  # a spacing more than 5 % off the median spacing is a gap (or an overlap)
+
+
+def _nib() -> Any:
+    try:
+        import nibabel as nib
+    except ImportError as exc:
+        raise InputError("reading NIfTI needs nibabel: pip install 'casam[medical]'") from exc
+    return nib
+
+
+def _pydicom() -> Any:
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise InputError("reading DICOM needs pydicom: pip install 'casam[medical]'") from exc
+    return pydicom
+
+
+# ----- NIfTI ---------------------------------------------------------------------------------
+def read_nifti(path: Path, volume: Optional[int] = None, strict_4d: bool = False) -> Any:
+    """A NIfTI file → Scan of one 3-D volume (trailing singleton axes dropped).
+
+    A 4-D file needs ``volume``; without it volume 0 is used with a warning that offers
+    ``--volume K``, or, with ``strict_4d``, it is refused.
+    """
+    from runtime.image_io import Scan
+
+    nib = _nib()
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
+        warnings: list[str] = []
+        if len(shape) > 4:
+            raise InputError(f"NIfTI file {path} has {len(shape)} dimensions {shape}; casam reads 2-, 3- and 4-D files")
+        if len(shape) == 4:
+            n = shape[3]
+            if volume is None:
+                if strict_4d:
+                    raise InputError(f"NIfTI file {path} is 4-D with {n} volumes; choose one with --volume K (0..{n - 1})")
+                warnings.append(f"4-D NIfTI with {n} volumes: using volume 0; choose another with --volume K (0..{n - 1})")
+                volume = 0
+            if not 0 <= volume < n:
+                raise InputError(f"--volume {volume} is outside {path}, which has {n} volumes (0..{n - 1})")
+            data = np.asarray(img.dataobj[..., volume])
+        else:
+            if volume not in (None, 0):
+                raise InputError(f"--volume {volume} given, but {path} is not 4-D (shape {shape})")
+            data = np.asarray(img.dataobj).reshape(shape)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many types for bad files
+        raise InputError(f"NIfTI file {path} is unreadable ({exc})") from exc
+    if data.ndim == 2:
+        data = data[:, :, None]
+    if data.ndim != 3:
+        raise InputError(f"NIfTI file {path} has shape {data.shape}; expected a 2-, 3- or 4-D volume")
+    return Scan(path, data, Source(kind="volume"), affine=np.asarray(img.affine, np.float64), header=img.header,
+                warnings=warnings)
+
+
+# ----- DICOM ---------------------------------------------------------------------------------
+def _first(value: Any) -> float:
+    """A DICOM value that may be multi-valued (WindowCenter often is) → its first number."""
+    try:
+        return float(value[0]) if not isinstance(value, (str, bytes)) and hasattr(value, "__len__") else float(value)
+    except (TypeError, ValueError, IndexError):
+        return float("nan")
+
+
+def _rescale(ds: Any) -> tuple[float, float]:
+    """(slope, intercept): the file's RescaleSlope/Intercept, also from an enhanced
+    multi-frame file's shared functional groups."""
+    slope, intercept = getattr(ds, "RescaleSlope", None), getattr(ds, "RescaleIntercept", None)
+    if slope is None and "SharedFunctionalGroupsSequence" in ds:
+        for group in ds.SharedFunctionalGroupsSequence:
+            for item in getattr(group, "PixelValueTransformationSequence", []):
+                slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
+    return (1.0 if slope is None else float(slope)), (0.0 if intercept is None else float(intercept))
+
+
+def _voi(ds: Any) -> Optional[tuple[float, float]]:
+    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+        return None
+    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    return (center, width) if np.isfinite(center) and np.isfinite(width) and width > 0 else None
+
+
+def _source(ds: Any, kind: str) -> Source:
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    colour = not photometric.startswith("MONOCHROME")
+    return Source(kind=kind, voi=None if colour else _voi(ds), invert=photometric == "MONOCHROME1", pil=colour)
+
+
+def _pixels(ds: Any, path: Path) -> np.ndarray:
+    """Decoded pixels with RescaleSlope/Intercept applied (float32 only when they change values)."""
+    try:
+        array = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
+        raise InputError(f"DICOM file {path} has unreadable pixel data ({exc})") from exc
+    slope, intercept = _rescale(ds)
+    if slope != 1.0 or intercept != 0.0:
+        array = array.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    return array
+
+
+def _read_dataset(path: Path, max_pixels: Optional[int], header_only: bool = False) -> Any:
+    from runtime.image_io import check_pixels
+
+    pydicom = _pydicom()
+    try:
+        ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad files
+        raise InputError(f"DICOM file {path} is unreadable ({exc})") from exc
+    if "Rows" in ds and "Columns" in ds:
+        check_pixels(int(ds.Columns), int(ds.Rows), max_pixels, path)
+    return ds
+
+
+def read_dicom_file(path: Path, max_pixels: Optional[int] = None) -> Any:
+    """One DICOM file: a single frame → a 2-D image; several frames → a rows × columns ×
+    frames volume."""
+    from runtime.image_io import Scan
+
+    ds = _read_dataset(path, max_pixels)
+    array = _pixels(ds, path)
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    source = _source(ds, "volume" if frames > 1 else "image")
+    if frames > 1:
+        if array.ndim == 4:
+            raise InputError(f"DICOM file {path} is a colour multi-frame file; casam reads greyscale volumes")
+        array = np.ascontiguousarray(np.moveaxis(array, 0, -1))
+        del ds.PixelData
+        return Scan(path, array, source, affine=_multiframe_affine(ds, frames), datasets=[ds])
+    return Scan(path, array, source)
+
+
+def _multiframe_affine(ds: Any, frames: int) -> Optional[np.ndarray]:
+    """The affine of an enhanced multi-frame file, from its per-frame positions, if given."""
+    try:
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        orient = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
+        spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
+        per_frame = ds.PerFrameFunctionalGroupsSequence
+        first = [float(v) for v in per_frame[0].PlanePositionSequence[0].ImagePositionPatient]
+        last = [float(v) for v in per_frame[frames - 1].PlanePositionSequence[0].ImagePositionPatient]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    return _affine(orient, spacing, np.asarray(first), np.asarray(last), frames)
+
+
+def _affine(orient: list[float], spacing: list[float], first: np.ndarray, last: np.ndarray, n: int) -> np.ndarray:
+    """Voxel (row, column, slice) → RAS mm. IOP's first triplet is the direction of
+    increasing column index, its second that of increasing row index (DICOM PS3.3 C.7.6.2)."""
+    row_dir, col_dir = np.asarray(orient[:3]), np.asarray(orient[3:6])
+    lps = np.eye(4)
+    lps[:3, 0] = col_dir * spacing[0]  # along rows index: row spacing × column direction
+    lps[:3, 1] = row_dir * spacing[1]
+    lps[:3, 2] = (last - first) / (n - 1) if n > 1 else np.cross(row_dir, col_dir)
+    lps[:3, 3] = first
+    return LPS_TO_RAS @ lps
+
+
+def is_dicom_series(folder: Path, picture_suffixes: tuple[str, ...]) -> bool:
+    """A folder that holds a DICOM series (and no pictures): its first file is DICOM with a
+    slice position. A folder of single DICOM images without positions is not a series."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if not files or any(p.name.lower().endswith(picture_suffixes) for p in files):
+        return False
+    try:
+        ds = _pydicom().dcmread(str(sorted(files)[0]), stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - not DICOM
+        return False
+    return "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and int(getattr(ds, "NumberOfFrames", 1) or 1) == 1
+
+
+def _series_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise InputError(f"folder {folder} holds no files; expected a DICOM series")
+    return files
+
+
+def _geometry(datasets: list[Any], paths: list[Path], folder: Path) -> tuple[list[float], list[float], np.ndarray]:
+    """(orientation, pixel spacing, each slice's position along the normal), refusing a series
+    whose slices differ in size, orientation or spacing."""
+    first = datasets[0]
+    try:
+        orient = [float(v) for v in first.ImageOrientationPatient]
+        spacing = [float(v) for v in first.PixelSpacing]
+        positions = [np.asarray([float(v) for v in ds.ImagePositionPatient]) for ds in datasets]
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InputError(f"DICOM series {folder} lacks ImageOrientationPatient, PixelSpacing or ImagePositionPatient") from exc
+    size = (int(first.Rows), int(first.Columns))
+    for ds, path in zip(datasets, paths):
+        if (int(ds.Rows), int(ds.Columns)) != size:
+            raise InputError(f"DICOM series {folder}: {path.name} is {int(ds.Rows)}×{int(ds.Columns)}, "
+                             f"{paths[0].name} is {size[0]}×{size[1]}; slices must have one size")
+        other = [float(v) for v in getattr(ds, "ImageOrientationPatient", [np.nan] * 6)]
+        if not np.allclose(other, orient, atol=ORIENTATION_TOL):
+            raise InputError(f"DICOM series {folder}: {path.name} has orientation {other}, "
+                             f"{paths[0].name} has {orient}; slices must share one orientation")
+    normal = np.cross(orient[:3], orient[3:6])
+    return orient, spacing, np.asarray([float(p @ normal) for p in positions])
+
+
+def _check_gaps(along: np.ndarray, folder: Path, allow_gaps: bool) -> list[str]:
+    steps = np.diff(along)
+    if steps.size == 0:
+        return []
+    step = float(np.median(steps))
+    if abs(step) < 1e-6:
+        raise InputError(f"DICOM series {folder} has several slices at one position (duplicates or several series)")
+    bad = np.flatnonzero(np.abs(steps - step) > GAP_TOL * abs(step))
+    if bad.size == 0:
+        return []
+    where = ", ".join(f"{along[i]:.2f}→{along[i + 1]:.2f} mm" for i in bad[:3])
+    message = f"DICOM series {folder} has uneven slice positions (step {abs(step):.3g} mm; at {where})"
+    if not allow_gaps:
+        raise InputError(message + "; pass --allow-gaps to use it anyway")
+    return [message + "; used anyway (--allow-gaps)"]
+
+
+def read_dicom_series(folder: Path, max_pixels: Optional[int] = None, allow_gaps: bool = False) -> Any:
+    """A folder holding one DICOM series → rows × columns × slices volume, sorted along the
+    slice normal, with its affine and the slices' headers (pixel data dropped)."""
+    from runtime.image_io import Scan
+
+    paths = _series_files(folder)
+    headers = [_read_dataset(p, max_pixels, header_only=True) for p in paths]
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in headers}
+    if len(series) > 1:
+        raise InputError(f"folder {folder} mixes {len(series)} DICOM series; give one series per folder")
+    orient, spacing, along = _geometry(headers, paths, folder)
+    order = np.argsort(along, kind="stable")
+    along, paths = along[order], [paths[i] for i in order]
+    warnings = _check_gaps(along, folder, allow_gaps)
+    slices, datasets = [], []
+    for path in paths:
+        ds = _read_dataset(path, max_pixels)
+        slices.append(_pixels(ds, path))
+        del ds.PixelData
+        datasets.append(ds)
+    if slices[0].ndim != 2:
+        raise InputError(f"DICOM series {folder} holds colour slices; casam reads greyscale series")
+    dtype = np.result_type(*[s.dtype for s in slices])
+    volume = np.stack([s.astype(dtype, copy=False) for s in slices], axis=-1)
+    first = np.asarray([float(v) for v in datasets[0].ImagePositionPatient])
+    last = np.asarray([float(v) for v in datasets[-1].ImagePositionPatient])
+    affine = _affine(orient, spacing, first, last, len(datasets))
+    return Scan(folder, volume, _source(datasets[0], "volume"), affine=affine, datasets=datasets, warnings=warnings)

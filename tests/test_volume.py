@@ -1,0 +1,196 @@
+"""Volume inference: propagation, volume routing, NIfTI and DICOM SEG outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from runtime.cli import main
+from runtime.image_io import read_scan
+from runtime.intensity import Intensity
+from runtime.manifest import Manifest
+from runtime.names import IDENTITY
+from runtime.pipeline import Pipeline
+from runtime.preprocess import Frame, Preprocessing
+from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume, volume_route
+from runtime_support import exported, with_thresholds
+from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series
+
+nib = pytest.importorskip("nibabel")
+SPACING = (1.0, 1.0, 2.5)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> Path:
+    return exported(tmp_path_factory)[1]
+
+
+@pytest.fixture(scope="module")
+def pipe(engines) -> Pipeline:
+    return Pipeline.from_manifest(engines, backend="ort-cpu")
+
+
+@pytest.fixture(scope="module")
+def sphere(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    folder = tmp_path_factory.mktemp("sphere")
+    volume, label = sphere_volume((64, 64, 16), (30, 34, 8), spacing=SPACING)
+    return save_nifti(folder / "sphere.nii.gz", volume, oblique_affine(SPACING)), label
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+class BrightVoxels:
+    """A stand-in for the engines whose answer is known: the "embedding" is the preprocessed
+    slice and the "decoder" returns the voxels brighter than mid-grey inside the box.
+
+    Propagation's contract (which slices are visited, where each prompt goes) does not
+    depend on SAM; the tiny test SAM is untrained and segments nothing meaningful, so the
+    sphere's extent can only be checked against a segmenter that finds it.
+    """
+
+    task_names: list[str] = []
+    thresholds = np.zeros(0, np.float32)
+
+    def __init__(self, size: int) -> None:
+        self.preprocessing = Preprocessing(size=size)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return x[:, :1].copy()
+
+    def route(self, embedding: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+        return IDENTITY, np.zeros(0, np.float32), self.thresholds
+
+    def choose(self, scores: np.ndarray, task=None) -> str:
+        return IDENTITY
+
+    def check_task(self, task: str) -> str:
+        return task
+
+    def decode(self, embedding: np.ndarray, frame: Frame, boxes: np.ndarray, route: str):
+        grey = embedding[0, 0] * self.preprocessing.std[0] + self.preprocessing.mean[0]
+        h, w = frame.original_hw
+        x0, y0, x1, y1 = (int(round(v)) for v in boxes[0])
+        mask = np.zeros((h, w), bool)
+        mask[y0:y1, x0:x1] = grey[:h, :w][y0:y1, x0:x1] > 128
+        return mask[None], None, np.ones(1, np.float32)
+
+
+@pytest.mark.parametrize("axis", [2, 0])
+def test_propagation_recovers_the_sphere_within_one_slice(sphere, axis):
+    path, label = sphere
+    scan = read_scan(path)
+    start = label.shape[axis] // 2
+    cut = np.take(label, start, axis=axis)
+    rows, cols = np.flatnonzero(cut.any(axis=1)), np.flatnonzero(cut.any(axis=0))
+    box = (cols[0] - 1.0, rows[0] - 1.0, cols[-1] + 2.0, rows[-1] + 2.0)
+    result = segment_volume(BrightVoxels(max(cut.shape)), scan, [VolumePrompt(1, box, start)],
+                            Intensity(mode="window", window=(150.0, 300.0)), axis=axis, batch=3)
+    on = lambda vol: np.flatnonzero(np.moveaxis(vol, axis, 0).reshape(vol.shape[axis], -1).any(axis=1))  # noqa: E731
+    truth, found = on(label), on(result.labels)
+    assert abs(found[0] - truth[0]) <= 1 and abs(found[-1] - truth[-1]) <= 1, (truth, found)
+    inter = np.logical_and(result.labels == 1, label == 1).sum()
+    assert inter / np.logical_or(result.labels == 1, label == 1).sum() > 0.9  # the label sits on the sphere
+    # streamed: each visited slice encoded once, plus at most one look-ahead batch per direction
+    assert len(result.slices) <= result.timings_ms["slices_encoded"] <= len(result.slices) + 2 * 2
+
+
+def test_nifti_mask_has_the_input_grid_and_the_record_lists_slices(engines, sphere, tmp_path):
+    path, _ = sphere
+    out = tmp_path / "out"
+    result = invoke(path, "--box3d", 18, 20, 6, 44, 48, 9, "--engines", engines, "--out", out, "--overlay", "--json")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    source, mask = nib.load(str(path)), nib.load(str(out / "sphere_mask.nii.gz"))
+    assert mask.shape == source.shape and mask.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(mask.affine, source.affine)
+    for get in ("get_qform", "get_sform"):
+        (m_aff, m_code), (s_aff, s_code) = getattr(mask, get)(coded=True), getattr(source, get)(coded=True)
+        np.testing.assert_array_equal(m_aff, s_aff)
+        assert m_code == s_code
+    labels = np.asarray(mask.dataobj)
+    assert not labels[:, :, :6].any() and not labels[:, :, 10:].any()  # --box3d limits the slices
+    assert [s["index"] for s in record["slices"]] == [6, 7, 8, 9]
+    assert record["outputs"] == {"mask": "sphere_mask.nii.gz", "seg": None, "overlay": "sphere_overlay.png"}
+    assert (out / "sphere_overlay.png").is_file() or not labels.any()
+
+
+def test_volume_routing_gives_one_route_where_slices_disagree(pipe, sphere):
+    path, _ = sphere
+    scan = read_scan(path)
+    prompts = [VolumePrompt(1, (18, 20, 44, 48), 7, (6, 9))]
+    probe = VolumeSegmenter(pipe, scan, Intensity(), batch=4)
+    probe.prefetch([6, 7, 8, 9])  # scores only: the encoder and router, no decoding
+    best = np.stack([probe.scores[k] for k in (6, 7, 8, 9)]).min(axis=1)
+    probe.close()
+    # thresholds between the slices' best scores: some slices accept a task, others do not
+    tau = float(np.median(best))
+    routed = Pipeline(Manifest.load(pipe.manifest_obj.folder, with_thresholds(pipe.manifest, [tau, tau])), pipe.backend)
+    split = segment_volume(routed, scan, prompts, Intensity(), per_slice=True)
+    assert len({r.route for r in split.slices.values()}) >= 2
+    whole = segment_volume(routed, scan, prompts, Intensity())
+    assert {r.route for r in whole.slices.values()} == {whole.route}
+    expected, mean = volume_route(routed, [np.asarray(r.scores) for r in split.slices.values()])
+    assert whole.route == expected and whole.route_mode == "volume" and whole.passes == 2
+    np.testing.assert_allclose(list(whole.mean_scores.values()), mean, rtol=1e-6)  # float64 mean of the same scores
+
+
+def test_dicom_series_writes_a_seg_that_references_the_source(engines, tmp_path):
+    hd = pytest.importorskip("highdicom")
+    pydicom = pytest.importorskip("pydicom")
+    volume, _ = sphere_volume((64, 64, 5), (30, 34, 2), radius_mm=9.0, spacing=(0.7, 0.8, 3.0))
+    uids = write_dicom_series(tmp_path / "series", volume.astype(np.float64))
+    out = tmp_path / "out"
+    result = invoke(tmp_path / "series", "--box3d", 10, 10, 0, 50, 54, 2, "--engines", engines, "--out", out,
+                    "--task", "identity", "--min-area", 1)
+    assert result.exit_code == 0, result.output
+    labels = np.asarray(nib.load(str(out / "series_mask.nii.gz")).dataobj)
+    scan = read_scan(tmp_path / "series")
+    np.testing.assert_allclose(nib.load(str(out / "series_mask.nii.gz")).affine, scan.affine, atol=1e-4)  # float32 header
+    assert labels.shape == (64, 64, 5) and labels[:, :, 0].any() and not labels[:, :, 3:].any()  # not symmetric
+    ds = pydicom.dcmread(str(out / "series_seg.dcm"))
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    referenced = {item.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for item in s.ReferencedInstanceSequence}
+    assert referenced == set(uids)
+    seg = hd.seg.segread(str(out / "series_seg.dcm"))
+    assert {uid for _, _, uid in seg.get_source_image_uids()} == set(uids)
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])[..., 0]
+    np.testing.assert_array_equal(frames.astype(bool), np.moveaxis(labels, -1, 0) == 1)
+
+
+def test_bad_volumes_exit_2_with_one_line(engines, sphere, tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    from nibabel.testing import data_path
+
+    path, _ = sphere
+    line = one_error_line(invoke(path, "--box", 100, 100, 120, 120, "--slice", 8, "--engines", engines))
+    assert "outside" in line and "64×64" in line
+    line = one_error_line(invoke(Path(data_path) / "example4d.nii.gz", "--box", 1, 1, 9, 9, "--engines", engines))
+    assert "4-D" in line and "--volume" in line
+    volume, _ = sphere_volume((32, 32, 5), (16, 16, 2), radius_mm=6.0)
+    write_dicom_series(tmp_path / "gap", volume.astype(np.float64), skip=(2,))
+    line = one_error_line(invoke(tmp_path / "gap", "--box", 1, 1, 9, 9, "--engines", engines))
+    assert "uneven slice positions" in line and "--allow-gaps" in line
+    for what, change in (("size", lambda ds: setattr(ds, "Rows", 16) or setattr(ds, "PixelData", ds.PixelData[: 16 * 32 * 2])),
+                         ("orientation", lambda ds: setattr(ds, "ImageOrientationPatient", [0, 1, 0, 0, 0, -1]))):
+        folder = tmp_path / what
+        write_dicom_series(folder, volume.astype(np.float64))
+        first = sorted(folder.iterdir())[0]
+        ds = pydicom.dcmread(str(first))
+        change(ds)
+        ds.save_as(str(first))
+        line = one_error_line(invoke(folder, "--box", 1, 1, 9, 9, "--engines", engines))
+        assert what in line and str(folder) in line

@@ -1,0 +1,100 @@
+"""Volumes end to end: train a task on NIfTI volumes (tiny SAM), export it, segment a held-out
+volume with the runtime, and get the PyTorch model's route and masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from casam_bundle import Bundle
+from models.bundle_models import build_model
+from runtime.image_io import read_scan
+from runtime.intensity import WINDOW_PRESETS, Intensity
+from runtime.names import IDENTITY
+from runtime.pipeline import Pipeline
+from runtime.preprocess import boxes_to_frame, preprocess
+from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume
+from trainer.train_task import TrainConfig, train_task
+from trainer.vae_training import single_thread
+from volume_support import oblique_affine, save_nifti, sphere_volume
+
+nib = pytest.importorskip("nibabel")
+SPACING = (1.0, 1.0, 2.5)
+SOFT_TISSUE = Intensity(mode="window", window=WINDOW_PRESETS["soft-tissue"])
+CONFIG = TrainConfig(epochs=1, batch_size=4, masks_per_image=1, vae_epochs=4, folds=2)
+
+
+def write_cases(root: Path) -> None:
+    """Three 64×64×3 sphere volumes (train/test split by case) with their labels: few slices,
+    as each costs an encoder run at 1024² even for the tiny SAM."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for i, center in enumerate([(30, 34, 1), (28, 30, 1), (34, 33, 1)]):
+        volume, label = sphere_volume((64, 64, 3), center, radius_mm=9.0, spacing=SPACING, seed=i)
+        save_nifti(root / "images" / f"case{i}.nii.gz", volume, oblique_affine(SPACING))
+        save_nifti(root / "labels" / f"case{i}.nii.gz", label, oblique_affine(SPACING))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_sam):
+    from casam_export import export_bundle
+
+    base = tmp_path_factory.mktemp("volume_train")
+    write_cases(base / "data")
+    with single_thread():
+        summary = train_task(base / "bundle", "sphere", base / "data", sam="tiny", config=CONFIG, device="cpu",
+                             cache_dir=base / "cache", quiet=True, frozen_sam=tiny_sam, intensity=SOFT_TISSUE)
+    export_bundle(base / "bundle", base / "engines", verify=False, quiet=True)
+    return base, summary
+
+
+def test_split_is_by_case_and_intensity_is_recorded_through_to_the_runtime(trained):
+    base, _ = trained
+    split = json.loads((base / "bundle" / "tasks" / "sphere" / "split.json").read_text())
+    assert split["unit"] == "case" and not set(split["cases"]["train"]) & set(split["cases"]["test"])
+    assert all(stem.rsplit("_a2_", 1)[0] in split["cases"]["test"] for stem in split["test"])
+    bundle = json.loads((base / "bundle" / "bundle.json").read_text())
+    manifest = json.loads((base / "engines" / "manifest.json").read_text())
+    assert bundle["preprocessing"]["intensity"] == manifest["preprocessing"]["intensity"] == SOFT_TISSUE.to_dict()
+    assert Pipeline.from_manifest(base / "engines", backend="ort-cpu").preprocessing.intensity == SOFT_TISSUE
+
+
+def test_held_out_volume_gets_the_pytorch_models_route_and_masks(trained, tiny_sam):
+    base, _ = trained
+    split = json.loads((base / "bundle" / "tasks" / "sphere" / "split.json").read_text())
+    held_out = base / "data" / "images" / f"{split['cases']['test'][0]}.nii.gz"
+    pipe = Pipeline.from_manifest(base / "engines", backend="ort-cpu")
+    scan = read_scan(held_out)
+    result = segment_volume(pipe, scan, [VolumePrompt(1, (16.0, 18.0, 46.0, 50.0), 1, (0, 2))],
+                            pipe.preprocessing.intensity, batch=3)
+    model = build_model(Bundle.open(base / "bundle"), tiny_sam.model)
+    slices = VolumeSegmenter(pipe, scan, SOFT_TISSUE)
+    torch_scores, torch_masks = [], {}
+    with torch.no_grad():
+        for k, record in result.slices.items():
+            x, frame = preprocess(slices.slice_image(k), pipe.preprocessing)
+            box = boxes_to_frame(np.asarray([record.prompts[0]["box"]], np.float32), frame)
+            out = model(torch.from_numpy(x), boxes=[torch.from_numpy(box)], task=result.route)
+            torch_scores.append(out.scores[0].double().numpy())
+            torch_masks[k] = (tiny_sam.model.postprocess_masks(out.masks[0], frame.resized_hw, frame.original_hw) > 0)[0, 0].numpy()
+    slices.close()
+    mean = np.mean(torch_scores, axis=0)
+    tau = float(model.thresholds[0])
+    torch_route = "sphere" if mean[0] <= tau else IDENTITY
+    assert result.route == torch_route
+    # float32 scores of the same graph on two runtimes: ~1e-6 relative per op, 1e-4 leaves room for the VAE's sums
+    runtime_scores = np.asarray([r.scores for r in result.slices.values()])
+    np.testing.assert_allclose(runtime_scores, np.asarray(torch_scores), rtol=1e-4)
+    np.testing.assert_allclose(list(result.mean_scores.values()), mean, rtol=1e-4)
+    # the volume's mean is the float64 mean of exactly these slice scores (same numbers, same order)
+    np.testing.assert_allclose(list(result.mean_scores.values()), runtime_scores.mean(axis=0), rtol=1e-12)
+    assert np.ptp(runtime_scores[:, 0]) > 1e-9 * abs(runtime_scores[0, 0])  # slices differ, so the mean is checked
+    for k, expected in torch_masks.items():
+        got = np.take(result.labels, k, axis=2) == 1
+        union = np.logical_or(got, expected).sum()
+        # logits at 0 may flip on float32 rounding; pixels that flip are a thousandth at most (as test_runtime_pipeline)
+        assert union == 0 or np.logical_and(got, expected).sum() / union >= 0.999
