@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from casam_bundle import Bundle, TaskRecord
+from casam_bundle import Bundle
 from casam_bundle.package import INDEX, pack_task, read_package
 from conftest import make_random_bundle
 from runtime.files import atomic_write_json, sha256_bytes
