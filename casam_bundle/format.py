@@ -29,7 +29,7 @@ from typing import Any
 from casam_bundle.errors import BundleError
 from casam_bundle.lock import DEFAULT_WAIT_S, bundle_lock
 from runtime.faults import fault_point
-from runtime.files import atomic_write_json, read_json, read_versioned_json, sha256_file
+from runtime.files import atomic_write_json, read_checked_json, read_json, read_versioned_json, sha256_file
 from runtime.names import check_task_name as _check_name
 from runtime.preprocess import Preprocessing
 
@@ -178,12 +178,14 @@ class Bundle:
         return self.root / "tasks" / name
 
     def verify(self) -> None:
-        """Check that every task file exists and matches the sha256 in bundle.json."""
+        """Check that every task file exists and matches the sha256 in bundle.json, and that its
+        calibration.json (whose thresholds the export copies) follows its schema."""
         for record in self.tasks:
             self.verify_task(record)
 
     def verify_task(self, record: TaskRecord) -> None:
-        """Check that one task's files exist and match the sha256 recorded for them."""
+        """Check that one task's files exist and match the sha256 recorded for them, and that its
+        calibration.json follows its schema."""
         for fname, expected in record.files.items():
             path = self.task_dir(record.name) / fname
             if not path.is_file():
@@ -194,9 +196,10 @@ class Bundle:
                     f"task {record.name!r}: {path} has sha256 {got[:12]}…, bundle.json says "
                     f"{expected[:12]}… (the file was modified or corrupted)"
                 )
+        self.load_calibration(record.name)  # its schema, before any stage relies on it
 
     def load_calibration(self, name: str) -> dict[str, Any]:
-        return read_json(self.task_dir(name) / "calibration.json")
+        return read_checked_json(self.task_dir(name) / "calibration.json", "calibration", BundleError)
 
     def load_split(self, name: str) -> dict[str, Any]:
         return read_json(self.task_dir(name) / "split.json")

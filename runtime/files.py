@@ -8,14 +8,19 @@ or the new one, never a torn one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
 PathLike = Union[str, os.PathLike]
+#: The published JSON Schemas (installed with the package; docs/*.schema.json link here).
+SCHEMA_DIR = Path(__file__).with_name("schemas")
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
@@ -83,6 +88,83 @@ def read_json(path: PathLike) -> Any:
         return json.load(fh)
 
 
+class _NonFinite(str):
+    """What ``NaN``/``Infinity``/``-Infinity`` parse to in casam documents: never a number,
+    so a threshold of NaN (which no comparison can ever pass) cannot slip through."""
+
+
+def read_json_strict(path: PathLike) -> Any:
+    """``json.load`` that keeps NaN and ±Infinity out of the numbers (Python's json accepts
+    them although JSON has none); ``check_document`` then names where they were."""
+    with open(path, "r", encoding="utf-8") as fh:
+        return json.load(fh, parse_constant=_NonFinite)
+
+
+def _json_path(parent: str, key: Any) -> str:
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)) else f"{parent}[{str(key)!r}]"
+
+
+def _non_finite(data: Any, where: str = "$") -> Optional[tuple[str, str]]:
+    """(JSON path, text) of the first NaN or ±Infinity in ``data``, or None."""
+    if isinstance(data, _NonFinite):
+        return where, str(data)
+    if isinstance(data, float) and not math.isfinite(data):
+        return where, repr(data)
+    items = data.items() if isinstance(data, Mapping) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        found = _non_finite(value, _json_path(where, key))
+        if found:
+            return found
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _validators() -> dict[str, Any]:
+    """One validator per schema file (``bundle``, ``manifest``, ``calibration``), sharing a
+    registry so that the manifest can refer to the bundle's definitions."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    schemas = {p.name[: -len(".schema.json")]: json.loads(p.read_text(encoding="utf-8"))
+               for p in sorted(SCHEMA_DIR.glob("*.schema.json"))}
+    registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in schemas.values())
+    return {name: jsonschema.Draft202012Validator(s, registry=registry) for name, s in schemas.items()}
+
+
+def schema_for_format(fmt: str) -> Optional[str]:
+    """The schema whose ``format`` is the constant ``fmt`` (``casam-bundle`` → ``bundle``)."""
+    for name, validator in _validators().items():
+        if validator.schema.get("properties", {}).get("format", {}).get("const") == fmt:
+            return name
+    return None
+
+
+def check_document(data: Any, schema: str, error: type[Exception], where: PathLike) -> None:
+    """Raise ``error`` naming ``where`` (the file), the field and what was expected when
+    ``data`` breaks ``runtime/schemas/<schema>.schema.json`` or holds a non-finite number."""
+    import jsonschema
+
+    found = _non_finite(data)
+    if found:
+        raise error(f"{where}: {found[0]} is {found[1]}; every number must be finite")
+    problem = jsonschema.exceptions.best_match(_validators()[schema].iter_errors(data))
+    if problem is not None:
+        message = problem.message if len(problem.message) <= 200 else problem.message[:200] + "…"
+        raise error(f"{where}: {problem.json_path}: {message} (schema: {schema}.schema.json)")
+
+
+def read_checked_json(path: PathLike, schema: str, error: type[Exception]) -> Any:
+    """Read a JSON file that has a schema but no format header (a task's calibration.json)."""
+    try:
+        data = read_json_strict(path)
+    except (ValueError, OSError) as exc:
+        raise error(f"{path} is corrupt ({exc})") from exc
+    check_document(data, schema, error, path)
+    return data
+
+
 def read_versioned_json(
     path: PathLike,
     fmt: str,
@@ -96,16 +178,18 @@ def read_versioned_json(
     """Read a casam JSON document (bundle.json, manifest.json) and check its format header.
 
     Bundles and manifests are both versioned documents that a later stage must refuse
-    rather than misread, so the reading and the checks live here once. ``data`` skips the
-    read (an exporter validating a manifest before writing it); ``missing`` is the message
-    for an absent file.
+    rather than misread, so the reading and the checks live here once: the format header
+    first (so an old or new version gets its own message), then the published JSON Schema
+    of that format (``runtime/schemas/``), which the readers rely on instead of checking
+    fields one by one. ``data`` skips the read (an exporter validating a manifest before
+    writing it); ``missing`` is the message for an absent file.
     """
     path = Path(path)
     if data is None:
         if not path.is_file():
             raise error(missing)
         try:
-            data = read_json(path)
+            data = read_json_strict(path)
         except (ValueError, OSError) as exc:
             raise error(f"{path} is corrupt ({exc})") from exc
     if not isinstance(data, Mapping) or data.get("format") != fmt:
@@ -113,4 +197,8 @@ def read_versioned_json(
     got = data.get("format_version")
     if got != version:
         raise error(f"{path} has format version {got!r}; this casam reads version {version}{upgrade_hint}")
+    schema = schema_for_format(fmt)
+    if schema is None:  # a broken install: never read such a document unchecked
+        raise error(f"no JSON Schema for {fmt!r} in {SCHEMA_DIR}; reinstall casam")
+    check_document(data, schema, error, path)
     return dict(data)

@@ -66,28 +66,19 @@ class Manifest:
     """A validated manifest: graphs and tasks resolved to paths inside ``folder``."""
 
     def __init__(self, folder: Path, data: dict[str, Any]) -> None:
+        """``data`` has passed ``runtime/schemas/manifest.schema.json`` (``Manifest.load``), so
+        only what a schema cannot say is checked here: names, paths, indices, duplicates."""
         self.folder = folder
         self.data = data
-        self.preprocessing = _preprocessing(data)
+        self.preprocessing = Preprocessing.from_dict(data["preprocessing"])
         self.max_prompts = int(data.get("max_prompts", 16))
-        if self.max_prompts < 1:
-            raise ManifestError(f"manifest max_prompts must be ≥ 1, got {self.max_prompts}")
-        graphs = data.get("graphs")
-        if not isinstance(graphs, Mapping):
-            raise ManifestError("manifest has no 'graphs' table")
-        self.graphs: dict[str, GraphFile] = {}
-        for key in CORE_GRAPHS:
-            if key not in graphs:
-                raise ManifestError(f"manifest lists no {key!r} graph")
-            self.graphs[key] = _graph_file(folder, key, graphs[key])
+        graphs = data["graphs"]
+        self.graphs: dict[str, GraphFile] = {key: _graph_file(folder, key, graphs[key]) for key in CORE_GRAPHS}
         self.tasks: list[TaskEntry] = []
-        for i, task in enumerate(data.get("tasks") or []):
-            try:
-                name = check_task_name(task["name"], ManifestError, f"manifest task #{i}")
-                entry = TaskEntry(name, int(task.get("index", i)), float(task["threshold"]),
-                                  _graph_file(folder, f"align/{name}", task["align"]))
-            except (KeyError, TypeError, ValueError) as exc:
-                raise ManifestError(f"manifest task #{i} is malformed ({exc!r})") from exc
+        for i, task in enumerate(data["tasks"]):
+            name = check_task_name(task["name"], ManifestError, f"manifest task #{i}")
+            entry = TaskEntry(name, int(task.get("index", i)), float(task["threshold"]),
+                              _graph_file(folder, f"align/{name}", task["align"]))
             if entry.index != i:
                 raise ManifestError(f"manifest task {name!r} has index {entry.index} but sits at position {i}")
             self.tasks.append(entry)
@@ -148,18 +139,15 @@ def verify_file(path: Path, expected: str, what: str) -> None:
         )
 
 
-def _graph_file(folder: Path, key: str, entry: Any) -> GraphFile:
-    try:
-        ext = entry.get("external_data")
-        return GraphFile(
-            key=key,
-            path=_inside(folder, entry["file"]),
-            sha256=str(entry["sha256"]),
-            external_data=_inside(folder, ext["file"]) if ext else None,
-            external_sha256=str(ext["sha256"]) if ext else None,
-        )
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ManifestError(f"manifest entry for graph {key!r} is malformed ({exc!r})") from exc
+def _graph_file(folder: Path, key: str, entry: Mapping[str, Any]) -> GraphFile:
+    ext = entry.get("external_data")
+    return GraphFile(
+        key=key,
+        path=_inside(folder, entry["file"]),
+        sha256=str(entry["sha256"]),
+        external_data=_inside(folder, ext["file"]) if ext else None,
+        external_sha256=str(ext["sha256"]) if ext else None,
+    )
 
 
 def _inside(folder: Path, rel: str) -> Path:
@@ -171,10 +159,3 @@ def _inside(folder: Path, rel: str) -> Path:
     if path.is_absolute() or ".." in path.parts:
         raise ManifestError(f"manifest file {rel!r} points outside the export folder {folder}")
     return folder / path
-
-
-def _preprocessing(data: Mapping[str, Any]) -> Preprocessing:
-    try:
-        return Preprocessing.from_dict(data["preprocessing"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ManifestError(f"manifest preprocessing is malformed ({exc!r})") from exc

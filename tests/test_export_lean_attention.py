@@ -8,6 +8,7 @@ import torch
 from casam_export import lean_attention
 from casam_export.lean_attention import lean_attention_forward, lean_global_attention
 from models.sam_import import load_modeling
+from float32 import SAME_LIBRARY, f32_tol, peak
 
 
 @pytest.mark.parametrize("rows", [16, 24, 64])
@@ -23,7 +24,8 @@ def test_chunked_heads_and_rows_equal_sams_attention(monkeypatch, rows):
         ref = block.attn(x)
         block.attn.forward = types.MethodType(lean_attention_forward, block.attn)
         got = block.attn(x)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # Chunking reorders the softmax and attention·V sums over the 64×64 keys (n = 4096).
+    torch.testing.assert_close(got, ref, rtol=0, atol=f32_tol(peak(ref), n=64 * 64, k=SAME_LIBRARY))
 
 
 def test_context_swaps_only_global_blocks_and_restores(tiny_sam):
@@ -36,4 +38,5 @@ def test_context_swaps_only_global_blocks_and_restores(tiny_sam):
             assert all(("forward" in vars(b.attn)) == (b.window_size == 0) for b in encoder.blocks)
             got = encoder(x)
         assert all("forward" not in vars(b.attn) for b in encoder.blocks)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # As above, the global block's sums over 64×64 keys (n = 4096), M = the encoder output's peak.
+    torch.testing.assert_close(got, ref, rtol=0, atol=f32_tol(peak(ref), n=64 * 64, k=SAME_LIBRARY))

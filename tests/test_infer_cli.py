@@ -15,6 +15,7 @@ from runtime.cli import main
 from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
 from runtime_support import copy_engines, exported
+from float32 import f32_tol, peak
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,8 @@ def test_writes_masks_overlay_and_json(engines, images, tmp_path):
             mask = np.asarray(Image.open(out / prompt["mask"]))
             assert mask.shape == shape and set(np.unique(mask)) <= {0, 255}
             np.testing.assert_array_equal(mask == 255, expected.masks[k])
-            assert prompt["iou"] == pytest.approx(float(expected.iou[k]), abs=1e-5)
+            # Two pipelines on one engine folder (one library): sums over 64×64 image tokens.
+            assert prompt["iou"] == pytest.approx(float(expected.iou[k]), rel=0, abs=f32_tol(peak(expected.iou), n=64 * 64))
             assert prompt["area"] == int(expected.masks[k].sum())
 
 

@@ -26,6 +26,7 @@ from trainer.synthetic import write_synthetic_task
 from trainer.train_task import TrainConfig, train_task
 from trainer.vae_training import VAEConfig, single_thread
 from models.pooling import attention_pool
+from float32 import SAME_LIBRARY, vae_score_tol
 
 CONFIG = TrainConfig(epochs=2, batch_size=2, lr=3e-4, masks_per_image=1, vae_epochs=60)
 N_TRAIN, N_TEST = 12, 6
@@ -112,19 +113,22 @@ def test_threshold_is_numpy_percentile_of_held_out_scores(trained, tiny_sam):
     scores = np.asarray(calib["scores"])
     assert len(scores) == calib["count"] == N_TRAIN
     assert record.threshold_key == "p97"
-    assert record.threshold == pytest.approx(float(np.percentile(scores, 97)), rel=0, abs=1e-9)
-    assert calib["p95"] == pytest.approx(float(np.percentile(scores, 95)))
-    assert calib["p99"] == pytest.approx(float(np.percentile(scores, 99)))
-    assert calib["mean_plus_2std"] == pytest.approx(scores.mean() + 2 * scores.std())
+    # The same float64 numpy calls on the same scores (JSON keeps a float64 exactly): equal.
+    assert record.threshold == float(np.percentile(scores, 97))
+    assert calib["p95"] == float(np.percentile(scores, 95))
+    assert calib["p99"] == float(np.percentile(scores, 99))
+    assert calib["mean_plus_2std"] == scores.mean() + 2 * scores.std()
     # The held-out scores are reproducible from the same training features.
     session = open_bundle_session(bundle, device="cpu", cache_dir=trained["cache"], quiet=True, sam=tiny_sam)
     train = load_dataset(trained["data"]["stripes"], split=bundle.load_split("stripes")).train
     pooled = attention_pool(session.cache.embeddings(train).float())
     vae, again = calibrate(pooled, VAEConfig(epochs=CONFIG.vae_epochs, batch_size=CONFIG.batch_size), train_seed=CONFIG.seed)
-    np.testing.assert_allclose(again["scores"], scores, rtol=1e-5)
+    # Same data, seeds and kernels on one machine: equal up to summation order.
+    np.testing.assert_allclose(again["scores"], scores, rtol=0, atol=vae_score_tol(scores, k=SAME_LIBRARY))
     # And the committed VAE is the final one, scored deterministically (z = μ).
     committed = load_vae(bundle, "stripes")
-    torch.testing.assert_close(committed.score(pooled), vae.score(pooled))
+    torch.testing.assert_close(committed.score(pooled), vae.score(pooled), rtol=0,
+                               atol=vae_score_tol(vae.score(pooled).detach(), k=SAME_LIBRARY))
 
 
 def test_adding_a_task_leaves_earlier_tasks_unchanged(trained, tiny_sam):
