@@ -39,6 +39,7 @@ from models.bundle_models import build_model, save_module
 from trainer.calibration import calibrate, threshold_key
 from trainer.data import Dataset, Sample, load_dataset
 from trainer.distributed import SINGLE, World, join
+from trainer.preconditions import check_dataset_size
 from trainer.evaluate import evaluate_set
 from trainer.losses import alignment_loss
 from trainer.prompt_sampling import BOX_JITTER_PX, choose_structures, sample_prompts
@@ -227,6 +228,7 @@ def train_task(
         if task in existing.task_names and not replace:
             raise BundleError(f"task {task!r} already exists in {root}; pass --replace to retrain it")
     dataset = load_dataset(data, seed=config.seed, axis=axis, intensity=prep.intensity)
+    check_dataset_size(dataset, config.folds)  # before any embedding or training
     session = open_session(sam, checkpoint, prep, device, cache_dir, quiet, frozen_sam)
     if existing is not None:
         check_bundle_sam(existing, session.sam.name, session.checkpoint_sha256)
