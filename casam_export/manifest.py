@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from casam_export.errors import ExportError
-from runtime.files import read_json, sha256_file
+from runtime.files import check_out_dir, read_json, sha256_file
 from runtime.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, MANIFEST_NAME, graph_content_id
 from casam_bundle import THRESHOLD_KEYS, Bundle
 
@@ -79,8 +79,7 @@ def claim_out_dir(out: Path, bundle: Bundle, force: bool) -> Optional[dict[str, 
     A folder with another bundle's export, or with files that are not an export's, is
     refused without ``force``; with ``force`` nothing in it is reused.
     """
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder")
+    check_out_dir(out, ExportError)
     previous = read_previous(out) if out.is_dir() else None
     if force:
         return None

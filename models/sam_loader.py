@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -137,7 +139,15 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure mode means the same thing here
+    except pickle.UnpicklingError as exc:
+        # torch's own message advises retrying with weights_only=False, i.e. running the
+        # file's code: never repeat that; name what it tried to load instead.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        raise CheckpointError(
+            f"checkpoint {path} is not a plain tensor checkpoint; refused for safety"
+            + (f" (it holds a pickled {found.group(1)})" if found else "")
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - every other failure mode means the same thing here
         raise CheckpointError(
             f"checkpoint {path} is unreadable or truncated ({type(exc).__name__}: {exc})"
         ) from exc

@@ -22,7 +22,7 @@ from runtime.backends import BACKENDS
 from runtime.errors import CasamError, InputError
 from runtime.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepared_slice, read_scan
 from runtime.intensity import Intensity
-from runtime.files import atomic_write_json
+from runtime.files import atomic_write_json, check_out_dir
 from runtime.outputs import write_outputs
 from runtime.prompt_sources import ImagePrompts, boxes_from_masks, read_prompt_file
 from runtime.scoring import DeploymentScores
@@ -325,6 +325,7 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
     if popts.boxes_from_masks is not None and not popts.boxes_from_masks.is_dir():
         raise InputError(f"--boxes-from-masks {popts.boxes_from_masks} is not a folder")
     files = expand_inputs(images)
+    check_out_dir(out, InputError)
     pipe = open_pipeline(engines, backend, server=server, max_resident=max_resident)
     if task is not None:
         pipe.check_task(task)

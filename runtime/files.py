@@ -88,6 +88,21 @@ def read_json(path: PathLike) -> Any:
         return json.load(fh)
 
 
+def check_out_dir(out: PathLike, error: type[Exception], option: str = "--out") -> Path:
+    """``out`` when it names a folder, or a path where one can be made; else ``error``.
+
+    Checked before any work: ``mkdir`` on a file would only say "File exists" at the end.
+    """
+    out = Path(out)
+    for existing in (out, *out.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise error(f"{option} {out} is a file" + ("" if existing == out else f" ({existing} is a file)")
+                            + "; give a folder")
+            break
+    return out
+
+
 class _NonFinite(str):
     """What ``NaN``/``Infinity``/``-Infinity`` parse to in casam documents: never a number,
     so a threshold of NaN (which no comparison can ever pass) cannot slip through."""

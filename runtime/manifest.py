@@ -46,6 +46,12 @@ class GraphFile:
     def content_id(self) -> str:
         return graph_content_id(self.sha256, self.external_sha256)
 
+    def verify(self) -> None:
+        """Check that the graph's file (and its weights file) exist and match their sha256."""
+        verify_file(self.path, self.sha256, self.key)
+        if self.external_data is not None:
+            verify_file(self.external_data, self.external_sha256 or "", f"{self.key} weights")
+
 
 def graph_content_id(sha256: str, external_sha256: Optional[str] = None) -> str:
     """What a graph's compiled engine depends on: the .onnx file and, where its weights live
@@ -106,9 +112,7 @@ class Manifest:
     def verify(self) -> None:
         """Check that every engine file exists and matches its sha256."""
         for g in self.all_graphs():
-            verify_file(g.path, g.sha256, g.key)
-            if g.external_data is not None:
-                verify_file(g.external_data, g.external_sha256 or "", f"{g.key} weights")
+            g.verify()
 
     @classmethod
     def load(cls, folder: PathLike, data: Optional[Mapping[str, Any]] = None, verify: bool = True) -> "Manifest":

@@ -151,7 +151,11 @@ class Pipeline:
 
     # ----- stages ---------------------------------------------------------------------
     def _load_align(self, name: str) -> Engine:
-        return self.backend.load(f"align/{name}", self.manifest_obj.task(name).graph.path)
+        """Load a task's alignment engine, hashing its file first: every load, also a reload
+        after the LRU evicted it, since the file may have changed since the folder was opened."""
+        graph = self.manifest_obj.task(name).graph
+        graph.verify()
+        return self.backend.load(graph.key, graph.path)
 
     def _run(self, engine: Engine, feeds: Mapping[str, Tensor], keep: Sequence[str] = ()) -> dict[str, Tensor]:
         with self._calls_lock:
