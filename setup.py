@@ -3,7 +3,9 @@
 ``onnxruntime`` and ``onnxruntime-gpu`` install into the same ``onnxruntime`` folder and
 break each other, so casam depends on one, chosen at install time with ``CASAM_ORT``:
 ``onnxruntime-gpu`` (the default, as the design card lists; it also runs on CPU-only
-machines), ``onnxruntime`` (CPU-only wheel), or ``none`` (bring your own, e.g. TensorRT only).
+machines), ``onnxruntime`` (CPU-only wheel), or ``none`` (bring your own onnxruntime build).
+The runtime always needs one: even the TensorRT backend allocates its device buffers as
+onnxruntime-gpu ``OrtValue``s, so a TensorRT-only install cannot run.
 """
 
 import configparser

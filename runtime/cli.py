@@ -23,6 +23,7 @@ from runtime.errors import CasamError, InputError
 from runtime.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepared_slice, read_scan
 from runtime.intensity import Intensity
 from runtime.files import atomic_write_json, check_out_dir
+from runtime.remote import DEFAULT_READY_TIMEOUT_S
 from runtime.outputs import write_outputs
 from runtime.prompt_sources import ImagePrompts, boxes_from_masks, read_prompt_file
 from runtime.scoring import DeploymentScores
@@ -32,7 +33,8 @@ DEFAULT_ENGINES = "casam_engines"
 INPUT_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
 
 
-def open_pipeline(engines: Path, backend: str = "auto", server: Optional[str] = None, max_resident: int = 8) -> Any:
+def open_pipeline(engines: Path, backend: str = "auto", server: Optional[str] = None, max_resident: int = 8,
+                  server_timeout: Optional[float] = None) -> Any:
     """The one place the CLI creates its predictor: local engines, or a casam server.
 
     Anything with ``predict(image, boxes=, points=, point_labels=, task=)`` returning a
@@ -41,7 +43,7 @@ def open_pipeline(engines: Path, backend: str = "auto", server: Optional[str] = 
     if server is not None:
         from runtime.remote import RemotePipeline
 
-        return RemotePipeline(server)
+        return RemotePipeline(server, **({} if server_timeout is None else {"ready_timeout_s": server_timeout}))
     from runtime.pipeline import Pipeline
 
     return Pipeline.from_manifest(engines, backend=backend, max_resident=max_resident)
@@ -278,9 +280,11 @@ def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
 @click.option("--expect-task", default=None, metavar="NAME|identity",
               help="The task every input should be routed to: reports the routing accuracy.")
 # --- end prompts per image and evaluation ---
+@click.option("--server-timeout", type=click.FloatRange(min=0), default=DEFAULT_READY_TIMEOUT_S, show_default=True,
+              metavar="SECONDS", help="With --server: how long to wait for a starting server to load its models.")
 def main(images: tuple[Path, ...], box, point, label, engines: Optional[Path], out: Path, overlay: bool,
          as_json: bool, task: Optional[str], backend: str, timings: bool,
-         max_resident: int, quiet: bool, server: Optional[str], **options: Any) -> None:
+         max_resident: int, quiet: bool, server: Optional[str], server_timeout: float, **options: Any) -> None:
     """Segment IMAGE(s) (files or folders) with CA-SAM: each image is routed to the task whose
     VAE explains it best, or to plain SAM (identity) when none does.
 
@@ -297,7 +301,7 @@ def main(images: tuple[Path, ...], box, point, label, engines: Optional[Path], o
     """
     try:
         run(images, box, point, label, resolve_engines(engines), out, overlay, as_json, task, backend,
-            timings, max_resident, quiet, server, *split_options(options))
+            timings, max_resident, quiet, server, *split_options(options), server_timeout=server_timeout)
     except CasamError as exc:
         click.echo(f"casam-infer: error: {exc}", err=True)
         sys.exit(2)
@@ -314,7 +318,8 @@ def split_options(options: dict[str, Any]) -> tuple[VolumeOptions, PromptOptions
 
 def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_json: bool, task: Optional[str],
         backend: str, timings: bool, max_resident: int, quiet: bool,
-        server: Optional[str] = None, vol: VolumeOptions = VolumeOptions(), popts: PromptOptions = PromptOptions()) -> None:
+        server: Optional[str] = None, vol: VolumeOptions = VolumeOptions(), popts: PromptOptions = PromptOptions(),
+        server_timeout: Optional[float] = None) -> None:
     import numpy as np
     from tqdm import tqdm
 
@@ -326,7 +331,7 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
         raise InputError(f"--boxes-from-masks {popts.boxes_from_masks} is not a folder")
     files = expand_inputs(images)
     check_out_dir(out, InputError)
-    pipe = open_pipeline(engines, backend, server=server, max_resident=max_resident)
+    pipe = open_pipeline(engines, backend, server=server, max_resident=max_resident, server_timeout=server_timeout)
     if task is not None:
         pipe.check_task(task)
     if popts.expect_task is not None:

@@ -48,14 +48,27 @@ def parse_server_url(url: str) -> tuple[str, str]:
     return parts.scheme, f"{host}:{port}"
 
 
-class RemotePipeline:
-    """A casam-serve server at ``url``, used like ``runtime.pipeline.Pipeline``. Thread-safe."""
+#: How long a client waits by default for a starting server's models (``--server-timeout``).
+DEFAULT_READY_TIMEOUT_S = 60.0
+_READY_POLL_S = 0.25
 
-    def __init__(self, url: str, model: str = MODEL_NAME, timeout_s: float = 300.0) -> None:
+
+class RemotePipeline:
+    """A casam-serve server at ``url``, used like ``runtime.pipeline.Pipeline``. Thread-safe.
+
+    Triton answers ``/v2/health/ready`` before casam-serve has loaded its models, so the
+    first request waits until both models report ready, up to ``ready_timeout_s``; a server
+    still loading after that is reported as such, not as a missing model.
+    """
+
+    def __init__(self, url: str, model: str = MODEL_NAME, timeout_s: float = 300.0,
+                 ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S) -> None:
         self.url = url
         self.scheme, self.address = parse_server_url(url)
         self.model = model
         self.timeout_s = timeout_s
+        self.ready_timeout_s = ready_timeout_s
+        self._ready = False
         self._client_module, self._server_exception = _tritonclient(self.scheme)
         self._local = threading.local()  # one client per thread: tritonclient's are not shareable
         self._clients: list[Any] = []
@@ -134,7 +147,36 @@ class RemotePipeline:
                 self._clients.append(client)
         return client
 
+    def wait_until_ready(self) -> None:
+        """Return once the server's ``casam`` and ``casam_info`` models are ready; raise
+        ``CasamError`` ("still loading", or "cannot reach") after ``ready_timeout_s``."""
+        if self._ready:
+            return
+        deadline = time.monotonic() + self.ready_timeout_s
+        models = (self.model, INFO_MODEL_NAME)
+        reached, loading = False, list(models)
+        while True:
+            try:
+                client = self._client()
+                reached = client.is_server_live()
+                loading = [m for m in models if not client.is_model_ready(m)]
+                if reached and not loading:
+                    self._ready = True
+                    return
+            except self._server_exception:
+                pass  # e.g. "unknown model" while the model repository is still being filled
+            except OSError:
+                reached = False
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(_READY_POLL_S)
+        if not reached:
+            raise CasamError(f"cannot reach the casam server at {self.url} (waited {self.ready_timeout_s:g} s; --server-timeout)")
+        raise CasamError(f"server {self.url} is still loading: model(s) {', '.join(loading)} not ready after "
+                         f"{self.ready_timeout_s:g} s (--server-timeout)")
+
     def _infer(self, model: str, inputs: list[Any], outputs: list[str]) -> Any:
+        self.wait_until_ready()
         module = self._client_module
         requested = [module.InferRequestedOutput(name, **({} if self.scheme == "grpc" else {"binary_data": True}))
                      for name in outputs]
@@ -155,6 +197,8 @@ class RemotePipeline:
         first = re.sub(r"^(\[\w+\]\s*)*(\[request id: [^]]*\]\s*)?", "", message.strip().splitlines()[0] if message.strip() else "")
         if _TRITON_INPUT.search(first):
             return InputError(first)
+        if "unknown model" in message.lower() or "is not found" in message.lower():
+            return CasamError(f"server {self.url} is still loading (or serves no casam model): {first}")
         if "unavailable" in message.lower() or "failed to connect" in message.lower():
             return CasamError(f"cannot reach the casam server at {self.url}: {first}")
         return CasamError(f"the casam server at {self.url} failed: {first or message}")

@@ -22,9 +22,10 @@ tritonclient_http = pytest.importorskip("tritonclient.http")
 
 from float32 import SAME_LIBRARY, f32_tol, peak, vae_score_tol  # noqa: E402
 from runtime_support import exported  # noqa: E402
-from runtime.errors import InputError  # noqa: E402
+from runtime.errors import CasamError, InputError  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.remote import RemotePipeline  # noqa: E402
+from runtime.serve import MODEL_NAME  # noqa: E402
 from runtime.serve.process import ServerProcess  # noqa: E402
 
 
@@ -192,10 +193,20 @@ def _alive(pid: int, start: str) -> bool:
     return fields[19] == start and fields[0] != "Z"
 
 
-def test_sigterm_stops_within_ten_seconds_without_orphans(engines, expected):
-    srv = ServerProcess(engines, max_batch=2).start()
+def test_request_at_first_health_ready_is_answered_and_sigterm_stops_without_orphans(engines, expected):
+    """One fresh server (its start-up is what costs) for two guarantees.
+
+    Readiness: Triton's /v2/health/ready turns 200 before casam-serve's models are loaded.
+    A request sent that very moment is still answered (the client waits for the models,
+    up to --server-timeout); one that may not wait hears "still loading".
+    Shutdown: SIGTERM stops the server within ten seconds and leaves no process behind.
+    """
+    srv = ServerProcess(engines, max_batch=2).start(wait_for=("health",))
     try:
-        with RemotePipeline(srv.http_url) as remote:
+        assert not srv._ready(f"models/{MODEL_NAME}"), "the models were loaded before health/ready: no window to test"
+        with pytest.raises(CasamError, match=rf"server {srv.http_url} is still loading: model\(s\) casam"):
+            RemotePipeline(srv.http_url, ready_timeout_s=0).predict(**cases()[0])
+        with RemotePipeline(srv.http_url, ready_timeout_s=120) as remote:
             assert_same(remote.predict(**cases()[0]), expected[0])
         children = _descendants(srv.process.pid)
         assert any("tritonserver" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")

@@ -57,12 +57,14 @@ class ServerProcess:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
-    def start(self, timeout_s: float = 180.0) -> "ServerProcess":
-        """Start the server and return once both models answer ready (or raise, stopped)."""
+    def start(self, timeout_s: float = 180.0, wait_for: Sequence[str] = (f"models/{INFO_MODEL_NAME}", f"models/{MODEL_NAME}")
+              ) -> "ServerProcess":
+        """Start the server and return once every readiness path in ``wait_for`` answers 200
+        (``models/<m>`` for a model, ``health`` for Triton's own readiness), or raise, stopped."""
         self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
         deadline = time.monotonic() + timeout_s
-        while not all(self._ready(model) for model in (MODEL_NAME, INFO_MODEL_NAME)):
+        while not all(self._ready(path) for path in wait_for):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 why = "exited" if self.process.poll() is not None else f"was not ready after {timeout_s:.0f} s"
                 self.stop()
@@ -101,8 +103,8 @@ class ServerProcess:
         self._log.close()
         self.log_path.unlink(missing_ok=True)
 
-    def _ready(self, model: str) -> bool:
-        url = f"{self.http_url}/v2/models/{model}/ready"
+    def _ready(self, path: str) -> bool:
+        url = f"{self.http_url}/v2/{path}/ready"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return response.status == 200

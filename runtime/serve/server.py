@@ -129,12 +129,15 @@ def _start(model: CasamModel, config: ServeConfig, stop: threading.Event) -> Any
             exit_timeout_secs=config.exit_timeout_s,
         ))
         try:
+            # PyTriton loads bound models one after another, in this order, after Triton
+            # already answers /v2/health/ready. ``casam`` goes last, so that its readiness
+            # (/v2/models/casam/ready, the documented probe) means both models can answer.
+            triton.bind(model_name=INFO_MODEL_NAME, infer_func=model.info_infer, inputs=[],
+                        outputs=[_tensor(model_config, s) for s in INFO_OUTPUTS],
+                        config=model_config.ModelConfig(batching=False), strict=True)
             triton.bind(model_name=MODEL_NAME, infer_func=[model.infer for _ in range(config.instances)],
                         inputs=[_tensor(model_config, s) for s in INPUTS],
                         outputs=[_tensor(model_config, s) for s in OUTPUTS],
-                        config=model_config.ModelConfig(batching=False), strict=True)
-            triton.bind(model_name=INFO_MODEL_NAME, infer_func=model.info_infer, inputs=[],
-                        outputs=[_tensor(model_config, s) for s in INFO_OUTPUTS],
                         config=model_config.ModelConfig(batching=False), strict=True)
             triton.run()
             return triton
