@@ -156,14 +156,19 @@ def schema_for_format(fmt: str) -> Optional[str]:
     return None
 
 
+def check_finite(data: Any, error: type[Exception], where: PathLike) -> None:
+    """Raise ``error`` naming the JSON path of the first NaN or ±Infinity in ``data``."""
+    found = _non_finite(data)
+    if found:
+        raise error(f"{where}: {found[0]} is {found[1]}; every number must be finite")
+
+
 def check_document(data: Any, schema: str, error: type[Exception], where: PathLike) -> None:
     """Raise ``error`` naming ``where`` (the file), the field and what was expected when
     ``data`` breaks ``runtime/schemas/<schema>.schema.json`` or holds a non-finite number."""
     import jsonschema
 
-    found = _non_finite(data)
-    if found:
-        raise error(f"{where}: {found[0]} is {found[1]}; every number must be finite")
+    check_finite(data, error, where)
     problem = jsonschema.exceptions.best_match(_validators()[schema].iter_errors(data))
     if problem is not None:
         message = problem.message if len(problem.message) <= 200 else problem.message[:200] + "…"
@@ -204,7 +209,8 @@ def read_versioned_json(
         if not path.is_file():
             raise error(missing)
         try:
-            data = read_json_strict(path)
+            # A format without a published schema (a task package's index) checks its own fields.
+            data = read_json_strict(path) if schema_for_format(fmt) else read_json(path)
         except (ValueError, OSError) as exc:
             raise error(f"{path} is corrupt ({exc})") from exc
     if not isinstance(data, Mapping) or data.get("format") != fmt:
@@ -213,7 +219,8 @@ def read_versioned_json(
     if got != version:
         raise error(f"{path} has format version {got!r}; this casam reads version {version}{upgrade_hint}")
     schema = schema_for_format(fmt)
-    if schema is None:  # a broken install: never read such a document unchecked
-        raise error(f"no JSON Schema for {fmt!r} in {SCHEMA_DIR}; reinstall casam")
-    check_document(data, schema, error, path)
+    if schema is not None:
+        check_document(data, schema, error, path)
+    elif not _validators():  # a broken install: never read bundles or manifests unchecked
+        raise error(f"no JSON Schemas in {SCHEMA_DIR}; reinstall casam")
     return dict(data)
