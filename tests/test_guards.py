@@ -45,6 +45,7 @@ def test_alignment_engine_reloaded_after_eviction_is_hashed_again(shipped, tmp_p
     pipe.predict(image, boxes=BOXES[:1], task="alpha")
     pipe.predict(image, boxes=BOXES[:1], task="beta")  # evicts alpha
     assert pipe.align_engines.resident() == ["beta"] and pipe.align_engines.evictions == 1
-    (engines / "align" / "alpha.onnx").write_bytes((engines / "align" / "beta.onnx").read_bytes())  # a swapped graph
-    with pytest.raises(ManifestError, match=r"alpha\.onnx \(align/alpha\) has sha256"):
+    alpha, beta = (pipe.manifest_obj.task(name).graph.path for name in ("alpha", "beta"))
+    alpha.write_bytes(beta.read_bytes())  # a swapped graph
+    with pytest.raises(ManifestError, match=rf"{alpha.name} \(align/alpha\) has sha256"):
         pipe.predict(image, boxes=BOXES[:1], task="alpha")
