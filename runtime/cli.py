@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import click
 import numpy as np
 
-from runtime.backends import BACKENDS
+from runtime.backends import BACKENDS, backends_help
 from runtime.errors import CasamError, InputError
 from runtime.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepared_slice, read_scan
 from runtime.intensity import Intensity
@@ -234,7 +234,7 @@ def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
 @click.option("--task", default=None, metavar="NAME|identity",
               help="Force a task's alignment, or 'identity' for plain SAM. Default: route by the ELBO scores.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto: TensorRT engines built for this GPU, else ORT CUDA if usable, else ORT CPU.")
+              help=backends_help())
 @click.option("--timings", is_flag=True, help="Print per-stage milliseconds for each image.")
 @click.option("--max-resident", type=click.IntRange(min=1), default=8, show_default=True,
               help="Alignment engines kept loaded at once (least recently used ones are dropped).")
