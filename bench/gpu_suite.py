@@ -64,15 +64,16 @@ TARGETS = {"chain_over_encoder_max": 1.3, "chain_vs_eager_fp32_min": 3.0, "boxes
 class Clock:
     """Wall-clock medians that wait for the device (CUDA work is asynchronous)."""
 
-    def __init__(self, device: str, runs: int) -> None:
-        self.device, self.runs = device, runs
+    def __init__(self, device: str, runs: int, warmups: int = 1) -> None:
+        self.device, self.runs, self.warmups = device, runs, warmups
 
     def sync(self) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
     def median_ms(self, fn: Callable[[], Any]) -> float:
-        fn()  # warm-up (cuDNN autotuning, ORT arena growth)
+        for _ in range(self.warmups):  # cuDNN autotuning, ORT arena growth
+            fn()
         self.sync()
         times = []
         for _ in range(self.runs):
@@ -150,14 +151,21 @@ def measure_model(model_name: str, device: str, clock: Clock, work: Path, precis
     return {"model": model_name, "rows": rows}
 
 
-def router_many(device: str, clock: Clock, work: Path, backend: str, tasks: int) -> dict[str, float]:
-    """The router at ``tasks`` tasks on one embedding: runtime against eager fp32."""
+def router_many(device: str, clock: Clock, work: Path, backend: str, tasks: int,
+                bundle: Optional[Bundle] = None, engines: Optional[Path] = None) -> dict[str, float]:
+    """The router at ``tasks`` tasks on one embedding: runtime against eager fp32.
+    ``tasks`` 0 measures the given export's own router instead of exporting a new one."""
     emb = np.random.default_rng(1).normal(size=(1, 256, 64, 64)).astype(np.float32)
-    torch.manual_seed(tasks)
-    router = Router([TaskVAE() for _ in range(tasks)]).eval()
-    path = work / "routers" / f"router{tasks}.onnx"
-    if not path.exists():
-        path = export_fp32_graph(router, router_spec(tasks), work / "routers", path.name)
+    if tasks == 0 and bundle is not None and engines is not None:
+        from models.bundle_models import build_router
+
+        router, path, tasks = build_router(bundle).eval(), engines / "router.onnx", len(bundle.task_names)
+    else:
+        torch.manual_seed(tasks)
+        router = Router([TaskVAE() for _ in range(tasks)]).eval()
+        path = work / "routers" / f"router{tasks}.onnx"
+        if not path.exists():
+            path = export_fp32_graph(router, router_spec(tasks), work / "routers", path.name)
     engine = OrtBackend(backend).load("router", path)
     et = torch.from_numpy(emb).to(device)
     router = router.to(device)
@@ -217,7 +225,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--models", default=None, help="default: tiny,vit_b on cuda, tiny on cpu")
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--router-tasks", type=int, default=ROUTER_TASKS, help="tasks of the router measured")
+    parser.add_argument("--warmups", type=int, default=1, help="untimed calls before each measurement")
+    parser.add_argument("--router-tasks", type=int, default=ROUTER_TASKS,
+                        help="tasks of the router measured (0: the --bundle export's own router, nothing exported)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/casam_gpu_suite"), help="bundles and exports, kept for reruns")
     parser.add_argument("--bundle", type=Path, default=None, help="use this (tiny) bundle instead of making one")
     parser.add_argument("--engines", action="append", default=[], metavar="PRECISION=DIR",
@@ -232,7 +242,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         parser.error("--device cpu runs tiny only")
     precisions = ["fp32", "fp16"] if args.device == "cuda" else ["fp32"]
     engines = {item.split("=", 1)[0]: Path(item.split("=", 1)[1]) for item in args.engines}
-    clock = Clock(args.device, args.runs)
+    clock = Clock(args.device, args.runs, args.warmups)
     args.work.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -241,7 +251,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                               "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
                               "models": results,
                               "router": router_many(args.device, clock, args.work, "ort-cuda" if args.device == "cuda"
-                                                    else "ort-cpu", args.router_tasks)}
+                                                    else "ort-cpu", args.router_tasks,
+                                                    Bundle.open(args.bundle) if args.bundle else None,
+                                                    engines.get("fp32"))}
     result["targets"] = verdicts(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.with_suffix(".json"), result)

@@ -14,9 +14,10 @@ from runtime.errors import CasamError
 from runtime.manifest import Manifest
 
 #: CPU backends in the order ``auto`` tries them, per export precision (the manifest's
-#: "precision"; an int8 export says "int8"). Decided by bench/cpu_peak.py on the CI-class
-#: Intel Xeon (AVX-512 VNNI, AMX): onnxruntime is faster on the fp32 graphs; OpenVINO is
-#: tried first for int8 graphs when its measured int8 encoder was faster (BENCHMARKS.md).
+#: "precision"). Decided by measurement on the CI-class Intel Xeon (AVX-512 VNNI, AMX;
+#: bench/cpu_peak.py and bench/int8_speed.py, BENCHMARKS.md): onnxruntime ran the tiny and
+#: vit_b graphs faster than OpenVINO in fp32 and in int8, so ``openvino`` is chosen only by
+#: name. A precision whose measurement favours OpenVINO lists it first here.
 CPU_PREFERENCE: dict[str, tuple[str, ...]] = {
     "fp32": ("ort-cpu",),
     "fp16": ("ort-cpu",),
