@@ -113,6 +113,16 @@ def graph_macs(path: Path, batch: int = 1) -> float:
     return total
 
 
+def encoder_file(given: Path) -> tuple[Path, str]:
+    """(encoder graph, its precision) of an export folder (from its manifest) or of a bare
+    encoder .onnx (int8 when it holds QDQ nodes)."""
+    if given.is_dir():
+        entry = json.loads((given / "manifest.json").read_text())["graphs"]["encoder"]
+        return given / entry["file"], entry["precision"]
+    nodes = onnx.load(str(given), load_external_data=False).graph.node
+    return given, "int8" if any(n.op_type == "DequantizeLinear" for n in nodes) else "fp32"
+
+
 # ----- measurement -----------------------------------------------------------------------
 def take_turns(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
     """Median ms of each function; one warm-up each, then ``runs`` rounds in turn."""
@@ -152,10 +162,9 @@ def measure(engines: dict[str, Path], backend_names: list[str], runs: int, work:
     image = np.random.default_rng(2).normal(size=(1, 3, 1024, 1024)).astype(np.float32)
     macs: dict[str, float] = {}
     precision: dict[str, str] = {}
-    for label, folder in engines.items():
-        entry = json.loads((folder / "manifest.json").read_text())["graphs"]["encoder"]
-        path = folder / entry["file"]
-        macs[label], precision[label] = graph_macs(path), entry["precision"]
+    for label, given in engines.items():
+        path, precision[label] = encoder_file(given)
+        macs[label] = graph_macs(path)
         for bname, backend in chosen.items():
             engine = backend.load("encoder", path)
             fns[f"{label} encoder {bname}"] = (lambda e=engine: e.run({"image": image}))
@@ -197,8 +206,8 @@ def render(result: dict[str, Any], runs: int) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", action="append", default=[], metavar="LABEL=DIR",
-                        help="an export folder to time the encoder of, held against the peak of the "
-                             "precision its manifest records (repeatable)")
+                        help="an export folder (or a bare encoder .onnx) to time the encoder of, held "
+                             "against the peak of its precision (repeatable)")
     parser.add_argument("--backends", default="ort,openvino")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "cpu_peak.md")
