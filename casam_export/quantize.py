@@ -139,22 +139,27 @@ def _spread(items: Sequence[Any], count: int) -> list[Any]:
 
 def _split_images(bundle: Bundle, name: str, count: int) -> list[np.ndarray]:
     """Up to ``count`` training images of task ``name`` as its split.json records them, or
-    none when the recorded dataset is no longer where it was."""
-    from trainer.data import DataError, load_dataset
+    none when the recorded dataset is no longer where it was.
+
+    Folder datasets only (images/<stem>.<ext>, the trainer's layout); the stems are matched
+    against the folder's listing, never joined into paths, since split.json is read from
+    disk. NIfTI tasks' slices are not looked up: pass --calibration for them.
+    """
+    from runtime.image_io import IMAGE_SUFFIXES as READABLE
 
     try:
         record = bundle.load_split(name)
     except (OSError, ValueError):
         return []
-    data = record.get("data")
-    if not data or not Path(str(data)).exists() or not record.get("train"):
+    data, train = record.get("data"), record.get("train")
+    if not data or not isinstance(train, list) or record.get("kind", "folder") != "folder":
         return []
-    try:
-        dataset = load_dataset(data, seed=int(record.get("seed", 0)), split=record, axis=int(record.get("axis", 2)))
-    except DataError as exc:
-        warnings.warn(f"task {name}: recorded dataset {data} cannot be read for calibration ({exc})", stacklevel=2)
+    folder = Path(str(data)) / "images"
+    if not folder.is_dir():
         return []
-    return [sample.image() for sample in _spread(dataset.train, count)]
+    by_stem = {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(READABLE)}
+    chosen = [by_stem[stem] for stem in train if isinstance(stem, str) and stem in by_stem]
+    return [read_image(p) for p in _spread(chosen, count)]
 
 
 # ----- quantisation -----------------------------------------------------------------------
