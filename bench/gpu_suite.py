@@ -159,7 +159,10 @@ def router_many(device: str, clock: Clock, work: Path, backend: str, tasks: int,
     if tasks == 0 and bundle is not None and engines is not None:
         from models.bundle_models import build_router
 
-        router, path, tasks = build_router(bundle).eval(), engines / "router.onnx", len(bundle.task_names)
+        from runtime.manifest import Manifest
+
+        path = Manifest.load(engines, verify=False).graphs["router"].path
+        router, tasks = build_router(bundle).eval(), len(bundle.task_names)
     else:
         torch.manual_seed(tasks)
         router = Router([TaskVAE() for _ in range(tasks)]).eval()

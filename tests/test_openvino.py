@@ -40,8 +40,9 @@ def test_openvino_matches_onnxruntime_on_fp32_graphs(engines):
 
 def test_openvino_precision_is_explicit_f32(engines):
     """OpenVINO's CPU plugin would run fp32 graphs in bf16 on CPUs with bf16 units unless told."""
-    backend = open_backend("openvino", Manifest.load(engines))
-    compiled = backend.load("align/alpha", engines / "align" / "alpha.onnx").compiled
+    manifest = Manifest.load(engines)
+    backend = open_backend("openvino", manifest)
+    compiled = backend.load("align/alpha", manifest.task("alpha").graph.path).compiled
     assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("<Type: 'float32'>", "f32", "float32")
 
 
