@@ -32,7 +32,11 @@ def int8_export(tmp_path_factory):
     calib.mkdir()
     for i, image in enumerate(synthetic_images(seed=5)[:2]):
         Image.fromarray(image).save(calib / f"c{i}.png")
+    # Start from a copy of the fp32 export: the router and decoder stay fp32 under --int8, so
+    # they are reused rather than traced again (only the encoder and alignment layers are built).
+    shutil.copytree(fp32, root / "engines")
     manifest = export_bundle(root / "bundle", root / "engines", int8=True, calibration=calib, verify=False)
+    assert manifest["graphs"]["router"]["reused"] and manifest["graphs"]["decoder"]["reused"]
     return root, fp32, manifest
 
 
