@@ -17,7 +17,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from PIL import Image
