@@ -353,11 +353,21 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
 
     def prepare(path: Path) -> tuple[Path, Any]:
         """Read and prompt one input, on this thread and in input order (--box-jitter draws
-        stay in order); a failure is returned, to be reported in its place."""
+        stay in order); a failure is returned, to be reported in its place. A prompts file or
+        mask folder that lacks the image is the run's error, not the image's: it ends the run
+        when its turn comes, as a sequential run would."""
         try:
             scan = read_scan(path, volume=vol.volume, max_pixels=vol.max_pixels, allow_gaps=vol.allow_gaps,
                              strict_4d=not vol.single_slice)
+        except ManifestError:
+            raise
+        except CasamError as exc:
+            return path, exc
+        try:
             given = prompts_for(path, scan, table, popts, vol, rng, box, point, label)
+        except CasamError as exc:
+            return path, ("fatal", exc)
+        try:
             if scan.is_volume and not vol.single_slice:
                 return path, ("volume", scan, given)
             if given.box3d:
@@ -375,7 +385,7 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
         prepared = job[1]
         if isinstance(prepared, CasamError):
             raise prepared
-        if prepared[0] == "volume":
+        if prepared[0] in ("volume", "fatal"):
             return prepared
         _, image, _, boxes, points, labels, _ = prepared
         return prepared, pipe.predict(image, boxes=boxes, points=points, point_labels=labels, task=task)
@@ -383,6 +393,8 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
     failed = 0
     for (path, _), outcome in in_order(predict, (prepare(p) for p in files), concurrency):
         bar.update()
+        if not isinstance(outcome, CasamError) and outcome[0] == "fatal":
+            raise outcome[1]
         try:
             if isinstance(outcome, CasamError):
                 raise outcome
@@ -398,7 +410,8 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
             raise
         except CasamError as exc:
             failed += 1
-            bar.write(f"casam-infer: error: {path.name}: {exc}", file=sys.stderr)
+            message = str(exc) if path.name in str(exc) else f"{path.name}: {exc}"  # name the image once
+            bar.write(f"casam-infer: error: {message}", file=sys.stderr)
             if fail_fast:
                 break
             continue
