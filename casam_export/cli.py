@@ -9,6 +9,7 @@ from typing import Optional
 import click
 
 from casam_export.manifest import graph_entries
+from casam_export.quantize import DEFAULT_CALIBRATION_COUNT
 from runtime.errors import CasamError
 from runtime.manifest import MANIFEST_NAME
 
@@ -22,6 +23,15 @@ from runtime.manifest import MANIFEST_NAME
 @click.option("--fp16", is_flag=True,
               help="Convert the graphs to fp16 (LayerNorm, softmax and reductions stay fp32; inputs and "
                    "outputs stay fp32; the router stays fp32 so routing is unchanged).")
+@click.option("--int8", is_flag=True,
+              help="Quantise the encoder and the alignment layers to int8 (static QDQ, per-channel weights), "
+                   "calibrated on real images; router and decoder stay fp32. A graph that misses its bar "
+                   "(routes identical to fp32, mean mask IoU ≥ 0.95) is kept fp32, with a warning.")
+@click.option("--calibration", "calibration", type=click.Path(path_type=Path), default=None,
+              help="Folder of calibration images for --int8 (default: the training images recorded in the "
+                   "bundle's task splits, where they still exist).")
+@click.option("--calibration-count", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_COUNT,
+              show_default=True, help="Most calibration images per graph for --int8.")
 @click.option("--trt/--no-trt", default=None,
               help="Build TensorRT engines (--trt requires TensorRT and a CUDA GPU). Default: build them "
                    "when both are present, else write ONNX only and say so in the manifest.")
@@ -40,14 +50,16 @@ from runtime.manifest import MANIFEST_NAME
                    "official checkpoint, or none for the tiny test model).")
 @click.option("--force", is_flag=True, help="Overwrite an --out folder that holds another bundle's export.")
 @click.option("--quiet", is_flag=True, help="No progress bars; print only the manifest path.")
-def main(bundle_dir: Path, out_dir: Path, fp16: bool, trt: Optional[bool], opset: int, max_prompts: int,
+def main(bundle_dir: Path, out_dir: Path, fp16: bool, int8: bool, calibration: Optional[Path],
+         calibration_count: int, trt: Optional[bool], opset: int, max_prompts: int,
          verify: bool, verify_images: Optional[Path], checkpoint: Optional[Path], force: bool, quiet: bool) -> None:
     """Export a CA-SAM bundle to separate graphs: encoder, router (the VAE scorers), one
     alignment graph per task, and decoder, described by manifest.json."""
     try:
         from casam_export.export import export_bundle
 
-        manifest = export_bundle(bundle_dir, out_dir, fp16=fp16, opset=opset, max_prompts=max_prompts, verify=verify,
+        manifest = export_bundle(bundle_dir, out_dir, fp16=fp16, int8=int8, calibration=calibration,
+                                 calibration_count=calibration_count, opset=opset, max_prompts=max_prompts, verify=verify,
                                  verify_images=verify_images, trt=trt, force=force, checkpoint=checkpoint, quiet=quiet)
     except CasamError as exc:
         click.echo(f"casam-export: error: {exc}", err=True)
@@ -55,6 +67,9 @@ def main(bundle_dir: Path, out_dir: Path, fp16: bool, trt: Optional[bool], opset
     if not quiet:
         reused = [k for k, v in graph_entries(manifest).items() if v.get("reused")]
         click.echo(f"exported {len(manifest['tasks'])} task(s), {manifest['precision']}; unchanged: {', '.join(reused) or 'none'}")
+        if manifest["precision"] == "int8":
+            graphs = graph_entries(manifest)
+            click.echo("precision per graph: " + ", ".join(f"{k} {v['precision']}" for k, v in graphs.items()))
         parity = manifest["parity"]
         if parity.get("passed"):
             s = parity[manifest["precision"]]

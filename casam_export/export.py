@@ -39,6 +39,7 @@ from casam_export.manifest import (
     remove_unreferenced,
     reusable,
 )
+from casam_export import quantize
 from casam_export.tensorrt_build import build_engines, tensorrt_status
 from models.sam_loader import FrozenSam, load_frozen_sam
 from runtime.faults import fault_point
@@ -72,9 +73,11 @@ class _Job:
     def __init__(self, key: str, rel: str, spec: GraphSpec, make: Callable[[], nn.Module], precision: str,
                  built_from: dict[str, Any], opset: int,
                  tracing: Callable[[nn.Module], ContextManager[Any]] = lambda module: contextlib.nullcontext()) -> None:
-        self.key, self.rel, self.spec, self.make, self.precision = key, rel, spec, make, precision
+        self.key, self.rel, self.spec, self.make = key, rel, spec, make
+        self.precision = quantize.graph_precision(precision, key)  # under int8, per graph
         self.tracing = tracing  # how the module is adjusted while it is traced
-        self.built_from = {**built_from, "opset": opset, "precision": precision, "torch": torch.__version__}
+        self.built_from = {**built_from, "opset": opset, "precision": self.precision,
+                           **quantize.built_from(self.precision), "torch": torch.__version__}
 
 
 def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompts: int) -> list[_Job]:
@@ -101,14 +104,19 @@ def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompt
     return jobs
 
 
-def _produce(job: _Job, out: Path, opset: int, max_prompts: int) -> dict[str, Any]:
+def _produce(job: _Job, out: Path, opset: int, max_prompts: int,
+             quantizer: Optional[quantize.Quantizer] = None) -> dict[str, Any]:
     module = job.make()
     with job.tracing(module):
         graph = export_graph(module, job.spec, opset, max_prompts)
     model = finalize(graph, fp16=job.precision == "fp16")
+    record: dict[str, Any] = {}
+    if job.precision == quantize.INT8 and quantizer is not None:  # int8, or fp32 where it misses its bar
+        model, record = quantizer.quantize(job.key, model)
     written = write_graph(model, job.spec, out, job.rel)
-    return {"file": written.file, "sha256": written.sha256, "precision": job.precision,
-            "external_data": written.external_data, **job.spec.io_dict(), "built_from": job.built_from}
+    return {"file": written.file, "sha256": written.sha256, "precision": record.get("precision", job.precision),
+            "external_data": written.external_data, **job.spec.io_dict(), "built_from": job.built_from,
+            **({"quantization": record} if record else {})}
 
 
 def export_bundle(
@@ -116,6 +124,9 @@ def export_bundle(
     out_dir: PathLike,
     *,
     fp16: bool = False,
+    int8: bool = False,
+    calibration: Optional[PathLike] = None,
+    calibration_count: int = quantize.DEFAULT_CALIBRATION_COUNT,
     opset: int = 18,
     max_prompts: int = 16,
     verify: bool = True,
@@ -128,7 +139,9 @@ def export_bundle(
     """Export ``bundle_dir`` into ``out_dir`` and return the manifest written there.
 
     ``trt``: None builds TensorRT engines where TensorRT and a GPU exist, True requires
-    them, False skips them. ``verify`` runs the exported chain against the PyTorch model;
+    them, False skips them. ``int8`` quantises the encoder and alignment layers, calibrated
+    on ``calibration`` (a folder; default: the bundle's task splits), casam_export/quantize.py.
+    ``verify`` runs the exported chain against the PyTorch model;
     when a bar is missed it writes parity-failed.json and raises ``ParityError`` without
     writing a manifest, so the deployment already in ``out_dir`` (if any) stays in force.
 
@@ -146,15 +159,19 @@ def export_bundle(
         raise ExportError(f"bundle {bundle.root} has no tasks yet; train one with casam-train first")
     for name in bundle.task_names:  # each becomes a file name under --out
         check_task_name(name, ExportError, str(bundle.root / "bundle.json"))
+    if fp16 and int8:
+        raise ExportError("choose one of --fp16 and --int8")
     out = Path(out_dir)
     previous = claim_out_dir(out, bundle, force)
+    images = quantize.calibration_set(bundle, calibration, calibration_count) if int8 else None
     deployed = read_previous(out) if out.is_dir() else None  # in force until the switch, even with --force
     try:
         out.mkdir(parents=True, exist_ok=True)
         sam = load_bundle_sam(bundle, checkpoint)
-        precision = "fp16" if fp16 else "fp32"
+        precision = quantize.INT8 if int8 else "fp16" if fp16 else "fp32"
+        quantizer = quantize.Quantizer(bundle, sam.model, images, verify_images) if images is not None else None
         entries = _graphs(_jobs(bundle, sam, precision, opset, max_prompts), graph_entries(previous), out, opset,
-                          max_prompts, quiet)
+                          max_prompts, quiet, quantizer)
         manifest = _manifest(bundle, sam, entries, out, opset, precision, max_prompts, fp16, trt)
         report = _verify(out, manifest, bundle, sam, verify_images, quiet, deployed) if verify else None
         fault_point("export:before-manifest")
@@ -174,7 +191,7 @@ def export_bundle(
 
 
 def _graphs(jobs: list[_Job], old: Mapping[str, Mapping[str, Any]], out: Path, opset: int, max_prompts: int,
-            quiet: bool) -> dict[str, dict[str, Any]]:
+            quiet: bool, quantizer: Optional[quantize.Quantizer] = None) -> dict[str, dict[str, Any]]:
     """Every graph's manifest entry: the previous one where ``reusable``, else a freshly built file."""
     fault_point("export:before-graphs")
     entries: dict[str, dict[str, Any]] = {}
@@ -185,7 +202,7 @@ def _graphs(jobs: list[_Job], old: Mapping[str, Mapping[str, Any]], out: Path, o
             if reusable(old.get(job.key), job.built_from, out):
                 entries[job.key] = {**old[job.key], "reused": True}
             else:
-                entries[job.key] = {**_produce(job, out, opset, max_prompts), "reused": False}
+                entries[job.key] = {**_produce(job, out, opset, max_prompts, quantizer), "reused": False}
                 built += 1
                 if built == 1:
                     fault_point("export:after-first-graph")

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from casam_export.errors import ExportError
+from casam_export.quantize import INT8_MASK_IOU_BAR
 from models.casam import routes_to_names
 from models.router import IDENTITY_INDEX
 from runtime.image_io import read_image
@@ -29,7 +30,7 @@ from casam_bundle import Bundle
 from models.bundle_models import build_model
 
 PathLike = Union[str, os.PathLike]
-MASK_IOU_BARS = {"fp32": 0.999, "fp16": 0.99}
+MASK_IOU_BARS = {"fp32": 0.999, "fp16": 0.99, "int8": INT8_MASK_IOU_BAR}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".gz", ".dcm"}
 MAX_VERIFY_IMAGES = 8
 

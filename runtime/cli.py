@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import click
 import numpy as np
 
-from runtime.backends import BACKENDS
-from runtime.errors import CasamError, InputError
+from runtime.backends import BACKENDS, backends_help
+from runtime.errors import CasamError, InputError, ManifestError
 from runtime.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepared_slice, read_scan
 from runtime.intensity import Intensity
 from runtime.files import atomic_write_json, check_out_dir
@@ -236,7 +237,7 @@ def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
 @click.option("--task", default=None, metavar="NAME|identity",
               help="Force a task's alignment, or 'identity' for plain SAM. Default: route by the ELBO scores.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="auto: TensorRT engines built for this GPU, else ORT CUDA if usable, else ORT CPU.")
+              help=backends_help())
 @click.option("--timings", is_flag=True, help="Print per-stage milliseconds for each image.")
 @click.option("--max-resident", type=click.IntRange(min=1), default=8, show_default=True,
               help="Alignment engines kept loaded at once (least recently used ones are dropped).")
@@ -282,9 +283,17 @@ def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
 # --- end prompts per image and evaluation ---
 @click.option("--server-timeout", type=click.FloatRange(min=0), default=DEFAULT_READY_TIMEOUT_S, show_default=True,
               metavar="SECONDS", help="With --server: how long to wait for a starting server to load its models.")
+# --- concurrent requests (issue 14) ---
+@click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Images in flight at once (with --server, lets the server batch its encoder runs). "
+                   "Outputs are written in input order.")
+@click.option("--fail-fast", is_flag=True,
+              help="Stop at the first image that fails. Default: report it and go on; exit 2 if any failed.")
+# --- end concurrent requests ---
 def main(images: tuple[Path, ...], box, point, label, engines: Optional[Path], out: Path, overlay: bool,
          as_json: bool, task: Optional[str], backend: str, timings: bool,
-         max_resident: int, quiet: bool, server: Optional[str], server_timeout: float, **options: Any) -> None:
+         max_resident: int, quiet: bool, server: Optional[str], server_timeout: float, concurrency: int,
+         fail_fast: bool, **options: Any) -> None:
     """Segment IMAGE(s) (files or folders) with CA-SAM: each image is routed to the task whose
     VAE explains it best, or to plain SAM (identity) when none does.
 
@@ -301,7 +310,10 @@ def main(images: tuple[Path, ...], box, point, label, engines: Optional[Path], o
     """
     try:
         run(images, box, point, label, resolve_engines(engines), out, overlay, as_json, task, backend,
-            timings, max_resident, quiet, server, *split_options(options), server_timeout=server_timeout)
+            timings, max_resident, quiet, server, *split_options(options), server_timeout=server_timeout,
+            concurrency=concurrency, fail_fast=fail_fast)
+    except ImagesFailed:  # each failure has had its own line
+        sys.exit(2)
     except CasamError as exc:
         click.echo(f"casam-infer: error: {exc}", err=True)
         sys.exit(2)
@@ -319,7 +331,7 @@ def split_options(options: dict[str, Any]) -> tuple[VolumeOptions, PromptOptions
 def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_json: bool, task: Optional[str],
         backend: str, timings: bool, max_resident: int, quiet: bool,
         server: Optional[str] = None, vol: VolumeOptions = VolumeOptions(), popts: PromptOptions = PromptOptions(),
-        server_timeout: Optional[float] = None) -> None:
+        server_timeout: Optional[float] = None, concurrency: int = 1, fail_fast: bool = False) -> None:
     import numpy as np
     from tqdm import tqdm
 
@@ -342,24 +354,74 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
     backend_info = pipe.describe()
     routes: Counter = Counter()
     used: Counter = Counter()
-    bar = tqdm(files, desc="casam-infer", unit="image", disable=quiet or len(files) < 2, file=sys.stderr)
+    bar = tqdm(total=len(files), desc="casam-infer", unit="image", disable=quiet or len(files) < 2, file=sys.stderr)
     intensity = pipeline_intensity(pipe)
-    for path in bar:
-        scan = read_scan(path, volume=vol.volume, max_pixels=vol.max_pixels, allow_gaps=vol.allow_gaps,
-                         strict_4d=not vol.single_slice)
-        given = prompts_for(path, scan, table, popts, vol, rng, box, point, label)
-        if scan.is_volume and not vol.single_slice:
-            record = run_volume(pipe, path, scan, unique_stem(path, used), given, vol, intensity, task, out,
-                                overlay, backend_info, scores)
-            _warn(bar, path, record["warnings"])
-            routes[record["route"]] += 1
-            _echo(bar, record, volume_line(path.name, record), as_json, quiet)
+
+    def prepare(path: Path) -> tuple[Path, Any]:
+        """Read and prompt one input, on this thread and in input order (--box-jitter draws
+        stay in order); a failure is returned, to be reported in its place. A prompts file or
+        mask folder that lacks the image is the run's error, not the image's: it ends the run
+        when its turn comes, as a sequential run would."""
+        try:
+            scan = read_scan(path, volume=vol.volume, max_pixels=vol.max_pixels, allow_gaps=vol.allow_gaps,
+                             strict_4d=not vol.single_slice)
+        except ManifestError:
+            raise
+        except CasamError as exc:
+            return path, exc
+        try:
+            given = prompts_for(path, scan, table, popts, vol, rng, box, point, label)
+        except CasamError as exc:
+            return path, ("fatal", exc)
+        try:
+            if scan.is_volume and not vol.single_slice:
+                return path, ("volume", scan, given)
+            if given.box3d:
+                raise InputError(f"--box3d is for volumes; {path.name} is a 2-D image: give --box or --point")
+            boxes, points, labels = group_prompts(given.boxes, given.points, given.point_labels)
+            image, read_warnings = prepared_slice(scan, intensity, vol.slice, vol.axis)
+        except ManifestError:
+            raise
+        except CasamError as exc:
+            return path, exc
+        return path, ("image", image, read_warnings, boxes, points, labels, given)
+
+    def predict(job: tuple[Path, Any]) -> Any:
+        """The request itself, up to ``concurrency`` at once; volumes run in order below."""
+        prepared = job[1]
+        if isinstance(prepared, CasamError):
+            raise prepared
+        if prepared[0] in ("volume", "fatal"):
+            return prepared
+        _, image, _, boxes, points, labels, _ = prepared
+        return prepared, pipe.predict(image, boxes=boxes, points=points, point_labels=labels, task=task)
+
+    failed = 0
+    for (path, _), outcome in in_order(predict, (prepare(p) for p in files), concurrency):
+        bar.update()
+        if not isinstance(outcome, CasamError) and outcome[0] == "fatal":
+            raise outcome[1]
+        try:
+            if isinstance(outcome, CasamError):
+                raise outcome
+            if outcome[0] == "volume":
+                _, scan, given = outcome
+                record = run_volume(pipe, path, scan, unique_stem(path, used), given, vol, intensity, task, out,
+                                    overlay, backend_info, scores)
+                _warn(bar, path, record["warnings"])
+                routes[record["route"]] += 1
+                _echo(bar, record, volume_line(path.name, record), as_json, quiet)
+                continue
+        except ManifestError:
+            raise
+        except CasamError as exc:
+            failed += 1
+            message = str(exc) if path.name in str(exc) else f"{path.name}: {exc}"  # name the image once
+            bar.write(f"casam-infer: error: {message}", file=sys.stderr)
+            if fail_fast:
+                break
             continue
-        if given.box3d:
-            raise InputError(f"--box3d is for volumes; {path.name} is a 2-D image: give --box or --point")
-        boxes, points, labels = group_prompts(given.boxes, given.points, given.point_labels)
-        image, read_warnings = prepared_slice(scan, intensity, vol.slice, vol.axis)
-        result = pipe.predict(image, boxes=boxes, points=points, point_labels=labels, task=task)
+        (_, image, read_warnings, boxes, points, labels, given), result = outcome
         result.warnings[:0] = read_warnings
         _warn(bar, path, result.warnings)
         evaluation = scores.add_image(path.name, result.route, result.masks, given.truth, given.truth_values)
@@ -367,6 +429,7 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
                                overlay, backend_info, {"evaluation": evaluation})
         routes[result.route] += 1
         _echo(bar, record, describe_line(path.name, record, timings), as_json, quiet)
+    bar.close()
     if len(files) > 1 and not quiet and not as_json:
         summary = ", ".join(f"{name} {count}" for name, count in sorted(routes.items()))
         click.echo(f"routes over {len(files)} images: {summary}; outputs in {out}")
@@ -374,6 +437,50 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
         atomic_write_json(out / "evaluation.json", scores.summary())
         if not quiet and not as_json:
             click.echo(scores.line() + f" (details: {out / 'evaluation.json'})")
+    if failed:
+        if len(files) > 1:
+            click.echo(f"casam-infer: error: {failed} of {len(files)} images failed"
+                       f"{' (stopped at the first: --fail-fast)' if fail_fast else ''}", err=True)
+        raise ImagesFailed(failed)
+
+
+# ----- concurrent requests (--concurrency, --fail-fast) ---------------------------------------
+class ImagesFailed(CasamError):
+    """Some images failed; each has been reported on its own line."""
+
+
+def in_order(fn: Callable[[Any], Any], items: Iterable[Any], concurrency: int) -> Iterator[tuple[Any, Any]]:
+    """(item, fn(item) or the CasamError it raised), in input order, with up to
+    ``concurrency`` calls in flight.
+
+    The next call is started before a finished one is handed back, so ``concurrency``
+    requests stay in flight while the caller writes outputs. A broken export
+    (ManifestError) is no single image's failure and ends the run. Leaving the loop early
+    cancels the calls not yet started.
+    """
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="casam-infer")
+    pending: deque[tuple[Any, Future]] = deque()
+    queue = iter(items)
+    try:
+        for item in queue:
+            pending.append((item, pool.submit(fn, item)))
+            if len(pending) == concurrency:
+                break
+        while pending:
+            item, future = pending.popleft()
+            try:
+                outcome: Any = future.result()
+            except ManifestError:
+                raise
+            except CasamError as exc:
+                outcome = exc
+            following = next(queue, None)
+            if following is not None:
+                pending.append((following, pool.submit(fn, following)))
+            yield item, outcome
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
 
 
 def pipeline_intensity(pipe: Any) -> Intensity:

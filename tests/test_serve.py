@@ -226,3 +226,46 @@ def test_request_at_first_health_ready_is_answered_and_sigterm_stops_without_orp
         assert "listening on" in srv.log_path.read_text()
     finally:
         srv.close()
+
+
+def test_casam_infer_concurrency_keeps_input_order_and_reports_failures(server, tmp_path):
+    """--concurrency 4 against the server writes what a sequential run writes, in the same
+    order; a corrupt image is reported, the others go on, and the run exits 2 (issue 14).
+    --fail-fast stops there: nothing after the corrupt image is written."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from runtime.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(6):  # sizes differ so the records differ
+        Image.fromarray(rng.integers(0, 256, (90 + 10 * i, 120, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
+    (folder / "im3.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    runner = CliRunner()
+
+    def infer(name: str, *extra: str):
+        args = [str(folder), "--box", "10", "10", "80", "70", "--json", "--server", server.grpc_url,
+                "--out", str(tmp_path / name), *extra]
+        return runner.invoke(main, args)
+
+    one, four = infer("one", "--concurrency", "1"), infer("four", "--concurrency", "4")
+    for run in (one, four):
+        assert run.exit_code == 2 and "Traceback" not in run.output
+        assert "im3.png" in run.stderr and "1 of 6 images failed" in run.stderr
+    records = [[json.loads(line) for line in r.stdout.splitlines()] for r in (one, four)]
+    assert [Path(r["image"]).name for r in records[1]] == [f"im{i}.png" for i in (0, 1, 2, 4, 5)]
+    for a, b in zip(*records):
+        for key in ("image", "size", "route", "thresholds", "warnings", "overlay"):
+            assert a[key] == b[key], key
+        assert [(p["mask"], p["area"], p["box"]) for p in a["prompts"]] == [(p["mask"], p["area"], p["box"]) for p in b["prompts"]]
+        # IoU heads and scores to float32 rounding, as in assert_same: a shared (batched)
+        # encoder run changes the summation order, not the result.
+        np.testing.assert_allclose([p["iou"] for p in a["prompts"]], [p["iou"] for p in b["prompts"]], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(list(a["scores"].values()), list(b["scores"].values()), rtol=1e-4, atol=1e-4)
+    for i in (0, 1, 2, 4, 5):
+        assert (tmp_path / "four" / f"im{i}_mask0.png").read_bytes() == (tmp_path / "one" / f"im{i}_mask0.png").read_bytes()
+    fast = infer("fast", "--concurrency", "4", "--fail-fast")
+    assert fast.exit_code == 2 and len(fast.stdout.splitlines()) == 3
+    assert not (tmp_path / "fast" / "im4_mask0.png").exists()

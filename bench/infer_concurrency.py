@@ -1,0 +1,87 @@
+"""``casam-infer DIR --server URL --concurrency N``: images/s at N = 1 and 8 (and any others),
+against one local casam-serve on the tiny export, runs taking turns.
+
+The client is the real CLI (``runtime.cli.main``, in this process so interpreter start-up is
+not timed), writing masks and JSON records as a user's run would.
+
+    .venv/bin/python bench/infer_concurrency.py --engines DIR [--images 16] [--levels 1,8] [--turns 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cpu_peak import cpu_description, load_average  # noqa: E402
+
+from runtime.cli import main as casam_infer  # noqa: E402
+from runtime.files import atomic_write_text  # noqa: E402
+from runtime.serve.process import ServerProcess  # noqa: E402
+
+
+def images(folder: Path, count: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+
+
+def one_run(folder: Path, url: str, level: int, out: Path) -> float:
+    """Wall seconds of one casam-infer run over the folder."""
+    t0 = time.perf_counter()
+    try:
+        casam_infer([str(folder), "--box", "40", "60", "300", "280", "--server", url, "--concurrency", str(level),
+                     "--quiet", "--out", str(out)], standalone_mode=False)
+    except SystemExit as exc:  # pragma: no cover - a failed run is a failed benchmark
+        if exc.code:
+            raise
+    return time.perf_counter() - t0
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engines", type=Path, required=True)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--levels", default="1,8")
+    parser.add_argument("--turns", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "infer_concurrency.md")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    with tempfile.TemporaryDirectory(prefix="casam_conc_") as tmp, ServerProcess(args.engines, max_batch=8) as server:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        images(folder, args.images)
+        one_run(folder, server.grpc_url, max(levels), Path(tmp) / "warm")  # sessions, connections
+        walls: dict[int, list[float]] = {n: [] for n in levels}
+        for turn in range(args.turns):
+            for n in levels:
+                walls[n].append(one_run(folder, server.grpc_url, n, Path(tmp) / f"out{n}_{turn}"))
+    model, flags = cpu_description()
+    base = args.images / statistics.median(walls[levels[0]])
+    lines = ["# casam-infer --server --concurrency: images/s", "",
+             f"CPU: {model}, flags {', '.join(flags)}; load average {load_average()} when written. Local casam-serve "
+             f"(--max-batch 8) on the tiny export; {args.images} 512×512 RGB images, one box each; medians of "
+             f"{args.turns} turns, the levels taking turns.", "",
+             "| --concurrency | wall s | images/s | × concurrency 1 |", "|---|---|---|---|"]
+    for n in levels:
+        wall = statistics.median(walls[n])
+        lines.append(f"| {n} | {wall:.2f} | {args.images / wall:.2f} | {args.images / wall / base:.2f}× |")
+    text = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

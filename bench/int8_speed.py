@@ -1,0 +1,128 @@
+"""int8 against fp32 exports of one bundle, side by side in one run (onnxruntime CPU):
+
+  1. end to end (``Pipeline.predict``, one 768×1024 image, one box, route forced to a task so
+     the alignment layer runs), per stage, the two exports taking turns;
+  2. mask IoU of int8 against fp32 on real images (../shared/data/real, used in place), one
+     box per image taken from its ground-truth mask (the bounding box of its foreground),
+     and whether the routes agree;
+  3. peak RSS of one ``casam-infer`` process on each export.
+
+    .venv/bin/python bench/int8_speed.py --fp32 DIR --int8 DIR [--runs 5] [--real 6] [--label vit_b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from cpu_peak import cpu_description, load_average  # noqa: E402
+from infer_latency import inputs, interleaved, peak_rss_mb  # noqa: E402
+
+from runtime.files import atomic_write_text  # noqa: E402
+from runtime.image_io import read_image  # noqa: E402
+from runtime.pipeline import STAGES, Pipeline  # noqa: E402
+
+REAL = ROOT.parent / "shared" / "data" / "real"
+
+
+def real_cases(count: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, image, 1×4 box from its mask) for ``count`` images spread over the datasets."""
+    folders = sorted(p for p in REAL.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir()) if REAL.is_dir() else []
+    cases = []
+    for i in range(count):
+        if not folders:
+            break
+        folder = folders[i % len(folders)]
+        images = sorted((folder / "images").iterdir())
+        image_path = images[(i // len(folders)) * 7 % len(images)]
+        masks = [m for m in (folder / "masks").iterdir() if m.stem == image_path.stem]
+        if not masks:
+            continue
+        fg = np.asarray(Image.open(masks[0])) > 0
+        fg = fg if fg.ndim == 2 else fg.any(axis=2)
+        if not fg.any():
+            continue
+        ys, xs = np.nonzero(fg)
+        box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
+        cases.append((f"{folder.name}/{image_path.name}", read_image(image_path), box))
+    return cases
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def precisions(folder: Path) -> str:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    graphs = dict(manifest["graphs"])
+    graphs.update({f"align/{t['name']}": t["align"] for t in manifest["tasks"]})
+    return ", ".join(f"{k} {v['precision']}" for k, v in graphs.items())
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fp32", type=Path, required=True)
+    parser.add_argument("--int8", type=Path, required=True)
+    parser.add_argument("--label", default="tiny")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--real", type=int, default=6, help="real images for the mask IoU (0: skip)")
+    parser.add_argument("--rss", action="store_true", help="also measure casam-infer's peak RSS on each export")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    pipes = {"fp32": Pipeline.from_manifest(args.fp32, backend="ort-cpu"),
+             "int8": Pipeline.from_manifest(args.int8, backend="ort-cpu")}
+    task = pipes["fp32"].task_names[0]
+    image, boxes = inputs()
+    rows = interleaved({k: (lambda p=p: p.predict(image, boxes=boxes[:1], task=task).timings_ms) for k, p in pipes.items()},
+                       args.runs)
+    stages = {k: {s: statistics.median(t[s] for t, _ in v) for s in STAGES} for k, v in rows.items()}
+    ious: list[tuple[str, float, bool]] = []
+    for name, real_image, box in real_cases(args.real):
+        a, b = pipes["fp32"].predict(real_image, boxes=box), pipes["int8"].predict(real_image, boxes=box)
+        ious.append((name, iou(a.masks[0], b.masks[0]), a.route == b.route))
+        print(f"  {name}: IoU {ious[-1][1]:.4f}, routes {'agree' if ious[-1][2] else 'differ'}", flush=True)
+    rss = {}
+    if args.rss:
+        for k, folder in (("fp32", args.fp32), ("int8", args.int8)):
+            work = Path(f"/tmp/casam_int8_rss_{k}")
+            work.mkdir(exist_ok=True)
+            rss[k] = peak_rss_mb(folder, work)
+    model, flags = cpu_description()
+    lines = [f"# int8 against fp32, {args.label} (onnxruntime CPU)", "",
+             f"CPU: {model}, flags {', '.join(flags)}; load average {load_average()} when written (shared machine: "
+             f"the ratios, measured in turns, are what count). Medians of {args.runs} turns, ms. "
+             "One 768×1024 image, one box, route forced to a task.", "",
+             f"int8 export: {precisions(args.int8)}.", "",
+             "| stage | fp32 ms | int8 ms | fp32 / int8 |", "|---|---|---|---|"]
+    for s in STAGES:
+        f, q = stages["fp32"][s], stages["int8"][s]
+        lines.append(f"| {'**end to end**' if s == 'total' else s} | {f:.1f} | {q:.1f} | {f / q:.2f}× |")
+    if ious:
+        lines += ["", f"Mask IoU int8 vs fp32 on {len(ious)} real images (../shared/data/real), one box from each "
+                  f"ground-truth mask, routed: mean **{np.mean([x[1] for x in ious]):.4f}**, min "
+                  f"{min(x[1] for x in ious):.4f}; routes agree on {sum(x[2] for x in ious)} of {len(ious)}.", "",
+                  "| image | IoU | routes |", "|---|---|---|"]
+        lines += [f"| {n} | {v:.4f} | {'same' if same else 'differ'} |" for n, v, same in ious]
+    if rss:
+        lines += ["", "| export | casam-infer peak RSS MB |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in rss.items()]
+    text = "\n".join(lines) + "\n"
+    out = args.out or ROOT / "bench" / "results" / f"int8_speed_{args.label}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

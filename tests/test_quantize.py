@@ -1,0 +1,114 @@
+"""int8 export (issue 14): static QDQ quantisation of the encoder and alignment layers,
+verified per graph against fp32, with fp32 fallback and incremental re-export.
+
+One int8 export of a copy of the session's tiny bundle (its fp32 export is the session's
+shared one), then one re-export after adding a task, with that task's bar made impossible.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from casam_export import export_bundle, quantize
+from casam_export.errors import ExportError
+from casam_export.verify import prompts_for, synthetic_images
+from runtime.pipeline import Pipeline
+from runtime_support import BOXES, exported, sample_images
+
+QUANTISED_OP = "DequantizeLinear"
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    bundle, fp32 = exported(tmp_path_factory)
+    root = tmp_path_factory.mktemp("int8")
+    shutil.copytree(bundle, root / "bundle")
+    calib = root / "calib"
+    calib.mkdir()
+    for i, image in enumerate(synthetic_images(seed=5)[:2]):
+        Image.fromarray(image).save(calib / f"c{i}.png")
+    # Start from a copy of the fp32 export: the router and decoder stay fp32 under --int8, so
+    # they are reused rather than traced again (only the encoder and alignment layers are built).
+    shutil.copytree(fp32, root / "engines")
+    manifest = export_bundle(root / "bundle", root / "engines", int8=True, calibration=calib, verify=False)
+    assert manifest["graphs"]["router"]["reused"] and manifest["graphs"]["decoder"]["reused"]
+    return root, fp32, manifest
+
+
+def entries(manifest):
+    graphs = dict(manifest["graphs"])
+    graphs.update({f"align/{t['name']}": t["align"] for t in manifest["tasks"]})
+    return graphs
+
+
+def test_precision_is_recorded_per_graph_and_backed_by_its_verification(int8_export):
+    root, _, manifest = int8_export
+    assert manifest["precision"] == "int8"
+    graphs = entries(manifest)
+    assert graphs["router"]["precision"] == "fp32" and "quantization" not in graphs["router"]
+    assert graphs["decoder"]["precision"] == "fp32"
+    for key in ("encoder", "align/alpha", "align/beta"):
+        entry = graphs[key]
+        check = entry["quantization"]["verification"]
+        assert check["images"] == 3 and check["output_max_abs_diff"] >= 0 and check["masks_compared"] > 0
+        has_qdq = any(n.op_type == QUANTISED_OP for n in onnx.load(str(root / "engines" / entry["file"])).graph.node)
+        if entry["precision"] == "int8":
+            assert check["passed"] and check["routes_identical"] and check["mask_iou_mean"] >= 0.95 and has_qdq
+        else:  # missed a bar: written in fp32, the record says why
+            assert entry["quantization"]["fallback"] == "fp32" and check["failures"] and not has_qdq
+    # The alignment layers (3×3 convolutions, per-channel weights) keep their masks in int8.
+    assert graphs["align/alpha"]["precision"] == graphs["align/beta"]["precision"] == "int8"
+
+
+def test_int8_chain_routes_like_fp32_and_keeps_masks(int8_export):
+    """The issue's bars, checked through the runtime at the original size on the
+    verification images and prompts the export used: routes identical to the fp32 export,
+    mean mask IoU against it ≥ 0.95."""
+    root, fp32, _ = int8_export
+    a, b = Pipeline.from_manifest(fp32, backend="ort-cpu"), Pipeline.from_manifest(root / "engines", backend="ort-cpu")
+    ious = []
+    for i, image in enumerate(synthetic_images()):
+        boxes = prompts_for(image, i)["boxes"]
+        for task in (None, "alpha", "beta"):  # routed, then each int8 alignment layer forced
+            ra, rb = a.predict(image, boxes=boxes, task=task), b.predict(image, boxes=boxes, task=task)
+            assert ra.route == rb.route
+            union = np.logical_or(ra.masks, rb.masks).sum((1, 2))
+            ious += list(np.where(union == 0, 1.0, np.logical_and(ra.masks, rb.masks).sum((1, 2)) / np.maximum(union, 1)))
+    assert float(np.mean(ious)) >= quantize.INT8_MASK_IOU_BAR
+
+
+def test_new_task_quantises_only_its_layer_and_a_missed_bar_falls_back(int8_export, monkeypatch, tmp_path):
+    from casam_bundle import Bundle
+    from conftest import make_random_bundle
+
+    root, _, before = int8_export
+    donor = make_random_bundle(tmp_path / "donor", ("alpha", "beta", "gamma"), seed=3)
+    bundle = Bundle.open(root / "bundle")
+    staged = bundle.staging_dir("gamma")
+    shutil.copytree(donor.task_dir("gamma"), staged)
+    bundle.commit_task(donor.task("gamma"), staged)
+    monkeypatch.setattr(quantize, "INT8_MASK_IOU_BAR", 1.01)  # no int8 graph can reach it
+    with pytest.warns(UserWarning, match="int8 align/gamma misses its bar"):
+        after = export_bundle(root / "bundle", root / "engines", int8=True, calibration=root / "calib", verify=False)
+    old, new = entries(before), entries(after)
+    for key in ("encoder", "align/alpha", "align/beta", "decoder"):
+        assert new[key]["reused"] and new[key]["sha256"] == old[key]["sha256"], key
+    gamma = new["align/gamma"]
+    assert gamma["precision"] == "fp32" and gamma["quantization"]["fallback"] == "fp32"
+    assert gamma["quantization"]["verification"]["failures"] and not gamma["reused"]
+    assert Pipeline.from_manifest(root / "engines", backend="ort-cpu").predict(
+        sample_images()[1], boxes=BOXES, task="gamma").masks.shape[0] == len(BOXES)
+
+
+def test_int8_without_calibration_images_fails_before_exporting(tmp_path_factory, tmp_path):
+    bundle, _ = exported(tmp_path_factory)  # its task splits record no images
+    with pytest.raises(ExportError, match="pass --calibration DIR"):
+        export_bundle(bundle, tmp_path / "out", int8=True)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ExportError, match="choose one of --fp16 and --int8"):
+        export_bundle(bundle, tmp_path / "out", int8=True, fp16=True)
