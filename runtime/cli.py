@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -308,6 +309,7 @@ def main(images: tuple[Path, ...], box, point, label, engines: Optional[Path], o
       casam-infer ct.nii.gz --box 120 140 200 210 --slice 40 --overlay
       casam-infer series_dir/ --box3d 120 140 30 200 210 52
     """
+    warnings.showwarning = _one_line_warning
     try:
         run(images, box, point, label, resolve_engines(engines), out, overlay, as_json, task, backend,
             timings, max_resident, quiet, server, *split_options(options), server_timeout=server_timeout,
@@ -487,6 +489,12 @@ def pipeline_intensity(pipe: Any) -> Intensity:
     """The intensity handling the engines were trained with (manifest, or the server's)."""
     prep = getattr(pipe, "preprocessing", None)
     return prep.intensity if prep is not None else pipe.intensity
+
+
+def _one_line_warning(message: Warning | str, category: type, filename: str, lineno: int,
+                      file: Any = None, line: Optional[str] = None) -> None:
+    """Library warnings (an unverified export, say) in the CLI's own one-line form."""
+    click.echo(f"casam-infer: warning: {message}", err=True)
 
 
 def _warn(bar: Any, path: Path, warnings: Sequence[str]) -> None:

@@ -158,3 +158,15 @@ def test_real_files_of_several_sizes_and_modes(engines, tmp_path):
         assert record["size"] == [height, width]
         assert Image.open(out / f"{stem}_mask0.png").size == (width, height)
         assert Image.open(out / f"{stem}_overlay.png").size == (width, height)
+
+
+def test_unverified_export_warning_is_one_cli_line(engines, images, tmp_path):
+    # A private copy: the runtime warns once per folder and process, and other tests in this
+    # worker may already have loaded the shared (unverified) export.
+    private = copy_engines(engines, tmp_path / "engines")
+    result = invoke(images / "rgb.png", "--box", 10, 10, 100, 90, "--engines", private, "--out", tmp_path / "out",
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "not verified" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("casam-infer: warning: export "), result.stderr
+    assert "UnverifiedExportWarning" not in result.stderr and "pipeline.py" not in result.stderr
