@@ -214,7 +214,7 @@ def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
         for t, s in record["scores"].items()
     )
     ious = ", ".join(f"{p['iou']:.3f}" for p in record["prompts"])
-    line = f"{name}: route {record['route']} ({scores or 'no tasks'}); {len(record['prompts'])} mask(s), IoU {ious}"
+    line = f"{name}: route {record['route']} ({scores or 'no tasks'}); {len(record['prompts'])} mask(s), predicted IoU {ious}"
     if timings:
         line += "\n  ms: " + ", ".join(f"{k} {v:.1f}" for k, v in record["timings_ms"].items())
     return line
