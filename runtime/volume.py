@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from runtime.errors import InputError
-from runtime.image_io import Scan
+from runtime.image_io import Scan, slice_at
 from runtime.intensity import Intensity, apply_window, find_window, nonfinite_warning
 from runtime.names import IDENTITY
 from runtime.preprocess import Frame, preprocess
@@ -123,7 +123,7 @@ class VolumeSegmenter:
     # ----- slices and embeddings --------------------------------------------------------
     def slice_image(self, k: int) -> np.ndarray:
         """Slice k as 8-bit, with the volume's window (identical to windowing the volume)."""
-        raw = np.take(self.scan.data, k, axis=self.axis)
+        raw = slice_at(self.scan.data, k, self.axis)
         return np.ascontiguousarray(apply_window(raw, self.window, self.scan.source.invert))
 
     def _encode(self, indices: list[int]) -> None:

@@ -27,7 +27,8 @@ import numpy as np
 
 from runtime.errors import CasamError, InputError
 from runtime.files import read_json
-from runtime.image_io import DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepare, read_pil, read_prepared, read_scan
+from runtime.image_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepare, read_pil, read_prepared,
+                              read_scan, slice_at)
 from runtime.intensity import Intensity
 from runtime.structures import mask_to_index_map, structure_masks
 
@@ -214,12 +215,12 @@ def _volume_slices(case: str, ipath: Path, image: np.ndarray, label: np.ndarray,
     samples: list[Sample] = []
     empty: list[str] = []
     for k in range(image.shape[axis]):
-        index = mask_to_index_map(np.rint(np.take(label, k, axis=axis)).astype(np.int64))
+        index = mask_to_index_map(np.rint(slice_at(label, k, axis)).astype(np.int64))
         slice_stem = f"{case}_a{axis}_{k:04d}"
         if index.max() == 0:
             empty.append(slice_stem)
             continue
-        sl = np.ascontiguousarray(np.take(image, k, axis=axis))
+        sl = np.ascontiguousarray(slice_at(image, k, axis))
         samples.append(Sample(slice_stem, f"{ipath}[axis {axis}, slice {k}]", sl.shape[:2], content_hash(sl),
                               int(index.max()), image_array=sl, index_array=index, case=case, intensity=intensity))
     return samples, empty
