@@ -1,5 +1,5 @@
 """Banded post-processing: the same linear map as the dense folded matrices and as torch's
-upscale → crop → resize, at a cost bounded by a few taps per output pixel."""
+upscale → crop → resize, computed as small products over the few inputs each block reads."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.postprocess import Taps, _folded_taps, bilinear_matrix, logits_to_original, masks_from_logits
+from runtime.postprocess import BLOCK, Band, _folded_bands, bilinear_matrix, logits_to_original, masks_from_logits
 from runtime.preprocess import Preprocessing, frame_for
 
 FRAMES = [((768, 1024), "longest"),  # the benchmark's image: the final resize is the identity
@@ -50,18 +50,46 @@ def test_banded_equals_dense_and_torch(hw, resize):
 
 @pytest.mark.parametrize("hw,resize", FRAMES)
 def test_folded_maps_are_narrow_bands(hw, resize):
-    """Two chained bilinear steps touch at most three adjacent low-resolution rows, so the
-    cost per output pixel stays a few multiply-adds, whatever the image size."""
-    rows, cols = _folded_taps((256, 256), frame_for(*hw, Preprocessing(resize=resize)))
-    for taps in (rows, cols):
-        assert taps.index.shape[1] <= 3
-        real = taps.weight[:, :, 0] != 0
-        spread = np.where(real, taps.index, -1).max(1) - np.where(real, taps.index, 1 << 30).min(1)
-        assert spread.max() <= 2
+    """Two chained bilinear steps read at most three adjacent low-resolution rows per output
+    row, so a block of BLOCK output rows reads about BLOCK/scale + 3 inputs, not all 256:
+    the products skip the zeros of the dense map."""
+    frame = frame_for(*hw, Preprocessing(resize=resize))
+    for band, out_size in zip(_folded_bands((256, 256), frame), frame.original_hw):
+        scale = out_size / 256
+        assert band.blocks[-1][1] == out_size
+        for start, stop, lo, hi, part in band.blocks:
+            assert hi - lo <= (stop - start) / scale + 3
+            assert part.shape == (stop - start, hi - lo)
 
 
-def test_taps_from_dense_round_trip():
-    m = np.array([[0.25, 0.75, 0, 0], [0, 0, 1.0, 0], [0, 0, 0.5, 0.5]], np.float32)
-    taps = Taps.from_dense(m)
-    x = np.arange(8, dtype=np.float32).reshape(1, 4, 2) - 3
-    np.testing.assert_array_equal(taps.apply_rows(x), (m @ x[0])[None])
+def test_band_products_equal_the_dense_matrix():
+    rng = np.random.default_rng(3)
+    m = np.zeros((70, 40), np.float32)  # a staircase band over three blocks of 32 rows
+    for r in range(70):
+        c = min(r * 40 // 70, 38)
+        m[r, c:c + 2] = rng.random(2)
+    band = Band.from_dense(m)
+    assert len(band.blocks) == -(-70 // BLOCK)
+    x = rng.normal(size=(40, 5)).astype(np.float32)
+    # Each output is a sum of two products; BLAS may fuse or reorder them: 2 roundings of
+    # the largest product at most.
+    bound = 2 * EPS32 * float(np.abs(m).max() * np.abs(x).max())
+    np.testing.assert_allclose(band.left(x), m @ x, rtol=0, atol=bound)
+    np.testing.assert_allclose(band.right(x.T), x.T @ m.T, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("hw,resize", FRAMES)
+def test_masks_skip_only_blocks_that_cannot_be_true(hw, resize):
+    """masks_from_logits leaves blocks that read no positive logit uncomputed; the masks must
+    still equal the thresholded full map exactly, for objects small, off-centre, at an edge
+    and everywhere."""
+    frame = frame_for(*hw, Preprocessing(resize=resize))
+    yy, xx = np.mgrid[0:256, 0:256]
+    low = np.stack([(12 - np.hypot(yy - 40, xx - 200)) / 3,  # small, off-centre
+                    (30 - np.hypot(yy - 250, xx - 5)) / 3,  # at a corner
+                    np.random.default_rng(1).normal(size=(256, 256)) * 4,  # speckle everywhere
+                    -np.ones((256, 256))]).astype(np.float32)  # nothing
+    low[3, 20, 20] = 50.0  # …but one strongly positive logit, inside every frame's content
+    got = masks_from_logits(low[:, None], frame)
+    np.testing.assert_array_equal(got, logits_to_original(low, frame) > 0)
+    assert got[3].any() and 0 < got[0].sum() < got[0].size / 4
