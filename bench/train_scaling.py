@@ -16,7 +16,6 @@ epochs after the first (the first pays oneDNN's kernel set-up). vit_b uses rando
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
