@@ -3,8 +3,10 @@ with one route for the whole volume.
 
 Propagation: slice K is segmented with the user's box; going outward in both directions,
 each next slice is prompted with the bounding box of the previous slice's mask (enlarged
-by ``margin`` pixels) until the mask falls below ``min_area`` pixels. A 3-D box instead
-prompts every slice of its range with its box.
+by ``margin`` pixels) until the mask falls below ``min_area`` pixels. A 3-D box starts on
+the middle slice of its range with its own extent and propagates the same way, but
+segments every slice of the range (the usual 3-D box inference of MedSAM-style tools): a
+slice whose neighbour's mask vanished is prompted with the box's extent again.
 
 Volume routing: the router scores every processed slice and the volume takes one route,
 the argmin of the mean score over those slices, checked against that task's threshold, so
@@ -193,24 +195,28 @@ class VolumeSegmenter:
 
     def propagate(self, prompt: VolumePrompt, route_for: Callable[[int], str], labels: np.ndarray,
                   records: dict[int, SliceRecord]) -> None:
-        """Segment one structure into ``labels`` (lower labels win where structures overlap)."""
+        """Segment one structure into ``labels`` (lower labels win where structures overlap).
+
+        From the prompt's slice outward, each slice is prompted with the previous slice's
+        mask box. Without limits the walk ends where the mask falls under ``min_area``; a
+        3-D box instead segments every slice of its range, and a slice whose neighbour's
+        mask vanished is prompted with the 3-D box's own extent again.
+        """
         box = np.asarray(prompt.box, dtype=np.float32)
-        if prompt.limits is not None:
-            z0, z1 = prompt.limits
-            self.prefetch(list(range(z0, z1 + 1)))
-            for k in range(z0, z1 + 1):
-                self._segment(k, box, prompt.label, route_for, labels, records, keep_small=True)
-            return
-        self.embedding(prompt.start, 1)
-        mask = self._segment(prompt.start, box, prompt.label, route_for, labels, records)
+        bounded = prompt.limits is not None
+        lo, hi = prompt.limits if prompt.limits is not None else (0, self.count - 1)
+        self.embedding(prompt.start, 1, hi + 1)
+        mask = self._segment(prompt.start, box, prompt.label, route_for, labels, records, keep_small=bounded)
         for step in (1, -1):
             current, k = mask, prompt.start + step
-            while 0 <= k < self.count:
+            while lo <= k <= hi:
                 next_box = self._next_box(current)
                 if next_box is None:
-                    break
-                self.embedding(k, step)
-                current = self._segment(k, next_box, prompt.label, route_for, labels, records)
+                    if not bounded:
+                        break
+                    next_box = box
+                self.embedding(k, step, hi + 1 if step > 0 else lo - 1)
+                current = self._segment(k, next_box, prompt.label, route_for, labels, records, keep_small=bounded)
                 k += step
 
     def _segment(self, k: int, box: np.ndarray, label: int, route_for: Callable[[int], str], labels: np.ndarray,

@@ -108,6 +108,27 @@ def test_propagation_recovers_the_sphere_within_one_slice(sphere, axis):
     assert len(result.slices) <= result.timings_ms["slices_encoded"] <= len(result.slices) + 2 * 2
 
 
+def test_box3d_propagates_inside_its_range_and_segments_every_slice(sphere):
+    """A 3-D box starts on its middle slice and prompts each next slice with the previous
+    mask's box (tighter than the 3-D box toward the sphere's tips); past the sphere, where
+    the mask vanished, the range is still covered, prompted with the 3-D box again."""
+    path, label = sphere
+    scan = read_scan(path)
+    z = np.flatnonzero(label.any(axis=(0, 1)))
+    rows, cols = np.flatnonzero(label.any(axis=(1, 2))), np.flatnonzero(label.any(axis=(0, 2)))
+    box = (cols[0] - 1.0, rows[0] - 1.0, cols[-1] + 2.0, rows[-1] + 2.0)
+    z0, z1 = max(int(z[0]) - 3, 0), min(int(z[-1]) + 3, label.shape[2] - 1)
+    result = segment_volume(BrightVoxels(max(label.shape[:2])), scan, [VolumePrompt(1, box, (z0 + z1) // 2, (z0, z1))],
+                            Intensity(mode="window", window=(150.0, 300.0)), batch=3)
+    assert sorted(result.slices) == list(range(z0, z1 + 1))
+    area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
+    prompt = {k: r.prompts[0]["box"] for k, r in result.slices.items()}
+    assert area(prompt[int(z[0]) + 1]) < 0.8 * area(box) and area(prompt[int(z[-1]) - 1]) < 0.8 * area(box)
+    assert prompt[z0] == prompt[z1] == [float(v) for v in box]  # past the tips: the 3-D box again
+    found = np.flatnonzero(result.labels.any(axis=(0, 1)))
+    assert abs(found[0] - z[0]) <= 1 and abs(found[-1] - z[-1]) <= 1
+
+
 def test_nifti_mask_has_the_input_grid_and_the_record_lists_slices(engines, sphere, tmp_path):
     path, _ = sphere
     out = tmp_path / "out"
