@@ -112,3 +112,41 @@ def test_int8_without_calibration_images_fails_before_exporting(tmp_path_factory
     assert not (tmp_path / "out").exists()
     with pytest.raises(ExportError, match="choose one of --fp16 and --int8"):
         export_bundle(bundle, tmp_path / "out", int8=True, fp16=True)
+
+
+def test_calibration_runs_each_measurement_as_soon_as_its_tensor_exists(monkeypatch):
+    """The calibration session runs in priority order with memory patterns off: in
+    onnxruntime's default order the ReduceMin/ReduceMax side branches may run last, which
+    kept every measured tensor alive (24 GB for the vit_b encoder, quantize.py). The
+    library's own session factory is restored afterwards."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import calibrate
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "m")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("MatMul", ["r", "m"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 5])], weights)
+    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                                                ir_version=9))  # onnx writes a newer IR than onnxruntime reads
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(path, sess_options=None, **kw):
+        seen.append((str(path), sess_options))
+        return real(path, sess_options=sess_options, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    original = calibrate.CalibraterBase.create_inference_session
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    quantised = quantize.quantize_model(model, feeds)
+    assert any(n.op_type == QUANTISED_OP for n in quantised.graph.node)
+    calibration = [options for path, options in seen if "augmented" in path]
+    assert len(calibration) == 1, seen
+    assert calibration[0].execution_order == ort.ExecutionOrder.PRIORITY_BASED
+    assert not calibration[0].enable_mem_pattern
+    assert calibrate.CalibraterBase.create_inference_session is original
