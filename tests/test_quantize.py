@@ -120,19 +120,10 @@ def test_calibration_runs_each_measurement_as_soon_as_its_tensor_exists(monkeypa
     kept every measured tensor alive (24 GB for the vit_b encoder, quantize.py). The
     library's own session factory is restored afterwards."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import calibrate
 
     rng = np.random.default_rng(0)
-    weights = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
-               numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "m")]
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
-         helper.make_node("MatMul", ["r", "m"], ["y"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 5])], weights)
-    model = onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
-                                                                ir_version=9))  # onnx writes a newer IR than onnxruntime reads
+    model = conv_then_matmul(rng)
     seen = []
     real = ort.InferenceSession
 
@@ -150,3 +141,31 @@ def test_calibration_runs_each_measurement_as_soon_as_its_tensor_exists(monkeypa
     assert calibration[0].execution_order == ort.ExecutionOrder.PRIORITY_BASED
     assert not calibration[0].enable_mem_pattern
     assert calibrate.CalibraterBase.create_inference_session is original
+
+
+def conv_then_matmul(rng: np.random.Generator) -> onnx.ModelProto:
+    """image → Conv (reads the graph input) → Relu → MatMul with a weight."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.normal(size=(8, 5)).astype(np.float32), "m")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Relu", ["c"], ["r"]), helper.make_node("MatMul", ["r", "m"], ["y"], name="matmul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 5])], weights)
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
+                                                               ir_version=9))  # onnx writes a newer IR than onnxruntime reads
+
+
+def test_products_reading_the_image_stay_fp32():
+    """The patch embedding reads the image itself; quantising it cost the tiny encoder its
+    mask bar (quantize.py), so a product that reads a graph input keeps fp32 operands while
+    the products after it are quantised."""
+    rng = np.random.default_rng(1)
+    feeds = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(2)]
+    quantised = quantize.quantize_model(conv_then_matmul(rng), feeds)
+    made_by = {o: n.op_type for n in quantised.graph.node for o in n.output}
+    nodes = {n.name: n for n in quantised.graph.node}
+    assert not any(made_by.get(x) == QUANTISED_OP for x in nodes["conv"].input)
+    assert all(made_by.get(x) == QUANTISED_OP for x in nodes["matmul"].input)
