@@ -149,7 +149,8 @@ def unseen_pictures(root: Path, intensity: Intensity) -> dict[str, np.ndarray]:
     """The images of ``root`` as casam-infer prepares them under ``intensity``."""
     pictures = {"ct": read_prepared(root / "images" / "ct.nii.gz", intensity)[0],
                 "slice": read_prepared(root / "images" / "slice.dcm", intensity)[0]}
-    auto = {k: read_prepared(root / "images" / f, Intensity())[0] for k, f in (("ct", "ct.nii.gz"), ("slice", "slice.dcm"))}
+    auto = {k: read_prepared(root / "images" / f, Intensity())[0]
+            for k, f in (("ct", "ct.nii.gz"), ("slice", "slice.dcm"))}
     assert all(not np.array_equal(pictures[k], auto[k]) for k in pictures)  # else this test could not tell them apart
     return pictures
 

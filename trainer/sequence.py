@@ -148,7 +148,8 @@ def _check_inputs(tasks: Sequence[tuple[str, str]], ood: Sequence[tuple[str, str
 
 
 def _existing_bundle(bundle_dir: Optional[Path]) -> Optional[Bundle]:
-    return Bundle.open(bundle_dir, verify=False) if bundle_dir is not None and (bundle_dir / "bundle.json").exists() else None
+    exists = bundle_dir is not None and (bundle_dir / "bundle.json").exists()
+    return Bundle.open(bundle_dir, verify=False) if exists else None  # type: ignore[arg-type]
 
 
 def _protocol_preprocessing(bundle_dir: Optional[Path], sam: str, resize: Optional[str]) -> Preprocessing:
