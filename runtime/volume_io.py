@@ -5,6 +5,11 @@ stacked on the last axis (rows × columns × slices, so a slice is shown as the 
 shows it). The series is refused, with one line, when its slices differ in size or
 orientation, or leave a gap in slice positions (a warning instead with ``allow_gaps``): a
 volume with a missing slice would give a mask that no longer lines up with the anatomy.
+
+A multi-frame file (an enhanced CT/MR image, or a legacy multi-frame file) is read the same
+way, frames as slices: its geometry, rescale and VOI window come from the per-frame and
+shared functional groups (PS3.3 C.7.6.16) or, in a legacy file, from the top level; enhanced
+frames are sorted along the slice normal and checked for gaps like a series' files.
 """
 
 from __future__ import annotations
@@ -91,40 +96,73 @@ def _first(value: Any) -> float:
         return float("nan")
 
 
-def _rescale(ds: Any) -> tuple[float, float]:
-    """(slope, intercept): the file's RescaleSlope/Intercept, also from an enhanced
-    multi-frame file's shared functional groups."""
+def _group_item(ds: Any, frame: int, name: str) -> Any:
+    """Functional-group macro ``name`` (e.g. PlanePositionSequence) of frame ``frame`` of a
+    multi-frame file: the per-frame item, else the shared one, else None (PS3.3 C.7.6.16)."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        sequence = ds.get(groups)
+        if sequence is not None and index < len(sequence):
+            inner = sequence[index].get(name)
+            if inner is not None and len(inner) > 0:
+                return inner[0]
+    return None
+
+
+def _rescale(ds: Any, frame: int = 0) -> tuple[float, float]:
+    """(slope, intercept): the file's RescaleSlope/Intercept, or, in an enhanced multi-frame
+    file, those of frame ``frame``'s pixel value transformation (per-frame or shared)."""
     slope, intercept = getattr(ds, "RescaleSlope", None), getattr(ds, "RescaleIntercept", None)
-    if slope is None and "SharedFunctionalGroupsSequence" in ds:
-        for group in ds.SharedFunctionalGroupsSequence:
-            for item in getattr(group, "PixelValueTransformationSequence", []):
-                slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
+    if slope is None:
+        item = _group_item(ds, frame, "PixelValueTransformationSequence")
+        if item is not None:
+            slope, intercept = item.get("RescaleSlope"), item.get("RescaleIntercept")
     return (1.0 if slope is None else float(slope)), (0.0 if intercept is None else float(intercept))
 
 
-def _voi(ds: Any) -> Optional[tuple[float, float]]:
-    if "WindowCenter" not in ds or "WindowWidth" not in ds:
+def _voi(ds: Any, frame: Optional[int] = None) -> Optional[tuple[float, float]]:
+    """The file's VOI window (center, width), or, in an enhanced multi-frame file, frame
+    ``frame``'s (FrameVOILUTSequence, per-frame or shared)."""
+    item = ds if "WindowCenter" in ds else (None if frame is None else _group_item(ds, frame, "FrameVOILUTSequence"))
+    if item is None or "WindowCenter" not in item or "WindowWidth" not in item:
         return None
-    center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    center, width = _first(item.WindowCenter), _first(item.WindowWidth)
     return (center, width) if np.isfinite(center) and np.isfinite(width) and width > 0 else None
 
 
-def _source(ds: Any, kind: str) -> Source:
+def _source(ds: Any, kind: str, frame: Optional[int] = None) -> Source:
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     colour = not photometric.startswith("MONOCHROME")
-    return Source(kind=kind, voi=None if colour else _voi(ds), invert=photometric == "MONOCHROME1", pil=colour)
+    return Source(kind=kind, voi=None if colour else _voi(ds, frame), invert=photometric == "MONOCHROME1", pil=colour)
+
+
+def _decoded(ds: Any, path: Path) -> np.ndarray:
+    try:
+        return ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
+        raise InputError(f"DICOM file {path} has unreadable pixel data ({exc})") from exc
 
 
 def _pixels(ds: Any, path: Path) -> np.ndarray:
     """Decoded pixels with RescaleSlope/Intercept applied (float32 only when they change values)."""
-    try:
-        array = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad pixel data
-        raise InputError(f"DICOM file {path} has unreadable pixel data ({exc})") from exc
+    array = _decoded(ds, path)
     slope, intercept = _rescale(ds)
     if slope != 1.0 or intercept != 0.0:
         array = array.astype(np.float32) * np.float32(slope) + np.float32(intercept)
     return array
+
+
+def _frame_pixels(ds: Any, path: Path, frames: int) -> np.ndarray:
+    """A multi-frame file's frames × rows × columns pixels, each frame under its own rescale:
+    the same float32 products and sums as ``_pixels``, so a frame reads as the same slice
+    stored as a single file would."""
+    array = _decoded(ds, path)
+    if array.ndim != 3 or array.shape[0] != frames:
+        raise InputError(f"DICOM file {path} is a colour multi-frame file; casam reads greyscale volumes")
+    rescale = np.asarray([_rescale(ds, k) for k in range(frames)], np.float64)
+    if np.all(rescale == (1.0, 0.0)):
+        return array
+    slopes, intercepts = (rescale[:, i].astype(np.float32)[:, None, None] for i in (0, 1))
+    return array.astype(np.float32) * slopes + intercepts
 
 
 def _read_dataset(path: Path, max_pixels: Optional[int], header_only: bool = False) -> Any:
@@ -140,36 +178,93 @@ def _read_dataset(path: Path, max_pixels: Optional[int], header_only: bool = Fal
     return ds
 
 
-def read_dicom_file(path: Path, max_pixels: Optional[int] = None) -> Any:
+def frame_count(ds: Any) -> int:
+    """NumberOfFrames (1 when absent or empty)."""
+    return int(getattr(ds, "NumberOfFrames", 1) or 1)
+
+
+def read_dicom_file(path: Path, max_pixels: Optional[int] = None, allow_gaps: bool = False) -> Any:
     """One DICOM file: a single frame → a 2-D image; several frames → a rows × columns ×
-    frames volume."""
+    frames volume, its frames in slice order (see ``multiframe_layout``)."""
     from runtime.image_io import Scan
 
     ds = _read_dataset(path, max_pixels)
-    array = _pixels(ds, path)
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    source = _source(ds, "volume" if frames > 1 else "image")
-    if frames > 1:
-        if array.ndim == 4:
-            raise InputError(f"DICOM file {path} is a colour multi-frame file; casam reads greyscale volumes")
-        array = np.ascontiguousarray(np.moveaxis(array, 0, -1))
-        del ds.PixelData
-        return Scan(path, array, source, affine=_multiframe_affine(ds, frames), datasets=[ds])
-    return Scan(path, array, source)
+    frames = frame_count(ds)
+    if frames == 1:
+        return Scan(path, _pixels(ds, path), _source(ds, "image"))
+    pixels = _frame_pixels(ds, path, frames)
+    order, affine, warnings = multiframe_layout(ds, path, allow_gaps)
+    if np.array_equal(order, np.arange(frames)):
+        volume = np.ascontiguousarray(np.moveaxis(pixels, 0, -1))
+    else:
+        volume = np.ascontiguousarray(np.moveaxis(pixels[order], 0, -1))
+    del ds.PixelData
+    # The VOI of the middle slice: edge frames of a file windowed frame by frame (as Philips
+    # enhanced MR is) hold mostly air, and their windows show nothing of the anatomy.
+    source = _source(ds, "volume", frame=int(order[frames // 2]))
+    return Scan(path, volume, source, affine=affine, datasets=[ds], warnings=warnings)
 
 
-def _multiframe_affine(ds: Any, frames: int) -> Optional[np.ndarray]:
-    """The affine of an enhanced multi-frame file, from its per-frame positions, if given."""
+def _frame_geometry(ds: Any, frames: int, path: Path) -> Optional[tuple[list[float], list[float], np.ndarray]]:
+    """(orientation, pixel spacing, frames × 3 positions in LPS mm) of a multi-frame file, or
+    None when it lacks them. Enhanced files give them per frame (or shared); a legacy file
+    gives one position and orientation and SpacingBetweenSlices at the top level. Frames
+    that differ in orientation or pixel spacing are refused: they make no one volume."""
     try:
-        shared = ds.SharedFunctionalGroupsSequence[0]
-        orient = [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient]
-        spacing = [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing]
-        per_frame = ds.PerFrameFunctionalGroupsSequence
-        first = [float(v) for v in per_frame[0].PlanePositionSequence[0].ImagePositionPatient]
-        last = [float(v) for v in per_frame[frames - 1].PlanePositionSequence[0].ImagePositionPatient]
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        if "PerFrameFunctionalGroupsSequence" in ds:
+            orients, spacings, positions = [], [], []
+            for k in range(frames):
+                orient, measures, position = (_group_item(ds, k, name) for name in (
+                    "PlaneOrientationSequence", "PixelMeasuresSequence", "PlanePositionSequence"))
+                if orient is None or measures is None or position is None:
+                    return None
+                orients.append([float(v) for v in orient.ImageOrientationPatient])
+                spacings.append([float(v) for v in measures.PixelSpacing])
+                positions.append([float(v) for v in position.ImagePositionPatient])
+        elif all(k in ds for k in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing",
+                                   "SpacingBetweenSlices")):
+            orient = [float(v) for v in ds.ImageOrientationPatient]
+            step = float(ds.SpacingBetweenSlices) * np.cross(orient[:3], orient[3:6])
+            orients, spacings = [orient], [[float(v) for v in ds.PixelSpacing]]
+            positions = [np.asarray([float(v) for v in ds.ImagePositionPatient]) + k * step for k in range(frames)]
+        else:
+            return None
+    except (AttributeError, TypeError, ValueError):
         return None
-    return _affine(orient, spacing, np.asarray(first), np.asarray(last), frames)
+    for k, (orient, spacing) in enumerate(zip(orients, spacings)):
+        if not np.allclose(orient, orients[0], atol=ORIENTATION_TOL):
+            raise InputError(f"DICOM file {path}: frame {k + 1} has orientation {orient}, frame 1 has {orients[0]}; "
+                             "frames must share one orientation")
+        if not np.allclose(spacing, spacings[0], rtol=1e-4):
+            raise InputError(f"DICOM file {path}: frame {k + 1} has pixel spacing {spacing}, frame 1 has "
+                             f"{spacings[0]}; frames must share one pixel spacing")
+    return orients[0], spacings[0], np.asarray(positions, np.float64)
+
+
+def multiframe_layout(ds: Any, path: Path,
+                      allow_gaps: bool = False) -> tuple[np.ndarray, Optional[np.ndarray], list[str]]:
+    """(the source frame of each slice, the voxel → RAS affine, warnings) of a multi-frame
+    file. Frames are sorted along the slice normal, as a series' files are, and refused (or,
+    with ``allow_gaps``, warned about) when their positions leave a gap. Without geometry the
+    frames keep their order and the affine is None. The DICOM SEG writer maps slices back
+    to source frames with the same order."""
+    frames = frame_count(ds)
+    geometry = _frame_geometry(ds, frames, path)
+    if geometry is None:
+        return np.arange(frames), None, []
+    orient, spacing, positions = geometry
+    along = positions @ np.cross(orient[:3], orient[3:6])
+    order = np.argsort(along, kind="stable")
+    warnings = _check_gaps(along[order], path, allow_gaps, what="DICOM multi-frame file")
+    return order, _affine(orient, spacing, positions[order[0]], positions[order[-1]], frames), warnings
+
+
+def has_frame_positions(ds: Any) -> bool:
+    """Whether each frame of a multi-frame file carries its own plane position, which a DICOM
+    SEG needs to reference it (highdicom reads them from the per-frame functional groups)."""
+    frames = frame_count(ds)
+    return "PerFrameFunctionalGroupsSequence" in ds and len(ds.PerFrameFunctionalGroupsSequence) == frames and all(
+        _group_item(ds, k, "PlanePositionSequence") is not None for k in range(frames))
 
 
 def _affine(orient: list[float], spacing: list[float], first: np.ndarray, last: np.ndarray, n: int) -> np.ndarray:
@@ -186,7 +281,8 @@ def _affine(orient: list[float], spacing: list[float], first: np.ndarray, last: 
 
 def is_dicom_series(folder: Path, picture_suffixes: tuple[str, ...]) -> bool:
     """A folder that holds a DICOM series (and no pictures): its first file is DICOM with a
-    slice position. A folder of single DICOM images without positions is not a series."""
+    slice position. A folder of single DICOM images without positions is not a series; a
+    folder holding just one multi-frame file (as scanners export them) reads as that file."""
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
     if not files or any(p.name.lower().endswith(picture_suffixes) for p in files):
         return False
@@ -194,7 +290,9 @@ def is_dicom_series(folder: Path, picture_suffixes: tuple[str, ...]) -> bool:
         ds = _pydicom().dcmread(str(sorted(files)[0]), stop_before_pixels=True)
     except Exception:  # noqa: BLE001 - not DICOM
         return False
-    return "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds and int(getattr(ds, "NumberOfFrames", 1) or 1) == 1
+    if frame_count(ds) > 1:
+        return len(files) == 1
+    return "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds
 
 
 def _series_files(folder: Path) -> list[Path]:
@@ -227,18 +325,18 @@ def _geometry(datasets: list[Any], paths: list[Path], folder: Path) -> tuple[lis
     return orient, spacing, np.asarray([float(p @ normal) for p in positions])
 
 
-def _check_gaps(along: np.ndarray, folder: Path, allow_gaps: bool) -> list[str]:
+def _check_gaps(along: np.ndarray, folder: Path, allow_gaps: bool, what: str = "DICOM series") -> list[str]:
     steps = np.diff(along)
     if steps.size == 0:
         return []
     step = float(np.median(steps))
     if abs(step) < 1e-6:
-        raise InputError(f"DICOM series {folder} has several slices at one position (duplicates or several series)")
+        raise InputError(f"{what} {folder} has several slices at one position (duplicates or several series)")
     bad = np.flatnonzero(np.abs(steps - step) > GAP_TOL * abs(step))
     if bad.size == 0:
         return []
     where = ", ".join(f"{along[i]:.2f}→{along[i + 1]:.2f} mm" for i in bad[:3])
-    message = f"DICOM series {folder} has uneven slice positions (step {abs(step):.3g} mm; at {where})"
+    message = f"{what} {folder} has uneven slice positions (step {abs(step):.3g} mm; at {where})"
     if not allow_gaps:
         raise InputError(message + "; pass --allow-gaps to use it anyway")
     return [message + "; used anyway (--allow-gaps)"]
@@ -251,6 +349,12 @@ def read_dicom_series(folder: Path, max_pixels: Optional[int] = None, allow_gaps
 
     paths = _series_files(folder)
     headers = [_read_dataset(p, max_pixels, header_only=True) for p in paths]
+    multiframe = [p.name for p, ds in zip(paths, headers) if frame_count(ds) > 1]
+    if multiframe and len(paths) == 1:  # a scanner's export folder holding one enhanced file
+        return read_dicom_file(paths[0], max_pixels=max_pixels, allow_gaps=allow_gaps)
+    if multiframe:
+        raise InputError(f"folder {folder} holds multi-frame DICOM files ({', '.join(multiframe[:3])}) among others; "
+                         "give one multi-frame file, or a folder of single-frame slices")
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in headers}
     if len(series) > 1:
         raise InputError(f"folder {folder} mixes {len(series)} DICOM series; give one series per folder")

@@ -3,8 +3,10 @@ input, a PNG montage, and a JSON record written last.
 
 ``<stem>_mask.nii.gz`` has the input's shape, affine and qform/sform (codes included), with
 uint8 labels, so it overlays the input in any viewer. For DICOM input ``<stem>_seg.dcm`` is
-a DICOM Segmentation (highdicom) that references every source SOPInstanceUID, so a PACS,
-3D Slicer or OHIF shows it over the series.
+a DICOM Segmentation (highdicom) that references every source SOPInstanceUID (and, for a
+multi-frame source, every source frame), so a PACS, 3D Slicer or OHIF shows it over the
+series. A source it cannot reference (a legacy multi-frame file without per-frame
+positions) gets no SEG and one warning; the NIfTI mask holds the labels either way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from runtime.files import atomic_write_bytes, atomic_write_json
 from runtime.image_io import Scan
 from runtime.outputs import overlay, png_bytes
 from runtime.volume import VolumeResult
+from runtime.volume_io import frame_count, has_frame_positions, multiframe_layout
 
 MONTAGE_TILES = 16  # at most this many segmented slices in the montage
 MONTAGE_TILE_PX = 256
@@ -50,8 +53,26 @@ def write_nifti_mask(path: Path, scan: Scan, labels: np.ndarray) -> None:
     atomic_write_bytes(path, gzip.compress(nifti_mask(scan, labels).to_bytes(), compresslevel=6))
 
 
+def seg_refusal(scan: Scan) -> Optional[str]:
+    """Why no DICOM SEG can reference ``scan``'s source (a warning line), or None when one can."""
+    if len(scan.datasets) == 1 and frame_count(scan.datasets[0]) > 1 and not has_frame_positions(scan.datasets[0]):
+        return (f"no DICOM SEG for {scan.path.name}: this multi-frame file gives no per-frame positions for a "
+                "SEG to reference (a legacy multi-frame file); the labels are in the NIfTI mask")
+    return None
+
+
+def _source_frames(scan: Scan, frames: np.ndarray) -> np.ndarray:
+    """SEG frames (one per slice, in slice order) → one per source frame, in the source's
+    order: highdicom pairs segmentation frame i with frame i of a multi-frame source, whose
+    frames the reader may have sorted (runtime.volume_io.multiframe_layout)."""
+    if len(scan.datasets) != 1 or frame_count(scan.datasets[0]) == 1:
+        return frames
+    order, _, _ = multiframe_layout(scan.datasets[0], scan.path, allow_gaps=True)
+    return frames[np.argsort(order)]
+
+
 def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> Any:
-    """A binary DICOM SEG with one segment per label, one frame per source slice."""
+    """A binary DICOM SEG with one segment per label, one frame per source slice (or frame)."""
     try:
         import highdicom as hd
         from pydicom.sr.codedict import codes
@@ -75,7 +96,7 @@ def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> Any:
     # Renumber to 1..n segments and put frames first, in the source slices' order.
     remap = np.zeros(256, np.uint8)
     remap[present] = np.arange(1, len(present) + 1, dtype=np.uint8)
-    frames = np.ascontiguousarray(np.moveaxis(remap[labels], -1, 0))
+    frames = np.ascontiguousarray(_source_frames(scan, np.moveaxis(remap[labels], -1, 0)))
     return hd.seg.Segmentation(
         source_images=scan.datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
@@ -151,9 +172,13 @@ def write_volume_outputs(out_dir: Path, stem: str, scan: Scan, result: VolumeRes
     """Write the NIfTI mask, the SEG (DICOM input), the montage, then the JSON record."""
     outputs: dict[str, Optional[str]] = {"mask": f"{stem}_mask.nii.gz", "seg": None, "overlay": None}
     write_nifti_mask(out_dir / outputs["mask"], scan, result.labels)  # type: ignore[operator]
+    warnings: list[str] = []
     if scan.datasets:
+        refusal = seg_refusal(scan)
         names = {v: f"label {v}" for v in range(1, 256)}
-        if write_dicom_seg(out_dir / f"{stem}_seg.dcm", scan, result.labels, names):
+        if refusal is not None:
+            warnings.append(refusal)
+        elif write_dicom_seg(out_dir / f"{stem}_seg.dcm", scan, result.labels, names):
             outputs["seg"] = f"{stem}_seg.dcm"
     if with_overlay:
         grid = montage(result, slice_image, axis)
@@ -161,5 +186,6 @@ def write_volume_outputs(out_dir: Path, stem: str, scan: Scan, result: VolumeRes
             outputs["overlay"] = f"{stem}_overlay.png"
             atomic_write_bytes(out_dir / outputs["overlay"], png_bytes(grid))
     record = {**volume_record(scan, result, axis, outputs, backend), **dict(extra or {})}
+    record["warnings"] += warnings
     atomic_write_json(out_dir / f"{stem}.json", record)
     return record

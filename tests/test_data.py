@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from runtime.files import atomic_write_json
+from runtime.intensity import Intensity
 from runtime.preprocess import Preprocessing, preprocess
 from trainer.data import DataError, load_dataset, load_images, mask_to_index_map
 from trainer.synthetic import STYLES, write_synthetic_task
@@ -122,7 +123,7 @@ def test_messy_images_16bit_palette_rgba_and_mixed_sizes(tmp_path):
         x, frame = preprocess(s.image(), Preprocessing())
         assert x.shape == (1, 3, 1024, 1024) and frame.original_hw == s.original_hw
     assert len({s.image_hash for s in ds.samples}) == 3
-    assert [s.stem for s in load_images(root)] == ["a16", "pal", "rgba"]
+    assert [s.stem for s in load_images(root, Intensity())] == ["a16", "pal", "rgba"]
 
 
 def test_nifti_volumes_are_sliced_windowed_and_filtered(tmp_path):

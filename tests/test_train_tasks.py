@@ -102,7 +102,8 @@ def test_routing_and_ood_rejection(trained, tiny_sam):
         total += len(routes)
     assert total == 2 * N_TEST
     assert correct / total >= 0.95
-    rate, routes = rejection_rate(model, session.cache.embeddings(load_images(trained["base"] / "plasma")))
+    plasma = load_images(trained["base"] / "plasma", bundle.preprocessing.intensity)
+    rate, routes = rejection_rate(model, session.cache.embeddings(plasma))
     assert rate >= 0.9, routes
 
 

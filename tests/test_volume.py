@@ -18,7 +18,7 @@ from runtime.pipeline import Pipeline
 from runtime.preprocess import Frame, Preprocessing
 from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume, volume_route
 from runtime_support import exported, with_thresholds
-from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series
+from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series, write_multiframe_dicom
 
 nib = pytest.importorskip("nibabel")
 SPACING = (1.0, 1.0, 2.5)
@@ -190,6 +190,52 @@ def test_dicom_series_writes_a_seg_that_references_the_source(engines, tmp_path)
     assert {uid for _, _, uid in seg.get_source_image_uids()} == set(uids)
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])[..., 0]
     np.testing.assert_array_equal(frames.astype(bool), np.moveaxis(labels, -1, 0) == 1)
+
+
+def test_multiframe_dicom_writes_a_mask_and_a_seg_on_its_source_frames(engines, tmp_path):
+    """An enhanced CT file whose frames are stored out of slice order, each with its own
+    rescale: the mask lies on the sorted slices, and the SEG maps each slice back to the
+    source frame that holds it."""
+    hd = pytest.importorskip("highdicom")
+    volume, _ = sphere_volume((64, 64, 5), (30, 34, 2), radius_mm=9.0, spacing=(0.7, 0.8, 3.0))
+    order = [3, 0, 4, 1, 2]  # frame i holds slice order[i]
+    uid = write_multiframe_dicom(tmp_path / "ct.dcm", volume, slopes=[1.0, 2.0, 1.0, 0.5, 1.0],
+                                 intercepts=[-1024.0, -2000.0, -1024.0, -500.0, 0.0], frame_order=order)
+    out = tmp_path / "out"
+    result = invoke(tmp_path / "ct.dcm", "--box3d", 10, 10, 0, 50, 54, 2, "--engines", engines, "--out", out,
+                    "--task", "identity", "--min-area", 1, "--json")
+    assert result.exit_code == 0, result.output
+    assert "ct.dcm" not in result.stderr  # no warning about this file (a library's once-only ones may come first)
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["outputs"]["mask"] == "ct_mask.nii.gz" and record["outputs"]["seg"] == "ct_seg.dcm"
+    mask = nib.load(str(out / "ct_mask.nii.gz"))
+    labels = np.asarray(mask.dataobj)
+    np.testing.assert_allclose(mask.affine, read_scan(tmp_path / "ct.dcm").affine, atol=1e-4)  # float32 header
+    assert labels.shape == (64, 64, 5) and labels[:, :, 0].any() and not labels[:, :, 3:].any()
+    seg = hd.seg.segread(str(out / "ct_seg.dcm"))
+    assert {ref for _, _, ref in seg.get_source_image_uids()} == {uid}
+    for k in range(5):
+        frame = seg.get_pixels_by_source_frame(uid, [order.index(k) + 1], segment_numbers=[1],
+                                               assert_missing_frames_are_empty=True)[0, ..., 0]
+        np.testing.assert_array_equal(frame.astype(bool), labels[:, :, k] == 1, err_msg=f"slice {k}")
+
+
+def test_legacy_multiframe_dicom_gets_a_mask_and_one_warning_instead_of_a_seg(engines, tmp_path):
+    """A legacy multi-frame file has one position for all its frames: the reader places the
+    slices (SpacingBetweenSlices), but a SEG cannot reference them frame by frame."""
+    volume, _ = sphere_volume((48, 40, 4), (24, 20, 2), radius_mm=8.0, spacing=(0.7, 0.8, 3.0))
+    write_multiframe_dicom(tmp_path / "legacy.dcm", volume, photometric="MONOCHROME1", enhanced=False)
+    out = tmp_path / "out"
+    result = invoke(tmp_path / "legacy.dcm", "--box3d", 8, 8, 0, 32, 40, 3, "--engines", engines, "--out", out,
+                    "--task", "identity", "--json")
+    assert result.exit_code == 0, result.output
+    # one line about this file (the unverified export's once-only warning may come first)
+    mine = [line for line in result.stderr.strip().splitlines() if "legacy.dcm" in line]
+    assert len(mine) == 1 and mine[0].startswith("casam-infer: warning: legacy.dcm: no DICOM SEG for legacy.dcm: ")
+    assert "Traceback" not in result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["outputs"]["seg"] is None and not (out / "legacy_seg.dcm").exists()
+    assert nib.load(str(out / "legacy_mask.nii.gz")).shape == (48, 40, 4)
 
 
 def test_bad_volumes_exit_2_with_one_line(engines, sphere, tmp_path):

@@ -12,15 +12,17 @@ import torch
 
 from casam_bundle import Bundle
 from models.bundle_models import build_model
-from runtime.image_io import read_scan
+from runtime.image_io import read_prepared, read_scan
 from runtime.intensity import WINDOW_PRESETS, Intensity
 from runtime.names import IDENTITY
 from runtime.pipeline import Pipeline
 from runtime.preprocess import boxes_to_frame, preprocess
 from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume
+from trainer.data import Sample, content_hash
+from trainer.embedding_cache import EmbeddingCache
 from trainer.train_task import TrainConfig, train_task
 from trainer.vae_training import single_thread
-from volume_support import oblique_affine, save_nifti, sphere_volume
+from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series
 
 nib = pytest.importorskip("nibabel")
 SPACING = (1.0, 1.0, 2.5)
@@ -98,3 +100,107 @@ def test_held_out_volume_gets_the_pytorch_models_route_and_masks(trained, tiny_s
         union = np.logical_or(got, expected).sum()
         # logits at 0 may flip on float32 rounding; pixels that flip are a thousandth at most (as test_runtime_pipeline)
         assert union == 0 or np.logical_and(got, expected).sum() / union >= 0.999
+
+
+# --- unseen images (eval --ood, sequence --ood, unpack --check-data) get the bundle's intensity ---
+def write_unseen(root: Path) -> Path:
+    """An unseen set the bundle's SOFT_TISSUE window and ``auto`` prepare differently: an
+    int16 CT volume (images/ + labels/, so the protocol can score it too) and a 16-bit
+    single-file DICOM slice stored with a rescale intercept."""
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    volume, label = sphere_volume((48, 40, 3), (20, 22, 1), radius_mm=8.0, spacing=SPACING, seed=7)
+    save_nifti(root / "images" / "ct.nii.gz", volume, oblique_affine(SPACING))
+    save_nifti(root / "labels" / "ct.nii.gz", label, oblique_affine(SPACING))
+    slice_, _ = sphere_volume((40, 36, 1), (18, 16, 0), radius_mm=10.0, seed=8)
+    write_dicom_series(root / "one", slice_, shuffle=False)
+    (root / "one" / "IM0000").rename(root / "images" / "slice.dcm")
+    (root / "one").rmdir()
+    return root
+
+
+@pytest.fixture()
+def embedded(monkeypatch) -> list[Sample]:
+    """Every sample the trainer's embedding cache is asked for (cache hit or not): what the
+    evaluator scores. A hit is keyed by the image's content hash, so checking both the
+    sample's image and its hash covers embeddings encoded earlier."""
+    seen: list[Sample] = []
+    original = EmbeddingCache.embeddings
+
+    def spy(self, samples, *args, **kwargs):
+        seen.extend(samples)
+        return original(self, samples, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingCache, "embeddings", spy)
+    return seen
+
+
+def assert_prepared_with(samples: list[Sample], expected: dict[str, np.ndarray]) -> None:
+    """``samples`` are exactly the ``expected`` images (by stem), bit for bit, and so is the
+    hash that keys their cached embedding."""
+    assert sorted(s.stem for s in samples) == sorted(expected)
+    for s in samples:
+        image = s.image()
+        assert image.dtype == expected[s.stem].dtype and np.array_equal(image, expected[s.stem]), s.stem
+        assert s.image_hash == content_hash(expected[s.stem]), s.stem
+
+
+def unseen_pictures(root: Path, intensity: Intensity) -> dict[str, np.ndarray]:
+    """The images of ``root`` as casam-infer prepares them under ``intensity``."""
+    pictures = {"ct": read_prepared(root / "images" / "ct.nii.gz", intensity)[0],
+                "slice": read_prepared(root / "images" / "slice.dcm", intensity)[0]}
+    auto = {k: read_prepared(root / "images" / f, Intensity())[0]
+            for k, f in (("ct", "ct.nii.gz"), ("slice", "slice.dcm"))}
+    assert all(not np.array_equal(pictures[k], auto[k]) for k in pictures)  # else this test could not tell them apart
+    return pictures
+
+
+def test_eval_ood_images_are_prepared_with_the_bundles_intensity(trained, tiny_sam, tmp_path, embedded):
+    from trainer.sequence import evaluate_bundle
+
+    base, _ = trained
+    unseen = write_unseen(tmp_path / "unseen")
+    report = evaluate_bundle(base / "bundle", [], [str(unseen)], device="cpu", cache_dir=base / "cache", quiet=True,
+                             frozen_sam=tiny_sam)
+    assert report["ood"][0]["count"] == 2
+    assert_prepared_with(embedded, unseen_pictures(unseen, SOFT_TISSUE))
+
+
+def test_sequence_ood_sets_are_prepared_with_the_bundles_intensity(trained, tiny_sam, tmp_path, embedded):
+    from trainer.sequence import run_sequence
+
+    base, _ = trained
+    unseen = write_unseen(tmp_path / "unseen")
+    with single_thread():
+        report = run_sequence(base / "bundle", [("sphere", str(base / "data"))], tmp_path / "out", methods=["sam"],
+                              ood=[("ct", str(unseen))], sam="tiny", config=CONFIG, device="cpu",
+                              cache_dir=base / "cache", quiet=True, frozen_sam=tiny_sam)
+    ct = read_scan(unseen / "images" / "ct.nii.gz").data
+    labelled = [k for k in range(3) if read_scan(unseen / "labels" / "ct.nii.gz").data[:, :, k].any()]
+    assert report["ood"][0]["count"] == len(labelled) > 0
+    ood = {f"ct_a2_{k:04d}": read_prepared(unseen / "images" / "ct.nii.gz", SOFT_TISSUE, index=k)[0] for k in labelled}
+    auto = read_prepared(unseen / "images" / "ct.nii.gz", Intensity(), index=labelled[0])[0]
+    assert ct.dtype == np.int16 and not np.array_equal(ood[f"ct_a2_{labelled[0]:04d}"], auto)
+    # the seen task's slices too (the protocol embeds all of them): prepared as for training
+    split = json.loads((base / "bundle" / "tasks" / "sphere" / "split.json").read_text())
+    seen = {stem: read_prepared(base / "data" / "images" / f"{stem.rsplit('_a2_', 1)[0]}.nii.gz", SOFT_TISSUE,
+                                index=int(stem.rsplit("_", 1)[1]))[0] for stem in split["train"] + split["test"]}
+    assert_prepared_with([s for s in embedded if s.stem in ood], ood)
+    assert_prepared_with([s for s in embedded if s.stem not in ood], seen)
+
+
+def test_unpack_check_data_images_are_prepared_with_the_bundles_intensity(trained, tiny_sam, tmp_path, embedded):
+    import shutil
+
+    from casam_bundle.package import pack_task, unpack_package
+    from trainer.package_check import package_vet
+
+    base, _ = trained
+    unseen = write_unseen(tmp_path / "unseen")
+    pack_task(base / "bundle", "sphere", tmp_path / "sphere.casam")
+    shutil.copytree(base / "bundle", tmp_path / "site")
+    report: dict = {}
+    vet = package_vet(unseen, device="cpu", cache_dir=base / "cache", quiet=True, frozen_sam=tiny_sam, report=report)
+    unpack_package(tmp_path / "site", tmp_path / "sphere.casam", as_name="sphere_copy", vet=vet)
+    assert report["takeover"]["images"] == 2
+    assert_prepared_with(embedded, unseen_pictures(unseen, SOFT_TISSUE))

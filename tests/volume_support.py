@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -46,6 +46,35 @@ def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
     return path
 
 
+def _tilted_axes() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row direction, column direction, slice normal) of an oblique (tilted) acquisition."""
+    row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.96, -0.28])
+    col_dir /= np.linalg.norm(col_dir)
+    return row_dir, col_dir, np.cross(row_dir, col_dir)
+
+
+def _ct_header(ds, sop_class: str, sop: str, study: str, series: str, frame_of_ref: str, rows: int, cols: int,
+               photometric: str, number: int) -> None:
+    """The patient, study, series and image-pixel attributes every synthetic CT file shares
+    (16-bit signed stored values)."""
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_ref
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Synthetic^Sphere", "casam-0", "19700101", "O"
+    ds.StudyDate = ds.SeriesDate = ds.ContentDate = datetime.date(2026, 1, 2).strftime("%Y%m%d")
+    ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
+    ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "1", "", "1"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, number
+    ds.Manufacturer = "casam-tests"
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+
+
+def _stored(hu: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """HU → the int16 values a scanner stores under RescaleSlope/Intercept."""
+    return np.rint((hu.astype(np.float64) - intercept) / slope).astype(np.int16)
+
+
 def write_dicom_series(folder: Path, volume: np.ndarray, spacing: tuple[float, float, float] = (0.7, 0.8, 3.0),
                        slope: float = 1.0, intercept: float = -1024.0, photometric: str = "MONOCHROME2",
                        window: Optional[tuple[float, float]] = (40.0, 400.0), shuffle: bool = True,
@@ -59,9 +88,7 @@ def write_dicom_series(folder: Path, volume: np.ndarray, spacing: tuple[float, f
     folder.mkdir(parents=True, exist_ok=True)
     rows, cols, n = volume.shape
     study, series, frame_of_ref = generate_uid(), generate_uid(), generate_uid()
-    row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.96, -0.28])  # an oblique (tilted) series
-    col_dir /= np.linalg.norm(col_dir)
-    normal = np.cross(row_dir, col_dir)
+    row_dir, col_dir, normal = _tilted_axes()
     order = np.random.default_rng(5).permutation(n) if shuffle else np.arange(n)
     uids = []
     for k in range(n):
@@ -74,25 +101,89 @@ def write_dicom_series(folder: Path, volume: np.ndarray, spacing: tuple[float, f
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = Dataset()
         ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_of_ref
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Synthetic^Sphere", "casam-0", "19700101", "O"
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = datetime.date(2026, 1, 2).strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = "120000"
-        ds.AccessionNumber, ds.ReferringPhysicianName, ds.StudyID = "1", "", "1"
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, k + 1
-        ds.Manufacturer = "casam-tests"
-        ds.Rows, ds.Columns = rows, cols
+        _ct_header(ds, CTImageStorage, sop, study, series, frame_of_ref, rows, cols, photometric, k + 1)
         ds.PixelSpacing = [f"{spacing[0]:g}", f"{spacing[1]:g}"]
         ds.SliceThickness = f"{spacing[2]:g}"
         ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
         ds.ImagePositionPatient = [f"{v:.4f}" for v in np.array([-40.0, -30.0, 100.0]) + k * spacing[2] * normal]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
         if window is not None:
             ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
-        stored = np.rint((volume[:, :, k].astype(np.float64) - intercept) / slope).astype(np.int16)
-        ds.PixelData = stored.tobytes()
+        ds.PixelData = _stored(volume[:, :, k], slope, intercept).tobytes()
         ds.save_as(str(folder / f"IM{order[k]:04d}"), enforce_file_format=True)
     return uids
+
+
+def write_multiframe_dicom(path: Path, volume: np.ndarray, spacing: tuple[float, float, float] = (0.7, 0.8, 3.0),
+                           slopes: Sequence[float] = (1.0,), intercepts: Sequence[float] = (-1024.0,),
+                           photometric: str = "MONOCHROME2", window: Optional[tuple[float, float]] = (40.0, 400.0),
+                           frame_order: Optional[Sequence[int]] = None, enhanced: bool = True) -> str:
+    """One multi-frame CT file holding ``volume`` (rows × columns × slices, in HU) on the
+    same tilted grid as ``write_dicom_series``; returns its SOPInstanceUID.
+
+    ``enhanced``: an Enhanced CT Image (geometry, rescale and VOI window in the shared and
+    per-frame functional groups); else a legacy multi-frame file with them at the top level
+    and SpacingBetweenSlices. Frame ``i`` holds slice ``frame_order[i]`` (default: in
+    order), so a reader must sort enhanced frames by position. One slope and intercept, or
+    one per slice (per-frame rescale, enhanced only).
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    rows, cols, n = volume.shape
+    order = list(range(n)) if frame_order is None else [int(k) for k in frame_order]
+    per_slice = lambda values: [float(values[0])] * n if len(values) == 1 else [float(v) for v in values]  # noqa: E731
+    slope, intercept = per_slice(slopes), per_slice(intercepts)
+    if not enhanced and (len(set(slope)) > 1 or len(set(intercept)) > 1 or order != sorted(order)):
+        raise ValueError("a legacy multi-frame file has one rescale and frames in slice order")
+    row_dir, col_dir, normal = _tilted_axes()
+    sop = generate_uid()
+    sop_class = EnhancedCTImageStorage if enhanced else CTImageStorage
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    _ct_header(ds, sop_class, sop, generate_uid(), generate_uid(), generate_uid(), rows, cols, photometric, 1)
+    ds.NumberOfFrames = n
+    orientation = [f"{v:.6f}" for v in (*row_dir, *col_dir)]
+    position = lambda k: [f"{v:.4f}" for v in np.array([-40.0, -30.0, 100.0]) + k * spacing[2] * normal]  # noqa: E731
+
+    def item(**values) -> Dataset:
+        out = Dataset()
+        for key, value in values.items():
+            setattr(out, key, value)
+        return out
+
+    if enhanced:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+        ds.ContentQualification, ds.BurnedInAnnotation = "PRODUCT", "NO"
+        ds.AcquisitionDateTime = "20260102120000"
+        shared = item(PixelMeasuresSequence=DicomSequence([item(PixelSpacing=[f"{spacing[0]:g}", f"{spacing[1]:g}"],
+                                                                SliceThickness=f"{spacing[2]:g}")]),
+                      PlaneOrientationSequence=DicomSequence([item(ImageOrientationPatient=orientation)]))
+        if window is not None:
+            voi = item(WindowCenter=f"{window[0]:g}", WindowWidth=f"{window[1]:g}")
+            shared.FrameVOILUTSequence = DicomSequence([voi])
+        frames = []
+        for k in order:
+            frame = item(PlanePositionSequence=DicomSequence([item(ImagePositionPatient=position(k))]),
+                         FrameContentSequence=DicomSequence([item(StackID="1", InStackPositionNumber=k + 1,
+                                                                  DimensionIndexValues=[1, k + 1])]),
+                         PixelValueTransformationSequence=DicomSequence([item(
+                             RescaleSlope=f"{slope[k]:g}", RescaleIntercept=f"{intercept[k]:g}", RescaleType="HU")]))
+            frames.append(frame)
+        ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
+        ds.PerFrameFunctionalGroupsSequence = DicomSequence(frames)
+    else:
+        ds.PixelSpacing = [f"{spacing[0]:g}", f"{spacing[1]:g}"]
+        ds.SliceThickness = ds.SpacingBetweenSlices = f"{spacing[2]:g}"
+        ds.ImageOrientationPatient = orientation
+        ds.ImagePositionPatient = position(0)
+        ds.RescaleSlope, ds.RescaleIntercept = f"{slope[0]:g}", f"{intercept[0]:g}"
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
+    ds.PixelData = np.stack([_stored(volume[:, :, k], slope[k], intercept[k]) for k in order]).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return sop

@@ -195,7 +195,9 @@ def _refuse_data_parallel(subcommand: str) -> None:
 @click.option("--bundle", type=click.Path(exists=True, file_okay=False), required=True, help="Bundle folder.")
 @click.option("--data", "data", multiple=True,
               help="NAME=PATH of a seen task's dataset (repeatable, or several after one --data). Its recorded test split is used.")
-@click.option("--ood", multiple=True, help="Folder of unseen images (images/ or flat; repeatable). Reports the rejection rate.")
+@click.option("--ood", multiple=True,
+              help="Folder of unseen images (images/ or flat; pictures, DICOM, NIfTI: a volume counts as its middle "
+                   "slice; repeatable), prepared with the bundle's recorded intensity. Reports the rejection rate.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="The bundle's SAM checkpoint (sha256 must match).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Torch device.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Embedding cache folder.")
@@ -235,8 +237,9 @@ def _methods_option(func):
 @click.option("--tasks", "tasks", multiple=True, required=True,
               help="NAME=PATH in training order (several after one --tasks, or repeat the flag).")
 @click.option("--ood", "ood", multiple=True,
-              help="NAME=PATH of an unseen dataset (images/ + masks/), scored zero-shot after the last stage "
-                   "(repeatable). Reports each method's IoU/BIoU, its drop against sam and CA-SAM's rejection rate.")
+              help="NAME=PATH of an unseen dataset (images/ + masks/, or volumes + labels/), prepared with the "
+                   "bundle's recorded intensity and scored zero-shot after the last stage (repeatable). Reports each "
+                   "method's IoU/BIoU, its drop against sam and CA-SAM's rejection rate.")
 @_methods_option
 @click.option("--out", type=click.Path(file_okay=False), default="sequence_out", show_default=True,
               help="Folder for sequence.json, report.html, <method>_iou_matrix.csv, <method>_biou_matrix.csv "
@@ -307,8 +310,8 @@ def pack_command(bundle: str, task: str, out: str, sign_key: Optional[str], reda
 @click.option("--require-signatures", is_flag=True,
               help="From now on this bundle refuses every package not signed by a key in --trust.")
 @click.option("--check-data", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Reference images of the existing tasks: warn when the new task would take more than "
-                   "--max-takeover of them.")
+              help="Reference images of the existing tasks, read with the bundle's recorded intensity: warn when "
+                   "the new task would take more than --max-takeover of them.")
 @click.option("--max-takeover", type=float, default=None,
               help="Largest share of the --check-data images the new task may take. [default: 0.1]")
 @click.option("--strict", is_flag=True, help="Refuse (rather than warn about) a task over --max-takeover.")

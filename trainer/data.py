@@ -36,6 +36,7 @@ PathLike = Union[str, os.PathLike]
 TEST_FRACTION = 0.2
 MAX_LISTED = 20
 PICTURE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
+UNLABELLED_SUFFIXES = PICTURE_SUFFIXES + NIFTI_SUFFIXES  # what an image set without masks may hold
 # A label volume's affine may differ from its image's by this much (mm, and direction
 # cosines × spacing): far below any voxel, above the rounding of positions in DICOM
 # (decimal strings) and NIfTI (float32, ~1e-4 mm at 1000 mm from the origin).
@@ -342,23 +343,37 @@ def load_dataset(
     return Dataset(root, kind, train, test, source, seed, empty, axis, intensity)
 
 
-def load_images(path: PathLike, intensity: Intensity = Intensity()) -> list[Sample]:
-    """Images without masks (e.g. an OOD set): ``path/images/*`` or the images in ``path``."""
+def image_files(path: PathLike) -> dict[str, Path]:
+    """The images of an image set without masks (``path/images/*`` or the images in
+    ``path``: pictures, DICOM and NIfTI files) by stem, not yet read: lets a caller refuse a
+    missing or empty folder before it knows the intensity handling to read them with."""
     root = Path(path)
     folder = root / "images" if (root / "images").is_dir() else root
     if not folder.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    files = _files_by_stem(folder, PICTURE_SUFFIXES)
+    files = _files_by_stem(folder, UNLABELLED_SUFFIXES)
     if not files:
-        raise DataError(f"{folder} holds no images ({', '.join(PICTURE_SUFFIXES)})")
+        raise DataError(f"{folder} holds no images ({', '.join(UNLABELLED_SUFFIXES)})")
+    return files
+
+
+def load_images(path: PathLike, intensity: Intensity) -> list[Sample]:
+    """Images without masks (e.g. an OOD set): ``path/images/*`` or the images in ``path``.
+    A volume (NIfTI or multi-frame DICOM file) counts as its middle slice, windowed over the
+    whole volume: the image casam-infer segments when no slice is given.
+
+    ``intensity`` has no default: these images are scored by a bundle's models, so they must
+    be prepared with the bundle's recorded intensity handling, exactly as its task data were
+    (a silent ``auto`` would feed a windowed bundle other grey levels than it was trained on).
+    """
     problems: list[str] = []
     out: list[Sample] = []
-    for stem, p in files.items():
+    for stem, p in image_files(path).items():
         try:
             image = read_prepared(p, intensity)[0]
         except InputError as exc:
             problems.append(f"{p}: unreadable image ({exc})")
             continue
         out.append(Sample(stem, str(p), image.shape[:2], content_hash(image), 0, image_path=p, intensity=intensity))
-    _raise_problems(root, problems)
+    _raise_problems(Path(path), problems)
     return out

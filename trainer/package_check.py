@@ -24,7 +24,7 @@ from models.bundle_models import load_module_file, load_vae
 from models.router import Router, choose_routes
 from models.sam_loader import FrozenSam
 from models.vae import TaskVAE
-from trainer.data import load_images
+from trainer.data import image_files, load_images
 from trainer.session import open_bundle_session
 
 PathLike = Union[str, os.PathLike]
@@ -73,15 +73,19 @@ def package_vet(
 
     Without ``check_data`` it only loads the modules. With it, a task that would take more
     than ``max_share`` of the reference images is refused when ``strict``, else warned about.
+    The reference images are read with the bundle's recorded intensity handling, as its
+    routers see images at the edge, so they are read in the check, once the bundle is known.
     """
     if not 0 <= max_share <= 1:
         raise BundleError(f"--max-takeover must be a share between 0 and 1, got {max_share}")
-    samples = load_images(check_data) if check_data is not None else None  # cheap: fail before the import starts
+    if check_data is not None:
+        image_files(check_data)  # cheap: a missing or empty folder fails before the import starts
 
     def vet(bundle: Bundle, record: TaskRecord, staged: Path) -> None:
         _, vae = load_staged_modules(record, staged)
-        if samples is None or not bundle.task_names:  # a first task takes nothing from anyone
+        if check_data is None or not bundle.task_names:  # a first task takes nothing from anyone
             return
+        samples = load_images(check_data, bundle.preprocessing.intensity)
         session = open_bundle_session(bundle, checkpoint, device, cache_dir, quiet, frozen_sam)
         embeddings = session.cache.embeddings(samples, desc=f"embedding {Path(check_data).name}")
         result = takeover_share(bundle, record, vae, embeddings)

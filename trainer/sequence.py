@@ -36,9 +36,11 @@ PathLike = Union[str, os.PathLike]
 
 
 def task_test_set(bundle: Bundle, name: str, path: PathLike) -> Dataset:
-    """The dataset at ``path`` split exactly as recorded when task ``name`` was trained."""
+    """The dataset at ``path`` split exactly as recorded when task ``name`` was trained, and
+    prepared with the bundle's recorded intensity handling (the one its models were trained on)."""
     record = bundle.load_split(name)
-    return load_dataset(path, seed=int(record.get("seed", 0)), split=record, axis=int(record.get("axis", 2)))
+    return load_dataset(path, seed=int(record.get("seed", 0)), split=record, axis=int(record.get("axis", 2)),
+                        intensity=bundle.preprocessing.intensity)
 
 
 def _evaluate_task(session: Session, bundle: Bundle, model, name: str, dataset: Dataset, quiet: bool) -> SetResult:
@@ -59,21 +61,28 @@ def evaluate_bundle(
     quiet: bool = False,
     frozen_sam: Optional[FrozenSam] = None,
 ) -> dict[str, Any]:
-    """Routed IoU/BIoU and routing accuracy per dataset, rejection rate per OOD set."""
+    """Routed IoU/BIoU and routing accuracy per dataset, rejection rate per OOD set.
+
+    Every set, seen, unseen or OOD, is prepared with the bundle's recorded intensity
+    handling, as casam-infer prepares it: a rejection rate measured on other grey levels
+    would say nothing about the deployment.
+    """
     bundle = Bundle.open(bundle_dir)
+    intensity = bundle.preprocessing.intensity
     session = open_bundle_session(bundle, checkpoint, device, cache_dir, quiet, frozen_sam)
     model = build_model(bundle, session.sam.model).to(session.device)
     rows: list[dict[str, Any]] = []
     tasks: list[dict[str, Any]] = []
     for name, path in data:
-        dataset = task_test_set(bundle, name, path) if name in bundle.task_names else load_dataset(path)
+        dataset = (task_test_set(bundle, name, path) if name in bundle.task_names
+                   else load_dataset(path, intensity=intensity))
         result = _evaluate_task(session, bundle, model, name, dataset, quiet)
         tasks.append(result.to_dict())
         rows.append({"set": name, "images": result.count, "IoU": result.iou, "BIoU": result.biou,
                      "routing acc": result.routing_accuracy, "OOD rejected": None})
     ood_out: list[dict[str, Any]] = []
     for path in ood:
-        samples = load_images(path)
+        samples = load_images(path, intensity)
         rate, routes = rejection_rate(model, session.cache.embeddings(samples, desc=f"embedding {Path(path).name}"))
         ood_out.append({"path": str(path), "count": len(samples), "rejection_rate": rate,
                         "routes": {r: routes.count(r) for r in sorted(set(routes))}})
@@ -138,26 +147,41 @@ def _check_inputs(tasks: Sequence[tuple[str, str]], ood: Sequence[tuple[str, str
     config.check()
 
 
-def _load_task_sets(bundle_dir: Optional[Path], tasks: Sequence[tuple[str, str]], seed: int) -> list[Dataset]:
+def _existing_bundle(bundle_dir: Optional[Path]) -> Optional[Bundle]:
+    exists = bundle_dir is not None and (bundle_dir / "bundle.json").exists()
+    return Bundle.open(bundle_dir, verify=False) if exists else None  # type: ignore[arg-type]
+
+
+def _protocol_preprocessing(bundle_dir: Optional[Path], sam: str, resize: Optional[str]) -> Preprocessing:
+    """The preprocessing every method shares: the bundle's, if one exists (refusing another
+    SAM or resize mode), else a new bundle's (which train_task will record)."""
+    bundle = _existing_bundle(bundle_dir)
+    if bundle is None:
+        return Preprocessing(resize=resize or "longest")
+    check_bundle_sam(bundle, sam)
+    if resize is not None and resize != bundle.preprocessing.resize:
+        raise BundleError(f"bundle {bundle_dir} uses resize mode {bundle.preprocessing.resize!r}, not {resize!r}")
+    return bundle.preprocessing
+
+
+def _load_task_sets(bundle_dir: Optional[Path], tasks: Sequence[tuple[str, str]], seed: int,
+                    prep: Preprocessing) -> list[Dataset]:
     """Every task's dataset, validated before any training, split as training will split it
-    (or as recorded, for a task already in the bundle)."""
-    bundle = Bundle.open(bundle_dir, verify=False) if bundle_dir and (bundle_dir / "bundle.json").exists() else None
-    return [task_test_set(bundle, n, p) if bundle is not None and n in bundle.task_names else load_dataset(p, seed=seed)
-            for n, p in tasks]
+    (or as recorded, for a task already in the bundle), prepared with ``prep``'s intensity
+    handling, the one train_task trains the bundle's tasks on."""
+    bundle = _existing_bundle(bundle_dir)
+    return [task_test_set(bundle, n, p) if bundle is not None and n in bundle.task_names
+            else load_dataset(p, seed=seed, intensity=prep.intensity) for n, p in tasks]
 
 
-def _open_protocol_session(bundle_dir: Optional[Path], sam: str, checkpoint: Optional[PathLike], resize: Optional[str],
+def _open_protocol_session(bundle_dir: Optional[Path], sam: str, checkpoint: Optional[PathLike], prep: Preprocessing,
                            device: str, cache_dir: Optional[PathLike], quiet: bool, fs: FrozenSam) -> Session:
-    """The frozen SAM with the preprocessing every method shares: the bundle's, if one exists."""
-    if bundle_dir is not None and (bundle_dir / "bundle.json").exists():
-        bundle = Bundle.open(bundle_dir, verify=False)
-        check_bundle_sam(bundle, sam)
-        if resize is not None and resize != bundle.preprocessing.resize:
-            raise BundleError(f"bundle {bundle_dir} uses resize mode {bundle.preprocessing.resize!r}, not {resize!r}")
-        session = open_session(sam, checkpoint, bundle.preprocessing, device, cache_dir, quiet, fs)
+    """The frozen SAM with ``prep``; a bundle's checkpoint sha256 must match the loaded one."""
+    session = open_session(sam, checkpoint, prep, device, cache_dir, quiet, fs)
+    bundle = _existing_bundle(bundle_dir)
+    if bundle is not None:
         check_bundle_sam(bundle, session.sam.name, session.checkpoint_sha256)
-        return session
-    return open_session(sam, checkpoint, Preprocessing(resize=resize or "longest"), device, cache_dir, quiet, fs)
+    return session
 
 
 def _run_stages(runs: dict[str, MethodRun], ctx: Context, tasks: Sequence[tuple[str, str]],
@@ -253,10 +277,11 @@ def run_sequence(
     root = Path(bundle_dir) if bundle_dir is not None else None
     if "casam" in methods and root is None:
         raise InputError("method 'casam' needs --bundle (the bundle its tasks are added to)")
-    datasets = _load_task_sets(root, tasks, config.seed)
-    ood_sets = [(n, load_dataset(p, seed=config.seed)) for n, p in ood]
+    prep = _protocol_preprocessing(root, sam, resize)
+    datasets = _load_task_sets(root, tasks, config.seed, prep)
+    ood_sets = [(n, load_dataset(p, seed=config.seed, intensity=prep.intensity)) for n, p in ood]
     fs = frozen_sam if frozen_sam is not None else load_frozen_sam(sam, Path(checkpoint) if checkpoint else None)
-    session = _open_protocol_session(root, sam, checkpoint, resize, device, cache_dir, quiet, fs)
+    session = _open_protocol_session(root, sam, checkpoint, prep, device, cache_dir, quiet, fs)
     out_dir = Path(out)
     ctx = Context(session, config, session.cache.preprocessing, out_dir, root, checkpoint, resize, device, cache_dir, quiet)
     runs = {m: METHODS[m].start(ctx) for m in methods}
