@@ -136,7 +136,7 @@ def read_scan(path: PathLike, volume: Optional[int] = None, max_pixels: Optional
     if is_nifti(p):
         return read_nifti(p, volume=volume, strict_4d=strict_4d)
     if is_dicom(p):
-        return read_dicom_file(p, max_pixels=max_pixels)
+        return read_dicom_file(p, max_pixels=max_pixels, allow_gaps=allow_gaps)
     from runtime.preprocess import standard_channels
 
     return Scan(p, standard_channels(read_pil(p, max_pixels=max_pixels)), Source(kind="image", pil=True))

@@ -129,6 +129,8 @@ def test_enhanced_frames_with_a_gap_or_two_orientations_are_refused(tmp_path):
     ds.save_as(str(path))
     with pytest.raises(InputError, match="DICOM multi-frame file .*gap.dcm has uneven slice positions"):
         read_scan(path)
+    allowed = read_scan(path, allow_gaps=True)  # casam-infer --allow-gaps: read, with a warning
+    assert allowed.data.shape == (24, 24, 5) and any("uneven slice positions" in w for w in allowed.warnings)
     ds = pydicom.dcmread(str(path))
     ds.PerFrameFunctionalGroupsSequence[1].PlaneOrientationSequence = pydicom.Sequence(
         [pydicom.Dataset()])
