@@ -289,9 +289,14 @@ def test_tampered_alignment_file_in_bundle_is_refused(root, bundle2):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="beta.*modified or corrupted"):
+    with pytest.raises(BundleError, match="beta.*modified or corrupted") as refused:
         export_bundle(bundle, root / "tampered_out")
     assert not (root / "tampered_out" / "manifest.json").exists()
+    # The sha256 check is shared with the runtime's engine files; a bundle's stays a BundleError.
+    assert not isinstance(refused.value, ManifestError)
+    path.unlink()
+    with pytest.raises(BundleError, match=r"task 'beta': .*alignment\.safetensors is missing$"):
+        export_bundle(bundle, root / "tampered_out")
 
 
 def test_missing_and_corrupt_bundles(root):
