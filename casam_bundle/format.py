@@ -29,7 +29,14 @@ from typing import Any
 from casam_bundle.errors import BundleError
 from casam_bundle.lock import DEFAULT_WAIT_S, bundle_lock
 from runtime.faults import fault_point
-from runtime.files import atomic_write_json, read_checked_json, read_json, read_versioned_json, sha256_file
+from runtime.files import (
+    atomic_write_json,
+    check_sha256,
+    read_checked_json,
+    read_json,
+    read_versioned_json,
+    sha256_file,
+)
 from runtime.names import check_task_name as _check_name
 from runtime.preprocess import Preprocessing
 
@@ -188,14 +195,7 @@ class Bundle:
         calibration.json follows its schema."""
         for fname, expected in record.files.items():
             path = self.task_dir(record.name) / fname
-            if not path.is_file():
-                raise BundleError(f"task {record.name!r}: {path} is missing")
-            got = sha256_file(path)
-            if got != expected:
-                raise BundleError(
-                    f"task {record.name!r}: {path} has sha256 {got[:12]}…, bundle.json says "
-                    f"{expected[:12]}… (the file was modified or corrupted)"
-                )
+            check_sha256(path, expected, BundleError, f"task {record.name!r}: {path}", "bundle.json")
         self.load_calibration(record.name)  # its schema, before any stage relies on it
 
     def load_calibration(self, name: str) -> dict[str, Any]:
@@ -212,7 +212,8 @@ class Bundle:
         """Private folder where a task is built (and resumed) before it is committed."""
         return self.root / ".staging" / check_task_name(name)
 
-    def commit_task(self, record: TaskRecord, staged: Path, replace: bool = False, wait: float = DEFAULT_WAIT_S) -> None:
+    def commit_task(self, record: TaskRecord, staged: Path, replace: bool = False,
+                    wait: float = DEFAULT_WAIT_S) -> None:
         """Move a fully written staged task into ``tasks/`` and record it in bundle.json.
 
         Under the bundle lock, bundle.json is re-read and the task appended to what is

@@ -7,13 +7,14 @@ at the edge, the person reading the error is rarely the one who can read Python.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -334,10 +335,55 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
         backend: str, timings: bool, max_resident: int, quiet: bool,
         server: Optional[str] = None, vol: VolumeOptions = VolumeOptions(), popts: PromptOptions = PromptOptions(),
         server_timeout: Optional[float] = None, concurrency: int = 1, fail_fast: bool = False) -> None:
-    import numpy as np
+    """casam-infer's work in four stages: check prompts and inputs, open the pipeline, segment
+    image by image, then the summary and evaluation. Each stage's errors end the run with
+    main()'s one line, except one image's CasamError, which fails only that image."""
     from tqdm import tqdm
 
-    # Prompts are checked before any engine is loaded; --box3d alone is for volumes only.
+    table, files = _check_inputs(images, box, point, label, out, vol, popts)
+    pipe = _open_checked(engines, backend, server, max_resident, server_timeout, task, popts.expect_task)
+    scores = DeploymentScores(popts.expect_task)
+    out.mkdir(parents=True, exist_ok=True)
+    backend_info = pipe.describe()
+    bar = tqdm(total=len(files), desc="casam-infer", unit="image", disable=quiet or len(files) < 2, file=sys.stderr)
+    intensity = pipeline_intensity(pipe)
+    r = _Run(pipe=pipe, task=task, out=out, overlay=overlay, as_json=as_json, timings=timings, quiet=quiet,
+             vol=vol, popts=popts, table=table, cli_prompts=(box, point, label), scores=scores,
+             rng=np.random.default_rng(0),  # --box-jitter draws: the same boxes on every run
+             intensity=intensity, backend_info=backend_info, bar=bar)
+    failed = _segment_all(r, files, concurrency, fail_fast)
+    _finish(r, len(files), failed, fail_fast)
+
+
+@dataclass
+class _Run:
+    """What the stages of one ``run`` share: its options, the opened pipeline and the tallies."""
+
+    pipe: Any
+    task: Optional[str]
+    out: Path
+    overlay: bool
+    as_json: bool
+    timings: bool
+    quiet: bool
+    vol: VolumeOptions
+    popts: PromptOptions
+    table: Optional[dict[str, ImagePrompts]]
+    cli_prompts: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]], Sequence[int]]  # --box, --point, --label
+    scores: DeploymentScores
+    rng: Any
+    intensity: Intensity
+    backend_info: dict[str, Any]
+    bar: Any
+    routes: Counter = field(default_factory=Counter)
+    used: Counter = field(default_factory=Counter)  # output stems taken so far
+
+
+def _check_inputs(images: Sequence[Path], box: Sequence[Sequence[float]], point: Sequence[Sequence[float]],
+                  label: Sequence[int], out: Path, vol: VolumeOptions, popts: PromptOptions
+                  ) -> tuple[Optional[dict[str, ImagePrompts]], list[Path]]:
+    """(--prompts table, input files), checked before any engine is loaded: a typo in a prompt
+    should not cost an engine load. --box3d alone is for volumes only, so it skips the 2-D check."""
     table = read_prompt_file(popts.prompts_file) if popts.prompts_file is not None else None
     if table is None and popts.boxes_from_masks is None and (box or point or not vol.box3d):
         group_prompts(box, point, label)
@@ -345,103 +391,128 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
         raise InputError(f"--boxes-from-masks {popts.boxes_from_masks} is not a folder")
     files = expand_inputs(images)
     check_out_dir(out, InputError)
+    return table, files
+
+
+def _open_checked(engines: Path, backend: str, server: Optional[str], max_resident: int,
+                  server_timeout: Optional[float], task: Optional[str], expect_task: Optional[str]) -> Any:
+    """The predictor, refused when --task or --expect-task names a task its export lacks."""
     pipe = open_pipeline(engines, backend, server=server, max_resident=max_resident, server_timeout=server_timeout)
     if task is not None:
         pipe.check_task(task)
-    if popts.expect_task is not None:
-        pipe.check_task(popts.expect_task)
-    scores = DeploymentScores(popts.expect_task)
-    rng = np.random.default_rng(0)  # --box-jitter draws: the same boxes on every run
-    out.mkdir(parents=True, exist_ok=True)
-    backend_info = pipe.describe()
-    routes: Counter = Counter()
-    used: Counter = Counter()
-    bar = tqdm(total=len(files), desc="casam-infer", unit="image", disable=quiet or len(files) < 2, file=sys.stderr)
-    intensity = pipeline_intensity(pipe)
+    if expect_task is not None:
+        pipe.check_task(expect_task)
+    return pipe
 
-    def prepare(path: Path) -> tuple[Path, Any]:
-        """Read and prompt one input, on this thread and in input order (--box-jitter draws
-        stay in order); a failure is returned, to be reported in its place. A prompts file or
-        mask folder that lacks the image is the run's error, not the image's: it ends the run
-        when its turn comes, as a sequential run would."""
-        try:
-            scan = read_scan(path, volume=vol.volume, max_pixels=vol.max_pixels, allow_gaps=vol.allow_gaps,
-                             strict_4d=not vol.single_slice)
-        except ManifestError:
-            raise
-        except CasamError as exc:
-            return path, exc
-        try:
-            given = prompts_for(path, scan, table, popts, vol, rng, box, point, label)
-        except CasamError as exc:
-            return path, ("fatal", exc)
-        try:
-            if scan.is_volume and not vol.single_slice:
-                return path, ("volume", scan, given)
-            if given.box3d:
-                raise InputError(f"--box3d is for volumes; {path.name} is a 2-D image: give --box or --point")
-            boxes, points, labels = group_prompts(given.boxes, given.points, given.point_labels)
-            image, read_warnings = prepared_slice(scan, intensity, vol.slice, vol.axis)
-        except ManifestError:
-            raise
-        except CasamError as exc:
-            return path, exc
-        return path, ("image", image, read_warnings, boxes, points, labels, given)
 
-    def predict(job: tuple[Path, Any]) -> Any:
-        """The request itself, up to ``concurrency`` at once; volumes run in order below."""
-        prepared = job[1]
-        if isinstance(prepared, CasamError):
-            raise prepared
-        if prepared[0] in ("volume", "fatal"):
-            return prepared
-        _, image, _, boxes, points, labels, _ = prepared
-        return prepared, pipe.predict(image, boxes=boxes, points=points, point_labels=labels, task=task)
+def _prepare(r: _Run, path: Path) -> tuple[Path, Any]:
+    """Read and prompt one input, on this thread and in input order (--box-jitter draws
+    stay in order); a failure is returned, to be reported in its place. A prompts file or
+    mask folder that lacks the image is the run's error, not the image's: it ends the run
+    when its turn comes, as a sequential run would."""
+    vol = r.vol
+    try:
+        scan = read_scan(path, volume=vol.volume, max_pixels=vol.max_pixels, allow_gaps=vol.allow_gaps,
+                         strict_4d=not vol.single_slice)
+    except ManifestError:
+        raise
+    except CasamError as exc:
+        return path, exc
+    try:
+        given = prompts_for(path, scan, r.table, r.popts, vol, r.rng, *r.cli_prompts)
+    except CasamError as exc:
+        return path, ("fatal", exc)
+    try:
+        if scan.is_volume and not vol.single_slice:
+            return path, ("volume", scan, given)
+        if given.box3d:
+            raise InputError(f"--box3d is for volumes; {path.name} is a 2-D image: give --box or --point")
+        boxes, points, labels = group_prompts(given.boxes, given.points, given.point_labels)
+        image, read_warnings = prepared_slice(scan, r.intensity, vol.slice, vol.axis)
+    except ManifestError:
+        raise
+    except CasamError as exc:
+        return path, exc
+    return path, ("image", image, read_warnings, boxes, points, labels, given)
 
+
+def _predict(r: _Run, job: tuple[Path, Any]) -> Any:
+    """The request itself, up to ``concurrency`` at once; volumes run in order in _segment_all."""
+    prepared = job[1]
+    if isinstance(prepared, CasamError):
+        raise prepared
+    if prepared[0] in ("volume", "fatal"):
+        return prepared
+    _, image, _, boxes, points, labels, _ = prepared
+    return prepared, r.pipe.predict(image, boxes=boxes, points=points, point_labels=labels, task=r.task)
+
+
+def _segment_all(r: _Run, files: Sequence[Path], concurrency: int, fail_fast: bool) -> int:
+    """The per-image loop, outputs written in input order; returns how many images failed.
+
+    One image's CasamError (or a volume's) is reported on its own line and the loop goes on
+    (stops with --fail-fast); a broken export, a prompts file that lacks an image and any
+    error while writing a 2-D image's outputs end the run."""
     failed = 0
-    for (path, _), outcome in in_order(predict, (prepare(p) for p in files), concurrency):
-        bar.update()
+    jobs = (_prepare(r, p) for p in files)  # lazy: in_order prepares each input as its turn nears
+    for (path, _), outcome in in_order(functools.partial(_predict, r), jobs, concurrency):
+        r.bar.update()
         if not isinstance(outcome, CasamError) and outcome[0] == "fatal":
             raise outcome[1]
         try:
             if isinstance(outcome, CasamError):
                 raise outcome
             if outcome[0] == "volume":
-                _, scan, given = outcome
-                record = run_volume(pipe, path, scan, unique_stem(path, used), given, vol, intensity, task, out,
-                                    overlay, backend_info, scores)
-                _warn(bar, path, record["warnings"])
-                routes[record["route"]] += 1
-                _echo(bar, record, volume_line(path.name, record), as_json, quiet)
+                _write_volume(r, path, outcome)
                 continue
         except ManifestError:
             raise
         except CasamError as exc:
             failed += 1
             message = str(exc) if path.name in str(exc) else f"{path.name}: {exc}"  # name the image once
-            bar.write(f"casam-infer: error: {message}", file=sys.stderr)
+            r.bar.write(f"casam-infer: error: {message}", file=sys.stderr)
             if fail_fast:
                 break
             continue
-        (_, image, read_warnings, boxes, points, labels, given), result = outcome
-        result.warnings[:0] = read_warnings
-        _warn(bar, path, result.warnings)
-        evaluation = scores.add_image(path.name, result.route, result.masks, given.truth, given.truth_values)
-        record = write_outputs(out, unique_stem(path, used), str(path), image, result, boxes, points, labels,
-                               overlay, backend_info, {"evaluation": evaluation})
-        routes[result.route] += 1
-        _echo(bar, record, describe_line(path.name, record, timings), as_json, quiet)
-    bar.close()
-    if len(files) > 1 and not quiet and not as_json:
-        summary = ", ".join(f"{name} {count}" for name, count in sorted(routes.items()))
-        click.echo(f"routes over {len(files)} images: {summary}; outputs in {out}")
-    if popts.boxes_from_masks is not None or popts.expect_task is not None:
-        atomic_write_json(out / "evaluation.json", scores.summary())
-        if not quiet and not as_json:
-            click.echo(scores.line() + f" (details: {out / 'evaluation.json'})")
+        _write_image(r, path, outcome)
+    return failed
+
+
+def _write_volume(r: _Run, path: Path, outcome: tuple[str, Scan, ImagePrompts]) -> None:
+    """Segment one volume (in order: it is not a single request) and write and report it."""
+    _, scan, given = outcome
+    record = run_volume(r.pipe, path, scan, unique_stem(path, r.used), given, r.vol, r.intensity, r.task, r.out,
+                        r.overlay, r.backend_info, r.scores)
+    _warn(r.bar, path, record["warnings"])
+    r.routes[record["route"]] += 1
+    _echo(r.bar, record, volume_line(path.name, record), r.as_json, r.quiet)
+
+
+def _write_image(r: _Run, path: Path, outcome: tuple[tuple[Any, ...], Any]) -> None:
+    """Score one predicted 2-D image against its ground truth (if any), write and report it."""
+    (_, image, read_warnings, boxes, points, labels, given), result = outcome
+    result.warnings[:0] = read_warnings
+    _warn(r.bar, path, result.warnings)
+    evaluation = r.scores.add_image(path.name, result.route, result.masks, given.truth, given.truth_values)
+    record = write_outputs(r.out, unique_stem(path, r.used), str(path), image, result, boxes, points, labels,
+                           r.overlay, r.backend_info, {"evaluation": evaluation})
+    r.routes[result.route] += 1
+    _echo(r.bar, record, describe_line(path.name, record, r.timings), r.as_json, r.quiet)
+
+
+def _finish(r: _Run, n_files: int, failed: int, fail_fast: bool) -> None:
+    """The routes summary, evaluation.json and its line; ImagesFailed (exit 2) if any image failed."""
+    r.bar.close()
+    if n_files > 1 and not r.quiet and not r.as_json:
+        summary = ", ".join(f"{name} {count}" for name, count in sorted(r.routes.items()))
+        click.echo(f"routes over {n_files} images: {summary}; outputs in {r.out}")
+    if r.popts.boxes_from_masks is not None or r.popts.expect_task is not None:
+        atomic_write_json(r.out / "evaluation.json", r.scores.summary())
+        if not r.quiet and not r.as_json:
+            click.echo(r.scores.line() + f" (details: {r.out / 'evaluation.json'})")
     if failed:
-        if len(files) > 1:
-            click.echo(f"casam-infer: error: {failed} of {len(files)} images failed"
+        if n_files > 1:
+            click.echo(f"casam-infer: error: {failed} of {n_files} images failed"
                        f"{' (stopped at the first: --fail-fast)' if fail_fast else ''}", err=True)
         raise ImagesFailed(failed)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from runtime.errors import InputError, ManifestError
-from runtime.files import read_versioned_json, sha256_bytes, sha256_file
+from runtime.files import check_sha256, read_versioned_json, sha256_bytes
 from runtime.names import IDENTITY, check_task_name
 from runtime.preprocess import Preprocessing
 
@@ -133,14 +133,9 @@ class Manifest:
 
 
 def verify_file(path: Path, expected: str, what: str) -> None:
-    if not path.is_file():
-        raise ManifestError(f"engine file {path} ({what}) is missing; re-export the bundle")
-    got = sha256_file(path)
-    if got != expected:
-        raise ManifestError(
-            f"engine file {path} ({what}) has sha256 {got[:12]}…, the manifest says {str(expected)[:12]}… "
-            "(the file was modified or corrupted; re-export the bundle)"
-        )
+    """The shared sha256 check (``runtime.files.check_sha256``) worded for an engine file."""
+    check_sha256(path, expected, ManifestError, f"engine file {path} ({what})", "the manifest",
+                 hint="; re-export the bundle")
 
 
 def _graph_file(folder: Path, key: str, entry: Mapping[str, Any]) -> GraphFile:

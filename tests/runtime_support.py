@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from click.testing import Result
 
 from conftest import make_random_bundle
 
@@ -30,6 +31,16 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
         export_bundle(root / "bundle", root / "engines", verify=False, quiet=True)
         _CACHE["tiny"] = (root / "bundle", root / "engines")
     return _CACHE["tiny"]
+
+
+def one_error_line(result: Result) -> str:
+    """The single stderr line of a CLI run that failed as the CLIs promise: exit code 2,
+    exactly one line, no traceback (a traceback means an error escaped the InputError path)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
 def copy_engines(engines: Path, dest: Path) -> Path:

@@ -6,6 +6,7 @@ work on copies of the bundle or the export folder.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import warnings
@@ -289,9 +290,14 @@ def test_tampered_alignment_file_in_bundle_is_refused(root, bundle2):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="beta.*modified or corrupted"):
+    with pytest.raises(BundleError, match="beta.*modified or corrupted") as refused:
         export_bundle(bundle, root / "tampered_out")
     assert not (root / "tampered_out" / "manifest.json").exists()
+    # The sha256 check is shared with the runtime's engine files; a bundle's stays a BundleError.
+    assert not isinstance(refused.value, ManifestError)
+    path.unlink()
+    with pytest.raises(BundleError, match=r"task 'beta': .*alignment\.safetensors is missing$"):
+        export_bundle(bundle, root / "tampered_out")
 
 
 def test_missing_and_corrupt_bundles(root):
@@ -402,7 +408,7 @@ def test_without_tensorrt_export_says_so_and_trt_flag_fails_clearly():
     from casam_export.tensorrt_build import tensorrt_status
 
     try:
-        import tensorrt  # noqa: F401
+        importlib.import_module("tensorrt")
     except ImportError:
         pass
     else:
@@ -413,12 +419,16 @@ def test_without_tensorrt_export_says_so_and_trt_flag_fails_clearly():
         tensorrt_status(True)
 
 
-def test_tensorrt_engines_are_built_and_keyed(out32, root):
+def test_tensorrt_engines_are_built_and_keyed(request: pytest.FixtureRequest):
+    # Skip before asking for out32: as an argument it would be a verified export (~30 s)
+    # built and thrown away wherever TensorRT or a GPU is missing.
     pytest.importorskip("tensorrt")
     from casam_export.tensorrt_build import build_engines, tensorrt_status
 
-    if not tensorrt_status(None)[0]:
-        pytest.skip(tensorrt_status(None)[1])
+    ready, reason = tensorrt_status(None)
+    if not ready:
+        pytest.skip(reason)
+    out32: Path = request.getfixturevalue("out32")
     m = read_json(out32 / "manifest.json")
     section = build_engines(out32, {"align/alpha": m["tasks"][0]["align"]}, fp16=False, max_prompts=16)
     engine = section["engines"]["align/alpha"]

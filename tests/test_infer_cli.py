@@ -14,7 +14,7 @@ from conftest import real_data_or_skip
 from runtime.cli import main
 from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
-from runtime_support import copy_engines, exported
+from runtime_support import copy_engines, exported, one_error_line
 from float32 import f32_tol, peak
 
 
@@ -34,14 +34,6 @@ def images(tmp_path_factory) -> Path:
 
 def invoke(*args: str, env=None):
     return CliRunner().invoke(main, [str(a) for a in args], env=env)
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def test_writes_masks_overlay_and_json(engines, images, tmp_path):
@@ -68,7 +60,8 @@ def test_writes_masks_overlay_and_json(engines, images, tmp_path):
             assert mask.shape == shape and set(np.unique(mask)) <= {0, 255}
             np.testing.assert_array_equal(mask == 255, expected.masks[k])
             # Two pipelines on one engine folder (one library): sums over 64×64 image tokens.
-            assert prompt["iou"] == pytest.approx(float(expected.iou[k]), rel=0, abs=f32_tol(peak(expected.iou), n=64 * 64))
+            assert prompt["iou"] == pytest.approx(float(expected.iou[k]), rel=0,
+                                                  abs=f32_tol(peak(expected.iou), n=64 * 64))
             assert prompt["area"] == int(expected.masks[k].sum())
 
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from runtime.errors import ManifestError
 from runtime.files import SCHEMA_DIR, read_versioned_json
 from runtime.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
-from runtime_support import exported
+from runtime_support import exported, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,14 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def shipped(tmp_path_factory) -> tuple[Path, Path]:
     return exported(tmp_path_factory)
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def broken_manifest(engines: Path, folder: Path, edit) -> Path:

@@ -17,7 +17,7 @@ from runtime.names import IDENTITY
 from runtime.pipeline import Pipeline
 from runtime.preprocess import Frame, Preprocessing
 from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume, volume_route
-from runtime_support import exported, with_thresholds
+from runtime_support import exported, one_error_line, with_thresholds
 from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series, write_multiframe_dicom
 
 nib = pytest.importorskip("nibabel")
@@ -43,14 +43,6 @@ def sphere(tmp_path_factory) -> tuple[Path, np.ndarray]:
 
 def invoke(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 class BrightVoxels:

@@ -14,6 +14,7 @@ is the same number in every later stage and for both methods.
 
 from __future__ import annotations
 
+import abc
 import os
 import time
 from dataclasses import dataclass, field
@@ -64,8 +65,13 @@ class Context:
         return self.memos.setdefault(set_name, {})
 
 
-class MethodRun:
-    """One method through the protocol: ``train`` per stage, then ``evaluate`` per set."""
+class MethodRun(abc.ABC):
+    """One method through the protocol: ``train`` per stage, then ``evaluate`` per set.
+
+    Abstract so that a method missing ``evaluate`` fails when it is constructed, not at the
+    first evaluated set after a whole stage of training. ``train`` keeps its do-nothing
+    default: a method that learns nothing (``sam``) is a legitimate method.
+    """
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -75,8 +81,9 @@ class MethodRun:
     def train(self, stage: int, name: str, path: PathLike, dataset: Dataset, train_emb: torch.Tensor) -> None:
         """Learn task ``name`` (stage is 0-based); the default learns nothing."""
 
+    @abc.abstractmethod
     def evaluate(self, set_name: str, samples: Sequence[Sample], embeddings: torch.Tensor, seen: bool) -> SetResult:
-        raise NotImplementedError
+        """Score ``samples`` of set ``set_name`` with the model as it is now; ``seen``: a task already trained."""
 
 
 class SamRun(MethodRun):
@@ -103,9 +110,10 @@ class CasamRun(MethodRun):
         if not self._in_bundle(name):
             if stage == 0:
                 ctx.casam_first_task = name
-            self.trained.append(train_task(ctx.bundle_dir, name, path, sam=ctx.session.sam.name, checkpoint=ctx.checkpoint,
-                                           config=ctx.config, resize=ctx.resize, device=ctx.device,
-                                           cache_dir=ctx.cache_dir, quiet=ctx.quiet, frozen_sam=ctx.session.sam))
+            self.trained.append(train_task(ctx.bundle_dir, name, path, sam=ctx.session.sam.name,
+                                           checkpoint=ctx.checkpoint, config=ctx.config, resize=ctx.resize,
+                                           device=ctx.device, cache_dir=ctx.cache_dir, quiet=ctx.quiet,
+                                           frozen_sam=ctx.session.sam))
         self.names.append(name)
         bundle = Bundle.open(ctx.bundle_dir)
         self.model = build_model(bundle, ctx.session.sam.model, self.names).to(ctx.session.device)
@@ -139,7 +147,8 @@ class NaiveRun(MethodRun):
         self.model = CASAM(ctx.session.sam.model, [NAIVE_TASK], [self.layer]).to(ctx.session.device).eval()
 
     def evaluate(self, set_name: str, samples: Sequence[Sample], embeddings: torch.Tensor, seen: bool) -> SetResult:
-        return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name, task=NAIVE_TASK, quiet=self.ctx.quiet)
+        return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name, task=NAIVE_TASK,
+                            quiet=self.ctx.quiet)
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,8 @@ class Method:
 
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("casam", "CA-SAM", "one alignment layer + VAE per task, routed (this toolkit)", True, CasamRun),
-    Method("naive", "SAM + AL (naive)", "one alignment layer fine-tuned on each task in turn, no router", True, NaiveRun),
+    Method("naive", "SAM + AL (naive)", "one alignment layer fine-tuned on each task in turn, no router", True,
+           NaiveRun),
     Method("sam", "SAM", "plain frozen SAM, the identity route everywhere (zero-shot reference)", False, SamRun),
 )}
 #: The zero-shot reference: drops are measured against this method's numbers.
