@@ -15,8 +15,8 @@ the route, so propagation first runs with each slice's own route; when any diffe
 the volume route the volume is propagated again with it, from embeddings kept on disk.
 
 Memory stays flat in the number of slices: slices are windowed one at a time (with the
-volume's window, found once), embeddings go to a temporary file as they are computed, and
-only the current encoder batch is held in memory.
+volume's window, found once), and embeddings past the first 256 MB go to a temporary file
+as they are computed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from runtime.preprocess import Frame, preprocess
 DEFAULT_MIN_AREA = 16  # pixels: below this a propagated mask is noise, not the object
 DEFAULT_MARGIN = 2.0  # pixels added around the previous mask's bounding box
 DEFAULT_BATCH = 4
+RESIDENT_BYTES = 256 << 20  # embeddings kept in memory before the rest spill to disk
 
 
 @dataclass(frozen=True)
@@ -73,32 +74,55 @@ class VolumeResult:
 
 
 class EmbeddingSpill:
-    """Slice embeddings on disk, keyed by slice index: encoded once, read back when needed,
-    never all in memory."""
+    """Slice embeddings by slice index: encoded once, read back when needed, never all in
+    memory. The first ``resident_bytes`` stay in memory (a 64-slice volume's 4 MB
+    embeddings, so a typical volume never touches the disk: writing each to a file cost
+    ~8 ms per slice); the rest go to a temporary file, so memory stays flat however many
+    slices a volume has."""
 
-    def __init__(self) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="casam-volume-")
-        self._file = open(Path(self._dir.name) / "embeddings.bin", "w+b")  # noqa: SIM115 - closed in close()
+    def __init__(self, resident_bytes: int = RESIDENT_BYTES) -> None:
+        self.resident_bytes = int(resident_bytes)
+        self._memory: dict[int, np.ndarray] = {}
+        self._held = 0
+        self._dir: Optional[tempfile.TemporaryDirectory] = None
+        self._file: Optional[Any] = None
         self._where: dict[int, tuple[int, tuple[int, ...]]] = {}
 
     def __contains__(self, index: int) -> bool:
-        return index in self._where
+        return index in self._memory or index in self._where
 
     def put(self, index: int, embedding: np.ndarray) -> None:
-        data = np.ascontiguousarray(embedding, dtype=np.float32)
+        data = np.array(embedding, dtype=np.float32, order="C")  # a copy: the batch it came from is freed
+        if self._held + data.nbytes <= self.resident_bytes:
+            self._memory[index] = data
+            self._held += data.nbytes
+            return
+        if self._file is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="casam-volume-")
+            self._file = open(Path(self._dir.name) / "embeddings.bin", "w+b")  # noqa: SIM115 - closed in close()
         self._file.seek(0, 2)
         self._where[index] = (self._file.tell(), data.shape)
         self._file.write(data.tobytes())
 
     def get(self, index: int) -> np.ndarray:
+        if index in self._memory:
+            return self._memory[index]
+        assert self._file is not None
         offset, shape = self._where[index]
         self._file.seek(offset)
         count = int(np.prod(shape))
         return np.frombuffer(self._file.read(count * 4), dtype=np.float32).reshape(shape)
 
+    @property
+    def on_disk(self) -> int:
+        return len(self._where)
+
     def close(self) -> None:
-        self._file.close()
-        self._dir.cleanup()
+        self._memory.clear()
+        if self._file is not None:
+            self._file.close()
+        if self._dir is not None:
+            self._dir.cleanup()
 
 
 class VolumeSegmenter:

@@ -16,7 +16,7 @@ from runtime.manifest import Manifest
 from runtime.names import IDENTITY
 from runtime.pipeline import Pipeline
 from runtime.preprocess import Frame, Preprocessing
-from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume, volume_route
+from runtime.volume import EmbeddingSpill, VolumePrompt, VolumeSegmenter, segment_volume, volume_route
 from runtime_support import exported, one_error_line, with_thresholds
 from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series, write_multiframe_dicom
 
@@ -253,3 +253,19 @@ def test_bad_volumes_exit_2_with_one_line(engines, sphere, tmp_path):
         ds.save_as(str(first))
         line = one_error_line(invoke(folder, "--box", 1, 1, 9, 9, "--engines", engines))
         assert what in line and str(folder) in line
+
+
+def test_embeddings_past_the_memory_budget_spill_to_disk_and_read_back_exactly():
+    """Memory stays bounded however many slices a volume has: past ``resident_bytes`` the
+    embeddings go to a file, and come back bit-identical."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(size=(1, 8, 16, 16)).astype(np.float32) for _ in range(5)]
+    spill = EmbeddingSpill(resident_bytes=2 * arrays[0].nbytes)
+    try:
+        for k, a in enumerate(arrays):
+            spill.put(10 + k, a)
+        assert spill.on_disk == 3 and 10 in spill and 14 in spill and 15 not in spill
+        for k, a in enumerate(arrays):
+            np.testing.assert_array_equal(spill.get(10 + k), a)
+    finally:
+        spill.close()
