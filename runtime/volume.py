@@ -259,7 +259,9 @@ class VolumeSegmenter:
         return mask
 
     def run_pass(self, prompts: list[VolumePrompt], route_for: Callable[[int], str]) -> tuple[np.ndarray, dict[int, SliceRecord]]:
-        labels = np.zeros(self.scan.data.shape, dtype=np.uint8)
+        # Each slice contiguous in memory (the volume's shape is a view), so writing a slice's
+        # mask is not a strided scatter over the whole volume.
+        labels = np.moveaxis(np.zeros((self.count, *self.slice_hw), dtype=np.uint8), 0, self.axis)
         records: dict[int, SliceRecord] = {}
         for prompt in prompts:
             self.propagate(prompt, route_for, labels, records)
