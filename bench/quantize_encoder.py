@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from casam_export.quantize import _session, quantize_model  # noqa: E402
-from casam_export.verify import IMAGE_SUFFIXES  # noqa: E402
-from runtime.image_io import read_image  # noqa: E402
+from casam_export.verify import image_paths  # noqa: E402
+from runtime.image_io import read_prepared  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.preprocess import preprocess  # noqa: E402
 
@@ -38,8 +38,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     manifest = Manifest.load(args.engines, verify=False)
-    files = sorted(p for p in args.calibration.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    feeds = [{"image": preprocess(read_image(p), manifest.preprocessing)[0]} for p in files[: args.count + 2]]
+    files = image_paths(args.calibration, "--calibration")
+    prep = manifest.preprocessing  # its recorded intensity too: the grey levels the deployment feeds the encoder
+    feeds = [{"image": preprocess(read_prepared(p, prep.intensity)[0], prep)[0]} for p in files[: args.count + 2]]
     fp32 = onnx.load(str(manifest.graphs["encoder"].path))
     int8 = quantize_model(fp32, feeds[: args.count])
     onnx.save_model(int8, str(args.out))

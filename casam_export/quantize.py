@@ -17,7 +17,10 @@ Which graphs (``INT8_GRAPHS``):
 
 Calibration runs on real images of the deployment's domains: by default the training
 images recorded in each task's split.json (its own images for its alignment layer, all of
-them for the encoder), or the images of ``--calibration DIR``.
+them for the encoder), or the images of ``--calibration DIR``. Every one is prepared with
+the bundle's recorded intensity handling (``runtime.image_io.read_prepared``), as the
+trainer and the deployment prepare it: scales calibrated on other grey levels (a CT
+window's against a min-max slice's) would clip or waste the int8 range the deployment uses.
 
 Verification, per quantised graph, against the same graph in fp32 on the verification
 images, with the rest of the chain in fp32 PyTorch: routes identical, mean mask IoU ≥
@@ -47,7 +50,8 @@ import torch
 
 from casam_export.errors import ExportError
 from casam_bundle import Bundle
-from runtime.image_io import read_image
+from runtime.image_io import read_prepared
+from runtime.intensity import Intensity
 from runtime.names import IDENTITY
 from runtime.preprocess import Preprocessing, preprocess
 
@@ -119,16 +123,13 @@ def calibration_set(bundle: Bundle, folder: Optional[PathLike], count: int) -> C
     """The calibration images, checked before any graph is exported (a cheap precondition)."""
     if count < 1:
         raise ExportError(f"--calibration-count must be ≥ 1, got {count}")
+    intensity = bundle.preprocessing.intensity
     if folder is not None:
-        from casam_export.verify import IMAGE_SUFFIXES
+        from casam_export.verify import image_paths
 
-        root = Path(folder)
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
-        if not files:
-            raise ExportError(f"--calibration {root} holds no images")
-        images = [read_image(p) for p in _spread(files, count)]
-        return CalibrationSet({}, images, f"{root} ({len(images)} images)")
-    per_task = {name: imgs for name in bundle.task_names if (imgs := _split_images(bundle, name, count))}
+        images = [read_prepared(p, intensity)[0] for p in _spread(image_paths(folder, "--calibration"), count)]
+        return CalibrationSet({}, images, f"{Path(folder)} ({len(images)} images)")
+    per_task = {name: imgs for name in bundle.task_names if (imgs := _split_images(bundle, name, count, intensity))}
     if not per_task:
         raise ExportError("--int8 needs calibration images, and the bundle's task splits name none that exist "
                           "here; pass --calibration DIR with images of the deployment's domains")
@@ -143,15 +144,17 @@ def _spread(items: Sequence[Any], count: int) -> list[Any]:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
 
 
-def _split_images(bundle: Bundle, name: str, count: int) -> list[np.ndarray]:
-    """Up to ``count`` training images of task ``name`` as its split.json records them, or
-    none when the recorded dataset is no longer where it was.
+def _split_images(bundle: Bundle, name: str, count: int, intensity: Intensity) -> list[np.ndarray]:
+    """Up to ``count`` training images of task ``name`` as its split.json records them,
+    prepared with ``intensity`` as the trainer prepared them, or none when the recorded
+    dataset is no longer where it was.
 
-    Folder datasets only (images/<stem>.<ext>, the trainer's layout); the stems are matched
-    against the folder's listing, never joined into paths, since split.json is read from
-    disk. NIfTI tasks' slices are not looked up: pass --calibration for them.
+    Folder datasets only (images/<stem>.<ext> with the trainer's picture and DICOM suffixes);
+    the stems are matched against the folder's listing, never joined into paths, since
+    split.json is read from disk. Volume tasks' slices are not looked up: pass --calibration
+    for them.
     """
-    from runtime.image_io import IMAGE_SUFFIXES as READABLE
+    from trainer.data import PICTURE_SUFFIXES as READABLE
 
     try:
         record = bundle.load_split(name)
@@ -163,9 +166,12 @@ def _split_images(bundle: Bundle, name: str, count: int) -> list[np.ndarray]:
     folder = Path(str(data)) / "images"
     if not folder.is_dir():
         return []
-    by_stem = {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(READABLE)}
+    by_stem: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(READABLE):
+            by_stem.setdefault(p.stem, p)  # the trainer's pick when two files share a stem
     chosen = [by_stem[stem] for stem in train if isinstance(stem, str) and stem in by_stem]
-    return [read_image(p) for p in _spread(chosen, count)]
+    return [read_prepared(p, intensity)[0] for p in _spread(chosen, count)]
 
 
 # ----- quantisation -----------------------------------------------------------------------
@@ -273,7 +279,8 @@ class Quantizer:
         self.bar = INT8_MASK_IOU_BAR if bar is None else bar
         self.prep: Preprocessing = bundle.preprocessing
         self.model = build_model(bundle, sam).eval()
-        self.verify_images = load_images(verify_images)[0]  # the export's own verification images
+        # the export's own verification images, prepared as the deployment prepares them
+        self.verify_images = load_images(verify_images, self.prep.intensity)[0]
         self._embeddings: dict[int, np.ndarray] = {}
 
     def embedding(self, image: np.ndarray) -> np.ndarray:

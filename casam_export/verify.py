@@ -22,7 +22,8 @@ from casam_export.errors import ExportError
 from casam_export.quantize import INT8_MASK_IOU_BAR
 from models.casam import routes_to_names
 from models.router import IDENTITY_INDEX
-from runtime.image_io import read_image
+from runtime.image_io import read_prepared
+from runtime.intensity import Intensity
 from runtime.pipeline import Pipeline
 from runtime.names import IDENTITY
 from runtime.preprocess import preprocess
@@ -31,7 +32,6 @@ from models.bundle_models import build_model
 
 PathLike = Union[str, os.PathLike]
 MASK_IOU_BARS = {"fp32": 0.999, "fp16": 0.99, "int8": INT8_MASK_IOU_BAR}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".nii", ".gz", ".dcm"}
 MAX_VERIFY_IMAGES = 8
 
 
@@ -39,7 +39,9 @@ def synthetic_images(seed: int = 0) -> list[np.ndarray]:
     """Three seeded images of different sizes, aspect ratios and depths (RGB, grey, 16-bit).
 
     Blobs on a textured background give the encoder structure to respond to; the odd sizes
-    exercise the longest-side resize and padding.
+    exercise the longest-side resize and padding. They are pictures, which every intensity
+    handling min-max scales (``runtime.intensity.effective_mode``), as preprocessing does
+    with the 16-bit one, so they need no recorded window.
     """
     rng = np.random.default_rng(seed)
     images = []
@@ -60,14 +62,31 @@ def synthetic_images(seed: int = 0) -> list[np.ndarray]:
     return images
 
 
-def load_images(folder: Optional[PathLike]) -> tuple[list[np.ndarray], str]:
+def image_paths(folder: PathLike, option: str) -> list[Path]:
+    """The image files of ``folder`` (or ``folder/images``) in name order: pictures, DICOM and
+    NIfTI files, listed as ``casam-train eval --ood`` lists an image set; an empty or missing
+    folder is one ExportError naming ``option``."""
+    from trainer.data import DataError, image_files
+
+    try:
+        return list(image_files(folder).values())
+    except DataError as exc:
+        raise ExportError(f"{option}: {exc}") from exc
+
+
+def load_images(folder: Optional[PathLike], intensity: Intensity) -> tuple[list[np.ndarray], str]:
+    """(the verification images, where they came from): the first MAX_VERIFY_IMAGES of
+    ``folder``, else ``synthetic_images``.
+
+    ``intensity`` is the bundle's recorded handling and has no default: the deployment
+    prepares every file with it (``read_prepared``: a volume is its middle slice, windowed
+    over the whole volume), so parity measured on other grey levels would verify a chain
+    the deployment never runs.
+    """
     if folder is None:
         return synthetic_images(), "synthetic"
-    root = Path(folder)
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
-    if not files:
-        raise ExportError(f"--verify-images {root} holds no images")
-    return [read_image(p) for p in files[:MAX_VERIFY_IMAGES]], str(root)
+    files = image_paths(folder, "--verify-images")
+    return [read_prepared(p, intensity)[0] for p in files[:MAX_VERIFY_IMAGES]], str(Path(folder))
 
 
 def prompts_for(image: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -120,7 +139,7 @@ def verify_export(
     quiet: bool = True,
 ) -> dict[str, Any]:
     """Compare the exported chain in ``out`` (described by ``manifest``) with PyTorch CASAM."""
-    images, source = load_images(images_dir)
+    images, source = load_images(images_dir, bundle.preprocessing.intensity)
     model = build_model(bundle, sam)
     # The export has just hashed every graph; hashing them again here would double its I/O.
     pipe = Pipeline.from_manifest(out, backend, manifest=manifest, verify=False)

@@ -183,18 +183,6 @@ def prepared_slice(scan: Scan, intensity: Intensity, index: Optional[int] = None
     return np.ascontiguousarray(apply_window(raw, window, scan.source.invert)), warnings
 
 
-def read_image(path: PathLike, nifti_slice: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Any supported file → its raw H×W or H×W×C array (a volume's slice), native dtype.
-
-    For callers that do their own scaling (``to_rgb_255``); the trainer and casam-infer use
-    ``read_prepared``, which applies the recorded intensity handling.
-    """
-    scan = read_scan(path, max_pixels=max_pixels)
-    if not scan.is_volume:
-        return scan.data
-    return slice_of(scan.data, nifti_slice, 2 if scan.data.ndim == 3 else -1, str(path))[0]
-
-
 def read_nifti_volume(path: PathLike) -> np.ndarray:
     """A NIfTI file's voxels (the first volume of a 4-D file), as nibabel scales them."""
     from runtime.volume_io import read_nifti

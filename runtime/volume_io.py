@@ -375,4 +375,7 @@ def read_dicom_series(folder: Path, max_pixels: Optional[int] = None, allow_gaps
     first = np.asarray([float(v) for v in datasets[0].ImagePositionPatient])
     last = np.asarray([float(v) for v in datasets[-1].ImagePositionPatient])
     affine = _affine(orient, spacing, first, last, len(datasets))
-    return Scan(folder, volume, _source(datasets[0], "volume"), affine=affine, datasets=datasets, warnings=warnings)
+    # The VOI window of the middle slice, as for a multi-frame file: a series' first and last
+    # slices are often windowed on air.
+    source = _source(datasets[len(datasets) // 2], "volume")
+    return Scan(folder, volume, source, affine=affine, datasets=datasets, warnings=warnings)

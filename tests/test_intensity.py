@@ -110,6 +110,22 @@ def test_dicom_rescale_voi_and_monochrome1(tmp_path):
     assert np.array_equal(inverted, 255 - voi)
 
 
+def test_dicom_series_voi_window_is_its_middle_slices(tmp_path):
+    """A series' own VOI window (``dicom-voi``) is its middle slice's, as a multi-frame file's
+    is: the first and last slices of a series are often windowed on air."""
+    volume, _ = sphere_volume((32, 40, 5), (16, 20, 2), radius_mm=8.0)
+    write_dicom_series(tmp_path / "s", volume.astype(np.float64), window=(40.0, 400.0))
+    for path in (tmp_path / "s").iterdir():
+        ds = pydicom.dcmread(str(path))
+        if int(ds.InstanceNumber) in (1, 5):  # the first and last slices along the normal
+            ds.WindowCenter, ds.WindowWidth = "-600", "1500"
+            ds.save_as(str(path))
+    assert read_scan(tmp_path / "s").source.voi == (40.0, 400.0)
+    voi = read_prepared(tmp_path / "s", Intensity(mode="dicom-voi"), index=2)[0]
+    fixed = read_prepared(tmp_path / "s", Intensity(mode="window", window=(40.0, 400.0)), index=2)[0]
+    assert np.array_equal(voi, fixed)
+
+
 def test_real_dicom_file_from_nibabel():
     import nibabel
 

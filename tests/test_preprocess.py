@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from runtime.errors import InputError
-from runtime.image_io import read_image
+from runtime.image_io import read_scan
 from runtime.postprocess import bilinear_matrix, logits_to_original, masks_from_logits, resize_bilinear
 from runtime.preprocess import (PIXEL_MEAN, PIXEL_STD, Preprocessing, boxes_to_frame, frame_for, preprocess,
                                 resize_mask_to_frame, to_rgb_255)
@@ -56,21 +56,21 @@ def test_grey_16bit_rgba_and_palette_inputs(tmp_path):
     assert rgb.shape == (64, 32, 3) and rgb.dtype == np.uint8 and rgb.min() == 0 and rgb.max() == 255
     assert np.array_equal(rgb[..., 0], rgb[..., 2])
     Image.fromarray(grey16).save(tmp_path / "g16.png")
-    assert read_image(tmp_path / "g16.png").dtype == np.uint16
+    assert read_scan(tmp_path / "g16.png").data.dtype == np.uint16
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[..., 0] = 255
     rgba[..., 3] = 10
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
-    assert to_rgb_255(read_image(tmp_path / "rgba.png"))[0, 0].tolist() == [255, 0, 0]
+    assert to_rgb_255(read_scan(tmp_path / "rgba.png").data)[0, 0].tolist() == [255, 0, 0]
     pal = Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8), mode="P")
     pal.putpalette([0, 0, 0, 10, 20, 30] + [0] * 762)
     pal.save(tmp_path / "pal.png")
-    assert read_image(tmp_path / "pal.png")[0, 1].tolist() == [10, 20, 30]
+    assert read_scan(tmp_path / "pal.png").data[0, 1].tolist() == [10, 20, 30]
     with pytest.raises(InputError, match="unreadable or corrupt"):
         (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
-        read_image(tmp_path / "bad.png")
+        read_scan(tmp_path / "bad.png")
     with pytest.raises(InputError, match="does not exist"):
-        read_image(tmp_path / "missing.png")
+        read_scan(tmp_path / "missing.png")
 
 
 def test_masks_and_boxes_map_into_the_frame():
