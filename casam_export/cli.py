@@ -28,8 +28,9 @@ from runtime.manifest import MANIFEST_NAME
                    "calibrated on real images; router and decoder stay fp32. A graph that misses its bar "
                    "(routes identical to fp32, mean mask IoU ≥ 0.95) is kept fp32, with a warning.")
 @click.option("--calibration", "calibration", type=click.Path(path_type=Path), default=None,
-              help="Folder of calibration images for --int8 (default: the training images recorded in the "
-                   "bundle's task splits, where they still exist).")
+              help="Folder of calibration images for --int8 (pictures, DICOM, NIfTI: a volume gives its middle "
+                   "slice), read with the bundle's recorded intensity handling (default: the training images "
+                   "recorded in the bundle's task splits, where they still exist).")
 @click.option("--calibration-count", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_COUNT,
               show_default=True, help="Most calibration images per graph for --int8.")
 @click.option("--trt/--no-trt", default=None,
@@ -44,7 +45,8 @@ from runtime.manifest import MANIFEST_NAME
                    "written (the previous export in --out stays in force) and the report goes to "
                    "parity-failed.json. --no-verify marks the manifest unverified; the runtime warns on loading it.")
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
-              help="Folder of images for --verify (default: built-in synthetic images).")
+              help="Folder of images for --verify (pictures, DICOM, NIfTI), read with the bundle's recorded "
+                   "intensity handling (default: built-in synthetic images).")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="SAM checkpoint file; must have the sha256 recorded in the bundle (default: the cached "
                    "official checkpoint, or none for the tiny test model).")

@@ -164,6 +164,10 @@ def export_bundle(
     out = Path(out_dir)
     previous = claim_out_dir(out, bundle, force)
     images = quantize.calibration_set(bundle, calibration, calibration_count) if int8 else None
+    if verify and verify_images is not None:
+        from casam_export.verify import image_paths
+
+        image_paths(verify_images, "--verify-images")  # cheap: an empty folder fails before any graph is traced
     deployed = read_previous(out) if out.is_dir() else None  # in force until the switch, even with --force
     try:
         out.mkdir(parents=True, exist_ok=True)

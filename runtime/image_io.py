@@ -181,10 +181,3 @@ def prepared_slice(scan: Scan, intensity: Intensity, index: Optional[int] = None
     raw, _ = slice_of(scan.data, index, axis, str(scan.path))
     warnings = list(scan.warnings) + ([nonfinite_warning(bad)] if bad else [])
     return np.ascontiguousarray(apply_window(raw, window, scan.source.invert)), warnings
-
-
-def read_nifti_volume(path: PathLike) -> np.ndarray:
-    """A NIfTI file's voxels (the first volume of a 4-D file), as nibabel scales them."""
-    from runtime.volume_io import read_nifti
-
-    return read_nifti(Path(path), volume=None, strict_4d=False).data

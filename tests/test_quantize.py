@@ -14,6 +14,7 @@ import onnx
 import pytest
 from PIL import Image
 
+from casam_export import export as export_module
 from casam_export import export_bundle, quantize
 from casam_export.errors import ExportError
 from casam_export.verify import prompts_for, synthetic_images
@@ -107,13 +108,17 @@ def test_new_task_quantises_only_its_layer_and_a_missed_bar_falls_back(int8_expo
         sample_images()[1], boxes=BOXES, task="gamma").masks.shape[0] == len(BOXES)
 
 
-def test_int8_without_calibration_images_fails_before_exporting(tmp_path_factory, tmp_path):
+def test_int8_without_calibration_images_fails_before_exporting(tmp_path_factory, tmp_path, monkeypatch):
     bundle, _ = exported(tmp_path_factory)  # its task splits record no images
     with pytest.raises(ExportError, match="pass --calibration DIR"):
         export_bundle(bundle, tmp_path / "out", int8=True)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ExportError, match="choose one of --fp16 and --int8"):
         export_bundle(bundle, tmp_path / "out", int8=True, fp16=True)
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(export_module, "_graphs", lambda *a, **k: pytest.fail("traced before checking --verify-images"))
+    with pytest.raises(ExportError, match="--verify-images: .*holds no images"):
+        export_bundle(bundle, tmp_path / "out", verify_images=tmp_path / "empty")
 
 
 def test_calibration_runs_each_measurement_as_soon_as_its_tensor_exists(monkeypatch):
