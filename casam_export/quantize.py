@@ -69,10 +69,17 @@ DEFAULT_CALIBRATION_COUNT = 8
 #: encoder with its patch embedding in int8 missed the mask bar (IoU 0.946 against fp32 on
 #: real images), and kept in fp32 reached 0.988, for under 1 % of vit_b's multiply-adds.
 QUANTISED_OPS = ("Conv", "MatMul", "Gemm")
+#: Products with fewer multiply-adds per output than this stay fp32: quantising the input
+#: and dequantising the output costs about as much as a short product saves. The tiny
+#: encoder, whose transformer products reduce over 32 or 64 features, ran no faster in
+#: int8 (0.99× fp32 in bench/int8_speed.py) while they were quantised; with only its
+#: longer products in int8 its encoder and alignment layers both ran faster than before
+#: (72 against 76 ms and 66 against 74 ms, fp32 91 and 173 ms, ad hoc, load 2.6).
+MIN_REDUCTION = 256
 #: How the graphs are quantised; part of the int8 graphs' built_from (a change re-quantises).
 METHOD = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 per-tensor",
           "calibration": "minmax", "ops": list(QUANTISED_OPS), "activation_products": "fp32",
-          "input_products": "fp32"}
+          "input_products": "fp32", "min_reduction": MIN_REDUCTION}
 
 
 #: Graphs an int8 export quantises ("align/" covers every task's alignment layer).
@@ -192,6 +199,26 @@ def activation_products(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(x in constant for x in n.input)]
 
 
+def short_products(model: onnx.ModelProto, min_reduction: int = MIN_REDUCTION) -> list[str]:
+    """Names of the matrix products with a constant weight whose reduction (input features,
+    or input channels × kernel area) is under ``min_reduction`` multiply-adds per output."""
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    short = []
+    for n in model.graph.node:
+        if n.op_type not in QUANTISED_OPS or len(n.input) < 2 or n.input[1] not in weights:
+            continue
+        dims = weights[n.input[1]]
+        if n.op_type == "Conv":
+            reduction = int(np.prod(dims[1:]))
+        elif n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute):
+            reduction = dims[-1]
+        else:
+            reduction = dims[0]
+        if reduction < min_reduction:
+            short.append(n.name)
+    return short
+
+
 def input_products(model: onnx.ModelProto) -> list[str]:
     """Names of the matrix products that read a graph input directly (the patch embedding)."""
     inputs = {i.name for i in model.graph.input}
@@ -200,8 +227,8 @@ def input_products(model: onnx.ModelProto) -> list[str]:
 
 def quantize_model(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> onnx.ModelProto:
     """Static QDQ quantisation of ``model``: per-channel int8 weights, uint8 activations
-    calibrated (min/max) on ``feeds``; products of two activations, and those that read a
-    graph input, stay fp32 (see ``QUANTISED_OPS``)."""
+    calibrated (min/max) on ``feeds``; products of two activations, those that read a graph
+    input and those shorter than ``MIN_REDUCTION`` stay fp32 (see ``QUANTISED_OPS``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     # onnxruntime.quantization advises its pre-processing on the root logger at WARNING; the
@@ -217,7 +244,7 @@ def quantize_model(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarr
             # MinMax calibration adds ReduceMin/ReduceMax outputs, so it keeps two scalars per
             # tensor and image, not the tensors themselves (the vit_b encoder's are GBs).
             op_types_to_quantize=list(QUANTISED_OPS), calibrate_method=CalibrationMethod.MinMax,
-            nodes_to_exclude=activation_products(model) + input_products(model),
+            nodes_to_exclude=activation_products(model) + input_products(model) + short_products(model),
         )
         return onnx.load(str(dst))
 
