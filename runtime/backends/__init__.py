@@ -13,28 +13,16 @@ from runtime.backends.ort import BackendUnavailable, OrtBackend, cuda_usable
 from runtime.errors import CasamError
 from runtime.manifest import Manifest
 
-#: CPU backends in the order ``auto`` tries them, per (SAM model, export precision); "*"
-#: stands for any model not listed. Decided by measurement on the CI-class Intel Xeon
-#: (AVX-512 VNNI, AMX), encoders side by side in bench/cpu_peak.py (BENCHMARKS.md,
-#: "Edge speed"): the vit_b fp32 encoder ran 1.60× faster in OpenVINO (3642 against
-#: 5822 ms, 72 % of the measured fp32 GEMM peak), while the tiny graphs ran faster in
-#: onnxruntime in both precisions (OpenVINO 0.91× fp32, 0.62× int8) and the vit_b int8
-#: encoder was a tie (2144 against 2209 ms, within the machine's noise), where onnxruntime,
-#: the runtime the export verifies against, is kept. vit_l and vit_h are vit_b's encoder
-#: with wider and more products, so they follow vit_b (not measured here).
-CPU_PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
-    ("*", "fp32"): ("ort-cpu",),
-    ("*", "fp16"): ("ort-cpu",),
-    ("*", "int8"): ("ort-cpu",),
-    **{(model, "fp32"): ("openvino", "ort-cpu") for model in ("vit_b", "vit_l", "vit_h")},
+#: CPU backends in the order ``auto`` tries them, per export precision (the manifest's
+#: "precision"). Decided by measurement on the CI-class Intel Xeon (AVX-512 VNNI, AMX;
+#: bench/cpu_peak.py and bench/int8_speed.py, BENCHMARKS.md): onnxruntime ran the tiny and
+#: vit_b graphs faster than OpenVINO in fp32 and in int8, so ``openvino`` is chosen only by
+#: name. A precision whose measurement favours OpenVINO lists it first here.
+CPU_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "fp32": ("ort-cpu",),
+    "fp16": ("ort-cpu",),
+    "int8": ("ort-cpu",),
 }
-
-
-def cpu_preference(manifest: Manifest) -> tuple[str, ...]:
-    """The CPU backends ``auto`` tries for this export, fastest first."""
-    precision = str(manifest.data.get("precision"))
-    model = str((manifest.data.get("sam") or {}).get("model"))
-    return CPU_PREFERENCE.get((model, precision)) or CPU_PREFERENCE.get(("*", precision), ("ort-cpu",))
 
 
 def _ort_cpu(manifest: Manifest) -> Backend:
@@ -65,8 +53,7 @@ def _auto(manifest: Manifest) -> Backend:
 
     TensorRT only when the manifest holds engines built for this very GPU (building them
     can take minutes, which ``trt`` does on purpose), then ORT on CUDA when a CUDA session
-    really gets the GPU, then the CPU backends in ``CPU_PREFERENCE`` order for the export's
-    SAM model and precision (one not installed is skipped).
+    really gets the GPU, then the CPU backends in ``CPU_PREFERENCE`` order.
     """
     try:
         trt = _trt(manifest)
@@ -76,7 +63,7 @@ def _auto(manifest: Manifest) -> Backend:
         pass
     if cuda_usable(manifest.graphs["router"].path):
         return OrtBackend("ort-cuda")
-    for name in cpu_preference(manifest):
+    for name in CPU_PREFERENCE.get(str(manifest.data.get("precision")), ("ort-cpu",)):
         try:
             return BACKEND_TABLE[name][0](manifest)
         except BackendUnavailable:
@@ -87,8 +74,7 @@ def _auto(manifest: Manifest) -> Backend:
 #: name → (opener, one line of help). The CLIs' --backend choices come from here.
 BACKEND_TABLE: dict[str, tuple[Callable[[Manifest], Backend], str]] = {
     "auto": (_auto, "TensorRT engines built for this GPU, else ORT CUDA if usable, else the faster CPU backend "
-                    "for the export's SAM model and precision (measured: OpenVINO for vit_b/l/h fp32, onnxruntime "
-                    "otherwise)"),
+                    "for the export's precision"),
     "ort-cpu": (_ort_cpu, "onnxruntime on the CPU"),
     "ort-cuda": (_ort_cuda, "onnxruntime on a CUDA GPU, embeddings kept on the device"),
     "trt": (_trt, "TensorRT engines (built on first use when the export has none for this GPU)"),
@@ -114,4 +100,4 @@ def _refuse(name: str, why: str) -> None:
 
 
 __all__ = ["BACKENDS", "BACKEND_TABLE", "Backend", "BackendUnavailable", "Engine", "OrtBackend", "Tensor",
-           "backends_help", "cpu_preference", "open_backend"]
+           "backends_help", "open_backend"]
