@@ -119,7 +119,7 @@ class VolumeOptions:
     volume: Optional[int] = None
     box3d: tuple[tuple[float, ...], ...] = ()
     per_slice: bool = False
-    batch: int = DEFAULT_BATCH
+    batch: Optional[int] = None  # by the backend's device (runtime.volume.DEFAULT_BATCH)
     margin: float = DEFAULT_MARGIN
     min_area: int = DEFAULT_MIN_AREA
     allow_gaps: bool = False
@@ -255,12 +255,15 @@ def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
 @click.option("--volume", "volume", type=click.IntRange(min=0), default=None, metavar="K",
               help="The volume of a 4-D NIfTI to segment (required for 4-D files in volume mode).")
 @click.option("--box3d", "box3d", nargs=6, type=float, multiple=True, metavar="X0 Y0 Z0 X1 Y1 Z1",
-              help="Volumes: a box prompting every slice Z0..Z1 (inclusive) instead of propagating; "
+              help="Volumes: a 3-D box; every slice Z0..Z1 (inclusive) is segmented, from the middle one "
+                   "(prompted with the box) outward, each next slice prompted with the previous mask's box; "
                    "repeat for several labels (after those of --box).")
 @click.option("--route-per-slice", "per_slice", is_flag=True,
               help="Volumes: route every slice on its own instead of one route for the volume.")
-@click.option("--batch", type=click.IntRange(min=1), default=DEFAULT_BATCH, show_default=True,
-              help="Volumes: slices per encoder call.")
+@click.option("--batch", type=click.IntRange(min=1), default=None,
+              help="Volumes: slices per encoder call [default: "
+                   + ", ".join(f"{n} on {d.upper()}" for d, n in DEFAULT_BATCH.items())
+                   + "; on the CPU, batches measured slower per slice].")
 @click.option("--margin", type=click.FloatRange(min=0), default=DEFAULT_MARGIN, show_default=True,
               help="Volumes: pixels added around the previous slice's mask box when propagating.")
 @click.option("--min-area", type=click.IntRange(min=1), default=DEFAULT_MIN_AREA, show_default=True,

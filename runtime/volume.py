@@ -37,7 +37,18 @@ from runtime.preprocess import Frame, preprocess
 
 DEFAULT_MIN_AREA = 16  # pixels: below this a propagated mask is noise, not the object
 DEFAULT_MARGIN = 2.0  # pixels added around the previous mask's bounding box
-DEFAULT_BATCH = 4
+#: Slices per encoder call, by the backend's device. On the CPU, batches ran slower per
+#: slice than single slices (tiny encoder 59.6 ms per slice at batch 1, 73.0 at 4 and 104.8
+#: at 8: onnxruntime already spreads one slice over the cores, and a batch's activations
+#: leave the caches; bench/results/volume_latency.md), so the CPU takes one at a time. A GPU
+#: is filled by batches (not measured here: no GPU was at hand).
+DEFAULT_BATCH = {"cpu": 1, "cuda": 4}
+
+
+def default_batch(pipe: Any) -> int:
+    """``DEFAULT_BATCH`` for the device ``pipe``'s backend runs on (the CPU's when unknown)."""
+    return DEFAULT_BATCH.get(str(getattr(getattr(pipe, "backend", None), "device", "cpu")), 1)
+
 RESIDENT_BYTES = 256 << 20  # embeddings kept in memory before the rest spill to disk
 
 
@@ -128,14 +139,15 @@ class EmbeddingSpill:
 class VolumeSegmenter:
     """Runs one volume through a Pipeline (``encode``, ``route``, ``decode``, ``choose``)."""
 
-    def __init__(self, pipe: Any, scan: Scan, intensity: Intensity, axis: int = 2, batch: int = DEFAULT_BATCH,
+    def __init__(self, pipe: Any, scan: Scan, intensity: Intensity, axis: int = 2, batch: Optional[int] = None,
                  margin: float = DEFAULT_MARGIN, min_area: int = DEFAULT_MIN_AREA) -> None:
         if scan.data.ndim != 3:
             raise InputError(f"{scan.path} is not a volume (shape {scan.data.shape})")
         if not 0 <= axis < 3:
             raise InputError(f"--axis {axis} does not exist in a 3-D volume (0, 1 or 2)")
         self.pipe, self.scan, self.axis = pipe, scan, axis
-        self.batch, self.margin, self.min_area = max(1, int(batch)), float(margin), int(min_area)
+        self.batch = default_batch(pipe) if batch is None else max(1, int(batch))
+        self.margin, self.min_area = float(margin), int(min_area)
         self.window, bad = find_window(scan.data, intensity, scan.source)
         self.warnings = list(scan.warnings) + ([nonfinite_warning(bad)] if bad else [])
         self.count = scan.data.shape[axis]
@@ -281,7 +293,7 @@ def volume_route(pipe: Any, scores: list[np.ndarray]) -> tuple[str, np.ndarray]:
 
 
 def segment_volume(pipe: Any, scan: Scan, prompts: list[VolumePrompt], intensity: Intensity, *, axis: int = 2,
-                   task: Optional[str] = None, per_slice: bool = False, batch: int = DEFAULT_BATCH,
+                   task: Optional[str] = None, per_slice: bool = False, batch: Optional[int] = None,
                    margin: float = DEFAULT_MARGIN, min_area: int = DEFAULT_MIN_AREA) -> VolumeResult:
     """Segment ``prompts`` (labels 1..K) through ``scan`` and route the volume (see module doc)."""
     if not prompts:

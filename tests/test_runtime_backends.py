@@ -92,3 +92,15 @@ def test_cpu_sessions_allocate_per_tensor_not_per_size(engines):
     options = OrtBackend("ort-cpu").session(Manifest.load(engines, verify=False).graphs["encoder"].path).get_session_options()
     assert options.enable_mem_reuse is False and options.enable_mem_pattern is False
     assert options.enable_cpu_mem_arena is True  # freed tensors go back to the arena, not the OS
+
+
+def test_cpu_sessions_share_one_arena(engines):
+    """Every CPU session allocates from one process-wide arena, so the chain's memory is the
+    largest graph's peak, not the sum of each graph's (vit_b int8: 507 against 558 MB,
+    runtime/backends/ort.py); opening another backend does not register a second one."""
+    from runtime.backends.ort import OrtBackend
+
+    graphs = Manifest.load(engines, verify=False).graphs
+    for key in ("encoder", "decoder"):
+        options = OrtBackend("ort-cpu").session(graphs[key].path).get_session_options()
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"

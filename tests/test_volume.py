@@ -269,3 +269,17 @@ def test_embeddings_past_the_memory_budget_spill_to_disk_and_read_back_exactly()
             np.testing.assert_array_equal(spill.get(10 + k), a)
     finally:
         spill.close()
+
+
+def test_volume_batch_defaults_by_device(pipe):
+    """One slice per encoder call on the CPU (batches measured slower per slice there), the
+    GPU's batch on a CUDA backend: read from the backend's device, not copied."""
+    from runtime.volume import DEFAULT_BATCH, default_batch
+
+    assert pipe.backend.device == "cpu" and default_batch(pipe) == DEFAULT_BATCH["cpu"] == 1
+
+    class OnGpu:
+        class backend:
+            device = "cuda"
+
+    assert default_batch(OnGpu()) == DEFAULT_BATCH["cuda"] > 1

@@ -25,6 +25,26 @@ CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 ORT_DEFAULT_SEVERITY = 2  # warnings
 
 
+_SHARED_ARENA: list[bool] = []  # registered once per process (onnxruntime refuses a second one)
+
+
+def share_cpu_arena(ort: Any) -> None:
+    """One CPU memory arena for every session of this process, registered on first use.
+
+    Each session otherwise keeps an arena of its own, grown to that graph's peak and kept:
+    the encoder's, the decoder's and each alignment layer's peaks add up although they run
+    one after another. Shared, the process holds the largest one: casam-infer's vit_b int8
+    chain peaked at 507 MB instead of 558 MB at the same speed (BENCHMARKS.md, "Edge
+    speed"); the default growth strategy is kept (growing by what is requested fragmented
+    it to 648 MB).
+    """
+    if _SHARED_ARENA:
+        return
+    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 0, -1, -1))  # defaults: no cap, doubling growth
+    _SHARED_ARENA.append(True)
+
+
 def _ort():
     try:
         import onnxruntime
@@ -106,6 +126,8 @@ class OrtBackend:
             # they die: 0.8 GB peak in all, at the same speed (bench/results/ort_options.md).
             options.enable_mem_reuse = False
             options.enable_mem_pattern = False
+            share_cpu_arena(ort)
+            options.add_session_config_entry("session.use_env_allocators", "1")
         # Each session owns a thread pool whose idle threads spin by default; in a chain of
         # sessions (encoder → router → align → decoder) the spinning pool of the previous
         # engine then competes with the next one and with numpy pre/post-processing.
