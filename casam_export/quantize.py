@@ -161,7 +161,7 @@ def _split_images(bundle: Bundle, name: str, count: int, intensity: Intensity) -
     split.json is read from disk. Volume tasks' slices are not looked up: pass --calibration
     for them.
     """
-    from trainer.data import PICTURE_SUFFIXES as READABLE
+    from runtime.image_io import PICTURE_SUFFIXES as READABLE
 
     try:
         record = bundle.load_split(name)

@@ -22,7 +22,8 @@ from casam_export.errors import ExportError
 from casam_export.quantize import INT8_MASK_IOU_BAR
 from models.casam import routes_to_names
 from models.router import IDENTITY_INDEX
-from runtime.image_io import read_prepared
+from runtime.errors import InputError
+from runtime.image_io import image_files, read_prepared
 from runtime.intensity import Intensity
 from runtime.pipeline import Pipeline
 from runtime.names import IDENTITY
@@ -66,11 +67,9 @@ def image_paths(folder: PathLike, option: str) -> list[Path]:
     """The image files of ``folder`` (or ``folder/images``) in name order: pictures, DICOM and
     NIfTI files, listed as ``casam-train eval --ood`` lists an image set; an empty or missing
     folder is one ExportError naming ``option``."""
-    from trainer.data import DataError, image_files
-
     try:
         return list(image_files(folder).values())
-    except DataError as exc:
+    except InputError as exc:
         raise ExportError(f"{option}: {exc}") from exc
 
 

@@ -30,6 +30,10 @@ PathLike = Union[str, os.PathLike]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: One 2-D image per file: what a folder dataset's images/ may hold.
+PICTURE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
+#: What an image set without masks may hold (an OOD set, calibration or verification images).
+UNLABELLED_SUFFIXES = PICTURE_SUFFIXES + NIFTI_SUFFIXES
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: a 10000×10000 slide tile, 1.2 GB as 12-bit RGB
 _PIL_LIMIT_LOCK = threading.Lock()
 
@@ -181,3 +185,35 @@ def prepared_slice(scan: Scan, intensity: Intensity, index: Optional[int] = None
     raw, _ = slice_of(scan.data, index, axis, str(scan.path))
     warnings = list(scan.warnings) + ([nonfinite_warning(bad)] if bad else [])
     return np.ascontiguousarray(apply_window(raw, window, scan.source.invert)), warnings
+
+
+# ----- folders of images ------------------------------------------------------------------
+def files_by_stem(folder: Path, suffixes: tuple[str, ...], folders: bool = False) -> dict[str, Path]:
+    """Files (and, with ``folders``, sub-folders: DICOM series) by stem, sorted by name."""
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        name = p.name.lower()
+        if p.name.startswith("."):
+            continue
+        if folders and p.is_dir():
+            out.setdefault(p.name, p)
+        elif p.is_file() and name.endswith(suffixes):
+            stem = p.name[: -len(".nii.gz")] if name.endswith(".nii.gz") else p.stem
+            out.setdefault(stem, p)
+    return out
+
+
+def image_files(path: PathLike, error: type[Exception] = InputError) -> dict[str, Path]:
+    """The images of an image set without masks (``path/images/*`` or the images in
+    ``path``: pictures, DICOM and NIfTI files) by stem, not yet read, so a caller can refuse
+    a missing or empty folder before it reads anything. One listing for the trainer's unseen
+    sets and the exporter's calibration and verification images; ``error`` is the caller's
+    error type."""
+    root = Path(path)
+    folder = root / "images" if (root / "images").is_dir() else root
+    if not folder.is_dir():
+        raise error(f"image folder {root} does not exist")
+    files = files_by_stem(folder, UNLABELLED_SUFFIXES)
+    if not files:
+        raise error(f"{folder} holds no images ({', '.join(UNLABELLED_SUFFIXES)})")
+    return files

@@ -182,3 +182,83 @@ def test_only_long_products_after_the_image_are_quantised():
     # float weight itself (its activation may still come from a neighbour's Q/DQ pair).
     assert made_by.get(nodes["long"].input[1]) == QUANTISED_OP
     assert nodes["conv"].input[1] == "w" and nodes["short"].input[1] == "s"
+
+
+CT_WINDOW = Intensity(mode="window", window=(40.0, 400.0))
+
+
+def windowed_bundle(source, root, dataset):
+    """A copy of bundle ``source`` whose recorded intensity is a fixed CT window and whose
+    task ``alpha`` was trained on the folder dataset ``dataset`` (its split.json)."""
+    from casam_bundle import Bundle
+    from runtime.files import atomic_write_json, read_json, sha256_file
+
+    shutil.copytree(source, root)
+    meta = read_json(root / "bundle.json")
+    meta["preprocessing"]["intensity"] = CT_WINDOW.to_dict()
+    split = root / "tasks" / "alpha" / "split.json"
+    stems = sorted(p.name.split(".")[0] for p in (dataset / "images").iterdir())
+    atomic_write_json(split, {"data": str(dataset), "kind": "folder", "train": stems, "test": [], "seed": 0})
+    next(t for t in meta["tasks"] if t["name"] == "alpha")["files"]["split.json"] = sha256_file(split)
+    atomic_write_json(root / "bundle.json", meta)
+    return Bundle.open(root)
+
+
+def scanner_images(folder):
+    """A CT volume (int16 HU, NIfTI), one CT slice (DICOM, HU after RescaleIntercept) and a
+    16-bit picture, in name order: files whose raw values differ from what a window makes."""
+    from volume_support import save_nifti, sphere_volume, write_dicom_series
+
+    folder.mkdir(parents=True)
+    volume, _ = sphere_volume((40, 48, 8), (20, 24, 4), radius_mm=9.0)
+    save_nifti(folder / "a_ct.nii.gz", volume, np.eye(4))
+    write_dicom_series(folder / "series", volume[:, :, 3:4].astype(np.float64))
+    shutil.move(next((folder / "series").iterdir()), folder / "b_slice.dcm")
+    (folder / "series").rmdir()
+    Image.fromarray(np.arange(30 * 20, dtype=np.uint16).reshape(30, 20) * 90).save(folder / "c_grey16.png")
+    return sorted(folder.iterdir())
+
+
+def test_calibration_and_verification_images_get_the_bundles_recorded_intensity(tmp_path_factory, tmp_path, tiny_sam,
+                                                                                monkeypatch):
+    """A bundle trained with a CT window is calibrated and verified on the grey levels its
+    deployment sees: every image the exporter reads (--calibration DIR, the task splits'
+    training images, --verify-images DIR in the quantizer and in the parity check) is
+    ``read_prepared(path, bundle intensity)``, bit for bit. Read raw and left to
+    preprocessing, the volume's middle slice and the DICOM slice were min-max scaled."""
+    pytest.importorskip("nibabel")
+    pytest.importorskip("pydicom")
+    from casam_export import verify
+    from runtime.files import read_json
+
+    source, engines = exported(tmp_path_factory)
+    files = scanner_images(tmp_path / "data" / "images")
+    bundle = windowed_bundle(source, tmp_path / "bundle", tmp_path / "data")
+    assert bundle.preprocessing.intensity == CT_WINDOW
+    expected = [read_prepared(p, CT_WINDOW)[0] for p in files]
+    minmax = [read_prepared(p, Intensity(mode="minmax"))[0] for p in files[:2]]
+    assert not any(np.array_equal(a, b) for a, b in zip(expected, minmax))  # the window matters for these
+
+    def same(images, wanted=expected):
+        return len(images) == len(wanted) and all(np.array_equal(a, b) for a, b in zip(images, wanted))
+
+    assert same(quantize.calibration_set(bundle, tmp_path / "data" / "images", count=8).shared)
+    from_splits = quantize.calibration_set(bundle, None, count=8)
+    # A folder dataset holds pictures and DICOM files (the trainer's layout); its NIfTI is no training image.
+    assert list(from_splits.per_task) == ["alpha"] and same(from_splits.per_task["alpha"], expected[1:])
+    quantizer = quantize.Quantizer(bundle, tiny_sam.model, from_splits, verify_images=tmp_path / "data")
+    assert same(quantizer.verify_images)
+
+    class Seen(Exception):
+        pass
+
+    seen = []
+
+    def spy(image, prep):  # what the parity check hands to preprocessing; its first image is enough
+        seen.append(image)
+        raise Seen
+
+    monkeypatch.setattr(verify, "preprocess", spy)
+    with pytest.raises(Seen):
+        verify.verify_export(engines, read_json(engines / "manifest.json"), bundle, tiny_sam.model, tmp_path / "data")
+    assert len(seen) == 1 and np.array_equal(seen[0], expected[0])

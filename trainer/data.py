@@ -27,16 +27,15 @@ import numpy as np
 
 from runtime.errors import CasamError, InputError
 from runtime.files import read_json
-from runtime.image_io import (DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepare, read_pil, read_prepared,
-                              read_scan, slice_at)
+from runtime.image_io import (IMAGE_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, Scan, files_by_stem,
+                              prepare, read_pil, read_prepared, read_scan, slice_at)
+from runtime.image_io import image_files as runtime_image_files
 from runtime.intensity import Intensity
 from runtime.structures import mask_to_index_map, structure_masks
 
 PathLike = Union[str, os.PathLike]
 TEST_FRACTION = 0.2
 MAX_LISTED = 20
-PICTURE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
-UNLABELLED_SUFFIXES = PICTURE_SUFFIXES + NIFTI_SUFFIXES  # what an image set without masks may hold
 # A label volume's affine may differ from its image's by this much (mm, and direction
 # cosines × spacing): far below any voxel, above the rounding of positions in DICOM
 # (decimal strings) and NIfTI (float32, ~1e-4 mm at 1000 mm from the origin).
@@ -140,21 +139,6 @@ def _raise_problems(root: Path, problems: list[str]) -> None:
     raise DataError(f"{len(problems)} problem(s) in {root}:\n  {shown}{more}")
 
 
-def _files_by_stem(folder: Path, suffixes: tuple[str, ...], folders: bool = False) -> dict[str, Path]:
-    """Files (and, with ``folders``, sub-folders: DICOM series) by stem, sorted by name."""
-    out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        name = p.name.lower()
-        if p.name.startswith("."):
-            continue
-        if folders and p.is_dir():
-            out.setdefault(p.name, p)
-        elif p.is_file() and name.endswith(suffixes):
-            stem = p.name[: -len(".nii.gz")] if name.endswith(".nii.gz") else p.stem
-            out.setdefault(stem, p)
-    return out
-
-
 def _scan_folder(root: Path, intensity: Intensity) -> tuple[list[Sample], list[str]]:
     images_dir, masks_dir = root / "images", root / "masks"
     if not images_dir.is_dir() or not masks_dir.is_dir():
@@ -162,8 +146,8 @@ def _scan_folder(root: Path, intensity: Intensity) -> tuple[list[Sample], list[s
             f"{root} is not a dataset: expected images/ and masks/ (matching stems), "
             "or images/*.nii.gz with labels/*.nii.gz"
         )
-    images = _files_by_stem(images_dir, PICTURE_SUFFIXES)
-    masks = _files_by_stem(masks_dir, IMAGE_SUFFIXES)
+    images = files_by_stem(images_dir, PICTURE_SUFFIXES)
+    masks = files_by_stem(masks_dir, IMAGE_SUFFIXES)
     if not images:
         raise DataError(f"{images_dir} holds no images ({', '.join(PICTURE_SUFFIXES)})")
     problems: list[str] = []
@@ -228,8 +212,8 @@ def _volume_slices(case: str, ipath: Path, image: np.ndarray, label: np.ndarray,
 
 
 def _scan_volumes(root: Path, axis: int, intensity: Intensity) -> tuple[list[Sample], list[str]]:
-    images = _files_by_stem(root / "images", NIFTI_SUFFIXES, folders=True)
-    labels = _files_by_stem(root / "labels", NIFTI_SUFFIXES)
+    images = files_by_stem(root / "images", NIFTI_SUFFIXES, folders=True)
+    labels = files_by_stem(root / "labels", NIFTI_SUFFIXES)
     problems: list[str] = []
     samples: list[Sample] = []
     empty: list[str] = []
@@ -344,17 +328,8 @@ def load_dataset(
 
 
 def image_files(path: PathLike) -> dict[str, Path]:
-    """The images of an image set without masks (``path/images/*`` or the images in
-    ``path``: pictures, DICOM and NIfTI files) by stem, not yet read: lets a caller refuse a
-    missing or empty folder before it knows the intensity handling to read them with."""
-    root = Path(path)
-    folder = root / "images" if (root / "images").is_dir() else root
-    if not folder.is_dir():
-        raise DataError(f"image folder {root} does not exist")
-    files = _files_by_stem(folder, UNLABELLED_SUFFIXES)
-    if not files:
-        raise DataError(f"{folder} holds no images ({', '.join(UNLABELLED_SUFFIXES)})")
-    return files
+    """``runtime.image_io.image_files`` with the trainer's DataError."""
+    return runtime_image_files(path, DataError)
 
 
 def load_images(path: PathLike, intensity: Intensity) -> list[Sample]:
