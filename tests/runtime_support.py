@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,21 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
         root = tmp_path_factory.mktemp("runtime_export")
         make_random_bundle(root / "bundle", TASKS, seed=3)
         export_bundle(root / "bundle", root / "engines", verify=False, quiet=True)
+        take_unverified_warning(root / "engines")
         _CACHE["tiny"] = (root / "bundle", root / "engines")
     return _CACHE["tiny"]
+
+
+def take_unverified_warning(engines: Path) -> None:
+    """Take the runtime's once-per-process warning about this unverified (``verify=False``)
+    test export here, so that no test's output depends on whether it was the first in its
+    process to open the folder (tests of the warning itself use a copy of the folder)."""
+    from runtime.manifest import Manifest
+    from runtime.pipeline import UnverifiedExportWarning, check_parity
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnverifiedExportWarning)
+        check_parity(Manifest.load(engines))
 
 
 def one_error_line(result: Result) -> str:
