@@ -50,7 +50,7 @@ import torch
 
 from casam_export.errors import ExportError
 from casam_bundle import Bundle
-from runtime.image_io import read_prepared
+from runtime.image_io import PICTURE_SUFFIXES, files_by_stem, read_prepared
 from runtime.intensity import Intensity
 from runtime.names import IDENTITY
 from runtime.preprocess import Preprocessing, preprocess
@@ -161,8 +161,6 @@ def _split_images(bundle: Bundle, name: str, count: int, intensity: Intensity) -
     split.json is read from disk. Volume tasks' slices are not looked up: pass --calibration
     for them.
     """
-    from runtime.image_io import PICTURE_SUFFIXES as READABLE
-
     try:
         record = bundle.load_split(name)
     except (OSError, ValueError):
@@ -173,10 +171,7 @@ def _split_images(bundle: Bundle, name: str, count: int, intensity: Intensity) -
     folder = Path(str(data)) / "images"
     if not folder.is_dir():
         return []
-    by_stem: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(READABLE):
-            by_stem.setdefault(p.stem, p)  # the trainer's pick when two files share a stem
+    by_stem = files_by_stem(folder, PICTURE_SUFFIXES)  # the trainer's listing, and its pick on a shared stem
     chosen = [by_stem[stem] for stem in train if isinstance(stem, str) and stem in by_stem]
     return [read_prepared(p, intensity)[0] for p in _spread(chosen, count)]
 

@@ -12,7 +12,7 @@ Volume routing: the router scores every processed slice and the volume takes one
 the argmin of the mean score over those slices, checked against that task's threshold, so
 a tumour's slices cannot flip between tasks. The route needs the slices and the slices need
 the route, so propagation first runs with each slice's own route; when any differs from
-the volume route the volume is propagated again with it, from embeddings kept on disk.
+the volume route the volume is propagated again with it, from the embeddings kept.
 
 Memory stays flat in the number of slices: slices are windowed one at a time (with the
 volume's window, found once), and embeddings past the first 256 MB go to a temporary file
@@ -38,7 +38,7 @@ from runtime.preprocess import Frame, preprocess
 DEFAULT_MIN_AREA = 16  # pixels: below this a propagated mask is noise, not the object
 DEFAULT_MARGIN = 2.0  # pixels added around the previous mask's bounding box
 #: Slices per encoder call, by the backend's device. On the CPU, batches ran slower per
-#: slice than single slices (tiny encoder 59.6 ms per slice at batch 1, 73.0 at 4 and 104.8
+#: slice than single slices (tiny encoder 61.6 ms per slice at batch 1, 71.9 at 4 and 79.9
 #: at 8: onnxruntime already spreads one slice over the cores, and a batch's activations
 #: leave the caches; bench/results/volume_latency.md), so the CPU takes one at a time. A GPU
 #: is filled by batches (not measured here: no GPU was at hand).
@@ -48,6 +48,7 @@ DEFAULT_BATCH = {"cpu": 1, "cuda": 4}
 def default_batch(pipe: Any) -> int:
     """``DEFAULT_BATCH`` for the device ``pipe``'s backend runs on (the CPU's when unknown)."""
     return DEFAULT_BATCH.get(str(getattr(getattr(pipe, "backend", None), "device", "cpu")), 1)
+
 
 RESIDENT_BYTES = 256 << 20  # embeddings kept in memory before the rest spill to disk
 

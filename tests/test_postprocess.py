@@ -71,11 +71,13 @@ def test_band_products_equal_the_dense_matrix():
     band = Band.from_dense(m)
     assert len(band.blocks) == -(-70 // BLOCK)
     x = rng.normal(size=(40, 5)).astype(np.float32)
-    # Each output is a sum of two products; BLAS may fuse or reorder them: 2 roundings of
-    # the largest product at most.
+    # Against float64: each output is a sum of two float32 products (the zeros of a block add
+    # exactly), fused or not by the BLAS kernel: at most 2 roundings, each ≤ eps/2 of a value
+    # ≤ 2·max|m|·max|x|.
     bound = 2 * EPS32 * float(np.abs(m).max() * np.abs(x).max())
-    np.testing.assert_allclose(band.left(x), m @ x, rtol=0, atol=bound)
-    np.testing.assert_allclose(band.right(x.T), x.T @ m.T, rtol=0, atol=bound)
+    exact = m.astype(np.float64) @ x.astype(np.float64)
+    np.testing.assert_allclose(band.left(x), exact, rtol=0, atol=bound)
+    np.testing.assert_allclose(band.right(x.T), exact.T, rtol=0, atol=bound)
 
 
 @pytest.mark.parametrize("hw,resize", FRAMES)

@@ -152,33 +152,30 @@ def _existing_bundle(bundle_dir: Optional[Path]) -> Optional[Bundle]:
     return Bundle.open(bundle_dir, verify=False) if exists else None  # type: ignore[arg-type]
 
 
-def _protocol_preprocessing(bundle_dir: Optional[Path], sam: str, resize: Optional[str]) -> Preprocessing:
+def _protocol_preprocessing(bundle: Optional[Bundle], sam: str, resize: Optional[str]) -> Preprocessing:
     """The preprocessing every method shares: the bundle's, if one exists (refusing another
     SAM or resize mode), else a new bundle's (which train_task will record)."""
-    bundle = _existing_bundle(bundle_dir)
     if bundle is None:
         return Preprocessing(resize=resize or "longest")
     check_bundle_sam(bundle, sam)
     if resize is not None and resize != bundle.preprocessing.resize:
-        raise BundleError(f"bundle {bundle_dir} uses resize mode {bundle.preprocessing.resize!r}, not {resize!r}")
+        raise BundleError(f"bundle {bundle.root} uses resize mode {bundle.preprocessing.resize!r}, not {resize!r}")
     return bundle.preprocessing
 
 
-def _load_task_sets(bundle_dir: Optional[Path], tasks: Sequence[tuple[str, str]], seed: int,
+def _load_task_sets(bundle: Optional[Bundle], tasks: Sequence[tuple[str, str]], seed: int,
                     prep: Preprocessing) -> list[Dataset]:
     """Every task's dataset, validated before any training, split as training will split it
     (or as recorded, for a task already in the bundle), prepared with ``prep``'s intensity
     handling, the one train_task trains the bundle's tasks on."""
-    bundle = _existing_bundle(bundle_dir)
     return [task_test_set(bundle, n, p) if bundle is not None and n in bundle.task_names
             else load_dataset(p, seed=seed, intensity=prep.intensity) for n, p in tasks]
 
 
-def _open_protocol_session(bundle_dir: Optional[Path], sam: str, checkpoint: Optional[PathLike], prep: Preprocessing,
+def _open_protocol_session(bundle: Optional[Bundle], sam: str, checkpoint: Optional[PathLike], prep: Preprocessing,
                            device: str, cache_dir: Optional[PathLike], quiet: bool, fs: FrozenSam) -> Session:
     """The frozen SAM with ``prep``; a bundle's checkpoint sha256 must match the loaded one."""
     session = open_session(sam, checkpoint, prep, device, cache_dir, quiet, fs)
-    bundle = _existing_bundle(bundle_dir)
     if bundle is not None:
         check_bundle_sam(bundle, session.sam.name, session.checkpoint_sha256)
     return session
@@ -277,11 +274,12 @@ def run_sequence(
     root = Path(bundle_dir) if bundle_dir is not None else None
     if "casam" in methods and root is None:
         raise InputError("method 'casam' needs --bundle (the bundle its tasks are added to)")
-    prep = _protocol_preprocessing(root, sam, resize)
-    datasets = _load_task_sets(root, tasks, config.seed, prep)
+    existing = _existing_bundle(root)  # read once: the shared preprocessing, recorded splits, checkpoint check
+    prep = _protocol_preprocessing(existing, sam, resize)
+    datasets = _load_task_sets(existing, tasks, config.seed, prep)
     ood_sets = [(n, load_dataset(p, seed=config.seed, intensity=prep.intensity)) for n, p in ood]
     fs = frozen_sam if frozen_sam is not None else load_frozen_sam(sam, Path(checkpoint) if checkpoint else None)
-    session = _open_protocol_session(root, sam, checkpoint, prep, device, cache_dir, quiet, fs)
+    session = _open_protocol_session(existing, sam, checkpoint, prep, device, cache_dir, quiet, fs)
     out_dir = Path(out)
     ctx = Context(session, config, session.cache.preprocessing, out_dir, root, checkpoint, resize, device, cache_dir, quiet)
     runs = {m: METHODS[m].start(ctx) for m in methods}

@@ -7,6 +7,7 @@ wheel was built with (onnxruntime-gpu lists CUDA on machines without any GPU).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Collection, Mapping, Optional
 
@@ -26,6 +27,7 @@ ORT_DEFAULT_SEVERITY = 2  # warnings
 
 
 _SHARED_ARENA: list[bool] = []  # registered once per process (onnxruntime refuses a second one)
+_SHARED_ARENA_LOCK = threading.Lock()  # sessions may be opened from several threads (casam-serve)
 
 
 def share_cpu_arena(ort: Any) -> None:
@@ -38,11 +40,12 @@ def share_cpu_arena(ort: Any) -> None:
     speed"); the default growth strategy is kept (growing by what is requested fragmented
     it to 648 MB).
     """
-    if _SHARED_ARENA:
-        return
-    memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-    ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 0, -1, -1))  # defaults: no cap, doubling growth
-    _SHARED_ARENA.append(True)
+    with _SHARED_ARENA_LOCK:
+        if _SHARED_ARENA:
+            return
+        memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 0, -1, -1))  # defaults: no cap, doubling growth
+        _SHARED_ARENA.append(True)
 
 
 def _ort():
