@@ -54,7 +54,6 @@ class Band:
     inputs [lo, hi), through the dense block ``matrix`` ((stop-start)×(hi-lo), float32)."""
 
     out_size: int
-    in_size: int
     blocks: tuple[tuple[int, int, int, int, np.ndarray], ...]
 
     @classmethod
@@ -67,7 +66,7 @@ class Band:
             part = np.ascontiguousarray(sub[:, lo:hi], dtype=np.float32)
             part.setflags(write=False)  # shared by every caller through the cache
             parts.append((start, start + sub.shape[0], lo, hi, part))
-        return cls(matrix.shape[0], matrix.shape[1], tuple(parts))
+        return cls(matrix.shape[0], tuple(parts))
 
     def left(self, x: np.ndarray) -> np.ndarray:
         """in×n → out×n (this matrix times ``x``)."""
