@@ -119,18 +119,25 @@ def write_report(out: Path, text: str) -> None:
     print(text)
 
 
+#: Pause before each timed call (not timed): longer than a spinning thread pool keeps spinning.
+SETTLE_S = 0.2
+
+
 def interleaved(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, list[tuple[Any, float]]]:
     """Each function once as a warm-up, then ``runs`` rounds of one call each, in turn.
 
     Taking turns puts the runtime and the eager model under the same background load,
-    which on a shared machine moves by more than the differences being measured.
-    Returns each function's (result, wall ms) per round.
+    which on a shared machine moves by more than the differences being measured. Each
+    call starts after a pause of SETTLE_S, so that it does not share the cores with the
+    previous call's thread pool (torch's OpenMP threads and onnxruntime's pool spin for a
+    while after their work). Returns each function's (result, wall ms) per round.
     """
     for fn in fns.values():
         fn()
     out: dict[str, list[tuple[Any, float]]] = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
+            time.sleep(SETTLE_S)
             t0 = time.perf_counter()
             value = fn()
             out[name].append((value, (time.perf_counter() - t0) * 1000.0))

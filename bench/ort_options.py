@@ -44,12 +44,13 @@ def session(path: Path, setting: str) -> Any:
     import onnxruntime as ort
 
     from runtime.backends import OrtBackend
+    from runtime.backends.ort import session_options
 
     if setting == "casam runtime":
         return OrtBackend("ort-cpu").session(path)
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the runtime: fair timing
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # onnxruntime allows one kind of thread pool per process: both settings run on the
+    # process-wide pool the runtime uses (bench/thread_pool.py measures that choice).
+    return ort.InferenceSession(str(path), session_options(ort), providers=["CPUExecutionProvider"])
 
 
 def feeds_for(kind: str) -> list[dict[str, np.ndarray]]:

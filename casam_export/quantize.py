@@ -50,6 +50,7 @@ import torch
 
 from casam_export.errors import ExportError
 from casam_bundle import Bundle
+from runtime.backends.ort import session_options
 from runtime.image_io import PICTURE_SUFFIXES, files_by_stem, read_prepared
 from runtime.intensity import Intensity
 from runtime.names import IDENTITY
@@ -263,7 +264,7 @@ def _calibration_sessions_in_priority_order() -> Iterator[None]:
     original = calibrate.CalibraterBase.create_inference_session
 
     def create_inference_session(self: Any) -> None:
-        options = ort.SessionOptions()
+        options = session_options(ort)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as onnxruntime's own
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         options.enable_mem_pattern = False  # one block for the whole plan would hold the peak again
@@ -280,7 +281,7 @@ def _calibration_sessions_in_priority_order() -> Iterator[None]:
 def _session(model: onnx.ModelProto) -> Any:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
+    options = session_options(ort)
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"])
 

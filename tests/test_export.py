@@ -29,6 +29,7 @@ from casam_export.verify import synthetic_images
 from conftest import make_random_bundle
 from models.prompt_decoder import PromptDecoder
 from models.sam_loader import load_frozen_sam
+from runtime.backends.ort import session_options
 from runtime.errors import CasamError, ManifestError
 from runtime.files import read_json, sha256_file
 from runtime.pipeline import Pipeline, UnverifiedExportWarning
@@ -40,7 +41,8 @@ NAMES = ("alpha", "beta")
 
 
 def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """A plain CPU session, on the process's one thread pool as every session here must be."""
+    return ort.InferenceSession(str(path), session_options(ort), providers=["CPUExecutionProvider"])
 
 
 def graph(out: Path, key: str) -> Path:

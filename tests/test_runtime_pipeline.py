@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -180,10 +181,24 @@ def test_lru_eviction_and_preload(engines, pipe):
     assert preloaded.align_engines.resident() == list(TASKS)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_the_chain_runs_on_one_thread_pool(pipe):
+    """Every session of the process shares one onnxruntime pool (runtime/backends/ort.py):
+    opening a whole chain starts no thread per session, whose spinning would compete."""
+    def threads() -> int:
+        return len(os.listdir("/proc/self/task"))
+
+    pipe.predict(sample_images()[0], boxes=BOXES[:1])  # the process pool exists from here on
+    before = threads()
+    chain = Pipeline(pipe.manifest_obj, OrtBackend("ort-cpu"), preload=True)  # encoder, router, decoder, 2 layers
+    chain.predict(sample_images()[1], boxes=BOXES[:1], task="beta")
+    assert threads() == before
+
+
 def test_concurrent_predictions_equal_sequential(pipe):
-    # Single-threaded sessions: four predicting threads then share two cores without
-    # oversubscription. Sessions and engine cache are shared by all threads.
-    pipe = Pipeline(pipe.manifest_obj, OrtBackend("ort-cpu", intra_op_threads=1), max_resident=1)
+    # Sessions, the engine cache and the process's one onnxruntime thread pool are shared
+    # by all threads.
+    pipe = Pipeline(pipe.manifest_obj, OrtBackend("ort-cpu"), max_resident=1)
     images = sample_images()
     jobs = [(images[i % 4], BOXES[: 1 + i % 3], (None, "identity", "beta", "identity", "alpha")[i % 5]) for i in range(10)]
     expected = [pipe.predict(img, boxes=b, task=t) for img, b, t in jobs]

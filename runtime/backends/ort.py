@@ -26,8 +26,9 @@ CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 ORT_DEFAULT_SEVERITY = 2  # warnings
 
 
+_PROCESS_LOCK = threading.Lock()  # sessions may be opened from several threads (casam-serve)
 _SHARED_ARENA: list[bool] = []  # registered once per process (onnxruntime refuses a second one)
-_SHARED_ARENA_LOCK = threading.Lock()  # sessions may be opened from several threads (casam-serve)
+_THREAD_POOL: dict[str, bool] = {}  # {"shared": …, "made": …}, decided once per process
 
 
 def share_cpu_arena(ort: Any) -> None:
@@ -40,12 +41,50 @@ def share_cpu_arena(ort: Any) -> None:
     speed"); the default growth strategy is kept (growing by what is requested fragmented
     it to 648 MB).
     """
-    with _SHARED_ARENA_LOCK:
+    with _PROCESS_LOCK:
         if _SHARED_ARENA:
             return
         memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 0, -1, -1))  # defaults: no cap, doubling growth
         _SHARED_ARENA.append(True)
+
+
+def use_process_thread_pool(shared: bool) -> None:
+    """Choose, before this process opens its first casam session, how sessions get threads.
+
+    ``True`` (the default): every session runs on one process-wide pool. onnxruntime then
+    refuses any session in this process that asks for threads of its own, so a program
+    that opens its own sessions next to casam's passes ``use_per_session_threads = False``
+    (as ``session_options`` does), or calls this with ``False`` first.
+    """
+    with _PROCESS_LOCK:
+        if _THREAD_POOL.get("made") and _THREAD_POOL["shared"] != shared:
+            raise CasamError("the onnxruntime thread pool of this process is already chosen: "
+                             "call use_process_thread_pool before opening any session")
+        _THREAD_POOL["shared"] = shared
+
+
+def session_options(ort: Any) -> Any:
+    """SessionOptions for any onnxruntime session opened in a casam process.
+
+    Why one thread pool for the process: onnxruntime's pool threads may spin between the
+    operators of a graph instead of sleeping, which saves a wake-up per operator (tiny
+    encoder 53.4 → 50.5 ms, bench/thread_pool.py). With a pool per session, though, the
+    idle pool of the graph that just ran spins on while the next graph runs and takes its
+    cores (the tiny chain went from 481 to 638 ms on the AMD machine), so sessions had
+    spinning off. One pool shared by the whole chain spins without a competitor.
+    """
+    options = ort.SessionOptions()
+    with _PROCESS_LOCK:
+        shared = _THREAD_POOL.setdefault("shared", True)
+        if shared and not _THREAD_POOL.get("made"):
+            ort.set_global_thread_pool_sizes(0, 1)  # intra-op: one thread per physical core
+        _THREAD_POOL["made"] = True
+    if shared:
+        options.use_per_session_threads = False
+    else:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
 
 
 def _ort():
@@ -98,23 +137,21 @@ class OrtBackend:
     """``ort-cpu`` or ``ort-cuda``. ``io_binding`` defaults to on for CUDA, off for the CPU."""
 
     def __init__(self, name: str = "ort-cpu", device_id: int = 0, io_binding: bool | None = None,
-                 intra_op_threads: int = 0, log_severity: int = 3, spinning: bool = False) -> None:
+                 log_severity: int = 3) -> None:
         if name not in ("ort-cpu", "ort-cuda"):
             raise CasamError(f"unknown onnxruntime backend {name!r}")
         self.name = name
         self.device = "cuda" if name == "ort-cuda" else "cpu"
         self.device_id = device_id
         self.io_binding = self.device == "cuda" if io_binding is None else io_binding
-        self.intra_op_threads = intra_op_threads
         self.log_severity = log_severity
-        self.spinning = spinning
         self.providers: list[Any] = [(CUDA, {"device_id": device_id}), CPU] if self.device == "cuda" else [CPU]
 
     def session(self, path: Path, optimized_copy: Optional[Path] = None) -> Any:
         """An InferenceSession on ``path``; ``optimized_copy`` also saves the graph as
         onnxruntime rewrote it (fusions applied), to see what really runs."""
         ort = _ort()
-        options = ort.SessionOptions()
+        options = session_options(ort)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimized_copy is not None:
             options.optimized_model_filepath = str(optimized_copy)
@@ -131,12 +168,6 @@ class OrtBackend:
             options.enable_mem_pattern = False
             share_cpu_arena(ort)
             options.add_session_config_entry("session.use_env_allocators", "1")
-        # Each session owns a thread pool whose idle threads spin by default; in a chain of
-        # sessions (encoder → router → align → decoder) the spinning pool of the previous
-        # engine then competes with the next one and with numpy pre/post-processing.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-        if self.intra_op_threads:
-            options.intra_op_num_threads = self.intra_op_threads
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers,
                                            disabled_optimizers=list(CPU_DISABLED_FUSIONS) if self.device == "cpu" else None)

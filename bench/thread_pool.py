@@ -1,0 +1,93 @@
+"""onnxruntime thread pools: one per process (the runtime's choice) against one per session.
+
+onnxruntime chooses the kind of pool once per process, so each turn runs in a fresh
+process: the two kinds take turns, ``--rounds`` times, and each process times ``--runs``
+predictions of the tiny chain (one 768×1024 image, one box, route forced to a task, as in
+bench/infer_latency.py) after a warm-up. The per-session pools sleep between operators, as
+the runtime's sessions did before (their spinning pools competed with each other along the
+chain); the process pool spins. Medians over all runs of a kind, per stage.
+
+    .venv/bin/python bench/thread_pool.py [--models tiny] [--rounds 4] [--runs 20] [--work DIR]
+
+``--work`` shares bundles and exports with bench/infer_latency.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+
+from cpu_peak import cpu_description, load_average  # noqa: E402
+from runtime.files import atomic_write_text  # noqa: E402
+from runtime.pipeline import STAGES  # noqa: E402
+
+KINDS = {"one pool per process": True, "one pool per session": False}
+
+# One turn in a fresh interpreter: the pool kind must be chosen before the first session.
+TURN = """
+import json, sys
+sys.path[:0] = [{root!r}, {bench!r}]
+from runtime.backends.ort import use_process_thread_pool
+use_process_thread_pool({shared!r})
+from infer_latency import inputs
+from runtime.pipeline import Pipeline
+pipe = Pipeline.from_manifest({engines!r}, backend="ort-cpu")
+image, boxes = inputs()
+for _ in range(3):
+    pipe.predict(image, boxes=boxes[:1], task="alpha")
+print(json.dumps([pipe.predict(image, boxes=boxes[:1], task="alpha").timings_ms for _ in range({runs})]))
+"""
+
+
+def turn(engines: Path, shared: bool, runs: int) -> list[dict[str, float]]:
+    code = TURN.format(root=str(ROOT), bench=str(ROOT / "bench"), shared=shared, engines=str(engines), runs=runs)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/casam_bench"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "thread_pool.md")
+    args = parser.parse_args()
+    from infer_latency import exported  # torch and the exporter: only here, not in the timed turns
+
+    model, flags = cpu_description()
+    lines = ["# onnxruntime thread pools: one per process against one per session", "",
+             f"CPU: {model}, flags {', '.join(flags)}; load average {load_average()} at the start. "
+             f"{args.rounds} rounds, the two kinds taking turns, each turn a fresh process timing "
+             f"{args.runs} predictions after 3 warm-ups (768×1024 image, one box, route forced to a task). "
+             "Medians in ms over all runs of a kind.", ""]
+    for name in args.models.split(","):
+        _, _, engines = exported(name, args.work)
+        rows: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+        for _ in range(args.rounds):
+            for kind, shared in KINDS.items():
+                rows[kind] += turn(engines, shared, args.runs)
+        med = {kind: {s: statistics.median(r[s] for r in runs) for s in STAGES} for kind, runs in rows.items()}
+        per_process, per_session = med["one pool per process"], med["one pool per session"]
+        lines += [f"## {name}", "", "| stage | one pool per session | one pool per process | speed-up |", "|---|---|---|---|"]
+        for stage in STAGES:
+            label = "**end to end**" if stage == "total" else stage
+            lines.append(f"| {label} | {per_session[stage]:.1f} | {per_process[stage]:.1f} | "
+                         f"{per_session[stage] / per_process[stage]:.2f}× |")
+        lines.append("")
+    lines.append(f"Load average {load_average()} at the end.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
