@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -71,9 +72,16 @@ class Band:
     def left(self, x: np.ndarray) -> np.ndarray:
         """in×n → out×n (this matrix times ``x``)."""
         out = np.empty((self.out_size, x.shape[1]), dtype=np.float32)
-        for start, stop, lo, hi, part in self.blocks:
-            np.matmul(part, x[lo:hi], out=out[start:stop])
+        for start, stop, block in self.left_blocks(x):
+            out[start:stop] = block
         return out
+
+    def left_blocks(self, x: np.ndarray, needed: Optional[np.ndarray] = None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(start, stop, rows start…stop of this matrix times ``x``), block by block; with
+        ``needed`` (one bool per input row), blocks that read no needed row are skipped."""
+        for start, stop, lo, hi, part in self.blocks:
+            if needed is None or needed[lo:hi].any():
+                yield start, stop, part @ x[lo:hi]
 
     def right(self, x: np.ndarray) -> np.ndarray:
         """n×in → n×out (``x`` times this matrix transposed)."""
@@ -116,10 +124,8 @@ def masks_from_logits(low_res: np.ndarray, frame: Frame) -> np.ndarray:
         positive_rows = (low > 0.0).any(axis=1)
         if not positive_rows.any():
             continue
-        widened = cols.right(low)
-        for start, stop, lo, hi, part in rows.blocks:
-            if positive_rows[lo:hi].any():
-                np.greater(part @ widened[lo:hi], 0.0, out=out[k, start:stop])
+        for start, stop, block in rows.left_blocks(cols.right(low), needed=positive_rows):
+            np.greater(block, 0.0, out=out[k, start:stop])
     return out
 
 
