@@ -41,6 +41,7 @@ from casam_export.manifest import (
 )
 from casam_export import quantize
 from casam_export.tensorrt_build import build_engines, tensorrt_status
+from casam_export.verify import VerificationImages, verification_images, verify_export
 from models.sam_loader import FrozenSam, load_frozen_sam
 from runtime.faults import fault_point
 from runtime.files import atomic_write_json
@@ -164,20 +165,18 @@ def export_bundle(
     out = Path(out_dir)
     previous = claim_out_dir(out, bundle, force)
     images = quantize.calibration_set(bundle, calibration, calibration_count) if int8 else None
-    if verify and verify_images is not None:
-        from casam_export.verify import image_paths
-
-        image_paths(verify_images, "--verify-images")  # cheap: an empty folder fails before any graph is traced
+    # Read once, before any graph is traced (a few images): a bad folder fails in seconds.
+    checks = verification_images(verify_images, bundle.preprocessing.intensity) if verify or int8 else None
     deployed = read_previous(out) if out.is_dir() else None  # in force until the switch, even with --force
     try:
         out.mkdir(parents=True, exist_ok=True)
         sam = load_bundle_sam(bundle, checkpoint)
         precision = quantize.INT8 if int8 else "fp16" if fp16 else "fp32"
-        quantizer = quantize.Quantizer(bundle, sam.model, images, verify_images) if images is not None else None
+        quantizer = quantize.Quantizer(bundle, sam.model, images, checks) if images is not None else None
         entries = _graphs(_jobs(bundle, sam, precision, opset, max_prompts), graph_entries(previous), out, opset,
                           max_prompts, quiet, quantizer)
         manifest = _manifest(bundle, sam, entries, out, opset, precision, max_prompts, fp16, trt)
-        report = _verify(out, manifest, bundle, sam, verify_images, quiet, deployed) if verify else None
+        report = _verify(out, manifest, bundle, sam, checks, quiet, deployed) if verify else None
         fault_point("export:before-manifest")
         atomic_write_json(out / MANIFEST_NAME, manifest)  # the switch
     except OSError as exc:  # a full disk, a read-only folder …: one line, and the old deployment stands
@@ -227,12 +226,10 @@ def _manifest(bundle: Bundle, sam: FrozenSam, entries: Mapping[str, dict[str, An
                           max_prompts=max_prompts, tensorrt=tensorrt, parity=UNVERIFIED)
 
 
-def _verify(out: Path, manifest: dict[str, Any], bundle: Bundle, sam: FrozenSam, images: Optional[PathLike],
+def _verify(out: Path, manifest: dict[str, Any], bundle: Bundle, sam: FrozenSam, checks: Optional[VerificationImages],
             quiet: bool, deployed: Optional[Mapping[str, Any]]) -> dict[str, Any]:
     """Parity of the chain ``manifest`` describes; recorded in it when passed, else ``ParityError`` (no manifest)."""
-    from casam_export.verify import verify_export
-
-    report = verify_export(out, manifest, bundle, sam.model, images, quiet=quiet)
+    report = verify_export(out, manifest, bundle, sam.model, checks, quiet=quiet)
     if not report["passed"]:
         atomic_write_json(out / PARITY_FAILED, report)
         raise ParityError(f"exported chain misses the parity bars: {'; '.join(report['failures'])} "

@@ -42,7 +42,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import onnx
@@ -55,6 +55,9 @@ from runtime.image_io import PICTURE_SUFFIXES, files_by_stem, read_prepared
 from runtime.intensity import Intensity
 from runtime.names import IDENTITY
 from runtime.preprocess import Preprocessing, preprocess
+
+if TYPE_CHECKING:  # verify imports this module (its int8 bar)
+    from casam_export.verify import VerificationImages
 
 PathLike = Union[str, os.PathLike]
 INT8 = "int8"
@@ -294,8 +297,8 @@ class Quantizer:
     """
 
     def __init__(self, bundle: Bundle, sam: torch.nn.Module, calibration: CalibrationSet,
-                 verify_images: Optional[PathLike] = None, bar: Optional[float] = None) -> None:
-        from casam_export.verify import load_images
+                 checks: Optional[VerificationImages] = None, bar: Optional[float] = None) -> None:
+        from casam_export.verify import verification_images
         from models.bundle_models import build_model
 
         self.bundle, self.calibration = bundle, calibration
@@ -303,7 +306,7 @@ class Quantizer:
         self.prep: Preprocessing = bundle.preprocessing
         self.model = build_model(bundle, sam).eval()
         # the export's own verification images, prepared as the deployment prepares them
-        self.verify_images = load_images(verify_images, self.prep.intensity)[0]
+        self.verify_images = (checks or verification_images(None, self.prep.intensity)).images
         self._embeddings: dict[int, np.ndarray] = {}
 
     def embedding(self, image: np.ndarray) -> np.ndarray:

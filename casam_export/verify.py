@@ -10,6 +10,7 @@ verification image routes to is still compared.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -73,19 +74,31 @@ def image_paths(folder: PathLike, option: str) -> list[Path]:
         raise ExportError(f"{option}: {exc}") from exc
 
 
-def load_images(folder: Optional[PathLike], intensity: Intensity) -> tuple[list[np.ndarray], str]:
-    """(the verification images, where they came from): the first MAX_VERIFY_IMAGES of
-    ``folder``, else ``synthetic_images``.
+@dataclass(frozen=True)
+class VerificationImages:
+    """The images an export is checked on, prepared as the deployment prepares them, and
+    where they came from (the folder, or "synthetic"). Read once per export: the int8
+    bars and the chain's parity use the same set."""
+
+    images: tuple[np.ndarray, ...]
+    source: str
+
+
+def verification_images(folder: Optional[PathLike], intensity: Intensity) -> VerificationImages:
+    """The first MAX_VERIFY_IMAGES of ``folder``, else ``synthetic_images``.
 
     ``intensity`` is the bundle's recorded handling and has no default: the deployment
     prepares every file with it (``read_prepared``: a volume is its middle slice, windowed
     over the whole volume), so parity measured on other grey levels would verify a chain
-    the deployment never runs.
+    the deployment never runs. An empty folder or an unreadable image is an ExportError.
     """
     if folder is None:
-        return synthetic_images(), "synthetic"
-    files = image_paths(folder, "--verify-images")
-    return [read_prepared(p, intensity)[0] for p in files[:MAX_VERIFY_IMAGES]], str(Path(folder))
+        return VerificationImages(tuple(synthetic_images()), "synthetic")
+    files = image_paths(folder, "--verify-images")[:MAX_VERIFY_IMAGES]
+    try:
+        return VerificationImages(tuple(read_prepared(p, intensity)[0] for p in files), str(Path(folder)))
+    except InputError as exc:
+        raise ExportError(f"--verify-images: {exc}") from exc
 
 
 def prompts_for(image: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -133,12 +146,14 @@ def verify_export(
     manifest: Mapping[str, Any],
     bundle: Bundle,
     sam: nn.Module,
-    images_dir: Optional[PathLike] = None,
+    checks: Optional[VerificationImages] = None,
     backend: str = "auto",
     quiet: bool = True,
 ) -> dict[str, Any]:
-    """Compare the exported chain in ``out`` (described by ``manifest``) with PyTorch CASAM."""
-    images, source = load_images(images_dir, bundle.preprocessing.intensity)
+    """Compare the exported chain in ``out`` (described by ``manifest``) with PyTorch CASAM
+    on ``checks`` (default: the synthetic images)."""
+    checks = checks or verification_images(None, bundle.preprocessing.intensity)
+    images, source = checks.images, checks.source
     model = build_model(bundle, sam)
     # The export has just hashed every graph; hashing them again here would double its I/O.
     pipe = Pipeline.from_manifest(out, backend, manifest=manifest, verify=False)

@@ -119,6 +119,10 @@ def test_int8_without_calibration_images_fails_before_exporting(tmp_path_factory
     monkeypatch.setattr(export_module, "_graphs", lambda *a, **k: pytest.fail("traced before checking --verify-images"))
     with pytest.raises(ExportError, match="--verify-images: .*holds no images"):
         export_bundle(bundle, tmp_path / "out", verify_images=tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "scan.png").write_bytes(b"not a png")  # read before tracing, not after
+    with pytest.raises(ExportError, match="--verify-images: .*scan.png"):
+        export_bundle(bundle, tmp_path / "out", verify_images=tmp_path / "broken")
 
 
 def test_calibration_runs_each_measurement_as_soon_as_its_tensor_exists(monkeypatch):
@@ -246,7 +250,8 @@ def test_calibration_and_verification_images_get_the_bundles_recorded_intensity(
     from_splits = quantize.calibration_set(bundle, None, count=8)
     # A folder dataset holds pictures and DICOM files (the trainer's layout); its NIfTI is no training image.
     assert list(from_splits.per_task) == ["alpha"] and same(from_splits.per_task["alpha"], expected[1:])
-    quantizer = quantize.Quantizer(bundle, tiny_sam.model, from_splits, verify_images=tmp_path / "data")
+    checks = verify.verification_images(tmp_path / "data", bundle.preprocessing.intensity)
+    quantizer = quantize.Quantizer(bundle, tiny_sam.model, from_splits, checks)
     assert same(quantizer.verify_images)
 
     class Seen(Exception):
@@ -260,5 +265,5 @@ def test_calibration_and_verification_images_get_the_bundles_recorded_intensity(
 
     monkeypatch.setattr(verify, "preprocess", spy)
     with pytest.raises(Seen):
-        verify.verify_export(engines, read_json(engines / "manifest.json"), bundle, tiny_sam.model, tmp_path / "data")
+        verify.verify_export(engines, read_json(engines / "manifest.json"), bundle, tiny_sam.model, checks)
     assert len(seen) == 1 and np.array_equal(seen[0], expected[0])
