@@ -36,7 +36,7 @@ from casam_bundle.format import TASK_FILES, Bundle, TaskRecord, check_task_name
 from casam_bundle.lock import DEFAULT_WAIT_S, bundle_lock
 from casam_bundle import signing
 from runtime.faults import fault_point
-from runtime.files import atomic_path, atomic_write_bytes, read_versioned_json, sha256_bytes
+from runtime.files import atomic_path, atomic_write_bytes, check_sha256, read_versioned_json, sha256_bytes
 from runtime.preprocess import Preprocessing
 
 PathLike = Union[str, os.PathLike]
@@ -196,10 +196,8 @@ def read_package(path: PathLike) -> TaskPackage:
         data = members.get(FILES_PREFIX + fname)
         if data is None:
             raise BundleError(f"{path}: {FILES_PREFIX}{fname} is missing")
-        got = sha256_bytes(data)
-        if got != expected:
-            raise BundleError(f"{path}: {FILES_PREFIX}{fname} has sha256 {got[:12]}…, the index says {expected[:12]}… "
-                              "(the package was modified or corrupted); refused")
+        check_sha256(data, expected, BundleError, f"{path}: {FILES_PREFIX}{fname}", "the index", hint="; refused",
+                     what="the package")
         files[fname] = data
     check_calibration(index["task"], _json(files["calibration.json"], f"{path}: calibration.json"), f"{path}")
     signature = _json(members[SIGNATURE], f"{path}: {SIGNATURE}") if SIGNATURE in members else None

@@ -31,21 +31,25 @@ def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def check_sha256(path: PathLike, expected: str, error: type[Exception], label: str, recorded_in: str,
-                 hint: str = "") -> None:
-    """Raise ``error`` unless ``path`` is a file whose sha256 is ``expected``.
+def check_sha256(source: Union[PathLike, bytes], expected: str, error: type[Exception], label: str,
+                 recorded_in: str, hint: str = "", what: str = "the file") -> None:
+    """Raise ``error`` unless ``source`` (a file, or bytes read from an archive) has sha256 ``expected``.
 
-    The one check behind bundle task files and export engine files. The caller passes its own
-    error type (``BundleError``, ``ManifestError``: both ``CasamError``, neither a kind of the
-    other), so a damaged bundle never reads as a damaged export. ``label`` opens the message and
-    names the file, ``recorded_in`` is where ``expected`` comes from, ``hint`` what to do.
+    The one check behind bundle task files, export engine files and task-package members.
+    The caller passes its own error type (``BundleError``, ``ManifestError``: both
+    ``CasamError``, neither a kind of the other), so a damaged bundle never reads as a
+    damaged export. ``label`` opens the message and names the file, ``recorded_in`` is where
+    ``expected`` comes from, ``what`` what was modified, ``hint`` what to do.
     """
-    if not Path(path).is_file():
+    if isinstance(source, bytes):
+        got = sha256_bytes(source)
+    elif not Path(source).is_file():
         raise error(f"{label} is missing{hint}")
-    got = sha256_file(path)
+    else:
+        got = sha256_file(source)
     if got != expected:
         raise error(f"{label} has sha256 {got[:12]}…, {recorded_in} says {str(expected)[:12]}… "
-                    f"(the file was modified or corrupted{hint})")
+                    f"({what} was modified or corrupted{hint})")
 
 
 def sha256_bytes(data: bytes) -> str:
