@@ -185,13 +185,12 @@ def base_stem(path: Path) -> str:
 def prompts_for(path: Path, scan: Scan, table: Optional[dict[str, ImagePrompts]], popts: PromptOptions,
                 vol: VolumeOptions, rng: Any, box, point, label) -> ImagePrompts:
     """This image's prompts: its --prompts entry, else boxes from its mask, else the CLI's;
-    with --boxes-from-masks its mask is the ground truth either way."""
+    with --boxes-from-masks its mask is the ground truth either way. (A --prompts file that
+    lacks an image and has no mask folder behind it was refused by _check_inputs.)"""
     truth = None
     if popts.boxes_from_masks is not None:
         truth = boxes_from_masks(popts.boxes_from_masks, base_stem(path), scan.is_volume, vol.axis, popts.box_jitter, rng)
     entry = table.get(path.name) if table is not None else None
-    if table is not None and entry is None and truth is None:
-        raise InputError(f"{popts.prompts_file} has no prompts for {path.name}")
     if entry is None:
         entry = truth or ImagePrompts(boxes=list(box), points=list(point),
                                       point_labels=list(label) or [1] * len(point), slice=vol.slice, box3d=list(vol.box3d))
@@ -354,7 +353,10 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
              vol=vol, popts=popts, table=table, cli_prompts=(box, point, label), scores=scores,
              rng=np.random.default_rng(0),  # --box-jitter draws: the same boxes on every run
              intensity=intensity, backend_info=backend_info, bar=bar)
-    failed = _segment_all(r, files, concurrency, fail_fast)
+    try:
+        failed = _segment_all(r, files, concurrency, fail_fast)
+    finally:  # ends the bar's line, so that a run-ending error's line is not glued onto the bar
+        bar.close()
     _finish(r, len(files), failed, fail_fast)
 
 
@@ -393,6 +395,11 @@ def _check_inputs(images: Sequence[Path], box: Sequence[Sequence[float]], point:
     if popts.boxes_from_masks is not None and not popts.boxes_from_masks.is_dir():
         raise InputError(f"--boxes-from-masks {popts.boxes_from_masks} is not a folder")
     files = expand_inputs(images)
+    if table is not None and popts.boxes_from_masks is None:
+        missing = [f.name for f in files if f.name not in table]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise InputError(f"{popts.prompts_file} has no prompts for {', '.join(missing[:3])}{more}")
     check_out_dir(out, InputError)
     return table, files
 
@@ -410,8 +417,8 @@ def _open_checked(engines: Path, backend: str, server: Optional[str], max_reside
 
 def _prepare(r: _Run, path: Path) -> tuple[Path, Any]:
     """Read and prompt one input, on this thread and in input order (--box-jitter draws
-    stay in order); a failure is returned, to be reported in its place. A prompts file or
-    mask folder that lacks the image is the run's error, not the image's: it ends the run
+    stay in order); a failure is returned, to be reported in its place. A --boxes-from-masks
+    folder that lacks the image's mask is the run's error, not the image's: it ends the run
     when its turn comes, as a sequential run would."""
     vol = r.vol
     try:
@@ -505,7 +512,6 @@ def _write_image(r: _Run, path: Path, outcome: tuple[tuple[Any, ...], Any]) -> N
 
 def _finish(r: _Run, n_files: int, failed: int, fail_fast: bool) -> None:
     """The routes summary, evaluation.json and its line; ImagesFailed (exit 2) if any image failed."""
-    r.bar.close()
     if n_files > 1 and not r.quiet and not r.as_json:
         summary = ", ".join(f"{name} {count}" for name, count in sorted(r.routes.items()))
         click.echo(f"routes over {n_files} images: {summary}; outputs in {r.out}")

@@ -36,6 +36,7 @@ from runtime.pipeline import Pipeline, UnverifiedExportWarning
 from casam_bundle import Bundle, BundleError
 from models.bundle_models import build_model, build_router, load_alignment
 from float32 import CROSS_LIBRARY, f32_tol, peak, vae_score_tol
+from runtime_support import one_error_line
 
 NAMES = ("alpha", "beta")
 
@@ -358,8 +359,7 @@ def test_task_name_climbing_out_is_refused_and_nothing_is_written_outside_out(ro
             monkeypatch.setattr(casam_bundle.format, "check_task_name", lambda name, where="": name)
             Bundle.open(bundle)  # the reader's check is really bypassed
         result = CliRunner().invoke(cli_main, args)
-        assert result.exit_code == 2, result.output
-        assert result.output.count("\n") == 1 and "'../../evil'" in result.output and "Traceback" not in result.output
+        assert result.output.count("\n") == 1 and "'../../evil'" in one_error_line(result), result.output
         assert snapshot() == before and not out.exists(), "nothing may be written, inside or outside --out"
 
 
@@ -400,9 +400,7 @@ def test_cli_reexport_and_error(root, bundle2, out32):
     assert {rel: (out / rel).exists() for rel in planted} == planted
     assert not (out / ".staging").exists()
     result = CliRunner().invoke(cli_main, ["--bundle", str(root / "nowhere"), "--out", str(out)])
-    assert result.exit_code == 2
-    assert result.output.strip().count("\n") == 0 and "casam-export: error:" in result.output
-    assert "Traceback" not in result.output
+    assert result.output.strip().count("\n") == 0 and one_error_line(result).startswith("casam-export: error:")
 
 
 # ----- TensorRT ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from PIL import Image
 
 from runtime.errors import ManifestError
 from runtime.pipeline import Pipeline
-from runtime_support import BOXES, copy_engines, exported, sample_images
+from runtime_support import BOXES, copy_engines, exported, one_error_line, sample_images
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,9 @@ def test_out_pointing_at_a_file_is_named(shipped, tmp_path):
     ]
     for main, args in runs:
         result = CliRunner().invoke(main, args)
-        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
-        assert f"--out {args[-1] if main is infer_main else tmp_path / 'afile'} is a file" in result.stderr, result.stderr
-        assert "File exists" not in result.stderr
+        line = one_error_line(result)
+        assert f"--out {args[-1] if main is infer_main else tmp_path / 'afile'} is a file" in line, line
+        assert "File exists" not in line
     assert (tmp_path / "afile").read_text() == "not a folder"
 
 

@@ -4,6 +4,7 @@ labelled cases (IoU/BIoU per image, per route, overall; routing accuracy)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from runtime.cli import main
 from runtime.metrics import image_scores
 from runtime.structures import tight_box
-from runtime_support import exported
+from runtime_support import exported, one_error_line
 from volume_support import save_nifti, sphere_volume
 
 nib = pytest.importorskip("nibabel")
@@ -83,11 +84,25 @@ def test_prompts_file_gives_each_image_its_own_boxes(engines, labelled, tmp_path
         assert [p["box"] for p in record["prompts"]] == entry["boxes"]
     (tmp_path / "prompts.csv").write_text("image,x0,y0,x1,y1\none.png,15,15,46,46\n")
     result = invoke(labelled / "images", "--prompts", tmp_path / "prompts.csv", "--engines", engines, "--out", out)
-    assert result.exit_code == 2 and result.stderr.strip().endswith("has no prompts for two.png")
+    assert one_error_line(result).endswith("has no prompts for two.png")
     (tmp_path / "bad.json").write_text(json.dumps({"one.png": {"boxes": [[1, 2, 3]]}}))
     result = invoke(labelled / "images", "--prompts", tmp_path / "bad.json", "--engines", engines, "--out", out)
-    assert result.exit_code == 2 and "expected lists of 4 finite numbers" in result.stderr
+    assert "expected lists of 4 finite numbers" in one_error_line(result)
 
+
+
+def test_an_error_that_ends_the_run_midway_starts_its_own_line_below_the_progress_bar(engines, labelled, tmp_path):
+    """A mask folder that lacks the second image ends the run at that image's turn, while the
+    progress bar (two images, no --quiet) is drawn: the error must not be glued onto the bar."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    shutil.copy(labelled / "masks" / "one.png", masks / "one.png")
+    result = invoke(labelled / "images", "--boxes-from-masks", masks, "--engines", engines, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    *bar, error, end = result.stderr.split("\n")
+    assert end == "" and error.startswith("casam-infer: error: no mask two.* ("), result.stderr
+    assert error.endswith(f"in {masks} (--boxes-from-masks)"), error
+    assert bar and "casam-infer:" in bar[-1] and "image/s" in bar[-1], result.stderr  # the bar, on its own line
 
 def test_label_volume_gives_3d_boxes_and_slice_wise_scores(engines, tmp_path):
     volume, label = sphere_volume((48, 48, 5), (24, 24, 1.5), radius_mm=8.0, spacing=(1.0, 1.0, 4.0))  # slice 4 empty

@@ -131,12 +131,13 @@ def _unique(items: Any) -> list[str]:
 
 
 def _raise_problems(root: Path, problems: list[str]) -> None:
-    """One DataError listing every offending file (the first MAX_LISTED of them), if any."""
+    """One DataError listing every offending file (the first MAX_LISTED of them), if any, on
+    one line: the CLIs promise a single error line, which a log line or grep keeps whole."""
     if not problems:
         return
-    shown = "\n  ".join(problems[:MAX_LISTED])
-    more = f"\n  … and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    raise DataError(f"{len(problems)} problem(s) in {root}:\n  {shown}{more}")
+    shown = "; ".join(problems[:MAX_LISTED])
+    more = f"; … and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise DataError(f"{len(problems)} problem(s) in {root}: {shown}{more}")
 
 
 def _scan_folder(root: Path, intensity: Intensity) -> tuple[list[Sample], list[str]]:
