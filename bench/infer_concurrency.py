@@ -49,6 +49,24 @@ def one_run(folder: Path, url: str, level: int, out: Path) -> float:
     return time.perf_counter() - t0
 
 
+def in_process(folder: Path, engines: Path, turns: int) -> float:
+    """Median wall seconds of one pass of ``Pipeline.predict`` over the folder's images."""
+    from runtime.image_io import image_files, read_prepared
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline.from_manifest(engines, backend="ort-cpu")
+    prep = pipe.manifest_obj.preprocessing
+    arrays = [read_prepared(p, prep.intensity)[0] for p in image_files(folder).values()]
+    box = np.array([[40, 60, 300, 280]], np.float32)
+    walls = []
+    for _ in range(turns + 1):  # the first pass warms the sessions up
+        t0 = time.perf_counter()
+        for image in arrays:
+            pipe.predict(image, boxes=box)
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls[1:])
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", type=Path, required=True)
@@ -67,6 +85,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         for turn in range(args.turns):
             for n in levels:
                 walls[n].append(one_run(folder, server.grpc_url, n, Path(tmp) / f"out{n}_{turn}"))
+        local = in_process(folder, args.engines, args.turns)
     model, flags = cpu_description()
     base = args.images / statistics.median(walls[levels[0]])
     lines = ["# casam-infer --server --concurrency: images/s", "",
@@ -77,6 +96,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     for n in levels:
         wall = statistics.median(walls[n])
         lines.append(f"| {n} | {wall:.2f} | {args.images / wall:.2f} | {args.images / wall / base:.2f}× |")
+    lines += ["", f"The chain alone, in this process (`Pipeline.predict` on the same images and box, no server, "
+              f"no files written; median of {args.turns} passes): {args.images / local:.2f} images/s. That is the "
+              f"most any concurrency could reach on this machine, if it hid every cost but the chain's own "
+              f"compute: {args.images / local / base:.2f}× concurrency 1."]
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, text)
