@@ -28,7 +28,7 @@ from runtime.intensity import Intensity
 from runtime.files import atomic_write_json, check_out_dir
 from runtime.remote import DEFAULT_READY_TIMEOUT_S
 from runtime.outputs import write_outputs
-from runtime.prompt_sources import ImagePrompts, boxes_from_masks, read_prompt_file
+from runtime.prompt_sources import ImagePrompts, boxes_from_masks, has_mask, read_prompt_file
 from runtime.scoring import DeploymentScores
 from runtime.volume import DEFAULT_BATCH, DEFAULT_MARGIN, DEFAULT_MIN_AREA, VolumePrompt
 
@@ -395,13 +395,20 @@ def _check_inputs(images: Sequence[Path], box: Sequence[Sequence[float]], point:
     if popts.boxes_from_masks is not None and not popts.boxes_from_masks.is_dir():
         raise InputError(f"--boxes-from-masks {popts.boxes_from_masks} is not a folder")
     files = expand_inputs(images)
-    if table is not None and popts.boxes_from_masks is None:
-        missing = [f.name for f in files if f.name not in table]
-        if missing:
-            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-            raise InputError(f"{popts.prompts_file} has no prompts for {', '.join(missing[:3])}{more}")
+    if popts.boxes_from_masks is not None:
+        _refuse_missing([f.name for f in files if not has_mask(popts.boxes_from_masks, base_stem(f))],
+                        f"--boxes-from-masks {popts.boxes_from_masks} has no mask for")
+    elif table is not None:
+        _refuse_missing([f.name for f in files if f.name not in table], f"{popts.prompts_file} has no prompts for")
     check_out_dir(out, InputError)
     return table, files
+
+
+def _refuse_missing(names: Sequence[str], what: str) -> None:
+    """One InputError naming the first three inputs that lack their prompts, if any do."""
+    if names:
+        more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
+        raise InputError(f"{what} {', '.join(names[:3])}{more}")
 
 
 def _open_checked(engines: Path, backend: str, server: Optional[str], max_resident: int,

@@ -116,12 +116,24 @@ def _read_csv(path: Path) -> dict[str, ImagePrompts]:
     return out
 
 
-def find_mask(folder: Path, stem: str) -> Path:
+def _mask_path(folder: Path, stem: str) -> Optional[Path]:
     for suffix in MASK_SUFFIXES:
         for candidate in (folder / f"{stem}{suffix}", folder / f"{stem}{suffix.upper()}"):
             if candidate.is_file():
                 return candidate
-    raise InputError(f"no mask {stem}.* ({', '.join(MASK_SUFFIXES)}) in {folder} (--boxes-from-masks)")
+    return None
+
+
+def has_mask(folder: Path, stem: str) -> bool:
+    """Whether ``folder`` holds a mask for ``stem`` (casam-infer checks every input up front)."""
+    return _mask_path(folder, stem) is not None
+
+
+def find_mask(folder: Path, stem: str) -> Path:
+    path = _mask_path(folder, stem)
+    if path is None:
+        raise InputError(f"no mask {stem}.* ({', '.join(MASK_SUFFIXES)}) in {folder} (--boxes-from-masks)")
+    return path
 
 
 def _jitter(box: np.ndarray, jitter: float, rng: np.random.Generator, width: int, height: int) -> tuple[float, ...]:

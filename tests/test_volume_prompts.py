@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from runtime import cli
 from runtime.cli import main
 from runtime.metrics import image_scores
 from runtime.structures import tight_box
@@ -91,18 +92,31 @@ def test_prompts_file_gives_each_image_its_own_boxes(engines, labelled, tmp_path
 
 
 
-def test_an_error_that_ends_the_run_midway_starts_its_own_line_below_the_progress_bar(engines, labelled, tmp_path):
-    """A mask folder that lacks the second image ends the run at that image's turn, while the
-    progress bar (two images, no --quiet) is drawn: the error must not be glued onto the bar."""
+def test_a_mask_folder_lacking_an_input_is_refused_before_any_engine_loads(engines, labelled, tmp_path, monkeypatch):
     masks = tmp_path / "masks"
     masks.mkdir()
     shutil.copy(labelled / "masks" / "one.png", masks / "one.png")
+    monkeypatch.setattr(cli, "open_pipeline", lambda *a, **k: pytest.fail("engines loaded before the masks were checked"))
+    result = invoke(labelled / "images", "--boxes-from-masks", masks, "--engines", engines, "--out", tmp_path / "out")
+    assert one_error_line(result) == f"casam-infer: error: --boxes-from-masks {masks} has no mask for two.png"
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_error_that_ends_the_run_midway_starts_its_own_line_below_the_progress_bar(engines, labelled, tmp_path):
+    """An empty mask for the second image ends the run at that image's turn (the mask is
+    read then), while the progress bar (two images, no --quiet) is drawn: the error must
+    not be glued onto the bar."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    shutil.copy(labelled / "masks" / "one.png", masks / "one.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(masks / "two.png")
     result = invoke(labelled / "images", "--boxes-from-masks", masks, "--engines", engines, "--out", tmp_path / "out")
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     *bar, error, end = result.stderr.split("\n")
-    assert end == "" and error.startswith("casam-infer: error: no mask two.* ("), result.stderr
-    assert error.endswith(f"in {masks} (--boxes-from-masks)"), error
+    assert end == "" and error == f"casam-infer: error: mask {masks / 'two.png'} is empty: no structure to prompt for", \
+        result.stderr
     assert bar and "casam-infer:" in bar[-1] and "image/s" in bar[-1], result.stderr  # the bar, on its own line
+
 
 def test_label_volume_gives_3d_boxes_and_slice_wise_scores(engines, tmp_path):
     volume, label = sphere_volume((48, 48, 5), (24, 24, 1.5), radius_mm=8.0, spacing=(1.0, 1.0, 4.0))  # slice 4 empty
