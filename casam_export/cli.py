@@ -9,7 +9,8 @@ from typing import Optional
 import click
 
 from casam_export.manifest import graph_entries
-from casam_export.quantize import DEFAULT_CALIBRATION_COUNT
+from casam_export.quantize import DEFAULT_CALIBRATION_COUNT, INT8_MASK_IOU_BAR
+from casam_export.verify import MASK_IOU_BARS
 from runtime.errors import CasamError
 from runtime.manifest import MANIFEST_NAME
 
@@ -26,7 +27,7 @@ from runtime.manifest import MANIFEST_NAME
 @click.option("--int8", is_flag=True,
               help="Quantise the encoder and the alignment layers to int8 (static QDQ, per-channel weights), "
                    "calibrated on real images; router and decoder stay fp32. A graph that misses its bar "
-                   "(routes identical to fp32, mean mask IoU ≥ 0.95) is kept fp32, with a warning.")
+                   f"(routes identical to fp32, mean mask IoU ≥ {INT8_MASK_IOU_BAR}) is kept fp32, with a warning.")
 @click.option("--calibration", "calibration", type=click.Path(path_type=Path), default=None,
               help="Folder of calibration images for --int8 (pictures, DICOM, NIfTI: a volume gives its middle "
                    "slice), read with the bundle's recorded intensity handling (default: the training images "
@@ -41,7 +42,8 @@ from runtime.manifest import MANIFEST_NAME
               help="Most prompts (boxes or point sets) per decoder call; the runtime splits larger batches.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run the exported chain against the PyTorch model and fail when routes differ or mask "
-                   "IoU misses the bar (0.999 fp32, 0.99 fp16); writes parity.json. On failure no manifest is "
+                   f"IoU misses the bar ({', '.join(f'{bar} {p}' for p, bar in MASK_IOU_BARS.items())}); writes "
+                   "parity.json. On failure no manifest is "
                    "written (the previous export in --out stays in force) and the report goes to "
                    "parity-failed.json. --no-verify marks the manifest unverified; the runtime warns on loading it.")
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
