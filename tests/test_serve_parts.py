@@ -6,6 +6,11 @@ itself is built) and pin the pieces the Triton tests rely on.
 
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,6 +20,7 @@ import pytest
 from runtime.errors import CasamError, InputError, ManifestError
 from runtime.preprocess import to_rgb_255
 from runtime.serve.batcher import EncoderBatcher
+from runtime.serve.process_tree import alive, descendants, end_survivors
 from runtime.serve.schema import INPUTS, OUTPUTS, Call, read_request, read_response, request_arrays, response_arrays
 
 
@@ -131,7 +137,7 @@ def test_remote_errors_become_casam_errors_without_the_server_traceback():
     pytest.importorskip("tritonclient.http")
     from runtime.remote import RemotePipeline
 
-    remote = RemotePipeline("http://127.0.0.1:1")
+    remote = RemotePipeline("http://127.0.0.1:1", ready_timeout_s=0)  # nothing listens: no start-up to wait for
     traceback_text = ("[500] Failed to process the request(s) for model 'casam_0_3', message: Traceback (most recent "
                       "call last):\n  File \"x.py\", line 3, in check\nruntime.errors.InputError: box #1 (5 5 1 1) is "
                       "inverted: give x0 y0 x1 y1\n\nAt:\n  model.py(501): execute\n")
@@ -156,3 +162,26 @@ def test_python_libdir_goes_first_once():
     empty: dict[str, str] = {}
     python_libdir_first(empty)
     assert empty["LD_LIBRARY_PATH"] == libdir
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
+def test_processes_that_outlive_the_grace_are_killed_and_the_others_left_to_exit():
+    """casam-serve lists the processes below it before stopping Triton and kills the ones
+    still running after the grace period (a Python-backend stub orphaned by Triton's exit
+    timeout outlived a SIGTERMed server by over 10 s in the suite)."""
+    log = logging.getLogger("test")
+    quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    stuck = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                              "time.sleep(60)"])
+    try:
+        tree = descendants(os.getpid())
+        assert {quick.pid, stuck.pid} <= set(tree)
+        t0 = time.monotonic()
+        killed = end_survivors({p: tree[p] for p in (quick.pid, stuck.pid)}, grace_s=2.0, log=log)
+        assert killed == [stuck.pid] and time.monotonic() - t0 < 5
+        assert stuck.wait(timeout=5) == -signal.SIGKILL and quick.wait(timeout=5) == 0
+        assert not alive(stuck.pid, tree[stuck.pid])
+    finally:
+        for proc in (quick, stuck):
+            proc.kill()
+            proc.wait()

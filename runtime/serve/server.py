@@ -22,10 +22,13 @@ from runtime.errors import CasamError
 from runtime.pipeline import Pipeline
 from runtime.serve import INFO_MODEL_NAME, MODEL_NAME
 from runtime.serve.model import CasamModel
+from runtime.serve.process_tree import descendants, end_survivors
 from runtime.serve.schema import INFO_OUTPUTS, INPUTS, OUTPUTS, TensorSpec
 
 LOG = logging.getLogger("casam.serve")
 START_ATTEMPTS = 5
+#: Seconds helper processes get to exit after Triton has stopped, before they are killed.
+HELPER_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -149,13 +152,19 @@ def _start(model: CasamModel, config: ServeConfig, stop: threading.Event) -> Any
 
 
 def _stop_triton(triton: Any) -> None:
-    """Stop Triton, then unlink the Python-backend shared-memory regions it leaves.
+    """Stop Triton, end any helper process that outlived it, then unlink the Python-backend
+    shared-memory regions it leaves.
 
-    PyTriton names them ``/dev/shm/pytrtion<our pid>-<random>``. When Triton's exit timeout
-    cuts the stubs' unloading short, nobody unlinks them, and every restart would leave
-    4 MiB or more behind in RAM-backed /dev/shm.
+    Triton waits its exit timeout for the Python-backend stubs to unload, then exits; a stub
+    still unloading then (seen under load in the test suite) was left running, orphaned, for
+    longer than 10 s. So every process below this one is listed before the stop, and any
+    still alive HELPER_GRACE_S after it is killed. PyTriton names the shared-memory regions
+    ``/dev/shm/pytrtion<our pid>-<random>``; when the stubs' unloading is cut short nobody
+    unlinks them, and every restart would leave 4 MiB or more behind in RAM-backed /dev/shm.
     """
+    helpers = descendants(os.getpid())
     triton.stop()
+    end_survivors(helpers, HELPER_GRACE_S, LOG)
     for region in Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
         try:
             region.unlink()
