@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime.postprocess import BLOCK, Band, _folded_bands, bilinear_matrix, logits_to_original, masks_from_logits
+from runtime.postprocess import (BLOCK, Band, _folded_bands, _then, bilinear_matrix, bilinear_taps, logits_to_original,
+                                masks_from_logits)
 from runtime.preprocess import Preprocessing, frame_for
 
 FRAMES = [((768, 1024), "longest"),  # the benchmark's image: the final resize is the identity
@@ -95,3 +96,15 @@ def test_masks_skip_only_blocks_that_cannot_be_true(hw, resize):
     got = masks_from_logits(low[:, None], frame)
     np.testing.assert_array_equal(got, logits_to_original(low, frame) > 0)
     assert got[3].any() and 0 < got[0].sum() < got[0].size / 4
+
+
+@pytest.mark.parametrize("in_size,out_size", [(700, 1000), (1024, 224), (5, 3), (1, 7), (767, 576)])
+def test_folding_from_taps_equals_the_dense_product(in_size, out_size):
+    """The folded maps are built from the outer step's two taps per row (postprocess._then),
+    not a dense product that costs 40 ms per new image size; both are float64 sums of the
+    same one or two nonzero products, so they differ by at most three float64 roundings
+    (two products, one sum) of terms no larger than max|inner| (every weight is ≤ 1)."""
+    inner = np.random.default_rng(in_size).normal(size=(in_size, 64))
+    dense = bilinear_matrix(in_size, out_size).astype(np.float64) @ inner
+    bound = 3 * np.finfo(np.float64).eps * np.abs(inner).max()
+    np.testing.assert_allclose(_then(bilinear_taps(in_size, out_size), inner), dense, rtol=0, atol=bound)
