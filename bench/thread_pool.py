@@ -1,11 +1,13 @@
-"""onnxruntime thread pools: one per process (the runtime's choice) against one per session.
+"""onnxruntime thread pools: one per session (the runtime's default) against one per process
+(``runtime.backends.ort.use_process_thread_pool(True)``).
 
 onnxruntime chooses the kind of pool once per process, so each turn runs in a fresh
-process: the two kinds take turns, ``--rounds`` times, and each process times ``--runs``
-predictions of the tiny chain (one 768×1024 image, one box, route forced to a task, as in
-bench/infer_latency.py) after a warm-up. The per-session pools sleep between operators, as
-the runtime's sessions did before (their spinning pools competed with each other along the
-chain); the process pool spins. Medians over all runs of a kind, per stage.
+process: the two kinds take turns, ``--rounds`` times. Each process
+  1. times ``--runs`` predictions of the tiny chain from one thread (one 768×1024 image, one
+     box, route forced to a task, as in bench/infer_latency.py) after a warm-up;
+  2. runs ``casam-infer`` (its CLI, in that process) on a folder of 16 images, which reads
+     the next image and writes the last one's outputs on other threads while the chain runs.
+The per-session pools sleep between operators; the process pool spins. Medians per kind.
 
     .venv/bin/python bench/thread_pool.py [--models tiny] [--rounds 4] [--runs 20] [--work DIR]
 
@@ -19,7 +21,9 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -29,7 +33,7 @@ from cpu_peak import cpu_description, load_average  # noqa: E402
 from runtime.files import atomic_write_text  # noqa: E402
 from runtime.pipeline import STAGES  # noqa: E402
 
-KINDS = {"one pool per process": True, "one pool per session": False}
+KINDS = {"one pool per session": False, "one pool per process": True}
 
 # One turn in a fresh interpreter: the pool kind must be chosen before the first session.
 TURN = """
@@ -43,14 +47,34 @@ pipe = Pipeline.from_manifest({engines!r}, backend="ort-cpu")
 image, boxes = inputs()
 for _ in range(3):
     pipe.predict(image, boxes=boxes[:1], task="alpha")
-print(json.dumps([pipe.predict(image, boxes=boxes[:1], task="alpha").timings_ms for _ in range({runs})]))
+rows = [pipe.predict(image, boxes=boxes[:1], task="alpha").timings_ms for _ in range({runs})]
+import time
+from runtime.cli import main
+t0 = time.perf_counter()
+main([{folder!r}, "--box", "40", "60", "300", "280", "--engines", {engines!r}, "--out", {out!r}, "--quiet"],
+     standalone_mode=False)
+print(json.dumps({{"predict": rows, "cli_s": time.perf_counter() - t0}}))
 """
 
 
-def turn(engines: Path, shared: bool, runs: int) -> list[dict[str, float]]:
-    code = TURN.format(root=str(ROOT), bench=str(ROOT / "bench"), shared=shared, engines=str(engines), runs=runs)
+def turn(engines: Path, shared: bool, runs: int, folder: Path, out: Path) -> dict[str, Any]:
+    code = TURN.format(root=str(ROOT), bench=str(ROOT / "bench"), shared=shared, engines=str(engines), runs=runs,
+                       folder=str(folder), out=str(out))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def folder_of_images(folder: Path) -> None:
+    """16 PNGs for the CLI turn: the benchmark image and its mirror, in two sizes."""
+    from PIL import Image
+
+    from infer_latency import inputs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    image = inputs()[0]
+    for i in range(16):
+        picture = image[:, ::-1] if i % 2 else image
+        Image.fromarray(picture if i % 4 < 2 else picture[::2, ::2]).save(folder / f"im{i:02d}.png")
 
 
 def main() -> None:
@@ -64,7 +88,7 @@ def main() -> None:
     from infer_latency import exported  # torch and the exporter: only here, not in the timed turns
 
     model, flags = cpu_description()
-    lines = ["# onnxruntime thread pools: one per process against one per session", "",
+    lines = ["# onnxruntime thread pools: one per session (default) against one per process", "",
              f"CPU: {model}, flags {', '.join(flags)}; load average {load_average()} at the start. "
              f"{args.rounds} rounds, the two kinds taking turns, each turn a fresh process timing "
              f"{args.runs} predictions after 3 warm-ups (768×1024 image, one box, route forced to a task). "
@@ -72,17 +96,27 @@ def main() -> None:
     for name in args.models.split(","):
         _, _, engines = exported(name, args.work)
         rows: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
-        for _ in range(args.rounds):
-            for kind, shared in KINDS.items():
-                rows[kind] += turn(engines, shared, args.runs)
+        cli: dict[str, list[float]] = {kind: [] for kind in KINDS}
+        with tempfile.TemporaryDirectory(prefix="casam_pool_") as tmp:
+            folder_of_images(Path(tmp) / "images")
+            for r in range(args.rounds):
+                for kind, shared in KINDS.items():
+                    got = turn(engines, shared, args.runs, Path(tmp) / "images", Path(tmp) / f"out{r}{shared}")
+                    rows[kind] += got["predict"]
+                    cli[kind].append(got["cli_s"])
         med = {kind: {s: statistics.median(r[s] for r in runs) for s in STAGES} for kind, runs in rows.items()}
         per_process, per_session = med["one pool per process"], med["one pool per session"]
-        lines += [f"## {name}", "", "| stage | one pool per session | one pool per process | speed-up |", "|---|---|---|---|"]
+        lines += [f"## {name}", "", "`Pipeline.predict` from one thread, ms:", "",
+                  "| stage | one pool per session | one pool per process | speed-up |", "|---|---|---|---|"]
         for stage in STAGES:
             label = "**end to end**" if stage == "total" else stage
             lines.append(f"| {label} | {per_session[stage]:.1f} | {per_process[stage]:.1f} | "
                          f"{per_session[stage] / per_process[stage]:.2f}× |")
-        lines.append("")
+        walls = {kind: statistics.median(v) for kind, v in cli.items()}
+        lines += ["", "`casam-infer` on a folder of 16 images (8 at 768×1024, 8 at 384×512), wall s:", "",
+                  "| one pool per session | one pool per process | speed-up |", "|---|---|---|",
+                  f"| {walls['one pool per session']:.2f} | {walls['one pool per process']:.2f} | "
+                  f"{walls['one pool per session'] / walls['one pool per process']:.2f}× |", ""]
     lines.append(f"Load average {load_average()} at the end.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, "\n".join(lines) + "\n")

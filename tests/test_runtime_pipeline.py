@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,18 +184,34 @@ def test_lru_eviction_and_preload(engines, pipe):
     assert preloaded.align_engines.resident() == list(TASKS)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
-def test_the_chain_runs_on_one_thread_pool(pipe):
-    """Every session of the process shares one onnxruntime pool (runtime/backends/ort.py):
-    opening a whole chain starts no thread per session, whose spinning would compete."""
-    def threads() -> int:
-        return len(os.listdir("/proc/self/task"))
+# Opening a second whole chain (encoder, router, decoder, two layers) in a fresh process:
+# how many threads it starts. The kind of pool is chosen once per process, hence a child.
+THREAD_PROBE = """
+import os, sys
+sys.path.insert(0, {root!r})
+from runtime.backends.ort import use_process_thread_pool
+use_process_thread_pool({shared!r})
+from runtime.backends import OrtBackend
+from runtime.pipeline import Pipeline
+Pipeline.from_manifest({engines!r}, backend="ort-cpu", preload=True)
+before = len(os.listdir("/proc/self/task"))
+Pipeline.from_manifest({engines!r}, backend="ort-cpu", preload=True)
+print(len(os.listdir("/proc/self/task")) - before)
+"""
 
-    pipe.predict(sample_images()[0], boxes=BOXES[:1])  # the process pool exists from here on
-    before = threads()
-    chain = Pipeline(pipe.manifest_obj, OrtBackend("ort-cpu"), preload=True)  # encoder, router, decoder, 2 layers
-    chain.predict(sample_images()[1], boxes=BOXES[:1], task="beta")
-    assert threads() == before
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_the_process_thread_pool_is_one_pool_for_every_session(engines):
+    """use_process_thread_pool(True) (runtime/backends/ort.py) runs every session on one pool,
+    whose spinning then competes with no other pool: a further chain starts no thread. By
+    default each session has its own pool, one thread each beyond the caller's."""
+    def new_threads(shared: bool) -> int:
+        code = THREAD_PROBE.format(root=str(Path(__file__).resolve().parents[1]), shared=shared, engines=str(engines[1]))
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return int(done.stdout.strip().splitlines()[-1])
+
+    assert new_threads(True) == 0
+    assert new_threads(False) >= 5
 
 
 def test_concurrent_predictions_equal_sequential(pipe):

@@ -50,12 +50,19 @@ def share_cpu_arena(ort: Any) -> None:
 
 
 def use_process_thread_pool(shared: bool) -> None:
-    """Choose, before this process opens its first casam session, how sessions get threads.
+    """Choose, before this process opens its first session, how sessions get threads.
 
-    ``True`` (the default): every session runs on one process-wide pool. onnxruntime then
-    refuses any session in this process that asks for threads of its own, so a program
-    that opens its own sessions next to casam's passes ``use_per_session_threads = False``
-    (as ``session_options`` does), or calls this with ``False`` first.
+    ``False`` (the default): each session has its own pool, whose threads sleep between
+    operators. ``True``: every session of the process runs on one process-wide pool whose
+    threads spin between operators. That saves a wake-up per operator, and as the only pool
+    its spinning takes no cores from another session's graph: a program that calls
+    ``Pipeline.predict`` from one thread ran the tiny chain 1.04× faster. But the spinning
+    takes cores from any other thread at work meanwhile: ``casam-infer`` on a folder, which
+    reads the next image and writes the last one's outputs while the chain runs, was 4 %
+    slower (bench/thread_pool.py), so it stays off by default.
+
+    With the shared pool onnxruntime refuses any session in the process that asks for
+    threads of its own; sessions started from ``session_options`` are fine.
     """
     with _PROCESS_LOCK:
         if _THREAD_POOL.get("made") and _THREAD_POOL["shared"] != shared:
@@ -65,18 +72,17 @@ def use_process_thread_pool(shared: bool) -> None:
 
 
 def session_options(ort: Any) -> Any:
-    """SessionOptions for any onnxruntime session opened in a casam process.
+    """SessionOptions for any onnxruntime session opened in a casam process, on the kind of
+    thread pool ``use_process_thread_pool`` chose.
 
-    Why one thread pool for the process: onnxruntime's pool threads may spin between the
-    operators of a graph instead of sleeping, which saves a wake-up per operator (tiny
-    encoder 53.4 → 50.5 ms, bench/thread_pool.py). With a pool per session, though, the
-    idle pool of the graph that just ran spins on while the next graph runs and takes its
-    cores (the tiny chain went from 481 to 638 ms on the AMD machine), so sessions had
-    spinning off. One pool shared by the whole chain spins without a competitor.
+    Per-session pools have spinning off: in a chain of sessions (encoder → router → align →
+    decoder) the idle pool of the graph that just ran would otherwise spin on while the
+    next graph runs and take its cores (the tiny chain went from 481 to 638 ms on the AMD
+    machine).
     """
     options = ort.SessionOptions()
     with _PROCESS_LOCK:
-        shared = _THREAD_POOL.setdefault("shared", True)
+        shared = _THREAD_POOL.setdefault("shared", False)
         if shared and not _THREAD_POOL.get("made"):
             ort.set_global_thread_pool_sizes(0, 1)  # intra-op: one thread per physical core
         _THREAD_POOL["made"] = True
