@@ -42,7 +42,7 @@ NAMES = ("alpha", "beta")
 
 
 def session(path: Path) -> ort.InferenceSession:
-    """A plain CPU session, on the process's one thread pool as every session here must be."""
+    """A plain CPU session, with the options every casam session starts from."""
     return ort.InferenceSession(str(path), session_options(ort), providers=["CPUExecutionProvider"])
 
 

@@ -215,8 +215,7 @@ def test_the_process_thread_pool_is_one_pool_for_every_session(engines):
 
 
 def test_concurrent_predictions_equal_sequential(pipe):
-    # Sessions, the engine cache and the process's one onnxruntime thread pool are shared
-    # by all threads.
+    # Sessions and the engine cache are shared by all threads.
     pipe = Pipeline(pipe.manifest_obj, OrtBackend("ort-cpu"), max_resident=1)
     images = sample_images()
     jobs = [(images[i % 4], BOXES[: 1 + i % 3], (None, "identity", "beta", "identity", "alpha")[i % 5]) for i in range(10)]
