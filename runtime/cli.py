@@ -425,8 +425,9 @@ def _open_checked(engines: Path, backend: str, server: Optional[str], max_reside
 def _prepare(r: _Run, path: Path) -> tuple[Path, Any]:
     """Read and prompt one input, on this thread and in input order (--box-jitter draws
     stay in order); a failure is returned, to be reported in its place. A --boxes-from-masks
-    folder that lacks the image's mask is the run's error, not the image's: it ends the run
-    when its turn comes, as a sequential run would."""
+    mask that cannot be used (empty, unreadable; a missing one was refused by _check_inputs)
+    is the run's error, not the image's: it ends the run when its turn comes, as a
+    sequential run would."""
     vol = r.vol
     try:
         scan = read_scan(path, volume=vol.volume, max_pixels=vol.max_pixels, allow_gaps=vol.allow_gaps,
@@ -468,7 +469,7 @@ def _segment_all(r: _Run, files: Sequence[Path], concurrency: int, fail_fast: bo
     """The per-image loop, outputs written in input order; returns how many images failed.
 
     One image's CasamError (or a volume's) is reported on its own line and the loop goes on
-    (stops with --fail-fast); a broken export, a prompts file that lacks an image and any
+    (stops with --fail-fast); a broken export, an unusable --boxes-from-masks mask and any
     error while writing a 2-D image's outputs end the run."""
     failed = 0
     jobs = (_prepare(r, p) for p in files)  # lazy: in_order prepares each input as its turn nears

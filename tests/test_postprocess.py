@@ -101,7 +101,7 @@ def test_masks_skip_only_blocks_that_cannot_be_true(hw, resize):
 @pytest.mark.parametrize("in_size,out_size", [(700, 1000), (1024, 224), (5, 3), (1, 7), (767, 576)])
 def test_folding_from_taps_equals_the_dense_product(in_size, out_size):
     """The folded maps are built from the outer step's two taps per row (postprocess._then),
-    not a dense product that costs 40 ms per new image size; both are float64 sums of the
+    not a dense product that costs about 3× as much per new image size; both are float64 sums of the
     same one or two nonzero products, so they differ by at most three float64 roundings
     (two products, one sum) of terms no larger than max|inner| (every weight is ≤ 1)."""
     inner = np.random.default_rng(in_size).normal(size=(in_size, 64))
