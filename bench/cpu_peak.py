@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from runtime.backends.ort import OrtBackend  # noqa: E402
-from runtime.files import atomic_write_text  # noqa: E402
+from casam_core.files import atomic_write_text  # noqa: E402
 
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 GEMM_SIZE = 2048

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import make_random_bundle  # noqa: E402
 
 from casam_export import export_bundle  # noqa: E402
-from runtime.files import atomic_path, atomic_write_text, sha256_file  # noqa: E402
+from casam_core.files import atomic_path, atomic_write_text, sha256_file  # noqa: E402
 from casam_bundle import Bundle  # noqa: E402
 
 NAMES = ("alpha", "beta")

@@ -49,7 +49,7 @@ from models.router import Router  # noqa: E402
 from models.sam_loader import load_frozen_sam  # noqa: E402
 from models.vae import TaskVAE  # noqa: E402
 from runtime.backends import OrtBackend  # noqa: E402
-from runtime.files import atomic_write_json, atomic_write_text  # noqa: E402
+from casam_core.files import atomic_write_json, atomic_write_text  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
 from runtime.prompts import encode_prompts  # noqa: E402

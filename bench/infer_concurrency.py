@@ -1,7 +1,7 @@
 """``casam-infer DIR --server URL --concurrency N``: images/s at N = 1 and 8 (and any others),
 against one local casam-serve on the tiny export, runs taking turns.
 
-The client is the real CLI (``runtime.cli.main``, in this process so interpreter start-up is
+The client is the real CLI (``casam_infer.cli.main``, in this process so interpreter start-up is
 not timed), writing masks and JSON records as a user's run would.
 
     .venv/bin/python bench/infer_concurrency.py --engines DIR [--images 16] [--levels 1,8] [--turns 2]
@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from cpu_peak import cpu_description, load_average  # noqa: E402
 
-from runtime.cli import main as casam_infer  # noqa: E402
-from runtime.files import atomic_write_text  # noqa: E402
-from runtime.serve.process import ServerProcess  # noqa: E402
+from casam_infer.cli import main as casam_infer  # noqa: E402
+from casam_core.files import atomic_write_text  # noqa: E402
+from casam_serve.process import ServerProcess  # noqa: E402
 
 
 def images(folder: Path, count: int) -> None:
@@ -51,7 +51,7 @@ def one_run(folder: Path, url: str, level: int, out: Path) -> float:
 
 def in_process(folder: Path, engines: Path, turns: int) -> float:
     """Median wall seconds of one pass of ``Pipeline.predict`` over the folder's images."""
-    from runtime.image_io import image_files, read_prepared
+    from casam_io.image_io import image_files, read_prepared
     from runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_manifest(engines, backend="ort-cpu")

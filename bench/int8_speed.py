@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cpu_peak import cpu_description, load_average  # noqa: E402
 from infer_latency import inputs, interleaved, peak_rss_mb  # noqa: E402
 
-from runtime.files import atomic_write_text  # noqa: E402
-from runtime.image_io import read_prepared  # noqa: E402
-from runtime.intensity import Intensity  # noqa: E402
+from casam_core.files import atomic_write_text  # noqa: E402
+from casam_io.image_io import read_prepared  # noqa: E402
+from casam_io.intensity import Intensity  # noqa: E402
 from runtime.pipeline import STAGES, Pipeline  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runtime.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from casam_core.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from trainer.report import render_report  # noqa: E402
 from trainer.sequence import run_sequence  # noqa: E402
 from trainer.train_task import TrainConfig  # noqa: E402
@@ -168,7 +168,7 @@ def main() -> None:
     p.add_argument("--summarise-only", action="store_true", help="rewrite the results from --work's finished run")
     args = p.parse_args()
     if args.summarise_only:
-        from runtime.files import read_json
+        from casam_core.files import read_json
 
         report = read_json(args.work / "out" / "sequence.json")
         seconds = float(read_json(args.work / "out" / "timing.json")["seconds"])

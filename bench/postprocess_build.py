@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from cpu_peak import cpu_description, load_average  # noqa: E402
-from runtime.files import atomic_write_text  # noqa: E402
+from casam_core.files import atomic_write_text  # noqa: E402
 from runtime.postprocess import _then, bilinear_matrix, bilinear_taps  # noqa: E402
 from runtime.preprocess import Preprocessing, frame_for  # noqa: E402
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from casam_export.quantize import _session, quantize_model  # noqa: E402
 from casam_export.verify import image_paths  # noqa: E402
-from runtime.image_io import read_prepared  # noqa: E402
+from casam_io.image_io import read_prepared  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.preprocess import preprocess  # noqa: E402
 

@@ -4,7 +4,7 @@ plain loop of local ``Pipeline.predict`` calls on the same engines and requests.
 Engines come from --engines, or are exported from the tiny random bundle
 (tests/conftest.py::make_random_bundle, two untrained tasks) into a temporary folder.
 Requests: 512×512 RGB images with two boxes each. The server runs in a child process
-(``runtime.serve.process.ServerProcess``, loopback, ephemeral ports); the client is
+(``casam_serve.process.ServerProcess``, loopback, ephemeral ports); the client is
 ``runtime.remote.RemotePipeline``, one shared object, as many threads as the concurrency.
 
     .venv/bin/python bench/serve_throughput.py [--engines DIR] [--requests 64] [--concurrency 1,4,8]
@@ -28,10 +28,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from runtime.files import atomic_write_text  # noqa: E402
+from casam_core.files import atomic_write_text  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.remote import RemotePipeline  # noqa: E402
-from runtime.serve.process import ServerProcess  # noqa: E402
+from casam_serve.process import ServerProcess  # noqa: E402
 
 
 def make_requests(count: int, seed: int = 0) -> list[dict]:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from cpu_peak import cpu_description, load_average  # noqa: E402
-from runtime.files import atomic_write_text  # noqa: E402
+from casam_core.files import atomic_write_text  # noqa: E402
 from runtime.pipeline import STAGES  # noqa: E402
 
 KINDS = {"one pool per session": False, "one pool per process": True}
@@ -49,7 +49,7 @@ for _ in range(3):
     pipe.predict(image, boxes=boxes[:1], task="alpha")
 rows = [pipe.predict(image, boxes=boxes[:1], task="alpha").timings_ms for _ in range({runs})]
 import time
-from runtime.cli import main
+from casam_infer.cli import main
 t0 = time.perf_counter()
 main([{folder!r}, "--box", "40", "60", "300", "280", "--engines", {engines!r}, "--out", {out!r}, "--quiet"],
      standalone_mode=False)

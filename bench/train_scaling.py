@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from models.alignment import AlignmentLayer  # noqa: E402
 from models.prompt_decoder import PromptDecoder  # noqa: E402
-from runtime.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from casam_core.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from runtime.preprocess import Preprocessing  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 from trainer.distributed import join  # noqa: E402

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.alignment import AlignmentLayer  # noqa: E402
 from models.prompt_decoder import PromptDecoder  # noqa: E402
 from models.sam_loader import FrozenSam, build_sam_architecture, freeze, load_frozen_sam  # noqa: E402
-from runtime.files import atomic_write_text  # noqa: E402
+from casam_core.files import atomic_write_text  # noqa: E402
 from runtime.preprocess import Preprocessing  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 from trainer.embedding_cache import EmbeddingCache  # noqa: E402

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from infer_latency import RSS_PROBE, exported, machine, write_report  # noqa: E402
 
-from runtime.image_io import read_scan  # noqa: E402
+from casam_io.image_io import read_scan  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume  # noqa: E402
 
@@ -74,7 +74,7 @@ def single_cli(engines: Path, volume: Path, work: Path, count: int) -> float:
     picks = np.linspace(0, SHAPE[2] - 1, count).round().astype(int)
     t0 = time.perf_counter()
     for k in picks:
-        subprocess.run([sys.executable, "-m", "runtime.cli", str(volume), "--single-slice", "--slice", str(int(k)), "--box",
+        subprocess.run([sys.executable, "-m", "casam_infer.cli", str(volume), "--single-slice", "--slice", str(int(k)), "--box",
                         *(str(v) for v in BOX), "--engines", str(engines), "--backend", "ort-cpu",
                         "--out", str(work / "single_cli_out"), "--quiet"],
                        check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -1,6 +1,6 @@
 """The bundle's error type, in its own module so that every part of the format can raise it."""
 
-from runtime.errors import CasamError
+from casam_core.errors import CasamError
 
 
 class BundleError(CasamError):

@@ -28,8 +28,8 @@ from typing import Any
 
 from casam_bundle.errors import BundleError
 from casam_bundle.lock import DEFAULT_WAIT_S, bundle_lock
-from runtime.faults import fault_point
-from runtime.files import (
+from casam_core.faults import fault_point
+from casam_core.files import (
     atomic_write_json,
     check_sha256,
     read_checked_json,
@@ -37,7 +37,7 @@ from runtime.files import (
     read_versioned_json,
     sha256_file,
 )
-from runtime.names import check_task_name as _check_name
+from casam_core.names import check_task_name as _check_name
 from runtime.preprocess import Preprocessing
 
 BUNDLE_FORMAT = "casam-bundle"
@@ -53,7 +53,7 @@ def utc_now() -> str:
 
 
 def check_task_name(name: object, where: str = "") -> str:
-    """The one task-name check (runtime.names), raising ``BundleError`` for bundle files."""
+    """The one task-name check (casam_core.names), raising ``BundleError`` for bundle files."""
     return _check_name(name, BundleError, where)
 
 
@@ -135,7 +135,7 @@ class Bundle:
         self.meta = self._read_meta(self.root)
 
     def _write_meta(self) -> None:
-        from runtime import __version__
+        from casam_core import __version__
 
         self.meta["casam_version"] = __version__
         atomic_write_json(self.root / "bundle.json", self.meta)

@@ -35,8 +35,8 @@ from casam_bundle.errors import BundleError
 from casam_bundle.format import TASK_FILES, Bundle, TaskRecord, check_task_name
 from casam_bundle.lock import DEFAULT_WAIT_S, bundle_lock
 from casam_bundle import signing
-from runtime.faults import fault_point
-from runtime.files import atomic_path, atomic_write_bytes, check_sha256, read_versioned_json, sha256_bytes
+from casam_core.faults import fault_point
+from casam_core.files import atomic_path, atomic_write_bytes, check_sha256, read_versioned_json, sha256_bytes
 from runtime.preprocess import Preprocessing
 
 PathLike = Union[str, os.PathLike]
@@ -95,7 +95,7 @@ def _zip_bytes(entries: Mapping[str, bytes]) -> bytes:
 def pack_task(bundle_dir: PathLike, task: str, out: PathLike, *, redact: bool = False,
               sign_key: Optional[PathLike] = None) -> dict[str, Any]:
     """Write task ``task`` of the bundle as one package file ``out``; returns its index."""
-    from runtime import __version__
+    from casam_core import __version__
 
     bundle = Bundle.open(bundle_dir, verify=False)
     record = bundle.task(check_task_name(task))

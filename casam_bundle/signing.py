@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 from casam_bundle.errors import BundleError
-from runtime.files import atomic_write_bytes
+from casam_core.files import atomic_write_bytes
 
 ALGORITHM = "ed25519"
 PUBLIC_SUFFIX = ".pub"

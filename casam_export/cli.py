@@ -11,7 +11,7 @@ import click
 from casam_export.manifest import graph_entries
 from casam_export.quantize import DEFAULT_CALIBRATION_COUNT, INT8_MASK_IOU_BAR
 from casam_export.verify import MASK_IOU_BARS
-from runtime.errors import CasamError
+from casam_core.errors import CasamError
 from runtime.manifest import MANIFEST_NAME
 
 

@@ -1,6 +1,6 @@
 """Errors of the export stage; the CLI turns each into one line on stderr and exit code 2."""
 
-from runtime.errors import CasamError
+from casam_core.errors import CasamError
 
 
 class ExportError(CasamError):

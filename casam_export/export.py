@@ -9,7 +9,7 @@ named by their content (``encoder-<sha12>.onnx``), so new graphs land beside the
 ones without touching them; the new manifest is renamed over the old one last, and only
 then are the files it no longer names removed. A kill, a full disk or a failed parity
 check at any earlier moment leaves the previous manifest and all its files in force
-(tests/test_faults.py kills the export at each stage through ``runtime.faults``).
+(tests/test_faults.py kills the export at each stage through ``casam_core.faults``).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ from casam_export import quantize
 from casam_export.tensorrt_build import build_engines, tensorrt_status
 from casam_export.verify import VerificationImages, verification_images, verify_export
 from models.sam_loader import FrozenSam, load_frozen_sam
-from runtime.faults import fault_point
-from runtime.files import atomic_write_json
+from casam_core.faults import fault_point
+from casam_core.files import atomic_write_json
 from runtime.manifest import MANIFEST_NAME
-from runtime.names import check_task_name
+from casam_core.names import check_task_name
 from casam_bundle import Bundle
 from models.bundle_models import build_router, load_alignment
 

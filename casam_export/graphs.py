@@ -23,7 +23,7 @@ from torch import nn
 
 from casam_export.errors import ExportError
 from casam_export.fp16 import convert_to_fp16, fp32_node_names
-from runtime.files import atomic_path, sha256_file
+from casam_core.files import atomic_path, sha256_file
 
 Dim = Union[int, str]
 #: Protobuf cannot serialise a model over 2 GiB; stay clear of the limit (vit_h's encoder).

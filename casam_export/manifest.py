@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from casam_export.errors import ExportError
-from runtime.files import check_out_dir, read_json, sha256_file
+from casam_core.files import check_out_dir, read_json, sha256_file
 from runtime.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, MANIFEST_NAME, graph_content_id
 from casam_bundle import THRESHOLD_KEYS, Bundle
 
@@ -205,7 +205,7 @@ def build_manifest(
     tensorrt: Mapping[str, Any],
     parity: Optional[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    from runtime import __version__
+    from casam_core import __version__
 
     return {
         "format": MANIFEST_FORMAT,

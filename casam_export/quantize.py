@@ -18,7 +18,7 @@ Which graphs (``INT8_GRAPHS``):
 Calibration runs on real images of the deployment's domains: by default the training
 images recorded in each task's split.json (its own images for its alignment layer, all of
 them for the encoder), or the images of ``--calibration DIR``. Every one is prepared with
-the bundle's recorded intensity handling (``runtime.image_io.read_prepared``), as the
+the bundle's recorded intensity handling (``casam_io.image_io.read_prepared``), as the
 trainer and the deployment prepare it: scales calibrated on other grey levels (a CT
 window's against a min-max slice's) would clip or waste the int8 range the deployment uses.
 
@@ -51,9 +51,9 @@ import torch
 from casam_export.errors import ExportError
 from casam_bundle import Bundle
 from runtime.backends.ort import session_options
-from runtime.image_io import PICTURE_SUFFIXES, files_by_stem, read_prepared
-from runtime.intensity import Intensity
-from runtime.names import IDENTITY
+from casam_io.image_io import PICTURE_SUFFIXES, files_by_stem, read_prepared
+from casam_io.intensity import Intensity
+from casam_core.names import IDENTITY
 from runtime.preprocess import Preprocessing, preprocess
 
 if TYPE_CHECKING:  # verify imports this module (its int8 bar)

@@ -20,8 +20,8 @@ from casam_export.errors import ExportError
 from runtime.backends.ort import BackendUnavailable
 from runtime.backends.tensorrt import build_engine as runtime_build_engine
 from runtime.backends.tensorrt import engine_file_name, gpu_name, import_tensorrt
-from runtime.errors import ManifestError
-from runtime.files import atomic_write_bytes, sha256_bytes, sha256_file
+from casam_core.errors import ManifestError
+from casam_core.files import atomic_write_bytes, sha256_bytes, sha256_file
 from runtime.manifest import graph_content_id
 
 

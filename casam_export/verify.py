@@ -23,11 +23,11 @@ from casam_export.errors import ExportError
 from casam_export.quantize import INT8_MASK_IOU_BAR
 from models.casam import routes_to_names
 from models.router import IDENTITY_INDEX
-from runtime.errors import InputError
-from runtime.image_io import image_files, read_prepared
-from runtime.intensity import Intensity
+from casam_core.errors import InputError
+from casam_io.image_io import image_files, read_prepared
+from casam_io.intensity import Intensity
 from runtime.pipeline import Pipeline
-from runtime.names import IDENTITY
+from casam_core.names import IDENTITY
 from runtime.preprocess import preprocess
 from casam_bundle import Bundle
 from models.bundle_models import build_model
@@ -42,7 +42,7 @@ def synthetic_images(seed: int = 0) -> list[np.ndarray]:
 
     Blobs on a textured background give the encoder structure to respond to; the odd sizes
     exercise the longest-side resize and padding. They are pictures, which every intensity
-    handling min-max scales (``runtime.intensity.effective_mode``), as preprocessing does
+    handling min-max scales (``casam_io.intensity.effective_mode``), as preprocessing does
     with the 16-bit one, so they need no recorded window.
     """
     rng = np.random.default_rng(seed)

@@ -20,7 +20,7 @@ from models.errors import CheckpointError
 from models.router import Router
 from models.sam_loader import load_state_dict_strict
 from models.vae import TaskVAE
-from runtime.files import atomic_path
+from casam_core.files import atomic_path
 
 
 def save_module(module: torch.nn.Module, path: Path) -> None:

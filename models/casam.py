@@ -13,7 +13,7 @@ from models.alignment import AlignmentLayer
 from models.errors import ShapeError
 from models.prompt_decoder import PromptDecoder
 from models.router import IDENTITY_INDEX, Router, choose_routes
-from runtime.names import IDENTITY
+from casam_core.names import IDENTITY
 from runtime.prompts import encode_prompts
 
 TaskChoice = Union[None, int, str]

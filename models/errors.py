@@ -1,6 +1,6 @@
 """Errors raised while building or loading torch models."""
 
-from runtime.errors import CasamError
+from casam_core.errors import CasamError
 
 
 class UnknownModelError(CasamError, ValueError):

@@ -18,7 +18,7 @@ from models.errors import ShapeError
 from models.pooling import attention_pool
 from models.vae import TaskVAE
 
-#: The router's index for the identity route (plain SAM); its name is runtime.names.IDENTITY.
+#: The router's index for the identity route (plain SAM); its name is casam_core.names.IDENTITY.
 IDENTITY_INDEX = -1
 
 

@@ -22,7 +22,7 @@ import torch
 
 from models.errors import CheckpointError, UnknownModelError
 from models.sam_import import load_modeling
-from runtime.files import atomic_path, sha256_file
+from casam_core.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 

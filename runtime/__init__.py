@@ -1,7 +1,5 @@
 """casam's torch-free edge runtime: numpy preprocessing, engines chained by the manifest.
 
-The version of the whole casam distribution lives here because the runtime is the one
-package every install has.
+It stands on ``casam_core`` (errors, files, names) and ``casam_io`` (readers, intensity);
+the applications (``casam_infer``, ``casam_serve``) stand on it.
 """
-
-__version__ = "0.1.0"

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from runtime.errors import InputError, ManifestError
-from runtime.files import check_sha256, read_versioned_json, sha256_bytes
-from runtime.names import IDENTITY, check_task_name
+from casam_core.errors import InputError, ManifestError
+from casam_core.files import check_sha256, read_versioned_json, sha256_bytes
+from casam_core.names import IDENTITY, check_task_name
 from runtime.preprocess import Preprocessing
 
 PathLike = Union[str, os.PathLike]
@@ -72,7 +72,7 @@ class Manifest:
     """A validated manifest: graphs and tasks resolved to paths inside ``folder``."""
 
     def __init__(self, folder: Path, data: dict[str, Any]) -> None:
-        """``data`` has passed ``runtime/schemas/manifest.schema.json`` (``Manifest.load``), so
+        """``data`` has passed ``casam_core/schemas/manifest.schema.json`` (``Manifest.load``), so
         only what a schema cannot say is checked here: names, paths, indices, duplicates."""
         self.folder = folder
         self.data = data
@@ -133,7 +133,7 @@ class Manifest:
 
 
 def verify_file(path: Path, expected: str, what: str) -> None:
-    """The shared sha256 check (``runtime.files.check_sha256``) worded for an engine file."""
+    """The shared sha256 check (``casam_core.files.check_sha256``) worded for an engine file."""
     check_sha256(path, expected, ManifestError, f"engine file {path} ({what})", "the manifest",
                  hint="; re-export the bundle")
 

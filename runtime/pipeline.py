@@ -21,8 +21,8 @@ import numpy as np
 
 from runtime.backends import Backend, Engine, Tensor, open_backend
 from runtime.engine_cache import EngineCache
-from runtime.errors import InputError, ManifestError
-from runtime.intensity import count_nonfinite, nonfinite_warning
+from casam_core.errors import InputError, ManifestError
+from casam_io.intensity import count_nonfinite, nonfinite_warning
 from runtime.manifest import IDENTITY, MANIFEST_NAME, Manifest, check_task
 from runtime.postprocess import masks_from_logits
 from runtime.preprocess import Frame, Preprocessing, boxes_to_frame, points_to_frame, preprocess

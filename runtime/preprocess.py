@@ -13,8 +13,9 @@ from typing import Any, Literal, Mapping
 import numpy as np
 from PIL import Image
 
-from runtime.errors import InputError
-from runtime.intensity import Intensity, Source, to_uint8
+from casam_core.errors import InputError
+from casam_io.scan import standard_channels
+from casam_io.intensity import Intensity, Source, to_uint8
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -29,7 +30,7 @@ class Preprocessing:
 
     ``longest`` is SAM's convention (resize the longest side, zero-pad bottom/right);
     ``stretch`` is the CA-SAM authors' (resize straight to size×size). ``intensity`` is how
-    raw values became 8-bit (runtime.intensity); bundles and manifests written before it
+    raw values became 8-bit (casam_io.intensity); bundles and manifests written before it
     was recorded read as ``auto``, which is how they were trained.
     """
 
@@ -83,27 +84,11 @@ def frame_for(height: int, width: int, prep: Preprocessing) -> Frame:
     return Frame((height, width), (int(height * scale + 0.5), int(width * scale + 0.5)), prep.size)
 
 
-def standard_channels(image: np.ndarray) -> np.ndarray:
-    """Any H×W or H×W×C array → H×W (grey) or H×W×3, alpha dropped, no copy where possible."""
-    array = np.asarray(image)
-    if array.ndim == 3 and array.shape[2] in (1, 2):  # grey, grey + alpha
-        array = array[:, :, 0]
-    if array.ndim == 3 and array.shape[2] == 4:
-        array = array[:, :, :3]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
-        raise InputError(f"expected an H×W or H×W×C image, got shape {array.shape}")
-    if array.size == 0:
-        raise InputError(f"image is empty (shape {array.shape})")
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    return array
-
-
 def to_rgb_255(image: np.ndarray) -> np.ndarray:
     """Any H×W or H×W×C array → H×W×3 uint8 on a 0–255 scale.
 
     8-bit data is kept as is. Deeper data (16-bit, int, float) is min-max scaled per image
-    (runtime.intensity, the one implementation), since medical scanners rarely use the full
+    (casam_io.intensity, the one implementation), since medical scanners rarely use the full
     16-bit range; NaN pixels become black. Files read by casam are already 8-bit here: the
     reader applied the recorded intensity handling. Alpha is dropped; grey is replicated.
     """

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from runtime.errors import InputError
+from casam_core.errors import InputError
 
 
 def check_boxes(boxes: Optional[np.ndarray], height: int, width: int) -> tuple[Optional[np.ndarray], list[str]]:

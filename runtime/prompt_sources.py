@@ -3,7 +3,7 @@ truth masks (which then also score the deployment).
 
 A real folder never has its object in the same place in every image, so one ``--box`` for
 all of them is only for demos. ``--prompts FILE`` gives each image or volume its own boxes,
-points and slice; ``--boxes-from-masks DIR`` takes one box per structure (runtime.structures,
+points and slice; ``--boxes-from-masks DIR`` takes one box per structure (casam_core.structures,
 the trainer's definition) from each image's mask or label volume, optionally jittered, so a
 site can check an exported deployment on its own labelled cases.
 
@@ -23,9 +23,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from runtime.errors import InputError
-from runtime.image_io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_pil, read_scan
-from runtime.structures import mask_to_index_map, tight_box
+from casam_core.errors import InputError
+from casam_io.image_io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_pil, read_scan
+from casam_core.structures import mask_to_index_map, tight_box
 
 MASK_SUFFIXES = IMAGE_SUFFIXES + NIFTI_SUFFIXES
 

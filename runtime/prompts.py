@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from runtime.errors import InputError
+from casam_core.errors import InputError
 
 BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, PADDING = 2, 3, -1
 

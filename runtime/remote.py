@@ -2,7 +2,7 @@
 
 Same call, same ``Result``, so ``casam-infer --server URL`` writes what a local run
 writes: the image travels as uint8 (what the local pipeline would make of it anyway, see
-``runtime.serve.schema.wire_image``), and masks, IoU, scores and logits come back exactly.
+``runtime.wire.wire_image``), and masks, IoU, scores and logits come back exactly.
 tritonclient is imported on first use, so the plain runtime does not need it.
 """
 
@@ -17,12 +17,12 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from runtime.intensity import Intensity
-from runtime.errors import CasamError, InputError, ManifestError
+from casam_io.intensity import Intensity
+from casam_core.errors import CasamError, InputError, ManifestError
 from runtime.manifest import check_task
 from runtime.pipeline import Result
-from runtime.serve import INFO_MODEL_NAME, MODEL_NAME
-from runtime.serve.schema import INPUTS, OUTPUTS, Call, read_response, request_arrays
+from runtime.wire import INFO_MODEL_NAME, MODEL_NAME
+from runtime.wire import INPUTS, OUTPUTS, Call, read_response, request_arrays
 
 DEFAULT_PORTS = {"http": 8000, "https": 8000, "grpc": 8001}
 _SPECS = {spec.name: spec for spec in INPUTS}

@@ -1,6 +1,6 @@
 """Scoring a deployment on labelled cases: IoU and BIoU per image, per route and overall, and
 the routing accuracy against an expected task, with the trainer's metric definitions
-(runtime.metrics).
+(casam_core.metrics).
 
 This is how a site checks an exported, fp16 or quantised deployment on its own cases before
 going live: the same numbers the trainer reported, computed on what the edge produced.
@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from runtime.metrics import band_width, boundary_iou, image_scores, iou
+from casam_core.metrics import band_width, boundary_iou, image_scores, iou
 
 
 class DeploymentScores:

@@ -29,10 +29,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from runtime.errors import InputError
-from runtime.image_io import Scan, slice_at
-from runtime.intensity import Intensity, apply_window, find_window, nonfinite_warning
-from runtime.names import IDENTITY
+from casam_core.errors import InputError
+from casam_io.image_io import Scan, slice_at
+from casam_io.intensity import Intensity, apply_window, find_window, nonfinite_warning
+from casam_core.names import IDENTITY
 from runtime.preprocess import Frame, preprocess
 
 DEFAULT_MIN_AREA = 16  # pixels: below this a propagated mask is noise, not the object

@@ -49,7 +49,7 @@ def make_random_bundle(
     from models.alignment import AlignmentLayer
     from models.sam_loader import TINY_CHECKPOINT_SHA
     from models.vae import TaskVAE
-    from runtime.files import atomic_write_json
+    from casam_core.files import atomic_write_json
     from runtime.preprocess import Preprocessing
     from casam_bundle import Bundle, TaskRecord
     from models.bundle_models import save_module

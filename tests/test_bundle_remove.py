@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from casam_bundle import REMOVED_DIR, Bundle
 from casam_bundle.package import pack_task, unpack_package
 from conftest import make_random_bundle
-from runtime.files import sha256_file
+from casam_core.files import sha256_file
 from runtime_support import copy_engines, exported, sample_images
 from trainer.cli import main
 

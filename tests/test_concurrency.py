@@ -1,4 +1,4 @@
-"""casam-infer's concurrent request window (runtime/cli.py ``in_order``), without a server:
+"""casam-infer's concurrent request window (casam_infer/cli.py ``in_order``), without a server:
 results in input order whatever order calls finish in, failures handed back in place,
 a broken export ending the run, and an early stop leaving later calls unstarted."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.cli import in_order
-from runtime.errors import InputError, ManifestError
+from casam_infer.cli import in_order
+from casam_core.errors import InputError, ManifestError
 
 
 def test_results_come_in_input_order_with_failures_in_place():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.files import atomic_write_json
-from runtime.intensity import Intensity
+from casam_core.files import atomic_write_json
+from casam_io.intensity import Intensity
 from runtime.preprocess import Preprocessing, preprocess
 from trainer.data import DataError, load_dataset, load_images, mask_to_index_map
 from trainer.synthetic import STYLES, write_synthetic_task

@@ -24,7 +24,7 @@ from runtime_support import one_error_line
 from safetensors.numpy import load_file
 
 from casam_bundle import Bundle
-from runtime.files import atomic_write_json, read_json
+from casam_core.files import atomic_write_json, read_json
 from trainer.synthetic import write_synthetic_task
 from trainer.train_task import TrainConfig, train_task
 from trainer.vae_training import single_thread

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime.errors import InputError
-from runtime.image_io import IMAGE_SUFFIXES, prepare, read_prepared, read_scan
-from runtime.intensity import Intensity
-from runtime.volume_io import LPS_TO_RAS, is_dicom_series
+from casam_core.errors import InputError
+from casam_io.image_io import IMAGE_SUFFIXES, prepare, read_prepared, read_scan
+from casam_io.intensity import Intensity
+from casam_io.volume_io import LPS_TO_RAS, is_dicom_series
 from volume_support import sphere_volume, write_dicom_series, write_multiframe_dicom
 
 pydicom = pytest.importorskip("pydicom")

@@ -30,8 +30,8 @@ from conftest import make_random_bundle
 from models.prompt_decoder import PromptDecoder
 from models.sam_loader import load_frozen_sam
 from runtime.backends.ort import session_options
-from runtime.errors import CasamError, ManifestError
-from runtime.files import read_json, sha256_file
+from casam_core.errors import CasamError, ManifestError
+from casam_core.files import read_json, sha256_file
 from runtime.pipeline import Pipeline, UnverifiedExportWarning
 from casam_bundle import Bundle, BundleError
 from models.bundle_models import build_model, build_router, load_alignment
@@ -327,7 +327,7 @@ def test_out_folder_of_another_bundle_is_refused(root, bundle2, out32):
 
 
 def test_wrong_checkpoint_is_refused(root, bundle2, tiny_sam):
-    from runtime.files import atomic_path
+    from casam_core.files import atomic_path
     from safetensors.torch import save_file
 
     ckpt = root / "tiny.safetensors"

@@ -1,8 +1,8 @@
 """Fault injection: kills, a full disk and failed checks never break what already works.
 
 Each section covers one stage. Kills are real SIGKILLs of a real CLI process, placed by
-``runtime.faults`` (``CASAM_FAULT=<stage>:<point>``); a full disk is ENOSPC raised from the
-atomic writer (``runtime.files.atomic_path``). After each fault the previous bundle or
+``casam_core.faults`` (``CASAM_FAULT=<stage>:<point>``); a full disk is ENOSPC raised from the
+atomic writer (``casam_core.files.atomic_path``). After each fault the previous bundle or
 deployment must load and give exactly the results it gave before.
 """
 
@@ -29,8 +29,8 @@ from PIL import Image
 from casam_bundle import Bundle
 from casam_bundle.package import pack_task, unpack_package
 from conftest import make_random_bundle
-from runtime.errors import ManifestError
-from runtime.files import read_json
+from casam_core.errors import ManifestError
+from casam_core.files import read_json
 from runtime.pipeline import Pipeline, UnverifiedExportWarning
 from runtime_support import BOXES, copy_engines, exported, sample_images
 
@@ -200,9 +200,9 @@ def disk_full_at(monkeypatch, name_prefix: str) -> Iterator[None]:
     """Every atomic write of a file whose name starts with ``name_prefix`` fills the disk:
     the temp file is written, then ENOSPC is raised before it can be renamed into place."""
     import casam_export.graphs
-    import runtime.files
+    import casam_core.files
 
-    real = runtime.files.atomic_path
+    real = casam_core.files.atomic_path
 
     @contextlib.contextmanager
     def atomic_path(path):
@@ -212,7 +212,7 @@ def disk_full_at(monkeypatch, name_prefix: str) -> Iterator[None]:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
 
     with monkeypatch.context() as patch:
-        patch.setattr(runtime.files, "atomic_path", atomic_path)  # atomic_write_json (the manifest)
+        patch.setattr(casam_core.files, "atomic_path", atomic_path)  # atomic_write_json (the manifest)
         patch.setattr(casam_export.graphs, "atomic_path", atomic_path)  # write_graph
         yield
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from runtime.files import atomic_path, atomic_write_json, read_json, sha256_bytes, sha256_file
+from casam_core.files import atomic_path, atomic_write_json, read_json, sha256_bytes, sha256_file
 
 
 def test_atomic_write_replaces_and_hashes(tmp_path):

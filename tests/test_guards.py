@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from runtime.errors import ManifestError
+from casam_core.errors import ManifestError
 from runtime.pipeline import Pipeline
 from runtime_support import BOXES, copy_engines, exported, one_error_line, sample_images
 
@@ -19,7 +19,7 @@ def shipped(tmp_path_factory):
 
 def test_out_pointing_at_a_file_is_named(shipped, tmp_path):
     from casam_export.cli import main as export_main
-    from runtime.cli import main as infer_main
+    from casam_infer.cli import main as infer_main
 
     Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "x.png")
     (tmp_path / "afile").write_text("not a folder")

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from runtime.cli import main
-from runtime.errors import InputError
-from runtime.image_io import DEFAULT_MAX_PIXELS, read_pil, read_prepared
-from runtime.intensity import CHUNK_ELEMENTS, Intensity, Source, to_uint8
+from casam_infer.cli import main
+from casam_core.errors import InputError
+from casam_io.image_io import DEFAULT_MAX_PIXELS, read_pil, read_prepared
+from casam_io.intensity import CHUNK_ELEMENTS, Intensity, Source, to_uint8
 from runtime_support import exported, one_error_line
 
 

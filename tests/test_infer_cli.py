@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import real_data_or_skip
-from runtime.cli import main
+from casam_infer.cli import main
 from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
 from runtime_support import copy_engines, exported, one_error_line

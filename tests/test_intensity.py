@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import InputError
-from runtime.image_io import read_prepared, read_scan
-from runtime.intensity import INTENSITY_MODES, WINDOW_PRESETS, Intensity, intensity_from_options
+from casam_core.errors import InputError
+from casam_io.image_io import read_prepared, read_scan
+from casam_io.intensity import INTENSITY_MODES, WINDOW_PRESETS, Intensity, intensity_from_options
 from runtime.preprocess import Preprocessing
 from runtime.volume import VolumeSegmenter
 from trainer.data import DataError, load_dataset

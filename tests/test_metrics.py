@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from trainer.losses import dice_loss, focal_loss, soft_iou
-from runtime.metrics import band_width, boundary, boundary_iou, continual_metrics, image_scores, iou
+from casam_core.metrics import band_width, boundary, boundary_iou, continual_metrics, image_scores, iou
 from float32 import EPS32
 
 

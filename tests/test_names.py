@@ -8,9 +8,9 @@ import json
 import pytest
 
 from casam_bundle import Bundle, BundleError
-from runtime.errors import InputError, ManifestError
+from casam_core.errors import InputError, ManifestError
 from runtime.manifest import Manifest
-from runtime.names import IDENTITY, check_task_name
+from casam_core.names import IDENTITY, check_task_name
 from runtime_support import exported, one_error_line
 
 BAD_NAMES = ["abc\n", "abc\t", "a\x00b", "\nabc", "../../evil", "a/b", "..", ".hidden", "", IDENTITY, "x" * 65, "é"]

@@ -47,7 +47,7 @@ def test_openvino_precision_is_explicit_f32(engines):
 
 
 def test_backend_choices_come_from_the_table(engines):
-    from runtime.cli import main
+    from casam_infer.cli import main
 
     choices = next(p for p in main.params if p.name == "backend").type.choices
     assert tuple(choices) == BACKENDS and "openvino" in BACKENDS

@@ -22,7 +22,7 @@ from PIL import Image
 from casam_bundle import Bundle
 from casam_bundle.package import INDEX, pack_task, read_package
 from conftest import make_random_bundle
-from runtime.files import atomic_write_json, sha256_bytes
+from casam_core.files import atomic_write_json, sha256_bytes
 from runtime_support import TASKS, copy_engines, exported, one_error_line, sample_images
 from trainer.cli import main
 

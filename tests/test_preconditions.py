@@ -28,7 +28,7 @@ def test_two_images_exit_2_before_any_work(tmp_path):
 
 
 def test_a_recorded_split_needs_two_training_images(tmp_path):
-    from runtime.files import atomic_write_json
+    from casam_core.files import atomic_write_json
 
     runner = CliRunner()
     assert runner.invoke(main, ["synth", str(tmp_path / "data"), "--style", "stripes", "--count", "3", "--seed", "1"]).exit_code == 0

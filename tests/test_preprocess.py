@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from runtime.errors import InputError
-from runtime.image_io import read_scan
+from casam_core.errors import InputError
+from casam_io.image_io import read_scan
 from runtime.postprocess import bilinear_matrix, logits_to_original, masks_from_logits, resize_bilinear
 from runtime.preprocess import (PIXEL_MEAN, PIXEL_STD, Preprocessing, boxes_to_frame, frame_for, preprocess,
                                 resize_mask_to_frame, to_rgb_255)

@@ -18,8 +18,8 @@ from casam_export import export as export_module
 from casam_export import export_bundle, quantize
 from casam_export.errors import ExportError
 from casam_export.verify import prompts_for, synthetic_images
-from runtime.image_io import read_prepared
-from runtime.intensity import Intensity
+from casam_io.image_io import read_prepared
+from casam_io.intensity import Intensity
 from runtime.pipeline import Pipeline
 from runtime_support import BOXES, exported, sample_images
 
@@ -195,7 +195,7 @@ def windowed_bundle(source, root, dataset):
     """A copy of bundle ``source`` whose recorded intensity is a fixed CT window and whose
     task ``alpha`` was trained on the folder dataset ``dataset`` (its split.json)."""
     from casam_bundle import Bundle
-    from runtime.files import atomic_write_json, read_json, sha256_file
+    from casam_core.files import atomic_write_json, read_json, sha256_file
 
     shutil.copytree(source, root)
     meta = read_json(root / "bundle.json")
@@ -233,7 +233,7 @@ def test_calibration_and_verification_images_get_the_bundles_recorded_intensity(
     pytest.importorskip("nibabel")
     pytest.importorskip("pydicom")
     from casam_export import verify
-    from runtime.files import read_json
+    from casam_core.files import read_json
 
     source, engines = exported(tmp_path_factory)
     files = scanner_images(tmp_path / "data" / "images")

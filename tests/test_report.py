@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from runtime.metrics import continual_metrics
+from casam_core.metrics import continual_metrics
 from trainer.report import percent, render_report
 
 NAN = float("nan")

@@ -11,7 +11,7 @@ from runtime.backends import BackendUnavailable, open_backend
 from runtime.backends.ort import cuda_usable
 from runtime.backends.tensorrt import available as trt_available
 from runtime.backends.tensorrt import engine_file_name
-from runtime.errors import CasamError
+from casam_core.errors import CasamError
 from runtime.manifest import Manifest
 from runtime.pipeline import Pipeline
 from runtime_support import BOXES, exported, sample_images

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from runtime.engine_cache import EngineCache
-from runtime.errors import ManifestError
+from casam_core.errors import ManifestError
 from runtime.manifest import Manifest
 from runtime.pipeline import Pipeline
 from runtime_support import copy_engines, exported
@@ -46,7 +46,7 @@ def test_prediction_and_cli_leave_torch_unimported(engines, tmp_path):
 import sys
 import numpy as np
 from runtime.pipeline import Pipeline
-from runtime.cli import main
+from casam_infer.cli import main
 pipe = Pipeline.from_manifest({str(engines)!r}, backend="auto")
 result = pipe.predict(np.zeros((64, 80), np.uint8), boxes=np.array([[4, 4, 40, 50]]))
 assert result.masks.shape == (1, 64, 80)

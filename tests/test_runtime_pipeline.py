@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime.backends import OrtBackend
-from runtime.errors import InputError
+from casam_core.errors import InputError
 from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
 from runtime.preprocess import Frame, boxes_to_frame, preprocess, resize_rgb

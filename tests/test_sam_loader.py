@@ -12,7 +12,7 @@ import torch
 from models import sam_loader
 from models.errors import CheckpointError, UnknownModelError
 from models.sam_loader import SamSpec, build_sam_architecture, load_frozen_sam
-from runtime.files import sha256_file
+from casam_core.files import sha256_file
 
 
 def test_unknown_model_lists_known_ones():

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from runtime.errors import ManifestError
-from runtime.files import SCHEMA_DIR, read_versioned_json
+from casam_core.errors import ManifestError
+from casam_core.files import SCHEMA_DIR, read_versioned_json
 from runtime.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION
 from runtime_support import exported, one_error_line
 
@@ -54,7 +54,7 @@ def set_path(data, path: tuple, value) -> None:
     (("graphs", "router"), None, r"\$\.graphs\.router: None is not of type 'object'"),
 ])
 def test_malformed_manifest_exits_2_naming_file_and_field(shipped, tmp_path, path, value, expected):
-    from runtime.cli import main
+    from casam_infer.cli import main
 
     from PIL import Image
 
@@ -132,7 +132,7 @@ def test_malformed_calibration_exits_2(shipped, tmp_path):
     data["p95"] = "high"
     calibration.write_text(json.dumps(data))
     meta = json.loads((bundle / "bundle.json").read_text())
-    from runtime.files import sha256_file
+    from casam_core.files import sha256_file
 
     meta["tasks"][1]["files"]["calibration.json"] = sha256_file(calibration)  # a consistent, but wrong, bundle
     (bundle / "bundle.json").write_text(json.dumps(meta))
@@ -142,7 +142,7 @@ def test_malformed_calibration_exits_2(shipped, tmp_path):
 
 
 def test_schemas_are_published_in_docs_and_shipped_with_the_package():
-    """docs/*.schema.json are links to the one copy in runtime/schemas/, which setup.cfg installs."""
+    """docs/*.schema.json are links to the one copy in casam_core/schemas/, which setup.cfg installs."""
     names = sorted(p.name for p in SCHEMA_DIR.glob("*.schema.json"))
     assert names == ["bundle.schema.json", "calibration.schema.json", "manifest.schema.json"]
     for name in names:

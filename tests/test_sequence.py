@@ -19,8 +19,8 @@ from runtime_support import one_error_line
 from safetensors.torch import load_file
 
 from casam_bundle import Bundle
-from runtime.files import atomic_write_json, read_json
-from runtime.names import IDENTITY
+from casam_core.files import atomic_write_json, read_json
+from casam_core.names import IDENTITY
 from trainer.cli import main
 from trainer.evaluate import SetResult
 from trainer.methods import METHODS, parse_methods

@@ -21,12 +21,12 @@ tritonclient_http = pytest.importorskip("tritonclient.http")
 
 from float32 import SAME_LIBRARY, f32_tol, peak, vae_score_tol  # noqa: E402
 from runtime_support import exported, one_error_line  # noqa: E402
-from runtime.errors import CasamError, InputError  # noqa: E402
+from casam_core.errors import CasamError, InputError  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.remote import RemotePipeline  # noqa: E402
-from runtime.serve import MODEL_NAME  # noqa: E402
-from runtime.serve.process import ServerProcess  # noqa: E402
-from runtime.serve.process_tree import alive, descendants  # noqa: E402
+from runtime.wire import MODEL_NAME  # noqa: E402
+from casam_serve.process import ServerProcess  # noqa: E402
+from casam_serve.process_tree import alive, descendants  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,7 @@ def test_casam_infer_with_server_writes_what_a_local_run_writes(server, engines,
     from click.testing import CliRunner
     from PIL import Image
 
-    from runtime.cli import main
+    from casam_infer.cli import main
 
     image = tmp_path / "scan.png"
     Image.fromarray(cases()[1]["image"]).save(image)
@@ -196,7 +196,7 @@ def test_request_at_first_health_ready_is_answered_and_sigterm_stops_without_orp
         srv.process.send_signal(signal.SIGTERM)
         code = srv.process.wait(timeout=10)
         elapsed = time.monotonic() - t0
-        # casam-serve ends what outlives Triton before it exits (runtime/serve/process_tree.py);
+        # casam-serve ends what outlives Triton before it exits (casam_serve/process_tree.py);
         # the moments allowed here are for the kernel to reap the last of them.
         deadline = time.monotonic() + 2
         while any(alive(p, s) for p, s in children.items()) and time.monotonic() < deadline:
@@ -218,7 +218,7 @@ def test_casam_infer_concurrency_keeps_input_order_and_reports_failures(server, 
     from click.testing import CliRunner
     from PIL import Image
 
-    from runtime.cli import main
+    from casam_infer.cli import main
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -17,11 +17,11 @@ import time
 import numpy as np
 import pytest
 
-from runtime.errors import CasamError, InputError, ManifestError
+from casam_core.errors import CasamError, InputError, ManifestError
 from runtime.preprocess import to_rgb_255
-from runtime.serve.batcher import EncoderBatcher
-from runtime.serve.process_tree import alive, descendants, end_survivors
-from runtime.serve.schema import INPUTS, OUTPUTS, Call, read_request, read_response, request_arrays, response_arrays
+from casam_serve.batcher import EncoderBatcher
+from casam_serve.process_tree import alive, descendants, end_survivors
+from runtime.wire import INPUTS, OUTPUTS, Call, read_request, read_response, request_arrays, response_arrays
 
 
 def test_request_round_trip_keeps_predict_arguments(rng):
@@ -153,7 +153,7 @@ def test_remote_errors_become_casam_errors_without_the_server_traceback():
 def test_python_libdir_goes_first_once():
     import sysconfig
 
-    from runtime.serve.server import python_libdir_first
+    from casam_serve.server import python_libdir_first
 
     libdir = sysconfig.get_config_var("LIBDIR")
     env = {"LD_LIBRARY_PATH": f"/usr/lib/x86_64-linux-gnu:{libdir}:/opt/x"}

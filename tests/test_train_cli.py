@@ -7,10 +7,10 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from runtime.files import atomic_write_json, read_json
+from casam_core.files import atomic_write_json, read_json
 from casam_bundle import Bundle
 from trainer.cli import main
-from runtime.metrics import continual_metrics
+from casam_core.metrics import continual_metrics
 from runtime_support import one_error_line
 from trainer.vae_training import single_thread
 

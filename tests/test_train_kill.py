@@ -11,7 +11,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from runtime.files import atomic_write_json, read_json
+from casam_core.files import atomic_write_json, read_json
 from casam_bundle import Bundle
 from trainer.cli import main
 from trainer.synthetic import write_synthetic_task

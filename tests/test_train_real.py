@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import real_data_or_skip
-from runtime.files import atomic_write_json
+from casam_core.files import atomic_write_json
 from casam_bundle import Bundle
 from models.bundle_models import build_model
 from trainer.data import load_dataset

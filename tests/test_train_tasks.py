@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.files import atomic_write_json, read_json
+from casam_core.files import atomic_write_json, read_json
 from casam_bundle import Bundle, BundleError
 from models.bundle_models import build_model, load_vae
 from trainer.calibration import calibrate

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from runtime.cli import main
-from runtime.image_io import read_scan
-from runtime.intensity import Intensity
+from casam_infer.cli import main
+from casam_io.image_io import read_scan
+from casam_io.intensity import Intensity
 from runtime.manifest import Manifest
-from runtime.names import IDENTITY
+from casam_core.names import IDENTITY
 from runtime.pipeline import Pipeline
 from runtime.preprocess import Frame, Preprocessing
 from runtime.volume import EmbeddingSpill, VolumePrompt, VolumeSegmenter, segment_volume, volume_route

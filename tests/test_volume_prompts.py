@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from runtime import cli
-from runtime.cli import main
-from runtime.metrics import image_scores
-from runtime.structures import tight_box
+from casam_infer import cli
+from casam_infer.cli import main
+from casam_core.metrics import image_scores
+from casam_core.structures import tight_box
 from runtime_support import exported, one_error_line
 from volume_support import save_nifti, sphere_volume
 

@@ -12,9 +12,9 @@ import torch
 
 from casam_bundle import Bundle
 from models.bundle_models import build_model
-from runtime.image_io import read_prepared, read_scan
-from runtime.intensity import WINDOW_PRESETS, Intensity
-from runtime.names import IDENTITY
+from casam_io.image_io import read_prepared, read_scan
+from casam_io.intensity import WINDOW_PRESETS, Intensity
+from casam_core.names import IDENTITY
 from runtime.pipeline import Pipeline
 from runtime.preprocess import boxes_to_frame, preprocess
 from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume

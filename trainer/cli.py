@@ -23,8 +23,8 @@ from typing import Any, Optional, Sequence
 import click
 
 from casam_bundle.lock import DEFAULT_WAIT_S
-from runtime.errors import CasamError, InputError
-from runtime.intensity import INTENSITY_MODES, WINDOW_PRESETS, intensity_from_options
+from casam_core.errors import CasamError, InputError
+from casam_io.intensity import INTENSITY_MODES, WINDOW_PRESETS, intensity_from_options
 
 SAM_CHOICES = ("vit_b", "vit_l", "vit_h", "tiny")
 GREEDY_OPTIONS = ("--tasks", "--data", "--ood")
@@ -55,7 +55,7 @@ def _fail(exc: CasamError) -> None:
 def _emit_summary(summary: dict[str, Any], json_path: Optional[str], quiet: bool) -> None:
     text = json.dumps(summary, indent=2, default=str)
     if json_path:
-        from runtime.files import atomic_write_text
+        from casam_core.files import atomic_write_text
 
         atomic_write_text(json_path, text + "\n")
     if not quiet or not json_path:
@@ -135,7 +135,7 @@ def _pairs(values: Sequence[str], what: str) -> list[tuple[str, str]]:
                    "images/<case>.nii.gz or images/<case>/ (a DICOM series) with labels/<case>.nii.gz.")
 @click.option("--replace", is_flag=True, help="Retrain a task that is already in the bundle.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of this task from its last finished epoch.")
-# --- volumes and intensity (runtime.intensity; recorded in bundle.json, applied by casam-infer) ---
+# --- volumes and intensity (casam_io.intensity; recorded in bundle.json, applied by casam-infer) ---
 @click.option("--axis", type=click.IntRange(0, 2), default=2, show_default=True,
               help="Axis along which volumes are sliced (2: the last, axial for the usual orientations).")
 @click.option("--intensity", "intensity_mode", type=click.Choice(list(INTENSITY_MODES)), default=None,
@@ -212,7 +212,7 @@ def eval_command(bundle: str, data: Sequence[str], ood: Sequence[str], checkpoin
     try:
         report = evaluate_bundle(bundle, _pairs(data, "--data"), list(ood), checkpoint=checkpoint, device=device,
                                  cache_dir=cache_dir, quiet=quiet)
-        from runtime.files import atomic_write_json
+        from casam_core.files import atomic_write_json
 
         atomic_write_json(out, report)
     except CasamError as exc:

@@ -2,7 +2,7 @@
 
 Volumes are NIfTI files or DICOM series folders (``images/<case>.nii.gz`` or
 ``images/<case>/``) with NIfTI labels (``labels/<case>.nii.gz``), sliced along any axis.
-Every image goes through runtime.image_io and runtime.intensity, the reader and intensity
+Every image goes through casam_io.image_io and casam_io.intensity, the reader and intensity
 handling the runtime applies at the edge, so trained and deployed slices are bit-identical.
 A volume's slices are split together (by case), so no test slice has a training neighbour.
 
@@ -11,7 +11,7 @@ is reported in one error that lists all offending files, because a hospital prep
 dataset wants the whole list, not one failure per run. Empty masks are skipped and counted.
 Each sample remembers its image's content hash, which keys the embedding cache.
 
-Structures (the objects to prompt for) are defined in runtime.structures, shared with
+Structures (the objects to prompt for) are defined in casam_core.structures, shared with
 casam-infer's ``--boxes-from-masks``.
 """
 
@@ -25,13 +25,13 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from runtime.errors import CasamError, InputError
-from runtime.files import read_json
-from runtime.image_io import (IMAGE_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, Scan, files_by_stem,
+from casam_core.errors import CasamError, InputError
+from casam_core.files import read_json
+from casam_io.image_io import (IMAGE_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, Scan, files_by_stem,
                               prepare, read_pil, read_prepared, read_scan, slice_at)
-from runtime.image_io import image_files as runtime_image_files
-from runtime.intensity import Intensity
-from runtime.structures import mask_to_index_map, structure_masks
+from casam_io.image_io import image_files as runtime_image_files
+from casam_io.intensity import Intensity
+from casam_core.structures import mask_to_index_map, structure_masks
 
 PathLike = Union[str, os.PathLike]
 TEST_FRACTION = 0.2
@@ -329,7 +329,7 @@ def load_dataset(
 
 
 def image_files(path: PathLike) -> dict[str, Path]:
-    """``runtime.image_io.image_files`` with the trainer's DataError."""
+    """``casam_io.image_io.image_files`` with the trainer's DataError."""
     return runtime_image_files(path, DataError)
 
 

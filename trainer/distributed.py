@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runtime.errors import CasamError, InputError
+from casam_core.errors import CasamError, InputError
 
 T = TypeVar("T")
 

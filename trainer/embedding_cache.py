@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from models.sam_loader import default_cache_dir as casam_cache_dir
-from runtime.files import atomic_path
+from casam_core.files import atomic_path
 from runtime.preprocess import Preprocessing, preprocess
 from trainer.data import Sample
 from trainer.distributed import SINGLE, World

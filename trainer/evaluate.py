@@ -19,7 +19,7 @@ from models.router import IDENTITY_INDEX
 from runtime.postprocess import masks_from_logits
 from runtime.preprocess import Preprocessing, boxes_to_frame, frame_for
 from trainer.data import Sample
-from runtime.metrics import image_scores
+from casam_core.metrics import image_scores
 from trainer.prompt_sampling import tight_boxes
 
 

@@ -27,9 +27,9 @@ from casam_bundle import Bundle
 from models.bundle_models import build_model, load_alignment
 from models.casam import CASAM
 from models.prompt_decoder import PromptDecoder
-from runtime.errors import InputError
-from runtime.files import read_json
-from runtime.names import IDENTITY
+from casam_core.errors import InputError
+from casam_core.files import read_json
+from casam_core.names import IDENTITY
 from runtime.preprocess import Preprocessing
 from trainer.data import Dataset, Sample
 from trainer.evaluate import SetResult, evaluate_set

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from runtime.prompts import encode_prompts
-from runtime.structures import tight_box
+from casam_core.structures import tight_box
 
 BOX_JITTER_PX = 5.0
 

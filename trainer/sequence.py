@@ -18,14 +18,14 @@ import torch
 
 from models.casam import CASAM, routes_to_names
 from models.sam_loader import FrozenSam, load_frozen_sam
-from runtime.errors import InputError
-from runtime.files import atomic_write_json, atomic_write_text
-from runtime.names import IDENTITY, check_task_name
+from casam_core.errors import InputError
+from casam_core.files import atomic_write_json, atomic_write_text
+from casam_core.names import IDENTITY, check_task_name
 from runtime.preprocess import Preprocessing
 from casam_bundle import Bundle, BundleError
 from models.bundle_models import build_model
 from trainer.data import Dataset, load_dataset, load_images
-from runtime.metrics import continual_metrics
+from casam_core.metrics import continual_metrics
 from trainer.evaluate import SetResult, evaluate_set, format_table, rejection_rate, route_embeddings
 from trainer.methods import DEFAULT_METHODS, METHODS, REFERENCE, Context, MethodRun, parse_methods
 from trainer.report import render_report

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import torch
 
 from models.sam_loader import FrozenSam, load_frozen_sam
-from runtime.errors import InputError
+from casam_core.errors import InputError
 from runtime.preprocess import Preprocessing
 from casam_bundle import Bundle, BundleError
 from trainer.embedding_cache import EmbeddingCache

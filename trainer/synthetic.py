@@ -18,8 +18,8 @@ from typing import Callable, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
-from runtime.errors import InputError
-from runtime.files import atomic_path
+from casam_core.errors import InputError
+from casam_core.files import atomic_path
 
 PathLike = Union[str, os.PathLike]
 Texture = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]

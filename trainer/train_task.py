@@ -30,9 +30,9 @@ from models.casam import CASAM
 from models.prompt_decoder import PromptDecoder
 from models.sam_loader import FrozenSam
 from models.pooling import attention_pool
-from runtime.names import IDENTITY
-from runtime.files import atomic_path, atomic_write_json, read_json
-from runtime.intensity import Intensity
+from casam_core.names import IDENTITY
+from casam_core.files import atomic_path, atomic_write_json, read_json
+from casam_io.intensity import Intensity
 from runtime.preprocess import Preprocessing, frame_for, resize_mask_to_frame
 from casam_bundle import DEFAULT_WAIT_S, Bundle, BundleError, TaskRecord, check_task_name
 from models.bundle_models import build_model, save_module
@@ -71,7 +71,7 @@ class TrainConfig:
         return VAEConfig(epochs=self.vae_epochs, lr=self.vae_lr, batch_size=self.batch_size, beta=self.beta)
 
     def check(self) -> None:
-        from runtime.errors import InputError
+        from casam_core.errors import InputError
 
         for name in ("epochs", "batch_size", "masks_per_image", "vae_epochs", "folds"):
             if getattr(self, name) < 1:
@@ -212,7 +212,7 @@ def train_task(
 
     Under torchrun, ranks other than 0 return None once rank 0 has committed.
     ``wait``: seconds to wait for the bundle's write lock at the commit (0: fail at once).
-    ``axis`` slices volumes; ``intensity`` (runtime.intensity) is recorded in a new bundle,
+    ``axis`` slices volumes; ``intensity`` (casam_io.intensity) is recorded in a new bundle,
     and must match an existing bundle's when given.
     """
     started = time.time()

@@ -10,7 +10,7 @@ from typing import Callable
 
 from runtime.backends.base import Backend, Engine, Tensor
 from runtime.backends.ort import BackendUnavailable, OrtBackend, cuda_usable
-from runtime.errors import CasamError
+from casam_core.errors import CasamError
 from runtime.manifest import Manifest
 
 #: CPU backends in the order ``auto`` tries them, per export precision (the manifest's

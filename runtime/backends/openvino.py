@@ -21,7 +21,7 @@ import numpy as np
 
 from runtime.backends.base import Tensor, to_numpy
 from runtime.backends.ort import BackendUnavailable
-from runtime.errors import ManifestError
+from casam_core.errors import ManifestError
 
 #: casam precision name → OpenVINO's inference precision hint.
 PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}

@@ -14,7 +14,7 @@ from typing import Any, Collection, Mapping, Optional
 import numpy as np
 
 from runtime.backends.base import Tensor, to_numpy
-from runtime.errors import CasamError, ManifestError
+from casam_core.errors import CasamError, ManifestError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

@@ -21,8 +21,8 @@ import numpy as np
 
 from runtime.backends.base import Tensor, to_numpy
 from runtime.backends.ort import BackendUnavailable, _ort
-from runtime.errors import ManifestError
-from runtime.files import atomic_write_bytes, sha256_file
+from casam_core.errors import ManifestError
+from casam_core.files import atomic_write_bytes, sha256_file
 
 #: Upper bound of the batch dimension (encoder, router, align) in the optimisation profile.
 MAX_BATCH = 8

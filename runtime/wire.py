@@ -1,6 +1,6 @@
 """The request and response of the Triton model ``casam``, as plain numpy arrays.
 
-Client (``runtime.remote``) and server (``runtime.serve.model``) both go through this
+Client (``runtime.remote``) and server (``casam_serve.model``) both go through this
 module, so the two ends cannot disagree about a name, a dtype or a shape. The model is
 unbatched on the Triton side (encoder batching happens inside the model, after
 preprocessing, where images of any size fit one batch), so tensors carry no batch axis.
@@ -14,9 +14,12 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from runtime.errors import InputError
+from casam_core.errors import InputError
 from runtime.preprocess import to_rgb_255
 
+
+MODEL_NAME = "casam"  # the segmentation model
+INFO_MODEL_NAME = "casam_info"  # no inputs; one JSON text describing the served engines
 
 @dataclass(frozen=True)
 class TensorSpec:

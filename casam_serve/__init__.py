@@ -5,9 +5,6 @@ Prometheus metrics and the usual way to scale out (replicas behind a load balanc
 model it serves is ``runtime.pipeline.Pipeline``; concurrent requests share encoder batches.
 
 Nothing here imports pytriton or tritonclient at module level: the wire schema
-(``runtime.serve.schema``) is plain numpy, so the edge runtime works without the
+(``runtime.wire``) is plain numpy, so the edge runtime works without the
 ``serve`` extra, and only starting a server or a remote client needs it.
 """
-
-MODEL_NAME = "casam"  # the segmentation model
-INFO_MODEL_NAME = "casam_info"  # no inputs; one JSON text describing the served engines

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from runtime.backends import BACKENDS
-from runtime.errors import CasamError
+from casam_core.errors import CasamError
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +44,7 @@ def main(engines: Path, host: str, http_port: int, grpc_port: int, metrics_port:
         logging.getLogger("pytriton").setLevel(logging.WARNING)
     try:
         from runtime.pipeline import Pipeline
-        from runtime.serve.server import ServeConfig, serve
+        from casam_serve.server import ServeConfig, serve
 
         pipeline = Pipeline.from_manifest(engines, backend=backend, max_resident=max_resident, preload=True)
         config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,

@@ -19,8 +19,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from runtime.errors import InputError
-from runtime.intensity import Source
+from casam_core.errors import InputError
+from casam_io.intensity import Source
+from casam_io.scan import Scan, check_pixels
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ORIENTATION_TOL = 1e-4  # direction cosines are written with ~6 decimals
@@ -50,7 +51,6 @@ def read_nifti(path: Path, volume: Optional[int] = None, strict_4d: bool = False
     A 4-D file needs ``volume``; without it volume 0 is used with a warning that offers
     ``--volume K``, or, with ``strict_4d``, it is refused.
     """
-    from runtime.image_io import Scan
 
     nib = _nib()
     try:
@@ -166,7 +166,6 @@ def _frame_pixels(ds: Any, path: Path, frames: int) -> np.ndarray:
 
 
 def _read_dataset(path: Path, max_pixels: Optional[int], header_only: bool = False) -> Any:
-    from runtime.image_io import check_pixels
 
     pydicom = _pydicom()
     try:
@@ -186,7 +185,6 @@ def frame_count(ds: Any) -> int:
 def read_dicom_file(path: Path, max_pixels: Optional[int] = None, allow_gaps: bool = False) -> Any:
     """One DICOM file: a single frame → a 2-D image; several frames → a rows × columns ×
     frames volume, its frames in slice order (see ``multiframe_layout``)."""
-    from runtime.image_io import Scan
 
     ds = _read_dataset(path, max_pixels)
     frames = frame_count(ds)
@@ -345,7 +343,6 @@ def _check_gaps(along: np.ndarray, folder: Path, allow_gaps: bool, what: str = "
 def read_dicom_series(folder: Path, max_pixels: Optional[int] = None, allow_gaps: bool = False) -> Any:
     """A folder holding one DICOM series → rows × columns × slices volume, sorted along the
     slice normal, with its affine and the slices' headers (pixel data dropped)."""
-    from runtime.image_io import Scan
 
     paths = _series_files(folder)
     headers = [_read_dataset(p, max_pixels, header_only=True) for p in paths]

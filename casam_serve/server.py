@@ -18,12 +18,12 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from runtime.errors import CasamError
+from casam_core.errors import CasamError
 from runtime.pipeline import Pipeline
-from runtime.serve import INFO_MODEL_NAME, MODEL_NAME
-from runtime.serve.model import CasamModel
-from runtime.serve.process_tree import descendants, end_survivors
-from runtime.serve.schema import INFO_OUTPUTS, INPUTS, OUTPUTS, TensorSpec
+from runtime.wire import INFO_MODEL_NAME, MODEL_NAME
+from casam_serve.model import CasamModel
+from casam_serve.process_tree import descendants, end_survivors
+from runtime.wire import INFO_OUTPUTS, INPUTS, OUTPUTS, TensorSpec
 
 LOG = logging.getLogger("casam.serve")
 START_ATTEMPTS = 5

@@ -4,7 +4,7 @@ and runtime share.
 Real medical files are messy: 16-bit greyscale PNG/TIFF, palette PNGs, RGBA screenshots,
 DICOM with rescale slopes and inverted photometry, NIfTI volumes in any orientation.
 ``read_scan`` returns a file's raw values (after DICOM's RescaleSlope/Intercept) with what
-decides their window (``runtime.intensity.Source``); ``prepare`` turns a whole scan into
+decides their window (``casam_io.intensity.Source``); ``prepare`` turns a whole scan into
 8-bit with the recorded intensity handling, and ``read_prepared`` gives one 2-D slice of it.
 Training and inference call these same functions, so both see the same grey levels.
 
@@ -23,8 +23,10 @@ from typing import Any, Optional, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from runtime.errors import InputError
-from runtime.intensity import Intensity, Source, apply_window, find_window, nonfinite_warning, to_uint8
+from casam_core.errors import InputError
+from casam_io.volume_io import read_dicom_file, read_dicom_series, read_nifti
+from casam_io.scan import Scan, check_pixels, standard_channels
+from casam_io.intensity import Intensity, Source, apply_window, find_window, nonfinite_warning, to_uint8
 
 PathLike = Union[str, os.PathLike]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -44,35 +46,6 @@ def is_nifti(path: PathLike) -> bool:
 
 def is_dicom(path: PathLike) -> bool:
     return str(path).lower().endswith(DICOM_SUFFIXES)
-
-
-def check_pixels(width: int, height: int, max_pixels: Optional[int], path: PathLike) -> None:
-    """One line for an image over the limit (None: no limit)."""
-    if max_pixels is not None and width * height > max_pixels:
-        raise InputError(f"{path}: image {width}×{height} exceeds the {max_pixels}-pixel limit (--max-pixels)")
-
-
-@dataclass
-class Scan:
-    """A file's raw values, in the dtype it stores (float after a DICOM rescale).
-
-    ``data`` is H×W or H×W×3 for 2-D files, X×Y×Z for volumes (slices along any axis).
-    ``affine`` maps voxel indices to RAS millimetres; ``header`` is the NIfTI header (to
-    write a mask with the same qform/sform); ``datasets`` are a DICOM series' headers in
-    slice order (to reference them from a DICOM SEG).
-    """
-
-    path: Path
-    data: np.ndarray
-    source: Source
-    affine: Optional[np.ndarray] = None
-    header: Any = None
-    datasets: list[Any] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def is_volume(self) -> bool:
-        return self.source.kind == "volume"
 
 
 # ----- pictures (Pillow) -------------------------------------------------------------------
@@ -130,7 +103,6 @@ def read_scan(path: PathLike, volume: Optional[int] = None, max_pixels: Optional
     ``volume`` picks one volume of a 4-D NIfTI. Without it a 4-D file uses volume 0 with a
     warning, or is refused when ``strict_4d`` (volume mode, training).
     """
-    from runtime.volume_io import read_dicom_file, read_dicom_series, read_nifti
 
     p = Path(path)
     if p.is_dir():
@@ -141,7 +113,6 @@ def read_scan(path: PathLike, volume: Optional[int] = None, max_pixels: Optional
         return read_nifti(p, volume=volume, strict_4d=strict_4d)
     if is_dicom(p):
         return read_dicom_file(p, max_pixels=max_pixels, allow_gaps=allow_gaps)
-    from runtime.preprocess import standard_channels
 
     return Scan(p, standard_channels(read_pil(p, max_pixels=max_pixels)), Source(kind="image", pil=True))
 

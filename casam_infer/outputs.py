@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from runtime.files import atomic_write_bytes, atomic_write_json
+from casam_core.files import atomic_write_bytes, atomic_write_json
 from runtime.preprocess import to_rgb_255
 
 # Distinct, colour-blind-friendly hues (Okabe–Ito) for up to eight prompts, then repeated.

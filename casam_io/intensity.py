@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from runtime.errors import InputError
+from casam_core.errors import InputError
 
 # Each mode and what it does, for --help and for the error on an unknown mode.
 INTENSITY_MODES: dict[str, str] = {

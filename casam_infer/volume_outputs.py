@@ -19,12 +19,12 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from PIL import Image
 
-from runtime.errors import InputError
-from runtime.files import atomic_write_bytes, atomic_write_json
-from runtime.image_io import Scan
-from runtime.outputs import overlay, png_bytes
+from casam_core.errors import InputError
+from casam_core.files import atomic_write_bytes, atomic_write_json
+from casam_io.image_io import Scan
+from casam_infer.outputs import overlay, png_bytes
 from runtime.volume import VolumeResult
-from runtime.volume_io import frame_count, has_frame_positions, multiframe_layout
+from casam_io.volume_io import frame_count, has_frame_positions, multiframe_layout
 
 MONTAGE_TILES = 16  # at most this many segmented slices in the montage
 MONTAGE_TILE_PX = 256
@@ -64,7 +64,7 @@ def seg_refusal(scan: Scan) -> Optional[str]:
 def _source_frames(scan: Scan, frames: np.ndarray) -> np.ndarray:
     """SEG frames (one per slice, in slice order) → one per source frame, in the source's
     order: highdicom pairs segmentation frame i with frame i of a multi-frame source, whose
-    frames the reader may have sorted (runtime.volume_io.multiframe_layout)."""
+    frames the reader may have sorted (casam_io.volume_io.multiframe_layout)."""
     if len(scan.datasets) != 1 or frame_count(scan.datasets[0]) == 1:
         return frames
     order, _, _ = multiframe_layout(scan.datasets[0], scan.path, allow_gaps=True)
@@ -78,7 +78,7 @@ def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> Any:
         from pydicom.sr.codedict import codes
     except ImportError as exc:
         raise InputError("writing DICOM SEG needs highdicom: pip install 'casam[medical]'") from exc
-    from runtime import __version__
+    from casam_core import __version__
 
     present = [int(v) for v in np.unique(labels) if v != 0]
     if not present:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Type
 
-from runtime.errors import CasamError, InputError
+from casam_core.errors import CasamError, InputError
 
 #: The route name of plain SAM (no alignment layer). Reserved: no task may take it.
 IDENTITY = "identity"

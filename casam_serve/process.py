@@ -19,8 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from runtime.errors import CasamError
-from runtime.serve import INFO_MODEL_NAME, MODEL_NAME
+from casam_core.errors import CasamError
+from runtime.wire import INFO_MODEL_NAME, MODEL_NAME
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -31,13 +31,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class ServerProcess:
-    """``python -m runtime.serve --engines …`` on loopback with ephemeral ports."""
+    """``python -m casam_serve --engines …`` on loopback with ephemeral ports."""
 
     def __init__(self, engines: os.PathLike | str, *, host: str = "127.0.0.1", max_batch: int = 8,
                  instances: Optional[int] = None, backend: str = "ort-cpu", extra_args: Sequence[str] = ()) -> None:
         self.host = host
         self.http_port, self.grpc_port, self.metrics_port = free_port(host), free_port(host), free_port(host)
-        self.args = [sys.executable, "-m", "runtime.serve", "--engines", str(engines), "--host", host,
+        self.args = [sys.executable, "-m", "casam_serve", "--engines", str(engines), "--host", host,
                      "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
                      "--metrics-port", str(self.metrics_port), "--max-batch", str(max_batch),
                      "--backend", backend, *(["--instances", str(instances)] if instances else []), *extra_args]

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from runtime.errors import CasamError
+from casam_core.errors import CasamError
 
 _STOP = object()
 

@@ -186,7 +186,7 @@ def check_finite(data: Any, error: type[Exception], where: PathLike) -> None:
 
 def check_document(data: Any, schema: str, error: type[Exception], where: PathLike) -> None:
     """Raise ``error`` naming ``where`` (the file), the field and what was expected when
-    ``data`` breaks ``runtime/schemas/<schema>.schema.json`` or holds a non-finite number."""
+    ``data`` breaks ``casam_core/schemas/<schema>.schema.json`` or holds a non-finite number."""
     import jsonschema
 
     check_finite(data, error, where)
@@ -221,7 +221,7 @@ def read_versioned_json(
     Bundles and manifests are both versioned documents that a later stage must refuse
     rather than misread, so the reading and the checks live here once: the format header
     first (so an old or new version gets its own message), then the published JSON Schema
-    of that format (``runtime/schemas/``), which the readers rely on instead of checking
+    of that format (``casam_core/schemas/``), which the readers rely on instead of checking
     fields one by one. ``data`` skips the read (an exporter validating a manifest before
     writing it); ``missing`` is the message for an absent file.
     """

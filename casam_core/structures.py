@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.errors import InputError
+from casam_core.errors import InputError
 
 MAX_LABELS = 32  # more distinct values than this: a soft/JPEG-compressed binary mask
 

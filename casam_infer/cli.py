@@ -22,12 +22,12 @@ import click
 import numpy as np
 
 from runtime.backends import BACKENDS, backends_help
-from runtime.errors import CasamError, InputError, ManifestError
-from runtime.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepared_slice, read_scan
-from runtime.intensity import Intensity
-from runtime.files import atomic_write_json, check_out_dir
+from casam_core.errors import CasamError, InputError, ManifestError
+from casam_io.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepared_slice, read_scan
+from casam_io.intensity import Intensity
+from casam_core.files import atomic_write_json, check_out_dir
 from runtime.remote import DEFAULT_READY_TIMEOUT_S
-from runtime.outputs import write_outputs
+from casam_infer.outputs import write_outputs
 from runtime.prompt_sources import ImagePrompts, boxes_from_masks, has_mask, read_prompt_file
 from runtime.scoring import DeploymentScores
 from runtime.volume import DEFAULT_BATCH, DEFAULT_MARGIN, DEFAULT_MIN_AREA, VolumePrompt
@@ -61,7 +61,7 @@ def resolve_engines(engines: Optional[Path]) -> Path:
 def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     """Files as given; a DICOM series folder as one volume; other folders → their image
     files (not recursive), sorted by name."""
-    from runtime.volume_io import is_dicom_series
+    from casam_io.volume_io import is_dicom_series
 
     files: list[Path] = []
     for path in paths:
@@ -148,7 +148,7 @@ def run_volume(pipe: Any, path: Path, scan: Scan, stem: str, prompts: ImagePromp
                scores: DeploymentScores) -> dict[str, Any]:
     """One volume: propagate, route the volume, write the NIfTI mask (+ SEG, montage, JSON)."""
     from runtime.volume import segment_volume
-    from runtime.volume_outputs import write_volume_outputs
+    from casam_infer.volume_outputs import write_volume_outputs
 
     if not hasattr(pipe, "encode"):
         raise InputError("volumes run on local engines only; drop --server for volume input")

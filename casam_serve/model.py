@@ -14,11 +14,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from runtime import __version__
-from runtime.errors import CasamError
+from casam_core import __version__
+from casam_core.errors import CasamError
 from runtime.pipeline import Pipeline
-from runtime.serve.batcher import EncoderBatcher
-from runtime.serve.schema import info_arrays, read_request, response_arrays
+from casam_serve.batcher import EncoderBatcher
+from runtime.wire import info_arrays, read_request, response_arrays
 
 LOG = logging.getLogger("casam.serve")
 

@@ -1,0 +1,1 @@
+"""``casam-infer``: the command-line application on top of the edge runtime."""
