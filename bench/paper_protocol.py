@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from casam_core.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
 from trainer.report import render_report  # noqa: E402
 from trainer.sequence import run_sequence  # noqa: E402
+from trainer.session import SessionOptions  # noqa: E402
 from trainer.train_task import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,8 +199,9 @@ def main() -> None:
                          vae_epochs=args.vae_epochs, seed=args.seed)
     load_before = uptime()
     t0 = time.time()
-    report = run_sequence(work / "bundle", tasks, work / "out", methods=["casam", "naive", "sam"], ood=ood, sam=args.sam,
-                          checkpoint=args.checkpoint, config=config, device="cpu", cache_dir=work / "cache", quiet=False)
+    report = run_sequence(work / "bundle", tasks, work / "out", methods=["casam", "naive", "sam"], ood=ood, config=config,
+                          session=SessionOptions(sam=args.sam, checkpoint=args.checkpoint, device="cpu",
+                                                 cache_dir=work / "cache"))
     seconds = time.time() - t0
     load_after = uptime()
     atomic_write_json(work / "out" / "timing.json", {"seconds": seconds, "load": [load_before, load_after], "args": {

@@ -39,7 +39,7 @@ from trainer.distributed import join  # noqa: E402
 from trainer.embedding_cache import EmbeddingCache  # noqa: E402
 from trainer.session import resolve_device  # noqa: E402
 from trainer.synthetic import write_synthetic_task  # noqa: E402
-from trainer.train_task import TrainConfig, train_epoch  # noqa: E402
+from trainer.train_task import TrainConfig, Trainee, train_epoch  # noqa: E402
 from train_throughput import frozen  # noqa: E402
 
 
@@ -75,7 +75,8 @@ def worker(args: argparse.Namespace) -> None:
     for epoch in range(config.epochs):
         sync()
         t0 = time.perf_counter()
-        train_epoch(model, decoder, optimiser, embeddings, samples, Preprocessing(), config, epoch, dev, world=world)
+        train_epoch(Trainee(model, decoder, optimiser, dev), embeddings, samples, Preprocessing(), config, epoch,
+                    world=world)
         sync()
         epochs.append(time.perf_counter() - t0)
     if world.is_main:

@@ -33,7 +33,7 @@ from trainer.data import load_dataset  # noqa: E402
 from trainer.embedding_cache import EmbeddingCache  # noqa: E402
 from trainer.session import resolve_device  # noqa: E402
 from trainer.synthetic import write_synthetic_task  # noqa: E402
-from trainer.train_task import TrainConfig, train_epoch  # noqa: E402
+from trainer.train_task import TrainConfig, Trainee, train_epoch  # noqa: E402
 
 
 def frozen(name: str) -> FrozenSam:
@@ -64,7 +64,7 @@ def run(name: str, images: int, epochs: int, masks: int, device: torch.device, w
             t0 = time.perf_counter()
             embeddings = cache.embeddings(samples)
             t1 = time.perf_counter()
-            train_epoch(layer, decoder, optimiser, embeddings, samples, prep, config, epoch, device)
+            train_epoch(Trainee(layer, decoder, optimiser, device), embeddings, samples, prep, config, epoch)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()

@@ -83,19 +83,36 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_nodes: Iterable[str] = ()) -> o
         raise ValueError("fp16 conversion does not handle control-flow subgraphs")
     for i, node in enumerate(g.node):
         node.name = node.name or f"unnamed_{i}"  # decisions are keyed by node name
-    keep32 = set(fp32_nodes)
-    is_half = {n.name: n.op_type not in FP32_OPS and n.name not in keep32 for n in g.node}
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in g.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    # Constants follow their consumers, so an fp32 node's constant (an eps) keeps its bits.
+    is_half = _half_nodes(g, set(fp32_nodes), consumers)
+    new_type = _convert_initializers(g, is_half, consumers)
+    nodes = _rewrite_nodes(g, is_half, src_types, new_type)
+    _cast_outputs_back(g, nodes, src_types, new_type)
+    # Still topological: each Cast went in just before its first consumer, output casts last.
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    return onnx.shape_inference.infer_shapes(out, strict_mode=True)
+
+
+def _half_nodes(g: onnx.GraphProto, keep32: set[str], consumers: dict[str, list[onnx.NodeProto]]) -> dict[str, bool]:
+    """Which nodes compute in fp16: all but FP32_OPS and ``keep32``; constants follow their
+    consumers, so an fp32 node's constant (an eps) keeps its bits."""
+    is_half = {n.name: n.op_type not in FP32_OPS and n.name not in keep32 for n in g.node}
     for node in g.node:
         if node.op_type == "Constant":
             users = consumers.get(node.output[0], [])
             is_half[node.name] = bool(users) and all(is_half[u.name] for u in users)
+    return is_half
 
-    # Initializers likewise: fp16 when every consumer computes in fp16, else fp32 (+ Cast).
+
+def _convert_initializers(g: onnx.GraphProto, is_half: dict[str, bool],
+                          consumers: dict[str, list[onnx.NodeProto]]) -> dict[str, int]:
+    """Initializers become fp16 when every consumer computes in fp16, else stay fp32 (+ Cast);
+    returns the dtype each initializer and graph input now has."""
     new_type: dict[str, int] = {}
     for i, init in enumerate(g.initializer):
         if init.data_type == FLOAT:
@@ -107,7 +124,13 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_nodes: Iterable[str] = ()) -> o
                 new_type[init.name] = FLOAT
     for inp in g.input:
         new_type.setdefault(inp.name, inp.type.tensor_type.elem_type)
+    return new_type
 
+
+def _rewrite_nodes(g: onnx.GraphProto, is_half: dict[str, bool], src_types: dict[str, int],
+                   new_type: dict[str, int]) -> list[onnx.NodeProto]:
+    """The nodes in order, each fed in its own precision (a Cast inserted once per tensor and
+    precision, just before its first consumer), with fp16 nodes' float attributes halved."""
     casts: dict[tuple[str, int], str] = {}
     nodes: list[onnx.NodeProto] = []
 
@@ -134,8 +157,13 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_nodes: Iterable[str] = ()) -> o
             if src_types.get(name) == FLOAT:
                 new_type[name] = want
         nodes.append(node)
+    return nodes
 
-    # Outputs: rename a converted producer's tensor and cast it back under the output's name.
+
+def _cast_outputs_back(g: onnx.GraphProto, nodes: list[onnx.NodeProto], src_types: dict[str, int],
+                       new_type: dict[str, int]) -> None:
+    """Outputs keep fp32: a converted producer's tensor is renamed and cast back under the
+    output's name."""
     for output in g.output:
         if src_types.get(output.name) == FLOAT and new_type.get(output.name) == HALF:
             inner = f"{output.name}__fp16"
@@ -147,10 +175,3 @@ def convert_to_fp16(model: onnx.ModelProto, fp32_nodes: Iterable[str] = ()) -> o
                     if name == output.name:
                         node.input[j] = inner
             nodes.append(helper.make_node("Cast", [inner], [output.name], to=FLOAT, name=f"cast_{output.name}_fp32"))
-
-    # Still topological: each Cast went in just before its first consumer, output casts last.
-    del g.node[:]
-    g.node.extend(nodes)
-    del g.value_info[:]
-    return onnx.shape_inference.infer_shapes(out, strict_mode=True)
-

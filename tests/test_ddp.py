@@ -27,6 +27,7 @@ from casam_bundle import Bundle
 from casam_core.files import atomic_write_json, read_json
 from trainer.synthetic import write_synthetic_task
 from trainer.train_task import TrainConfig, train_task
+from trainer.session import SessionOptions
 from trainer.vae_training import single_thread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,8 +86,9 @@ def runs(tmp_path_factory, tiny_sam):
     atomic_write_json(data / "split.json", {"train": stems[:N_TRAIN], "test": stems[N_TRAIN:]})
 
     with single_thread():  # the torchrun workers run on one thread each, like this reference
-        train_task(work / "single", TASK, data, sam="tiny", config=CONFIG, device="cpu",
-                   cache_dir=work / "cache_single", quiet=True, frozen_sam=tiny_sam)
+        train_task(work / "single", TASK, data, config=CONFIG,
+                   session=SessionOptions(sam="tiny", device="cpu", cache_dir=work / "cache_single", quiet=True,
+                                          frozen_sam=tiny_sam))
 
     bundle_dir = work / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CASAM_CACHE": str(work / "casam_cache"), "PYTHONPATH": str(REPO)}

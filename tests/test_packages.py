@@ -25,6 +25,7 @@ from conftest import make_random_bundle
 from casam_core.files import atomic_write_json, sha256_bytes
 from runtime_support import TASKS, copy_engines, exported, one_error_line, sample_images
 from trainer.cli import main
+from trainer.session import SessionOptions
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -257,7 +258,8 @@ def test_check_data_flags_a_task_that_captures_every_image(site, tmp_path, tiny_
     assert snapshot(target) == before
 
     def vet(strict: bool, report: dict):
-        return package_vet(refs, strict=strict, device="cpu", cache_dir=cache, quiet=True, frozen_sam=tiny_sam, report=report)
+        return package_vet(refs, strict=strict, report=report,
+                           session=SessionOptions(device="cpu", cache_dir=cache, quiet=True, frozen_sam=tiny_sam))
 
     benign: dict = {}
     unpack_package(target, package, as_name="gamma_ok", vet=vet(True, benign))  # τ = 0.75: takes nothing

@@ -28,6 +28,7 @@ from trainer.report import percent
 from trainer.sequence import run_sequence, zero_shot_row
 from trainer.synthetic import write_synthetic_task
 from trainer.train_task import TrainConfig
+from trainer.session import SessionOptions
 from trainer.vae_training import single_thread
 
 # lr 1e-3 with batch 2: enough steps for one layer to move visibly between tasks in 2 epochs.
@@ -52,8 +53,9 @@ def protocol(tmp_path_factory, tiny_sam):
     out = base / "out"
     with single_thread():  # small runs on busy cores: thread hand-offs cost more than they give
         report = run_sequence(base / "bundle", tasks, out, methods=["casam", "naive", "sam"],
-                              ood=[("plasma", str(base / "plasma"))], sam="tiny", config=CONFIG, device="cpu",
-                              cache_dir=cache, quiet=True, frozen_sam=tiny_sam)
+                              ood=[("plasma", str(base / "plasma"))], config=CONFIG,
+                              session=SessionOptions(sam="tiny", device="cpu", cache_dir=cache, quiet=True,
+                                                     frozen_sam=tiny_sam))
     return {"base": base, "out": out, "report": report, "json": read_json(out / "sequence.json")}
 
 

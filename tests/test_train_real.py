@@ -14,13 +14,18 @@ from casam_bundle import Bundle
 from models.bundle_models import build_model
 from trainer.data import load_dataset
 from trainer.evaluate import route_embeddings
-from trainer.session import open_bundle_session
+from trainer.session import SessionOptions, open_bundle_session
 from trainer.train_task import TrainConfig, train_task
 from trainer.vae_training import single_thread
 
 SETS = ("polyp_kvasir", "cxr_jsrt")
 N_TRAIN, N_TEST = 20, 4
 CONFIG = TrainConfig(epochs=1, batch_size=5, masks_per_image=1, vae_epochs=60)
+
+
+def SESSION(cache, tiny_sam) -> SessionOptions:
+    """The tiny SAM on the CPU with this test's embedding cache."""
+    return SessionOptions(sam="tiny", device="cpu", cache_dir=cache, quiet=True, frozen_sam=tiny_sam)
 
 
 def linked_subset(source: Path, target: Path) -> Path:
@@ -42,11 +47,10 @@ def test_two_real_tasks_train_and_route_to_themselves(tmp_path, tiny_sam):
     data = {name: linked_subset(real / name, tmp_path / name) for name in SETS}
     for name in SETS:
         with single_thread():  # small runs on busy cores: thread hand-offs cost more than they give
-            summary = train_task(bundle_dir, name, data[name], sam="tiny", config=CONFIG, device="cpu",
-                                 cache_dir=cache, quiet=True, frozen_sam=tiny_sam)
+            summary = train_task(bundle_dir, name, data[name], config=CONFIG, session=SESSION(cache, tiny_sam))
         assert summary["metrics"]["n_train"] == N_TRAIN and summary["metrics"]["test_iou"] is not None
     bundle = Bundle.open(bundle_dir)
-    session = open_bundle_session(bundle, device="cpu", cache_dir=cache, quiet=True, sam=tiny_sam)
+    session = open_bundle_session(bundle, SESSION(cache, tiny_sam))
     model = build_model(bundle, tiny_sam.model)
     for index, name in enumerate(SETS):
         test = load_dataset(data[name], split=bundle.load_split(name)).test

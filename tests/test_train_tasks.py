@@ -8,6 +8,7 @@ epochs, one mask per image) but use the real trainer end to end.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from trainer.calibration import calibrate
 from trainer.data import load_dataset, load_images
 from trainer.evaluate import predict_masks, rejection_rate, route_embeddings
 from trainer.prompt_sampling import tight_boxes
-from trainer.session import open_bundle_session
+from trainer.session import SessionOptions, open_bundle_session
 from trainer.synthetic import write_synthetic_task
 from trainer.train_task import TrainConfig, train_task
 from trainer.vae_training import VAEConfig, single_thread
@@ -46,7 +47,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def predictions(bundle: Bundle, sam, root: Path, cache_dir: Path) -> tuple[list[int], list[np.ndarray]]:
     """Routed masks of task stripes' test images under the bundle's current model."""
-    session = open_bundle_session(bundle, device="cpu", cache_dir=cache_dir, quiet=True, sam=sam)
+    session = open_bundle_session(bundle, SessionOptions(device="cpu", cache_dir=cache_dir, quiet=True, frozen_sam=sam))
     model = build_model(bundle, sam.model)
     samples = load_dataset(root).test
     emb = session.cache.embeddings(samples)
@@ -69,7 +70,8 @@ def train_two_tasks(tmp_path_factory, tiny_sam) -> dict:
     data = {s: make_task(base / s, s) for s in ("stripes", "dots")}
     write_synthetic_task(base / "plasma", "plasma", 8, seed=9)
     bundle_dir = base / "bundle"
-    kw = dict(sam="tiny", config=CONFIG, device="cpu", cache_dir=cache, quiet=True, frozen_sam=tiny_sam)
+    kw = dict(config=CONFIG, session=SessionOptions(sam="tiny", device="cpu", cache_dir=cache, quiet=True,
+                                                    frozen_sam=tiny_sam))
     first = train_task(bundle_dir, "stripes", data["stripes"], **kw)
     before_files = snapshot(bundle_dir / "tasks" / "stripes")
     before_preds = predictions(Bundle.open(bundle_dir), tiny_sam, data["stripes"], cache)
@@ -92,7 +94,8 @@ def test_training_lowers_loss_and_beats_identity(trained):
 
 def test_routing_and_ood_rejection(trained, tiny_sam):
     bundle = Bundle.open(trained["bundle_dir"])
-    session = open_bundle_session(bundle, device="cpu", cache_dir=trained["cache"], quiet=True, sam=tiny_sam)
+    session = open_bundle_session(bundle, SessionOptions(device="cpu", cache_dir=trained["cache"], quiet=True,
+                                                         frozen_sam=tiny_sam))
     model = build_model(bundle, tiny_sam.model)
     correct, total = 0, 0
     for index, name in enumerate(bundle.task_names):
@@ -120,7 +123,8 @@ def test_threshold_is_numpy_percentile_of_held_out_scores(trained, tiny_sam):
     assert calib["p99"] == float(np.percentile(scores, 99))
     assert calib["mean_plus_2std"] == scores.mean() + 2 * scores.std()
     # The held-out scores are reproducible from the same training features.
-    session = open_bundle_session(bundle, device="cpu", cache_dir=trained["cache"], quiet=True, sam=tiny_sam)
+    session = open_bundle_session(bundle, SessionOptions(device="cpu", cache_dir=trained["cache"], quiet=True,
+                                                         frozen_sam=tiny_sam))
     train = load_dataset(trained["data"]["stripes"], split=bundle.load_split("stripes")).train
     pooled = attention_pool(session.cache.embeddings(train).float())
     vae, again = calibrate(pooled, VAEConfig(epochs=CONFIG.vae_epochs, batch_size=CONFIG.batch_size), train_seed=CONFIG.seed)
@@ -168,9 +172,11 @@ def test_other_sam_checkpoint_is_refused(trained, tmp_path):
     save_file({k: v.contiguous() for k, v in build_tiny_sam(seed=1).state_dict().items()}, str(ckpt))
     before = (trained["bundle_dir"] / "bundle.json").read_bytes()
     kw = dict(trained["kw"])
-    kw.pop("frozen_sam")
+    own = replace(kw["session"], frozen_sam=None)
     with pytest.raises(BundleError, match="checkpoint sha256"):
-        train_task(trained["bundle_dir"], "other", trained["data"]["dots"], checkpoint=ckpt, **kw)
+        train_task(trained["bundle_dir"], "other", trained["data"]["dots"], config=kw["config"],
+                   session=replace(own, checkpoint=ckpt))
     with pytest.raises(BundleError, match="trained with SAM 'tiny'"):
-        train_task(trained["bundle_dir"], "other", trained["data"]["dots"], **{**kw, "sam": "vit_b"})
+        train_task(trained["bundle_dir"], "other", trained["data"]["dots"], config=kw["config"],
+                   session=replace(own, sam="vit_b"))
     assert (trained["bundle_dir"] / "bundle.json").read_bytes() == before

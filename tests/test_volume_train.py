@@ -20,7 +20,8 @@ from runtime.preprocess import boxes_to_frame, preprocess
 from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume
 from trainer.data import Sample, content_hash
 from trainer.embedding_cache import EmbeddingCache
-from trainer.train_task import TrainConfig, train_task
+from trainer.session import SessionOptions
+from trainer.train_task import TaskOptions, TrainConfig, train_task
 from trainer.vae_training import single_thread
 from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series
 
@@ -28,6 +29,11 @@ nib = pytest.importorskip("nibabel")
 SPACING = (1.0, 1.0, 2.5)
 SOFT_TISSUE = Intensity(mode="window", window=WINDOW_PRESETS["soft-tissue"])
 CONFIG = TrainConfig(epochs=1, batch_size=4, masks_per_image=1, vae_epochs=4, folds=2)
+
+
+def SESSION(base, tiny_sam) -> SessionOptions:
+    """The tiny SAM on the CPU, with the module's shared embedding cache under ``base``."""
+    return SessionOptions(sam="tiny", device="cpu", cache_dir=base / "cache", quiet=True, frozen_sam=tiny_sam)
 
 
 def write_cases(root: Path) -> None:
@@ -48,8 +54,8 @@ def trained(tmp_path_factory, tiny_sam):
     base = tmp_path_factory.mktemp("volume_train")
     write_cases(base / "data")
     with single_thread():
-        summary = train_task(base / "bundle", "sphere", base / "data", sam="tiny", config=CONFIG, device="cpu",
-                             cache_dir=base / "cache", quiet=True, frozen_sam=tiny_sam, intensity=SOFT_TISSUE)
+        summary = train_task(base / "bundle", "sphere", base / "data", config=CONFIG, session=SESSION(base, tiny_sam),
+                             options=TaskOptions(intensity=SOFT_TISSUE))
     export_bundle(base / "bundle", base / "engines", verify=False, quiet=True)
     return base, summary
 
@@ -160,8 +166,7 @@ def test_eval_ood_images_are_prepared_with_the_bundles_intensity(trained, tiny_s
 
     base, _ = trained
     unseen = write_unseen(tmp_path / "unseen")
-    report = evaluate_bundle(base / "bundle", [], [str(unseen)], device="cpu", cache_dir=base / "cache", quiet=True,
-                             frozen_sam=tiny_sam)
+    report = evaluate_bundle(base / "bundle", [], [str(unseen)], session=SESSION(base, tiny_sam))
     assert report["ood"][0]["count"] == 2
     assert_prepared_with(embedded, unseen_pictures(unseen, SOFT_TISSUE))
 
@@ -173,8 +178,7 @@ def test_sequence_ood_sets_are_prepared_with_the_bundles_intensity(trained, tiny
     unseen = write_unseen(tmp_path / "unseen")
     with single_thread():
         report = run_sequence(base / "bundle", [("sphere", str(base / "data"))], tmp_path / "out", methods=["sam"],
-                              ood=[("ct", str(unseen))], sam="tiny", config=CONFIG, device="cpu",
-                              cache_dir=base / "cache", quiet=True, frozen_sam=tiny_sam)
+                              ood=[("ct", str(unseen))], config=CONFIG, session=SESSION(base, tiny_sam))
     ct = read_scan(unseen / "images" / "ct.nii.gz").data
     labelled = [k for k in range(3) if read_scan(unseen / "labels" / "ct.nii.gz").data[:, :, k].any()]
     assert report["ood"][0]["count"] == len(labelled) > 0
@@ -200,7 +204,7 @@ def test_unpack_check_data_images_are_prepared_with_the_bundles_intensity(traine
     pack_task(base / "bundle", "sphere", tmp_path / "sphere.casam")
     shutil.copytree(base / "bundle", tmp_path / "site")
     report: dict = {}
-    vet = package_vet(unseen, device="cpu", cache_dir=base / "cache", quiet=True, frozen_sam=tiny_sam, report=report)
+    vet = package_vet(unseen, session=SESSION(base, tiny_sam), report=report)
     unpack_package(tmp_path / "site", tmp_path / "sphere.casam", as_name="sphere_copy", vet=vet)
     assert report["takeover"]["images"] == 2
     assert_prepared_with(embedded, unseen_pictures(unseen, SOFT_TISSUE))

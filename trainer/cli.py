@@ -52,6 +52,14 @@ def _fail(exc: CasamError) -> None:
     sys.exit(2)
 
 
+def _session(kw: dict[str, Any]) -> Any:
+    """The SessionOptions of the session options given (``--sam`` defaults to the bundle's)."""
+    from trainer.session import SessionOptions
+
+    names = ("sam", "checkpoint", "device", "cache_dir", "quiet")
+    return SessionOptions(**{k: kw[k] for k in names if k in kw and kw[k] is not None})
+
+
 def _emit_summary(summary: dict[str, Any], json_path: Optional[str], quiet: bool) -> None:
     text = json.dumps(summary, indent=2, default=str)
     if json_path:
@@ -169,13 +177,13 @@ def main(ctx: click.Context, bundle: Optional[str], task: Optional[str], data: O
     missing = [f"--{n}" for n, v in (("bundle", bundle), ("task", task), ("data", data)) if v is None]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (or give a subcommand: {', '.join(sorted(main.commands))})")
-    from trainer.train_task import train_task
+    from trainer.train_task import TaskOptions, train_task
 
     try:
         intensity = intensity_from_options(intensity_mode, window, window_preset)
-        summary = train_task(bundle, task, data, sam=kw["sam"], checkpoint=kw["checkpoint"], config=_config(kw),
-                             resize=kw["resize"], device=kw["device"], replace=replace, resume=resume,
-                             cache_dir=kw["cache_dir"], quiet=kw["quiet"], wait=wait, axis=axis, intensity=intensity)
+        summary = train_task(bundle, task, data, session=_session(kw), config=_config(kw),
+                             options=TaskOptions(resize=kw["resize"], axis=axis, intensity=intensity, replace=replace,
+                                                 resume=resume, wait=wait))
     except CasamError as exc:
         _fail(exc)
     if summary is not None:  # None: a torchrun rank other than 0, which commits and reports
@@ -210,8 +218,9 @@ def eval_command(bundle: str, data: Sequence[str], ood: Sequence[str], checkpoin
     from trainer.sequence import evaluate_bundle
 
     try:
-        report = evaluate_bundle(bundle, _pairs(data, "--data"), list(ood), checkpoint=checkpoint, device=device,
-                                 cache_dir=cache_dir, quiet=quiet)
+        report = evaluate_bundle(bundle, _pairs(data, "--data"), list(ood),
+                                 session=_session(dict(checkpoint=checkpoint, device=device, cache_dir=cache_dir,
+                                                       quiet=quiet)))
         from casam_core.files import atomic_write_json
 
         atomic_write_json(out, report)
@@ -254,9 +263,8 @@ def sequence_command(bundle: Optional[str], tasks: Sequence[str], ood: Sequence[
 
     try:
         report = run_sequence(bundle, _pairs(tasks, "--tasks"), out, methods=parse_methods(methods),
-                              ood=_pairs(ood, "--ood"), sam=kw["sam"], checkpoint=kw["checkpoint"],
-                              config=_config(kw), resize=kw["resize"], device=kw["device"],
-                              cache_dir=kw["cache_dir"], quiet=kw["quiet"])
+                              ood=_pairs(ood, "--ood"), session=_session(kw), config=_config(kw),
+                              resize=kw["resize"])
     except CasamError as exc:
         _fail(exc)
     _emit_summary(report, kw["json_summary"], kw["quiet"])
@@ -336,8 +344,9 @@ def unpack_command(package: str, bundle: str, as_name: Optional[str], trust: Opt
         if (strict or max_takeover is not None) and check_data is None:
             raise InputError("--strict and --max-takeover need --check-data DIR")
         vet = package_vet(check_data, max_share=DEFAULT_MAX_TAKEOVER if max_takeover is None else max_takeover,
-                          strict=strict, checkpoint=checkpoint, device=device, cache_dir=cache_dir, quiet=quiet,
-                          report=report)
+                          strict=strict, report=report,
+                          session=_session(dict(checkpoint=checkpoint, device=device, cache_dir=cache_dir,
+                                                quiet=quiet)))
         summary = unpack_package(bundle, package, as_name=as_name, trust=trust, require_signatures=require_signatures,
                                  vet=vet, wait=wait)
     except CasamError as exc:

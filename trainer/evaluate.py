@@ -66,19 +66,27 @@ def predict_masks(model: CASAM, embedding: torch.Tensor, route: int, boxes: np.n
     return masks_from_logits(low_res.float().cpu().numpy(), frame)
 
 
-def evaluate_set(model: CASAM, embeddings: torch.Tensor, samples: Sequence[Sample], prep: Preprocessing,
-                 name: str, task: TaskChoice = None, expected: Optional[str] = None, quiet: bool = True,
-                 memo: Optional[dict[tuple[int, int], tuple[float, float]]] = None) -> SetResult:
-    """Mean IoU/BIoU (per image over its masks, then over images) of ``samples``.
+@dataclass
+class EvalPass:
+    """Which path one evaluation pass takes.
 
     ``task`` None routes each image; a name or "identity" forces one path. With
     ``expected`` the routing accuracy towards that task is reported as well. Several
     passes over the same samples and model may share ``memo`` ((image, route) → scores),
     so a routed pass only decodes the images whose route no earlier pass took.
     """
-    routes, _ = route_embeddings(model, embeddings, task)
+
+    task: TaskChoice = None
+    expected: Optional[str] = None
+    memo: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+
+
+def evaluate_set(model: CASAM, embeddings: torch.Tensor, samples: Sequence[Sample], prep: Preprocessing,
+                 name: str, how: EvalPass = EvalPass(), quiet: bool = True) -> SetResult:
+    """Mean IoU/BIoU (per image over its masks, then over images) of ``samples``."""
+    routes, _ = route_embeddings(model, embeddings, how.task)
     names = routes_to_names(routes, model.task_names)
-    memo = {} if memo is None else memo
+    memo, expected = how.memo, how.expected
     per_image: list[dict[str, Any]] = []
     for i, sample in enumerate(tqdm(samples, desc=f"eval {name}", unit="img", disable=quiet, leave=False)):
         if (i, routes[i]) not in memo:

@@ -32,10 +32,10 @@ from casam_core.files import read_json
 from casam_core.names import IDENTITY
 from runtime.preprocess import Preprocessing
 from trainer.data import Dataset, Sample
-from trainer.evaluate import SetResult, evaluate_set
+from trainer.evaluate import EvalPass, SetResult, evaluate_set
 from trainer.naive import NAIVE_TASK, fine_tune, initial_layer, save_stage, stage_summary
-from trainer.session import Session
-from trainer.train_task import TrainConfig, train_task
+from trainer.session import Session, SessionOptions
+from trainer.train_task import TaskOptions, TrainConfig, Trainee, train_task
 
 PathLike = Union[str, os.PathLike]
 Memo = dict[tuple[int, int], tuple[float, float]]
@@ -50,15 +50,16 @@ class Context:
     prep: Preprocessing
     out_dir: Path
     bundle_dir: Optional[Path]
-    checkpoint: Optional[PathLike]
+    options: SessionOptions  # as given to the protocol, with the loaded SAM as frozen_sam
     resize: Optional[str]
-    device: str
-    cache_dir: Optional[PathLike]
-    quiet: bool
     memos: dict[str, Memo] = field(default_factory=dict)
     #: The first task, when CA-SAM trained it in this run with this config: naive's stage 1
     #: is the very same training (same seeded init, data, prompts, epochs), so it is reused.
     casam_first_task: Optional[str] = None
+
+    @property
+    def quiet(self) -> bool:
+        return self.options.quiet
 
     def memo(self, set_name: str) -> Memo:
         """The (image, route) → (IoU, BIoU) memo of one set, shared by ``sam`` and ``casam``."""
@@ -88,8 +89,8 @@ class MethodRun(abc.ABC):
 
 class SamRun(MethodRun):
     def evaluate(self, set_name: str, samples: Sequence[Sample], embeddings: torch.Tensor, seen: bool) -> SetResult:
-        return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name, task=IDENTITY,
-                            quiet=self.ctx.quiet, memo=self.ctx.memo(set_name))
+        return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name,
+                            EvalPass(task=IDENTITY, memo=self.ctx.memo(set_name)), self.ctx.quiet)
 
 
 class CasamRun(MethodRun):
@@ -110,17 +111,15 @@ class CasamRun(MethodRun):
         if not self._in_bundle(name):
             if stage == 0:
                 ctx.casam_first_task = name
-            self.trained.append(train_task(ctx.bundle_dir, name, path, sam=ctx.session.sam.name,
-                                           checkpoint=ctx.checkpoint, config=ctx.config, resize=ctx.resize,
-                                           device=ctx.device, cache_dir=ctx.cache_dir, quiet=ctx.quiet,
-                                           frozen_sam=ctx.session.sam))
+            self.trained.append(train_task(ctx.bundle_dir, name, path, session=ctx.options, config=ctx.config,
+                                           options=TaskOptions(resize=ctx.resize)))
         self.names.append(name)
         bundle = Bundle.open(ctx.bundle_dir)
         self.model = build_model(bundle, ctx.session.sam.model, self.names).to(ctx.session.device)
 
     def evaluate(self, set_name: str, samples: Sequence[Sample], embeddings: torch.Tensor, seen: bool) -> SetResult:
         return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name,
-                            expected=set_name if seen else None, quiet=self.ctx.quiet, memo=self.ctx.memo(set_name))
+                            EvalPass(expected=set_name if seen else None, memo=self.ctx.memo(set_name)), self.ctx.quiet)
 
 
 class NaiveRun(MethodRun):
@@ -140,15 +139,17 @@ class NaiveRun(MethodRun):
             self.layer.load_state_dict(load_alignment(Bundle.open(ctx.bundle_dir), name).state_dict())
             log = read_json(Bundle.open(ctx.bundle_dir).task_dir(name) / "train_log.json")["epochs"]
         else:
-            log = fine_tune(self.layer, self.decoder, train_emb, dataset.train, ctx.prep, ctx.config,
-                            ctx.session.device, desc=f"naive {name}", quiet=ctx.quiet)
+            trainee = Trainee(self.layer, self.decoder, torch.optim.Adam(self.layer.parameters(), lr=ctx.config.lr),
+                              ctx.session.device)
+            log = fine_tune(trainee, train_emb, dataset.train, ctx.prep, ctx.config, desc=f"naive {name}",
+                            quiet=ctx.quiet)
         weights = save_stage(self.layer, ctx.out_dir, stage + 1, name)
         self.trained.append(stage_summary(name, log, weights, time.time() - t0))
         self.model = CASAM(ctx.session.sam.model, [NAIVE_TASK], [self.layer]).to(ctx.session.device).eval()
 
     def evaluate(self, set_name: str, samples: Sequence[Sample], embeddings: torch.Tensor, seen: bool) -> SetResult:
-        return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name, task=NAIVE_TASK,
-                            quiet=self.ctx.quiet)
+        return evaluate_set(self.model, embeddings, samples, self.ctx.prep, set_name, EvalPass(task=NAIVE_TASK),
+                            self.ctx.quiet)
 
 
 @dataclass(frozen=True)

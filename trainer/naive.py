@@ -24,7 +24,7 @@ from models.bundle_models import save_module
 from models.prompt_decoder import PromptDecoder
 from runtime.preprocess import Preprocessing
 from trainer.data import Sample
-from trainer.train_task import TrainConfig, train_epoch
+from trainer.train_task import TrainConfig, Trainee, train_epoch
 
 #: The one task name of the naive model (a CASAM with a single forced layer).
 NAIVE_TASK = "naive"
@@ -37,22 +37,21 @@ def initial_layer(config: TrainConfig, device: torch.device) -> AlignmentLayer:
         return AlignmentLayer().to(device)
 
 
-def fine_tune(layer: AlignmentLayer, decoder: PromptDecoder, embeddings: torch.Tensor, samples: Sequence[Sample],
-              prep: Preprocessing, config: TrainConfig, device: torch.device, desc: str,
-              quiet: bool = True) -> list[dict[str, Any]]:
-    """Continue training ``layer`` in place on one task; returns the per-epoch loss log.
+def fine_tune(trainee: Trainee, embeddings: torch.Tensor, samples: Sequence[Sample], prep: Preprocessing,
+              config: TrainConfig, desc: str, quiet: bool = True) -> list[dict[str, Any]]:
+    """Continue training ``trainee.layer`` in place on one task; returns the per-epoch loss log.
 
-    A fresh Adam per task, as a new fine-tuning run started from the previous weights.
+    The caller gives a fresh Adam per task, as a new fine-tuning run started from the
+    previous weights.
     """
-    optimiser = torch.optim.Adam(layer.parameters(), lr=config.lr)
     log: list[dict[str, Any]] = []
     bar = tqdm(total=config.epochs * len(samples), desc=desc, unit="img", disable=quiet, leave=False)
     for epoch in range(config.epochs):
         e0 = time.time()
-        parts = train_epoch(layer, decoder, optimiser, embeddings, samples, prep, config, epoch, device, bar)
+        parts = train_epoch(trainee, embeddings, samples, prep, config, epoch, bar)
         log.append({"epoch": epoch + 1, **parts, "seconds": time.time() - e0})
     bar.close()
-    layer.eval()
+    trainee.layer.eval()
     return log
 
 

@@ -25,7 +25,7 @@ from models.router import Router, choose_routes
 from models.sam_loader import FrozenSam
 from models.vae import TaskVAE
 from trainer.data import image_files, load_images
-from trainer.session import open_bundle_session
+from trainer.session import SessionOptions, open_bundle_session
 
 PathLike = Union[str, os.PathLike]
 #: Default largest share of the reference images a new task may take (--max-takeover).
@@ -62,11 +62,7 @@ def package_vet(
     *,
     max_share: float = DEFAULT_MAX_TAKEOVER,
     strict: bool = False,
-    checkpoint: Optional[PathLike] = None,
-    device: str = "auto",
-    cache_dir: Optional[PathLike] = None,
-    quiet: bool = False,
-    frozen_sam: Optional[FrozenSam] = None,
+    session: SessionOptions = SessionOptions(),
     report: Optional[dict[str, Any]] = None,
 ) -> Callable[[Bundle, TaskRecord, Path], None]:
     """The check ``unpack_package`` runs on a staged task before committing it.
@@ -86,8 +82,8 @@ def package_vet(
         if check_data is None or not bundle.task_names:  # a first task takes nothing from anyone
             return
         samples = load_images(check_data, bundle.preprocessing.intensity)
-        session = open_bundle_session(bundle, checkpoint, device, cache_dir, quiet, frozen_sam)
-        embeddings = session.cache.embeddings(samples, desc=f"embedding {Path(check_data).name}")
+        opened = open_bundle_session(bundle, session)
+        embeddings = opened.cache.embeddings(samples, desc=f"embedding {Path(check_data).name}")
         result = takeover_share(bundle, record, vae, embeddings)
         if report is not None:
             report["takeover"] = result

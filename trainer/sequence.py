@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -26,10 +26,10 @@ from casam_bundle import Bundle, BundleError
 from models.bundle_models import build_model
 from trainer.data import Dataset, load_dataset, load_images
 from casam_core.metrics import continual_metrics
-from trainer.evaluate import SetResult, evaluate_set, format_table, rejection_rate, route_embeddings
+from trainer.evaluate import EvalPass, SetResult, evaluate_set, format_table, rejection_rate, route_embeddings
 from trainer.methods import DEFAULT_METHODS, METHODS, REFERENCE, Context, MethodRun, parse_methods
 from trainer.report import render_report
-from trainer.session import Session, check_bundle_sam, open_bundle_session, open_session
+from trainer.session import Session, SessionOptions, check_bundle_sam, open_bundle_session, open_session
 from trainer.train_task import TrainConfig
 
 PathLike = Union[str, os.PathLike]
@@ -47,7 +47,7 @@ def _evaluate_task(session: Session, bundle: Bundle, model, name: str, dataset: 
     samples = dataset.test if name in bundle.task_names else dataset.samples
     embeddings = session.cache.embeddings(samples, desc=f"embedding {name}")
     expected = name if name in model.task_names else None
-    return evaluate_set(model, embeddings, samples, bundle.preprocessing, name, expected=expected, quiet=quiet)
+    return evaluate_set(model, embeddings, samples, bundle.preprocessing, name, EvalPass(expected=expected), quiet)
 
 
 def evaluate_bundle(
@@ -55,11 +55,7 @@ def evaluate_bundle(
     data: Sequence[tuple[str, str]],
     ood: Sequence[str] = (),
     *,
-    checkpoint: Optional[PathLike] = None,
-    device: str = "auto",
-    cache_dir: Optional[PathLike] = None,
-    quiet: bool = False,
-    frozen_sam: Optional[FrozenSam] = None,
+    session: SessionOptions = SessionOptions(),
 ) -> dict[str, Any]:
     """Routed IoU/BIoU and routing accuracy per dataset, rejection rate per OOD set.
 
@@ -69,7 +65,8 @@ def evaluate_bundle(
     """
     bundle = Bundle.open(bundle_dir)
     intensity = bundle.preprocessing.intensity
-    session = open_bundle_session(bundle, checkpoint, device, cache_dir, quiet, frozen_sam)
+    options, quiet = session, session.quiet
+    session = open_bundle_session(bundle, options)
     model = build_model(bundle, session.sam.model).to(session.device)
     rows: list[dict[str, Any]] = []
     tasks: list[dict[str, Any]] = []
@@ -172,10 +169,9 @@ def _load_task_sets(bundle: Optional[Bundle], tasks: Sequence[tuple[str, str]], 
             else load_dataset(p, seed=seed, intensity=prep.intensity) for n, p in tasks]
 
 
-def _open_protocol_session(bundle: Optional[Bundle], sam: str, checkpoint: Optional[PathLike], prep: Preprocessing,
-                           device: str, cache_dir: Optional[PathLike], quiet: bool, fs: FrozenSam) -> Session:
+def _open_protocol_session(bundle: Optional[Bundle], options: SessionOptions, prep: Preprocessing) -> Session:
     """The frozen SAM with ``prep``; a bundle's checkpoint sha256 must match the loaded one."""
-    session = open_session(sam, checkpoint, prep, device, cache_dir, quiet, fs)
+    session = open_session(options, prep)
     if bundle is not None:
         check_bundle_sam(bundle, session.sam.name, session.checkpoint_sha256)
     return session
@@ -254,14 +250,9 @@ def run_sequence(
     *,
     methods: Sequence[str] = DEFAULT_METHODS,
     ood: Sequence[tuple[str, str]] = (),
-    sam: str = "vit_b",
-    checkpoint: Optional[PathLike] = None,
+    session: SessionOptions = SessionOptions(),
     config: TrainConfig = TrainConfig(),
     resize: Optional[str] = None,
-    device: str = "auto",
-    cache_dir: Optional[PathLike] = None,
-    quiet: bool = False,
-    frozen_sam: Optional[FrozenSam] = None,
 ) -> dict[str, Any]:
     """Train ``tasks`` in order with every method; after stage t score tasks 1..t; after
     the last stage score the ``ood`` sets zero-shot. Writes sequence.json, per-method
@@ -275,32 +266,22 @@ def run_sequence(
     if "casam" in methods and root is None:
         raise InputError("method 'casam' needs --bundle (the bundle its tasks are added to)")
     existing = _existing_bundle(root)  # read once: the shared preprocessing, recorded splits, checkpoint check
-    prep = _protocol_preprocessing(existing, sam, resize)
+    prep = _protocol_preprocessing(existing, session.sam, resize)
     datasets = _load_task_sets(existing, tasks, config.seed, prep)
     ood_sets = [(n, load_dataset(p, seed=config.seed, intensity=prep.intensity)) for n, p in ood]
-    fs = frozen_sam if frozen_sam is not None else load_frozen_sam(sam, Path(checkpoint) if checkpoint else None)
-    session = _open_protocol_session(existing, sam, checkpoint, prep, device, cache_dir, quiet, fs)
+    if session.frozen_sam is None:
+        session = replace(session, frozen_sam=load_frozen_sam(session.sam, Path(session.checkpoint) if session.checkpoint else None))
+    opened = _open_protocol_session(existing, session, prep)
     out_dir = Path(out)
-    ctx = Context(session, config, session.cache.preprocessing, out_dir, root, checkpoint, resize, device, cache_dir, quiet)
+    ctx = Context(opened, config, opened.cache.preprocessing, out_dir, root, session, resize)
     runs = {m: METHODS[m].start(ctx) for m in methods}
-
     iou, biou, test_embs = _run_stages(runs, ctx, tasks, datasets)
     zero_shot, ood_embs = _zero_shot(runs, ctx, ood_sets)
-
-    names = [n for n, _ in tasks]
-    sizes = [len(d.test) for d in datasets]
-    fill = lambda m: [[np.nan if v is None else v for v in row] for row in m]  # noqa: E731
-    results = {m: {"label": METHODS[m].label, "iou_matrix": iou[m], "biou_matrix": biou[m],
-                   "iou": continual_metrics(fill(iou[m]), sizes), "biou": continual_metrics(fill(biou[m]), sizes)}
-               for m in methods}
-    report: dict[str, Any] = {
-        "tasks": names, "test_sizes": sizes, "methods": methods, "reference": REFERENCE, "results": results,
-        "zero_shot": zero_shot, "ood": [{"name": n, "path": str(p), "count": len(d.samples)} for (n, p), (_, d) in zip(ood, ood_sets)],
-        "sam": {"model": session.sam.name, "checkpoint_sha256": session.checkpoint_sha256, "untrained": session.sam.untrained},
-        "config": asdict(config), "preprocessing": ctx.prep.to_dict(), "bundle": str(root) if root else None,
-        "trained": {m: [s["task"] for s in run.trained] for m, run in runs.items() if METHODS[m].trains},
-    }
+    report = _protocol_report(ctx, runs, tasks, datasets, (iou, biou))
+    report["zero_shot"] = zero_shot
+    report["ood"] = [{"name": n, "path": str(p), "count": len(d.samples)} for (n, p), (_, d) in zip(ood, ood_sets)]
     if "casam" in runs:
+        names = [n for n, _ in tasks]
         report["routing"] = routing_diagnostics(runs["casam"].model, Bundle.open(root),
                                                 list(zip(names, test_embs)) + [(n, e) for (n, _), e in zip(ood, ood_embs)])
     report["files"] = (["sequence.json", "report.html"] + [f"{m}_{k}_matrix.csv" for m in methods for k in ("iou", "biou")]
@@ -308,3 +289,23 @@ def run_sequence(
     _write_outputs(out_dir, report)
     report["training"] = {m: run.trained for m, run in runs.items() if METHODS[m].trains}
     return report
+
+
+def _protocol_report(ctx: Context, runs: dict[str, MethodRun], tasks: Sequence[tuple[str, str]],
+                     datasets: list[Dataset], matrices: tuple[dict[str, Matrix], dict[str, Matrix]]) -> dict[str, Any]:
+    """sequence.json's core: per-method matrices and continual metrics, the SAM and the settings."""
+    iou, biou = matrices
+    sizes = [len(d.test) for d in datasets]
+    fill = lambda m: [[np.nan if v is None else v for v in row] for row in m]  # noqa: E731
+    results = {m: {"label": METHODS[m].label, "iou_matrix": iou[m], "biou_matrix": biou[m],
+                   "iou": continual_metrics(fill(iou[m]), sizes), "biou": continual_metrics(fill(biou[m]), sizes)}
+               for m in runs}
+    sam = ctx.session.sam
+    return {
+        "tasks": [n for n, _ in tasks], "test_sizes": sizes, "methods": list(runs), "reference": REFERENCE,
+        "results": results, "zero_shot": [], "ood": [],
+        "sam": {"model": sam.name, "checkpoint_sha256": ctx.session.checkpoint_sha256, "untrained": sam.untrained},
+        "config": asdict(ctx.config), "preprocessing": ctx.prep.to_dict(),
+        "bundle": str(ctx.bundle_dir) if ctx.bundle_dir else None,
+        "trained": {m: [s["task"] for s in run.trained] for m, run in runs.items() if METHODS[m].trains},
+    }

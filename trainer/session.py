@@ -8,7 +8,7 @@ with another would silently pair alignment layers with the wrong encoder.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -48,6 +48,22 @@ def check_bundle_sam(bundle: Bundle, sam_name: str, checkpoint_sha256: Optional[
         )
 
 
+@dataclass(frozen=True)
+class SessionOptions:
+    """Which frozen SAM every casam-train command loads, on which device, with which cache.
+
+    One value instead of six parameters: the CLI builds it once from the session options,
+    tests and the continual protocol pass it on (``frozen_sam`` reuses an already loaded SAM).
+    """
+
+    sam: str = "vit_b"
+    checkpoint: Optional[PathLike] = None
+    device: str = "auto"
+    cache_dir: Optional[PathLike] = None
+    quiet: bool = False
+    frozen_sam: Optional[FrozenSam] = None
+
+
 @dataclass
 class Session:
     sam: FrozenSam
@@ -59,30 +75,23 @@ class Session:
         return self.sam.checkpoint_sha256
 
 
-def open_session(
-    sam_name: str,
-    checkpoint: Optional[PathLike],
-    preprocessing: Preprocessing,
-    device: str = "auto",
-    cache_dir: Optional[PathLike] = None,
-    quiet: bool = False,
-    sam: Optional[FrozenSam] = None,
-) -> Session:
-    """Load (or reuse) the frozen SAM on ``device`` with a cache for ``preprocessing``."""
-    dev = resolve_device(device)
-    frozen = sam if sam is not None else load_frozen_sam(sam_name, Path(checkpoint) if checkpoint else None)
-    if frozen.name != sam_name:
-        raise InputError(f"the loaded SAM is {frozen.name!r}, but {sam_name!r} was asked for")
+def open_session(options: SessionOptions, preprocessing: Preprocessing) -> Session:
+    """Load (or reuse) the frozen SAM on the asked device with a cache for ``preprocessing``."""
+    dev = resolve_device(options.device)
+    frozen = options.frozen_sam
+    if frozen is None:
+        frozen = load_frozen_sam(options.sam, Path(options.checkpoint) if options.checkpoint else None)
+    if frozen.name != options.sam:
+        raise InputError(f"the loaded SAM is {frozen.name!r}, but {options.sam!r} was asked for")
     frozen.model.to(dev)
-    cache = EmbeddingCache(frozen.model.image_encoder, frozen.checkpoint_sha256, preprocessing, cache_dir, dev,
-                           quiet=quiet, batch_size=4 if dev.type == "cuda" else 1)
+    cache = EmbeddingCache(frozen.model.image_encoder, frozen.checkpoint_sha256, preprocessing, options.cache_dir, dev,
+                           quiet=options.quiet, batch_size=4 if dev.type == "cuda" else 1)
     return Session(frozen, dev, cache)
 
 
-def open_bundle_session(bundle: Bundle, checkpoint: Optional[PathLike] = None, device: str = "auto",
-                        cache_dir: Optional[PathLike] = None, quiet: bool = False,
-                        sam: Optional[FrozenSam] = None) -> Session:
-    """A session on the bundle's own SAM; the checkpoint's sha256 must match the bundle's."""
-    session = open_session(bundle.sam_model, checkpoint, bundle.preprocessing, device, cache_dir, quiet, sam)
+def open_bundle_session(bundle: Bundle, options: SessionOptions = SessionOptions()) -> Session:
+    """A session on the bundle's own SAM (``options.sam`` is ignored); the checkpoint's sha256
+    must match the bundle's."""
+    session = open_session(replace(options, sam=bundle.sam_model), bundle.preprocessing)
     check_bundle_sam(bundle, session.sam.name, session.checkpoint_sha256)
     return session

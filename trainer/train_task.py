@@ -40,10 +40,10 @@ from trainer.calibration import calibrate, threshold_key
 from trainer.data import Dataset, Sample, load_dataset
 from trainer.distributed import SINGLE, World, join
 from trainer.preconditions import check_dataset_size
-from trainer.evaluate import evaluate_set
+from trainer.evaluate import EvalPass, evaluate_set
 from trainer.losses import alignment_loss
 from trainer.prompt_sampling import BOX_JITTER_PX, choose_structures, sample_prompts
-from trainer.session import Session, check_bundle_sam, open_session, resolve_device
+from trainer.session import Session, SessionOptions, check_bundle_sam, open_session, resolve_device
 from trainer.vae_training import VAEConfig
 
 PathLike = Union[str, os.PathLike]
@@ -105,10 +105,19 @@ def draw_prompts(sample: Sample, prep: Preprocessing, config: TrainConfig, use_b
     return pick, coords, labels
 
 
-def train_epoch(layer: torch.nn.Module, decoder: PromptDecoder, optimiser: torch.optim.Optimizer,
-                embeddings: torch.Tensor, samples: Sequence[Sample], prep: Preprocessing,
-                config: TrainConfig, epoch: int, device: torch.device, bar: Optional[tqdm] = None,
-                world: World = SINGLE) -> dict[str, float]:
+@dataclass
+class Trainee:
+    """What one epoch updates and where: the layer (or its DDP wrapper), the frozen decoder,
+    the optimiser and the device."""
+
+    layer: torch.nn.Module
+    decoder: PromptDecoder
+    optimiser: torch.optim.Optimizer
+    device: torch.device
+
+
+def train_epoch(trainee: Trainee, embeddings: torch.Tensor, samples: Sequence[Sample], prep: Preprocessing,
+                config: TrainConfig, epoch: int, bar: Optional[tqdm] = None, world: World = SINGLE) -> dict[str, float]:
     """One pass over the training images; returns the mean loss terms of the epoch.
 
     The alignment layer runs once per batch; each image's decoder pass and loss are then
@@ -125,29 +134,37 @@ def train_epoch(layer: torch.nn.Module, decoder: PromptDecoder, optimiser: torch
     rng = np.random.default_rng([config.seed, epoch])
     order = rng.permutation(len(samples))
     totals = {"loss": 0.0, "focal": 0.0, "dice": 0.0, "iou_mse": 0.0}
-    layer.train()
+    trainee.layer.train()
     for start in range(0, len(order), config.batch_size):
         batch = order[start : start + config.batch_size]
         use_boxes = bool(rng.random() < 0.5)
         prompts = [draw_prompts(samples[i], prep, config, use_boxes, rng) for i in batch]
-        mine = world.share(len(batch))
-        aligned = layer(embeddings[torch.from_numpy(batch[mine])].to(device).float())
-        held = aligned.detach().requires_grad_(True)
-        for row, j in enumerate(mine):
-            pick, coords, labels = prompts[j]
-            low_res, iou_pred = decoder(held[row : row + 1], torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device))
-            loss, parts = alignment_loss(low_res, iou_pred, torch.from_numpy(pick).to(device).float())
-            (loss / (len(batch) / world.size)).backward()
-            totals["loss"] += float(loss.detach())
-            for key, value in parts.items():
-                totals[key] += value
-        optimiser.zero_grad()
-        aligned.backward(held.grad if held.grad is not None else torch.zeros_like(held))  # an empty share
-        optimiser.step()
+        _train_batch(trainee, embeddings, batch, prompts, world, totals)
         if bar is not None:
             bar.update(len(batch))
     totals = world.sum(totals)
     return {k: v / len(samples) for k, v in totals.items()}
+
+
+def _train_batch(trainee: Trainee, embeddings: torch.Tensor, batch: np.ndarray, prompts: list[Prompts],
+                 world: World, totals: dict[str, float]) -> None:
+    """One optimiser step on this rank's share of ``batch`` (see ``train_epoch``)."""
+    dev = trainee.device
+    mine = world.share(len(batch))
+    aligned = trainee.layer(embeddings[torch.from_numpy(batch[mine])].to(dev).float())
+    held = aligned.detach().requires_grad_(True)
+    for row, j in enumerate(mine):
+        pick, coords, labels = prompts[j]
+        low_res, iou_pred = trainee.decoder(held[row : row + 1], torch.from_numpy(coords).to(dev),
+                                            torch.from_numpy(labels).to(dev))
+        loss, parts = alignment_loss(low_res, iou_pred, torch.from_numpy(pick).to(dev).float())
+        (loss / (len(batch) / world.size)).backward()
+        totals["loss"] += float(loss.detach())
+        for key, value in parts.items():
+            totals[key] += value
+    trainee.optimiser.zero_grad()
+    aligned.backward(held.grad if held.grad is not None else torch.zeros_like(held))  # an empty share
+    trainee.optimiser.step()
 
 
 def _save_resume(path: Path, layer: AlignmentLayer, optimiser: torch.optim.Optimizer, epoch: int, log: list) -> None:
@@ -189,146 +206,182 @@ def _bundle_preprocessing(bundle: Optional[Bundle], resize: Optional[str],
     return Preprocessing(resize=resize or "longest", intensity=intensity or Intensity())
 
 
-def train_task(
-    bundle_dir: PathLike,
-    task: str,
-    data: PathLike,
-    *,
-    sam: str = "vit_b",
-    checkpoint: Optional[PathLike] = None,
-    config: TrainConfig = TrainConfig(),
-    resize: Optional[str] = None,
-    device: str = "auto",
-    replace: bool = False,
-    resume: bool = False,
-    cache_dir: Optional[PathLike] = None,
-    quiet: bool = False,
-    frozen_sam: Optional[FrozenSam] = None,
-    wait: float = DEFAULT_WAIT_S,
-    axis: int = 2,
-    intensity: Optional[Intensity] = None,
-) -> Optional[dict[str, Any]]:
+@dataclass(frozen=True)
+class TaskOptions:
+    """How one task is read, trained and committed, beside the SAM session and the config.
+
+    ``axis`` slices volumes; ``intensity`` (casam_io.intensity) is recorded in a new bundle
+    and must match an existing bundle's when given; ``wait`` is how long to wait for the
+    bundle's write lock at the commit (0: fail at once)."""
+
+    resize: Optional[str] = None
+    axis: int = 2
+    intensity: Optional[Intensity] = None
+    replace: bool = False
+    resume: bool = False
+    wait: float = DEFAULT_WAIT_S
+
+
+@dataclass
+class _Run:
+    """The state one ``train_task`` call carries from stage to stage."""
+
+    task: str
+    root: Path
+    bundle: Bundle
+    dataset: Dataset
+    session: Session
+    prep: Preprocessing
+    config: TrainConfig
+    options: TaskOptions
+    world: World
+    seconds: dict[str, float]
+    train_emb: Optional[torch.Tensor] = None  # set once the images are embedded
+    test_emb: Optional[torch.Tensor] = None
+
+    @property
+    def staging(self) -> Path:
+        return self.bundle.staging_dir(self.task)
+
+
+def train_task(bundle_dir: PathLike, task: str, data: PathLike, *, session: SessionOptions = SessionOptions(),
+               config: TrainConfig = TrainConfig(), options: TaskOptions = TaskOptions()) -> Optional[dict[str, Any]]:
     """Train ``task`` on ``data`` and commit it to the bundle; returns the JSON summary.
 
     Under torchrun, ranks other than 0 return None once rank 0 has committed.
-    ``wait``: seconds to wait for the bundle's write lock at the commit (0: fail at once).
-    ``axis`` slices volumes; ``intensity`` (casam_io.intensity) is recorded in a new bundle,
-    and must match an existing bundle's when given.
     """
     started = time.time()
+    run = _open_run(Path(bundle_dir), task, data, session, config, options)
+    resumed_from, log, layer = _train_layer(run, _start_staging(run))
+    if not run.world.is_main:
+        run.world.finish()  # rank 0 alone calibrates, evaluates and commits
+        return None
+    record, metrics = _calibrate_and_stage(run, layer.eval(), log, resumed_from)
+    run.bundle.commit_task(record, run.staging / "task", replace=options.replace, wait=options.wait)
+    shutil.rmtree(run.staging, ignore_errors=True)
+    run.world.finish()
+    return _summary(run, record, log, resumed_from, metrics, time.time() - started)
+
+
+def _open_run(root: Path, task: str, data: PathLike, session_options: SessionOptions, config: TrainConfig,
+              options: TaskOptions) -> _Run:
+    """Every cheap check first (name, config, bundle, data), then the SAM session and the bundle."""
     check_task_name(task)
     config.check()
-    world = join(resolve_device(device))  # SINGLE unless launched by torchrun
-    root = Path(bundle_dir)
+    world = join(resolve_device(session_options.device))  # SINGLE unless launched by torchrun
     existing = Bundle.open(root, verify=False) if (root / "bundle.json").exists() else None
-    prep = _bundle_preprocessing(existing, resize, intensity)
+    prep = _bundle_preprocessing(existing, options.resize, options.intensity)
     if existing is not None:
         existing.verify()
-        check_bundle_sam(existing, sam)
-        if task in existing.task_names and not replace:
+        check_bundle_sam(existing, session_options.sam)
+        if task in existing.task_names and not options.replace:
             raise BundleError(f"task {task!r} already exists in {root}; pass --replace to retrain it")
-    dataset = load_dataset(data, seed=config.seed, axis=axis, intensity=prep.intensity)
+    dataset = load_dataset(data, seed=config.seed, axis=options.axis, intensity=prep.intensity)
     check_dataset_size(dataset, config.folds)  # before any embedding or training
-    session = open_session(sam, checkpoint, prep, device, cache_dir, quiet, frozen_sam)
+    session = open_session(session_options, prep)
     if existing is not None:
         check_bundle_sam(existing, session.sam.name, session.checkpoint_sha256)
         bundle = existing
     else:
         bundle = world.main_first(
             lambda: Bundle.create(root, session.sam.name, session.checkpoint_sha256, prep,
-                                  untrained_sam=session.sam.untrained, wait=wait),
+                                  untrained_sam=session.sam.untrained, wait=options.wait),
             lambda: Bundle.open(root, verify=False))
+    return _Run(task, root, bundle, dataset, session, prep, config, options, world, {})
 
-    staging = bundle.staging_dir(task)
-    staged_task = staging / "task"
-    fingerprint = _run_fingerprint(config, dataset, session, prep)
-    resumed_from = 0
-    if resume and (staging / STATE_FILE).is_file():
+
+def _start_staging(run: _Run) -> Optional[dict[str, Any]]:
+    """Check or reset the staging folder; returns the resume state to continue from, if any."""
+    staging, fingerprint = run.staging, _run_fingerprint(run.config, run.dataset, run.session, run.prep)
+    if run.options.resume and (staging / STATE_FILE).is_file():
         if read_json(staging / STATE_FILE) != json.loads(json.dumps(fingerprint)):
-            raise BundleError(
-                f"the interrupted run of task {task!r} used other data or settings; rerun without --resume to start over"
-            )
-    else:
-        world.main_first(lambda: _reset_staging(staging, fingerprint), lambda: None)
+            raise BundleError(f"the interrupted run of task {run.task!r} used other data or settings; "
+                              "rerun without --resume to start over")
+        if (staging / RESUME_FILE).is_file():
+            return torch.load(staging / RESUME_FILE, map_location=run.session.device, weights_only=True)
+        return None
+    run.world.main_first(lambda: _reset_staging(staging, fingerprint), lambda: None)
+    return None
 
+
+def _train_layer(run: _Run, state: Optional[dict[str, Any]]) -> tuple[int, list[dict[str, Any]], AlignmentLayer]:
+    """Embed (through the cache) and train the alignment layer; (resumed epoch, log, layer)."""
     t0 = time.time()
-    embeddings = session.cache.embeddings(dataset.samples, desc=f"embedding {task}", world=world)
-    embed_seconds = time.time() - t0
-    n_train = len(dataset.train)
-    train_emb, test_emb = embeddings[:n_train], embeddings[n_train:]
-
-    dev = session.device
-    decoder = PromptDecoder(session.sam.model).to(dev)
+    embeddings = run.session.cache.embeddings(run.dataset.samples, desc=f"embedding {run.task}", world=run.world)
+    run.seconds["embedding"] = time.time() - t0
+    run.train_emb, run.test_emb = embeddings[: len(run.dataset.train)], embeddings[len(run.dataset.train):]
+    dev, config = run.session.device, run.config
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         layer = AlignmentLayer().to(dev)
     optimiser = torch.optim.Adam(layer.parameters(), lr=config.lr)
-    log: list[dict[str, Any]] = []
-    if resume and (staging / RESUME_FILE).is_file():
-        state = torch.load(staging / RESUME_FILE, map_location=dev, weights_only=True)
+    resumed_from, log = 0, []
+    if state is not None:
         layer.load_state_dict(state["layer"])
         optimiser.load_state_dict(state["optimiser"])
-        resumed_from = int(state["epoch"])
-        log = json.loads(state["log"])
-    model = world.wrap(layer)  # DistributedDataParallel under torchrun, else the layer itself
-
+        resumed_from, log = int(state["epoch"]), json.loads(state["log"])
+    # DistributedDataParallel under torchrun, else the layer itself
+    trainee = Trainee(run.world.wrap(layer), PromptDecoder(run.session.sam.model).to(dev), optimiser, dev)
     t0 = time.time()
-    bar = tqdm(total=(config.epochs - resumed_from) * n_train, desc=f"training {task}", unit="img",
-               disable=quiet or not world.is_main)
+    bar = tqdm(total=(config.epochs - resumed_from) * len(run.dataset.train), desc=f"training {run.task}", unit="img",
+               disable=run.session.cache.quiet or not run.world.is_main)
     for epoch in range(resumed_from, config.epochs):
         e0 = time.time()
-        parts = train_epoch(model, decoder, optimiser, train_emb, dataset.train, prep, config, epoch, dev, bar, world)
+        parts = train_epoch(trainee, run.train_emb, run.dataset.train, run.prep, config, epoch, bar, run.world)
         log.append({"epoch": epoch + 1, **parts, "seconds": time.time() - e0})
         bar.set_postfix(loss=f"{parts['loss']:.4f}")
-        if world.is_main:
-            _save_resume(staging / RESUME_FILE, layer, optimiser, epoch + 1, log)
+        if run.world.is_main:
+            _save_resume(run.staging / RESUME_FILE, layer, optimiser, epoch + 1, log)
     bar.close()
-    train_seconds = time.time() - t0
-    if not world.is_main:
-        world.finish()  # rank 0 alone calibrates, evaluates and commits
-        return None
-    layer = layer.eval()
+    run.seconds["alignment"] = time.time() - t0
+    return resumed_from, log, layer
 
-    t0 = time.time()
-    pooled = attention_pool(train_emb.float(), bundle.temperature)
+
+def _calibrate_and_stage(run: _Run, layer: AlignmentLayer, log: list[dict[str, Any]],
+                         resumed_from: int) -> tuple[TaskRecord, dict[str, Any]]:
+    """VAE + threshold, held-out metrics, and every task file written into the staging folder."""
+    t0, config, staged = time.time(), run.config, run.staging / "task"
+    pooled = attention_pool(run.train_emb.float(), run.bundle.temperature)
     vae, calibration = calibrate(pooled, config.vae(), config.folds, config.percentile, train_seed=config.seed)
     key = threshold_key(config.percentile)
     threshold = float(calibration[key])
-    vae_seconds = time.time() - t0
-
-    metrics = task_metrics(build_model(bundle, session.sam.model, candidate=(task, layer.cpu(), vae, threshold)).to(dev),
-                           dataset, test_emb, prep, task, quiet)
-    metrics.update({"n_train": n_train, "n_test": len(dataset.test), "skipped_empty": len(dataset.skipped_empty)})
-
-    save_module(layer, staged_task / "alignment.safetensors")
-    save_module(vae, staged_task / "vae.safetensors")
-    atomic_write_json(staged_task / "calibration.json", calibration)
-    atomic_write_json(staged_task / "split.json", dataset.split_record())
-    atomic_write_json(staged_task / "train_log.json", {
-        "epochs": log, "resumed_from_epoch": resumed_from,
-        "seconds": {"embedding": embed_seconds, "alignment": train_seconds, "vae_and_calibration": vae_seconds},
-    })
+    run.seconds["vae_and_calibration"] = time.time() - t0
+    model = build_model(run.bundle, run.session.sam.model, candidate=(run.task, layer.cpu(), vae, threshold))
+    metrics = task_metrics(model.to(run.session.device), run.dataset, run.test_emb, run.prep, run.task,
+                           run.session.cache.quiet)
+    metrics.update({"n_train": len(run.dataset.train), "n_test": len(run.dataset.test),
+                    "skipped_empty": len(run.dataset.skipped_empty)})
+    save_module(layer, staged / "alignment.safetensors")
+    save_module(vae, staged / "vae.safetensors")
+    atomic_write_json(staged / "calibration.json", calibration)
+    atomic_write_json(staged / "split.json", run.dataset.split_record())
+    atomic_write_json(staged / "train_log.json", {"epochs": log, "resumed_from_epoch": resumed_from,
+                                                  "seconds": dict(run.seconds)})
     record = TaskRecord(
-        name=task, files={}, alignment={"num_blocks": len(layer.layers), "dim": layer.dim},
+        name=run.task, files={}, alignment={"num_blocks": len(layer.layers), "dim": layer.dim},
         vae={"in_dim": vae.in_dim, "latent_dim": vae.latent_dim, "hidden_dim": vae.hidden_dim, "beta": vae.beta},
         threshold_key=key, threshold=threshold,
-        hyperparameters={**asdict(config), "resize": prep.resize, "data": str(dataset.root), "split": dataset.split_source},
+        hyperparameters={**asdict(config), "resize": run.prep.resize, "data": str(run.dataset.root),
+                         "split": run.dataset.split_source},
         metrics=metrics,
     )
-    bundle.commit_task(record, staged_task, replace=replace, wait=wait)
-    shutil.rmtree(staging, ignore_errors=True)
-    world.finish()
+    return record, metrics
+
+
+def _summary(run: _Run, record: TaskRecord, log: list[dict[str, Any]], resumed_from: int, metrics: dict[str, Any],
+             total: float) -> dict[str, Any]:
+    """The JSON summary casam-train prints."""
+    cache = run.session.cache
     summary = {
-        "task": task, "bundle": str(root), "tasks": bundle.task_names, "threshold_key": key, "threshold": threshold,
-        "epochs": config.epochs, "resumed_from_epoch": resumed_from,
+        "task": run.task, "bundle": str(run.root), "tasks": run.bundle.task_names, "threshold_key": record.threshold_key,
+        "threshold": record.threshold, "epochs": run.config.epochs, "resumed_from_epoch": resumed_from,
         "first_loss": log[0]["loss"] if log else None, "final_loss": log[-1]["loss"] if log else None,
-        "metrics": metrics, "device": str(dev),
-        "embedding_cache": {"dir": str(session.cache.root), "hits": session.cache.hits, "misses": session.cache.misses},
-        "seconds": {"embedding": embed_seconds, "alignment": train_seconds, "vae_and_calibration": vae_seconds,
-                    "total": time.time() - started},
+        "metrics": metrics, "device": str(run.session.device),
+        "embedding_cache": {"dir": str(cache.root), "hits": cache.hits, "misses": cache.misses},
+        "seconds": {**run.seconds, "total": total},
     }
-    if world.parallel:
-        summary["data_parallel"] = {"processes": world.size, "backend": world.backend}
+    if run.world.parallel:
+        summary["data_parallel"] = {"processes": run.world.size, "backend": run.world.backend}
     return summary
 
 
@@ -337,8 +390,8 @@ def task_metrics(model: CASAM, dataset: Dataset, test_emb: torch.Tensor, prep: P
     if not dataset.test:
         return {"test_iou": None, "test_biou": None, "identity_iou": None, "identity_biou": None, "routing_accuracy": None}
     memo: dict[tuple[int, int], tuple[float, float]] = {}  # the routed pass reuses both forced passes
-    own = evaluate_set(model, test_emb, dataset.test, prep, task, task=task, quiet=quiet, memo=memo)
-    plain = evaluate_set(model, test_emb, dataset.test, prep, task, task=IDENTITY, quiet=quiet, memo=memo)
-    routed = evaluate_set(model, test_emb, dataset.test, prep, task, expected=task, quiet=quiet, memo=memo)
+    own = evaluate_set(model, test_emb, dataset.test, prep, task, EvalPass(task=task, memo=memo), quiet)
+    plain = evaluate_set(model, test_emb, dataset.test, prep, task, EvalPass(task=IDENTITY, memo=memo), quiet)
+    routed = evaluate_set(model, test_emb, dataset.test, prep, task, EvalPass(expected=task, memo=memo), quiet)
     return {"test_iou": own.iou, "test_biou": own.biou, "identity_iou": plain.iou, "identity_biou": plain.biou,
             "routed_iou": routed.iou, "routed_biou": routed.biou, "routing_accuracy": routed.routing_accuracy}
