@@ -150,5 +150,5 @@ def test_schemas_are_published_in_docs_and_shipped_with_the_package():
         assert doc.is_symlink() and doc.resolve() == (SCHEMA_DIR / name).resolve()
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
-    pattern = cfg["options.package_data"]["runtime"].strip()
-    assert sorted(p.name for p in (REPO / "runtime").glob(pattern)) == names
+    pattern = cfg["options.package_data"]["casam_core"].strip()
+    assert sorted(p.name for p in (REPO / "casam_core").glob(pattern)) == names
