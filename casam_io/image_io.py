@@ -15,29 +15,26 @@ decompression bomb costs nothing and a huge scan fails with one line instead of 
 from __future__ import annotations
 
 import os
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from casam_core.errors import InputError
-from casam_io.volume_io import read_dicom_file, read_dicom_series, read_nifti
-from casam_io.scan import Scan, check_pixels, standard_channels
-from casam_io.intensity import Intensity, Source, apply_window, find_window, nonfinite_warning, to_uint8
+from casam_io.intensity import Intensity, apply_window, find_window, nonfinite_warning, to_uint8
+from casam_io.readers import DEFAULT_MAX_PIXELS, ReadOptions, read, split_suffix, suffixes
+from casam_io.readers.picture import read_pil
+from casam_io.scan import Scan
 
 PathLike = Union[str, os.PathLike]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-DICOM_SUFFIXES = (".dcm", ".dicom")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# The suffix tuples callers use, derived from the reader registry (casam_io/readers/).
+IMAGE_SUFFIXES = suffixes("picture")
+DICOM_SUFFIXES = suffixes("dicom")
+NIFTI_SUFFIXES = suffixes("nifti")
 #: One 2-D image per file: what a folder dataset's images/ may hold.
 PICTURE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
 #: What an image set without masks may hold (an OOD set, calibration or verification images).
 UNLABELLED_SUFFIXES = PICTURE_SUFFIXES + NIFTI_SUFFIXES
-DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: a 10000×10000 slide tile, 1.2 GB as 12-bit RGB
-_PIL_LIMIT_LOCK = threading.Lock()
 
 
 def is_nifti(path: PathLike) -> bool:
@@ -48,73 +45,15 @@ def is_dicom(path: PathLike) -> bool:
     return str(path).lower().endswith(DICOM_SUFFIXES)
 
 
-# ----- pictures (Pillow) -------------------------------------------------------------------
-def _pil_to_array(img: Image.Image) -> np.ndarray:
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-        img = img.convert("RGB")
-    elif img.mode == "1":
-        img = img.convert("L")
-    elif img.mode.startswith("I;16"):
-        return np.asarray(img).astype(np.uint16)
-    return np.asarray(img)
-
-
-def _open_header(path: Path) -> Image.Image:
-    """Open lazily (header only). casam checks its own limit on the header, so Pillow's global
-    one is lifted for this call only: its DecompressionBombError would otherwise fire first,
-    at 2×89.5 Mpx, before we know the size."""
-    with _PIL_LIMIT_LOCK:
-        previous = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            return Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous
-
-
-def read_pil(path: PathLike, palette_indices: bool = False, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Pillow-readable file → array, decoded once. ``palette_indices`` keeps a palette
-    image's indices (label maps are often saved as palette PNGs) instead of converting to RGB."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"image {p} does not exist")
-    try:
-        with _open_header(p) as img:
-            check_pixels(img.size[0], img.size[1], max_pixels, p)
-            img.load()
-            if palette_indices and img.mode == "P":
-                return np.asarray(img)
-            return _pil_to_array(img)
-    except InputError:
-        raise
-    except Image.DecompressionBombError as exc:  # defensive: a plugin that re-checks on load
-        raise InputError(f"image {p} exceeds Pillow's decompression-bomb limit ({exc}); see --max-pixels") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"image {p} is unreadable or corrupt ({exc})") from exc
-
-
-# ----- any file or folder → Scan --------------------------------------------------------
 def read_scan(path: PathLike, volume: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
               allow_gaps: bool = False, strict_4d: bool = False) -> Scan:
-    """A picture, DICOM file, DICOM series folder or NIfTI file → Scan.
+    """A picture, DICOM file, DICOM series folder or NIfTI file → Scan, through the reader
+    registry (``casam_io.readers``).
 
     ``volume`` picks one volume of a 4-D NIfTI. Without it a 4-D file uses volume 0 with a
     warning, or is refused when ``strict_4d`` (volume mode, training).
     """
-
-    p = Path(path)
-    if p.is_dir():
-        return read_dicom_series(p, max_pixels=max_pixels, allow_gaps=allow_gaps)
-    if not p.exists():
-        raise InputError(f"image {p} does not exist")
-    if is_nifti(p):
-        return read_nifti(p, volume=volume, strict_4d=strict_4d)
-    if is_dicom(p):
-        return read_dicom_file(p, max_pixels=max_pixels, allow_gaps=allow_gaps)
-
-    return Scan(p, standard_channels(read_pil(p, max_pixels=max_pixels)), Source(kind="image", pil=True))
+    return read(path, ReadOptions(volume=volume, max_pixels=max_pixels, allow_gaps=allow_gaps, strict_4d=strict_4d))
 
 
 def prepare(scan: Scan, intensity: Intensity) -> tuple[np.ndarray, list[str]]:
@@ -169,8 +108,7 @@ def files_by_stem(folder: Path, suffixes: tuple[str, ...], folders: bool = False
         if folders and p.is_dir():
             out.setdefault(p.name, p)
         elif p.is_file() and name.endswith(suffixes):
-            stem = p.name[: -len(".nii.gz")] if name.endswith(".nii.gz") else p.stem
-            out.setdefault(stem, p)
+            out.setdefault(split_suffix(p.name)[0], p)
     return out
 
 
