@@ -13,14 +13,14 @@ import base64
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
+from casam_core.files import PathLike
 from casam_bundle.errors import BundleError
 from casam_core.files import atomic_write_bytes
 
 ALGORITHM = "ed25519"
 PUBLIC_SUFFIX = ".pub"
-PathLike = Union[str, os.PathLike]
 
 
 def _crypto():

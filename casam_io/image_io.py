@@ -14,19 +14,18 @@ decompression bomb costs nothing and a huge scan fails with one line instead of 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
+from casam_core.files import PathLike
 from casam_core.errors import InputError
 from casam_io.intensity import Intensity, apply_window, find_window, nonfinite_warning, to_uint8
 from casam_io.readers import DEFAULT_MAX_PIXELS, ReadOptions, read, split_suffix, suffixes
-from casam_io.readers.picture import read_pil
+from casam_io.readers.picture import read_pil  # noqa: F401 - callers read masks through image_io
 from casam_io.scan import Scan
 
-PathLike = Union[str, os.PathLike]
 # The suffix tuples callers use, derived from the reader registry (casam_io/readers/).
 IMAGE_SUFFIXES = suffixes("picture")
 DICOM_SUFFIXES = suffixes("dicom")

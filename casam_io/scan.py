@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
-import os
+from typing import Any, Optional
 
 import numpy as np
 
+from casam_core.files import PathLike
 from casam_core.errors import InputError
 from casam_io.intensity import Source
 
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def check_pixels(width: int, height: int, max_pixels: Optional[int], path: PathLike) -> None:

@@ -15,21 +15,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from casam_core.files import PathLike
 from models.sam_loader import default_cache_dir as casam_cache_dir
 from casam_core.files import atomic_path
 from runtime.preprocess import Preprocessing, preprocess
 from trainer.data import Sample
 from trainer.distributed import SINGLE, World
 
-PathLike = Union[str, os.PathLike]
 EMBEDDING_SHAPE = (256, 64, 64)
 
 

@@ -15,7 +15,6 @@ is the same number in every later stage and for both methods.
 from __future__ import annotations
 
 import abc
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
+from casam_core.files import PathLike
 from casam_bundle import Bundle
 from models.bundle_models import build_model, load_alignment
 from models.casam import CASAM
@@ -37,7 +37,6 @@ from trainer.naive import NAIVE_TASK, fine_tune, initial_layer, save_stage, stag
 from trainer.session import Session, SessionOptions
 from trainer.train_task import TaskOptions, TrainConfig, Trainee, train_task
 
-PathLike = Union[str, os.PathLike]
 Memo = dict[tuple[int, int], tuple[float, float]]
 
 

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from models.alignment import AlignmentLayer
 from models.bundle_models import save_module
-from models.prompt_decoder import PromptDecoder
 from runtime.preprocess import Preprocessing
 from trainer.data import Sample
 from trainer.train_task import TrainConfig, Trainee, train_epoch

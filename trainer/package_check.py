@@ -11,23 +11,21 @@ new task would take.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import torch
 
+from casam_core.files import PathLike
 from casam_bundle import Bundle, BundleError, TaskRecord
 from models.alignment import AlignmentLayer
 from models.bundle_models import load_module_file, load_vae
 from models.router import Router, choose_routes
-from models.sam_loader import FrozenSam
 from models.vae import TaskVAE
 from trainer.data import image_files, load_images
 from trainer.session import SessionOptions, open_bundle_session
 
-PathLike = Union[str, os.PathLike]
 #: Default largest share of the reference images a new task may take (--max-takeover).
 DEFAULT_MAX_TAKEOVER = 0.10
 _CHUNK = 16  # embeddings routed at once (16 × 4 MB)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
+from casam_core.files import PathLike
 from models.casam import CASAM, routes_to_names
-from models.sam_loader import FrozenSam, load_frozen_sam
+from models.sam_loader import load_frozen_sam
 from casam_core.errors import InputError
 from casam_core.files import atomic_write_json, atomic_write_text
 from casam_core.names import IDENTITY, check_task_name
@@ -32,7 +32,6 @@ from trainer.report import render_report
 from trainer.session import Session, SessionOptions, check_bundle_sam, open_bundle_session, open_session
 from trainer.train_task import TrainConfig
 
-PathLike = Union[str, os.PathLike]
 
 
 def task_test_set(bundle: Bundle, name: str, path: PathLike) -> Dataset:

@@ -7,20 +7,19 @@ with another would silently pair alignment layers with the wrong encoder.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 
+from casam_core.files import PathLike
 from models.sam_loader import FrozenSam, load_frozen_sam
 from casam_core.errors import InputError
 from runtime.preprocess import Preprocessing
 from casam_bundle import Bundle, BundleError
 from trainer.embedding_cache import EmbeddingCache
 
-PathLike = Union[str, os.PathLike]
 DEVICES = ("auto", "cpu", "cuda")
 
 

@@ -10,18 +10,17 @@ Masks come in the formats real datasets use: binary 0/255, binary 0/1 and label 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from casam_core.files import PathLike
 from casam_core.errors import InputError
 from casam_core.files import atomic_path
 
-PathLike = Union[str, os.PathLike]
 Texture = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
 
 

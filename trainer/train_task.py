@@ -14,21 +14,20 @@ writes to the bundle.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from casam_core.files import PathLike
 from models.alignment import AlignmentLayer
 from models.casam import CASAM
 from models.prompt_decoder import PromptDecoder
-from models.sam_loader import FrozenSam
 from models.pooling import attention_pool
 from casam_core.names import IDENTITY
 from casam_core.files import atomic_path, atomic_write_json, read_json
@@ -46,7 +45,6 @@ from trainer.prompt_sampling import BOX_JITTER_PX, choose_structures, sample_pro
 from trainer.session import Session, SessionOptions, check_bundle_sam, open_session, resolve_device
 from trainer.vae_training import VAEConfig
 
-PathLike = Union[str, os.PathLike]
 RESUME_FILE = "resume.pt"
 STATE_FILE = "state.json"
 
