@@ -27,10 +27,9 @@ from casam_io.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES
 from casam_core.files import atomic_write_json, check_out_dir
 from runtime.remote import DEFAULT_READY_TIMEOUT_S
 from casam_infer.outputs import write_outputs
-from runtime.prompt_sources import ImagePrompts, boxes_from_masks, has_mask, read_prompt_file
+from runtime.prompt_sources import ImagePrompts, boxes_from_masks, group_prompts, has_mask, read_prompt_file
 from runtime.scoring import DeploymentScores
 from runtime.predictor import Predictor, volume_predictor
-from runtime.prompts import Prompts
 from runtime.volume import DEFAULT_BATCH, DEFAULT_MARGIN, DEFAULT_MIN_AREA, Propagation
 
 DEFAULT_ENGINES = "casam_engines"
@@ -80,26 +79,6 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def group_prompts(
-    box: Sequence[Sequence[float]], point: Sequence[Sequence[float]], label: Sequence[int]
-) -> tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
-    """CLI options → (K×4 boxes, K×P×2 points, K×P labels).
-
-    Each box is one prompt. All points form one prompt (clicks on one object, negative ones
-    excluding regions), combined with the box when exactly one box is given.
-    """
-    if not box and not point:
-        raise InputError("give at least one prompt: --box X0 Y0 X1 Y1 or --point X Y")
-    if label and len(label) != len(point):
-        raise InputError(f"{len(label)} --label values for {len(point)} --point options: give none or one per point")
-    if point and len(box) > 1:
-        raise InputError("points refine a single object: combine --point with at most one --box")
-    boxes = np.asarray(box, dtype=np.float32).reshape(-1, 4) if box else None
-    points = np.asarray(point, dtype=np.float32)[None] if point else None
-    labels = (np.asarray(label, dtype=np.float32) if label else np.ones(len(point), np.float32))[None] if point else None
-    return boxes, points, labels
-
-
 def unique_stem(path: Path, used: Counter) -> str:
     name = path.name
     for suffix in sorted(INPUT_SUFFIXES, key=len, reverse=True):
@@ -136,9 +115,7 @@ def run_volume(pipe: Predictor, path: Path, scan: Scan, stem: str, prompts: Imag
     from casam_infer.volume_outputs import write_volume_outputs
 
     local = volume_predictor(pipe, "volumes")
-    start = prompts.slice if prompts.slice is not None else opts.slice
-    checked = Prompts.for_volume(scan.data.shape, opts.axis, boxes=prompts.boxes or None, slice=start,
-                                 box3d=prompts.box3d or None, points=prompts.points or None)
+    checked = prompts.for_volume(scan.data.shape, opts.axis, opts.slice)
     result = segment_volume(local, scan, checked, task,
                             Propagation(opts.per_slice, opts.batch, opts.margin, opts.min_area))
     evaluation = scores.add_volume(path.name, result.route, [r.route for r in result.slices.values()], result.labels,
@@ -430,7 +407,7 @@ def _prepare(r: _Run, path: Path) -> tuple[Path, Any]:
             raise InputError(f"--box3d is for volumes; {path.name} is a 2-D image: give --box or --point")
         boxes, points, labels = group_prompts(given.boxes, given.points, given.point_labels)
         image, read_warnings = r.pipe.preprocessing.prepare(scan, vol.slice, vol.axis)
-        prompts = Prompts.for_image(image.shape, boxes, points, labels)
+        prompts = given.for_image(image.shape)
     except ManifestError:
         raise
     except CasamError as exc:
