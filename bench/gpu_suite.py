@@ -52,7 +52,7 @@ from runtime.backends import OrtBackend  # noqa: E402
 from casam_core.files import atomic_write_json, atomic_write_text  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
-from runtime.prompts import encode_prompts  # noqa: E402
+from runtime.prompts import Prompts, encode_prompts  # noqa: E402
 
 ROUTER_TASKS = 100
 #: issue 14's targets on the GPU: chain ≤ 1.3× the encoder, ≥ 3× eager fp32, 8 boxes ≥ 3× faster batched.
@@ -109,7 +109,7 @@ def eager_chain(model, sam, prep, image: np.ndarray, boxes: np.ndarray, device: 
     x, frame = preprocess(image, prep)
     emb = model.encode(torch.from_numpy(x).to(device))
     _, _, routes = model.route(emb, "alpha")
-    low, _ = model.decode(model.align(emb, int(routes[0])), boxes=torch.from_numpy(boxes_to_frame(boxes, frame)).to(device))
+    low, _ = model.decode(model.align(emb, int(routes[0])), Prompts.for_image(image.shape, boxes=boxes), frame.scale_xy)
     (sam.postprocess_masks(low.float(), frame.resized_hw, frame.original_hw) > 0).cpu().numpy()
 
 
@@ -142,7 +142,7 @@ def measure_model(model_name: str, device: str, clock: Clock, work: Path, precis
         dec = lambda s: pipe.decoder.run({"embeddings": emb_dev, "point_coords": coords[s], "point_labels": labels[s]})  # noqa: E731
         rows[f"casam {backend} {precision}"] = {
             "encoder_ms": clock.median_ms(lambda: pipe.backend.to_numpy(pipe._encode(xs))),
-            "chain_ms": clock.median_ms(lambda: pipe.predict(image, boxes=boxes[:1], task="alpha")),
+            "chain_ms": clock.median_ms(lambda: pipe.predict(image, Prompts.for_image(image.shape, boxes=boxes[:1]), task="alpha")),
             "boxes8_batched_ms": clock.median_ms(lambda: dec(slice(0, 8))),
             "boxes8_separate_ms": clock.median_ms(lambda: [dec(slice(i, i + 1)) for i in range(8)]),
         }

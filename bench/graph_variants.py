@@ -40,7 +40,7 @@ from runtime.prompts import encode_prompts  # noqa: E402
 
 def float_preprocess(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """The arithmetic the lookup table replaces: (resized - mean) / std in float32, zero-padded."""
-    rgb = to_rgb_255(image)
+    rgb = to_rgb_255(image, prep.intensity)
     frame = frame_for(*rgb.shape[:2], prep)
     rh, rw = frame.resized_hw
     resized = resize_rgb(rgb, frame.resized_hw)

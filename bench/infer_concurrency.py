@@ -51,18 +51,18 @@ def one_run(folder: Path, url: str, level: int, out: Path) -> float:
 
 def in_process(folder: Path, engines: Path, turns: int) -> float:
     """Median wall seconds of one pass of ``Pipeline.predict`` over the folder's images."""
-    from casam_io.image_io import image_files, read_prepared
+    from casam_io.image_io import image_files
     from runtime.pipeline import Pipeline
+    from runtime.prompts import Prompts
 
     pipe = Pipeline.from_manifest(engines, backend="ort-cpu")
-    prep = pipe.manifest_obj.preprocessing
-    arrays = [read_prepared(p, prep.intensity)[0] for p in image_files(folder).values()]
+    arrays = [pipe.read(p)[0] for p in image_files(folder).values()]
     box = np.array([[40, 60, 300, 280]], np.float32)
     walls = []
     for _ in range(turns + 1):  # the first pass warms the sessions up
         t0 = time.perf_counter()
         for image in arrays:
-            pipe.predict(image, boxes=box)
+            pipe.predict(image, Prompts.for_image(image.shape, boxes=box))
         walls.append(time.perf_counter() - t0)
     return statistics.median(walls[1:])
 

@@ -43,7 +43,7 @@ from runtime.backends import OrtBackend  # noqa: E402
 from casam_core.files import atomic_write_text  # noqa: E402
 from runtime.pipeline import STAGES, Pipeline  # noqa: E402
 from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
-from runtime.prompts import encode_prompts  # noqa: E402
+from runtime.prompts import Prompts, encode_prompts  # noqa: E402
 from casam_bundle import Bundle  # noqa: E402
 from models.bundle_models import build_model  # noqa: E402
 
@@ -74,7 +74,7 @@ def eager_stages(model, sam, prep, image: np.ndarray, boxes: np.ndarray, task: s
     start = t
     x, frame = preprocess(image, prep)
     xt = torch.from_numpy(x)
-    bt = torch.from_numpy(boxes_to_frame(boxes, frame))
+    prompts = Prompts.for_image(image.shape, boxes=boxes)
     lap("preprocess")
     emb = model.encode(xt)
     lap("encoder")
@@ -82,7 +82,7 @@ def eager_stages(model, sam, prep, image: np.ndarray, boxes: np.ndarray, task: s
     lap("router")
     aligned = model.align(emb, int(routes[0]))
     lap("align")
-    low, _ = model.decode(aligned, boxes=bt)
+    low, _ = model.decode(aligned, prompts, frame.scale_xy)
     lap("decoder")
     (sam.postprocess_masks(low, frame.resized_hw, frame.original_hw) > 0).numpy()
     lap("postprocess")
@@ -152,7 +152,7 @@ def end_to_end(model_name: str, work: Path, runs: int) -> dict[str, Any]:
     image, boxes = inputs()
     box = boxes[:1]
 
-    rows = interleaved({"runtime": lambda: pipe.predict(image, boxes=box, task="alpha").timings_ms,
+    rows = interleaved({"runtime": lambda: pipe.predict(image, Prompts.for_image(image.shape, boxes=box), task="alpha").timings_ms,
                         "eager": lambda: eager_stages(model, sam, bundle.preprocessing, image, box, "alpha")}, runs)
     med = lambda rows, k: statistics.median(timings[k] for timings, _ in rows)  # noqa: E731
     stages = {k: (med(rows["runtime"], k), med(rows["eager"], k)) for k in STAGES}

@@ -30,16 +30,16 @@ from cpu_peak import cpu_description, load_average  # noqa: E402
 from infer_latency import inputs, interleaved, peak_rss_mb  # noqa: E402
 
 from casam_core.files import atomic_write_text  # noqa: E402
-from casam_io.image_io import read_prepared  # noqa: E402
-from casam_io.intensity import Intensity  # noqa: E402
 from runtime.pipeline import STAGES, Pipeline  # noqa: E402
+from runtime.preprocess import Preprocessing  # noqa: E402
+from runtime.prompts import Prompts  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 
 
-def real_cases(count: int, intensity: Intensity) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def real_cases(count: int, prep: Preprocessing) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, image, 1×4 box from its mask) for ``count`` images spread over the datasets,
-    each prepared with the exports' recorded ``intensity``, as casam-infer prepares it."""
+    each prepared with the exports' recorded intensity (``prep``), as casam-infer prepares it."""
     folders = sorted(p for p in REAL.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir()) if REAL.is_dir() else []
     cases = []
     for i in range(count):
@@ -57,7 +57,7 @@ def real_cases(count: int, intensity: Intensity) -> list[tuple[str, np.ndarray, 
             continue
         ys, xs = np.nonzero(fg)
         box = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], np.float32)
-        cases.append((f"{folder.name}/{image_path.name}", read_prepared(image_path, intensity)[0], box))
+        cases.append((f"{folder.name}/{image_path.name}", prep.read(image_path)[0], box))
     return cases
 
 
@@ -87,12 +87,13 @@ def main(argv: Optional[list[str]] = None) -> None:
              "int8": Pipeline.from_manifest(args.int8, backend="ort-cpu")}
     task = pipes["fp32"].task_names[0]
     image, boxes = inputs()
-    rows = interleaved({k: (lambda p=p: p.predict(image, boxes=boxes[:1], task=task).timings_ms) for k, p in pipes.items()},
+    rows = interleaved({k: (lambda p=p: p.predict(image, Prompts.for_image(image.shape, boxes=boxes[:1]), task=task).timings_ms) for k, p in pipes.items()},
                        args.runs)
     stages = {k: {s: statistics.median(t[s] for t, _ in v) for s in STAGES} for k, v in rows.items()}
     ious: list[tuple[str, float, bool]] = []
-    for name, real_image, box in real_cases(args.real, pipes["fp32"].preprocessing.intensity):
-        a, b = pipes["fp32"].predict(real_image, boxes=box), pipes["int8"].predict(real_image, boxes=box)
+    for name, real_image, box in real_cases(args.real, pipes["fp32"].preprocessing):
+        prompts = Prompts.for_image(real_image.shape, boxes=box)
+        a, b = pipes["fp32"].predict(real_image, prompts), pipes["int8"].predict(real_image, prompts)
         ious.append((name, iou(a.masks[0], b.masks[0]), a.route == b.route))
         print(f"  {name}: IoU {ious[-1][1]:.4f}, routes {'agree' if ious[-1][2] else 'differ'}", flush=True)
     rss = {}

@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 from casam_export.quantize import _session, quantize_model  # noqa: E402
 from casam_export.verify import image_paths  # noqa: E402
-from casam_io.image_io import read_prepared  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.preprocess import preprocess  # noqa: E402
 
@@ -40,7 +39,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     manifest = Manifest.load(args.engines, verify=False)
     files = image_paths(args.calibration, "--calibration")
     prep = manifest.preprocessing  # its recorded intensity too: the grey levels the deployment feeds the encoder
-    feeds = [{"image": preprocess(read_prepared(p, prep.intensity)[0], prep)[0]} for p in files[: args.count + 2]]
+    feeds = [{"image": preprocess(prep.read(p)[0], prep)[0]} for p in files[: args.count + 2]]
     fp32 = onnx.load(str(manifest.graphs["encoder"].path))
     int8 = quantize_model(fp32, feeds[: args.count])
     onnx.save_model(int8, str(args.out))

@@ -43,11 +43,12 @@ from runtime.backends.ort import use_process_thread_pool
 use_process_thread_pool({shared!r})
 from infer_latency import inputs
 from runtime.pipeline import Pipeline
+from runtime.prompts import Prompts
 pipe = Pipeline.from_manifest({engines!r}, backend="ort-cpu")
 image, boxes = inputs()
 for _ in range(3):
-    pipe.predict(image, boxes=boxes[:1], task="alpha")
-rows = [pipe.predict(image, boxes=boxes[:1], task="alpha").timings_ms for _ in range({runs})]
+    pipe.predict(image, Prompts.for_image(image.shape, boxes=boxes[:1]), task="alpha")
+rows = [pipe.predict(image, Prompts.for_image(image.shape, boxes=boxes[:1]), task="alpha").timings_ms for _ in range({runs})]
 import time
 from casam_infer.cli import main
 t0 = time.perf_counter()

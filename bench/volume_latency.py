@@ -36,7 +36,8 @@ from infer_latency import RSS_PROBE, exported, machine, write_report  # noqa: E4
 
 from casam_io.image_io import read_scan  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
-from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume  # noqa: E402
+from runtime.prompts import Prompts  # noqa: E402
+from runtime.volume import Propagation, VolumeSegmenter, segment_volume  # noqa: E402
 
 SHAPE = (512, 512, 64)
 BOX = (150.0, 160.0, 360.0, 370.0)
@@ -60,11 +61,12 @@ def ct_volume(path: Path) -> Path:
 
 def single_images(pipe: Pipeline, scan, count: int) -> float:
     """ms per slice: read-prepared 2-D slice → Pipeline.predict, as single-image casam-infer."""
-    slicer = VolumeSegmenter(pipe, scan, pipe.preprocessing.intensity)
+    slicer = VolumeSegmenter(pipe, scan)
     picks = np.linspace(0, SHAPE[2] - 1, count).round().astype(int)
     t0 = time.perf_counter()
     for k in picks:
-        pipe.predict(slicer.slice_image(int(k)), boxes=np.asarray([BOX], np.float32))
+        image = slicer.slice_image(int(k))
+        pipe.predict(image, Prompts.for_image(image.shape, boxes=np.asarray([BOX], np.float32)))
     slicer.close()
     return (time.perf_counter() - t0) * 1000.0 / count
 
@@ -83,8 +85,8 @@ def single_cli(engines: Path, volume: Path, work: Path, count: int) -> float:
 
 def volume_mode(pipe: Pipeline, scan, batch: int) -> tuple[float, dict[str, Any]]:
     t0 = time.perf_counter()
-    result = segment_volume(pipe, scan, [VolumePrompt(1, BOX, SHAPE[2] // 2, (0, SHAPE[2] - 1))],
-                            pipe.preprocessing.intensity, batch=batch)
+    prompts = Prompts.for_volume(scan.data.shape, 2, box3d=[(BOX[0], BOX[1], 0, BOX[2], BOX[3], SHAPE[2] - 1)])
+    result = segment_volume(pipe, scan, prompts, settings=Propagation(batch=batch))
     ms = (time.perf_counter() - t0) * 1000.0 / SHAPE[2]
     return ms, {"passes": result.passes, "route": result.route, **{k: v / SHAPE[2] for k, v in result.timings_ms.items()}}
 

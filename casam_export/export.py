@@ -166,7 +166,7 @@ def export_bundle(
     previous = claim_out_dir(out, bundle, force)
     images = quantize.calibration_set(bundle, calibration, calibration_count) if int8 else None
     # Read once, before any graph is traced (a few images): a bad folder fails in seconds.
-    checks = verification_images(verify_images, bundle.preprocessing.intensity) if verify or int8 else None
+    checks = verification_images(verify_images, bundle.preprocessing) if verify or int8 else None
     deployed = read_previous(out) if out.is_dir() else None  # in force until the switch, even with --force
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ Which graphs (``INT8_GRAPHS``):
 Calibration runs on real images of the deployment's domains: by default the training
 images recorded in each task's split.json (its own images for its alignment layer, all of
 them for the encoder), or the images of ``--calibration DIR``. Every one is prepared with
-the bundle's recorded intensity handling (``casam_io.image_io.read_prepared``), as the
+the bundle's recorded intensity handling (``Preprocessing.read``), as the
 trainer and the deployment prepare it: scales calibrated on other grey levels (a CT
 window's against a min-max slice's) would clip or waste the int8 range the deployment uses.
 
@@ -51,8 +51,7 @@ import torch
 from casam_export.errors import ExportError
 from casam_bundle import Bundle
 from runtime.backends.ort import session_options
-from casam_io.image_io import PICTURE_SUFFIXES, files_by_stem, read_prepared
-from casam_io.intensity import Intensity
+from casam_io.image_io import PICTURE_SUFFIXES, files_by_stem
 from casam_core.names import IDENTITY
 from runtime.preprocess import Preprocessing, preprocess
 
@@ -134,13 +133,13 @@ def calibration_set(bundle: Bundle, folder: Optional[PathLike], count: int) -> C
     """The calibration images, checked before any graph is exported (a cheap precondition)."""
     if count < 1:
         raise ExportError(f"--calibration-count must be ≥ 1, got {count}")
-    intensity = bundle.preprocessing.intensity
+    prep = bundle.preprocessing
     if folder is not None:
         from casam_export.verify import image_paths
 
-        images = [read_prepared(p, intensity)[0] for p in _spread(image_paths(folder, "--calibration"), count)]
+        images = [prep.read(p)[0] for p in _spread(image_paths(folder, "--calibration"), count)]
         return CalibrationSet({}, images, f"{Path(folder)} ({len(images)} images)")
-    per_task = {name: imgs for name in bundle.task_names if (imgs := _split_images(bundle, name, count, intensity))}
+    per_task = {name: imgs for name in bundle.task_names if (imgs := _split_images(bundle, name, count, prep))}
     if not per_task:
         raise ExportError("--int8 needs calibration images, and the bundle's task splits name none that exist "
                           "here; pass --calibration DIR with images of the deployment's domains")
@@ -155,9 +154,9 @@ def _spread(items: Sequence[Any], count: int) -> list[Any]:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
 
 
-def _split_images(bundle: Bundle, name: str, count: int, intensity: Intensity) -> list[np.ndarray]:
+def _split_images(bundle: Bundle, name: str, count: int, prep: Preprocessing) -> list[np.ndarray]:
     """Up to ``count`` training images of task ``name`` as its split.json records them,
-    prepared with ``intensity`` as the trainer prepared them, or none when the recorded
+    prepared with ``prep``'s intensity as the trainer prepared them, or none when the recorded
     dataset is no longer where it was.
 
     Folder datasets only (images/<stem>.<ext> with the trainer's picture and DICOM suffixes);
@@ -177,7 +176,7 @@ def _split_images(bundle: Bundle, name: str, count: int, intensity: Intensity) -
         return []
     by_stem = files_by_stem(folder, PICTURE_SUFFIXES)  # the trainer's listing, and its pick on a shared stem
     chosen = [by_stem[stem] for stem in train if isinstance(stem, str) and stem in by_stem]
-    return [read_prepared(p, intensity)[0] for p in _spread(chosen, count)]
+    return [prep.read(p)[0] for p in _spread(chosen, count)]
 
 
 # ----- quantisation -----------------------------------------------------------------------
@@ -306,7 +305,7 @@ class Quantizer:
         self.prep: Preprocessing = bundle.preprocessing
         self.model = build_model(bundle, sam).eval()
         # the export's own verification images, prepared as the deployment prepares them
-        self.verify_images = (checks or verification_images(None, self.prep.intensity)).images
+        self.verify_images = (checks or verification_images(None, self.prep)).images
         self._embeddings: dict[int, np.ndarray] = {}
 
     def embedding(self, image: np.ndarray) -> np.ndarray:

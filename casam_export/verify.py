@@ -24,11 +24,11 @@ from casam_export.quantize import INT8_MASK_IOU_BAR
 from models.casam import routes_to_names
 from models.router import IDENTITY_INDEX
 from casam_core.errors import InputError
-from casam_io.image_io import image_files, read_prepared
-from casam_io.intensity import Intensity
+from casam_io.image_io import image_files
 from runtime.pipeline import Pipeline
 from casam_core.names import IDENTITY
-from runtime.preprocess import preprocess
+from runtime.preprocess import Preprocessing, preprocess
+from runtime.prompts import Prompts
 from casam_bundle import Bundle
 from models.bundle_models import build_model
 
@@ -84,11 +84,11 @@ class VerificationImages:
     source: str
 
 
-def verification_images(folder: Optional[PathLike], intensity: Intensity) -> VerificationImages:
+def verification_images(folder: Optional[PathLike], prep: Preprocessing) -> VerificationImages:
     """The first MAX_VERIFY_IMAGES of ``folder``, else ``synthetic_images``.
 
-    ``intensity`` is the bundle's recorded handling and has no default: the deployment
-    prepares every file with it (``read_prepared``: a volume is its middle slice, windowed
+    ``prep`` is the bundle's recorded preprocessing and has no default: the deployment
+    prepares every file with its intensity (``Preprocessing.read``: a volume is its middle slice, windowed
     over the whole volume), so parity measured on other grey levels would verify a chain
     the deployment never runs. An empty folder or an unreadable image is an ExportError.
     """
@@ -96,7 +96,7 @@ def verification_images(folder: Optional[PathLike], intensity: Intensity) -> Ver
         return VerificationImages(tuple(synthetic_images()), "synthetic")
     files = image_paths(folder, "--verify-images")[:MAX_VERIFY_IMAGES]
     try:
-        return VerificationImages(tuple(read_prepared(p, intensity)[0] for p in files), str(Path(folder)))
+        return VerificationImages(tuple(prep.read(p)[0] for p in files), str(Path(folder)))
     except InputError as exc:
         raise ExportError(f"--verify-images: {exc}") from exc
 
@@ -131,12 +131,13 @@ class _Comparison:
         """Decode boxes (and point prompts) both ways and record mask IoUs and IoU-head diffs."""
         index = IDENTITY_INDEX if route == IDENTITY else model.task_names.index(route)
         aligned = model.align(emb_t, index)
-        for use in (("boxes",), ("points", "point_labels"))[: 2 if with_points else 1]:
-            kw = {k: prompts[k] for k in use}
-            _, low_o, iou_o = pipe.decode(emb_o, frame, route=route, **kw)
-            coords, labels, _ = Pipeline.prompts(frame, **kw)  # the runtime's own prompt encoding
-            with torch.no_grad():
-                low_t, iou_t = model.decoder(aligned, torch.from_numpy(coords), torch.from_numpy(labels))
+        hw = frame.original_hw
+        kinds = (Prompts.for_image(hw, boxes=prompts["boxes"]),
+                 Prompts.for_image(hw, points=prompts["points"], labels=prompts["point_labels"]))
+        for given in kinds[: 2 if with_points else 1]:
+            _, low_o, iou_o = pipe.decode(emb_o, frame, given, route=route)
+            with torch.no_grad():  # the same Prompts, moved to the frame by the same arithmetic
+                low_t, iou_t = model.decode(aligned, given, frame.scale_xy)
             self.ious += mask_ious(low_t.numpy() > 0, np.asarray(low_o) > 0)
             self.iou_diff = max(self.iou_diff, float(np.abs(iou_t.numpy().reshape(-1) - np.asarray(iou_o).reshape(-1)).max()))
 
@@ -152,7 +153,7 @@ def verify_export(
 ) -> dict[str, Any]:
     """Compare the exported chain in ``out`` (described by ``manifest``) with PyTorch CASAM
     on ``checks`` (default: the synthetic images)."""
-    checks = checks or verification_images(None, bundle.preprocessing.intensity)
+    checks = checks or verification_images(None, bundle.preprocessing)
     images, source = checks.images, checks.source
     model = build_model(bundle, sam)
     # The export has just hashed every graph; hashing them again here would double its I/O.

@@ -23,25 +23,25 @@ import numpy as np
 
 from runtime.backends import BACKENDS, backends_help
 from casam_core.errors import CasamError, InputError, ManifestError
-from casam_io.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, prepared_slice, read_scan
-from casam_io.intensity import Intensity
+from casam_io.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES, NIFTI_SUFFIXES, Scan, read_scan
 from casam_core.files import atomic_write_json, check_out_dir
 from runtime.remote import DEFAULT_READY_TIMEOUT_S
 from casam_infer.outputs import write_outputs
-from runtime.prompt_sources import ImagePrompts, boxes_from_masks, has_mask, read_prompt_file
+from runtime.prompt_sources import ImagePrompts, boxes_from_masks, group_prompts, has_mask, read_prompt_file
 from runtime.scoring import DeploymentScores
-from runtime.volume import DEFAULT_BATCH, DEFAULT_MARGIN, DEFAULT_MIN_AREA, VolumePrompt
+from runtime.predictor import Predictor, volume_predictor
+from runtime.volume import DEFAULT_BATCH, DEFAULT_MARGIN, DEFAULT_MIN_AREA, Propagation
 
 DEFAULT_ENGINES = "casam_engines"
 INPUT_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
 
 
 def open_pipeline(engines: Path, backend: str = "auto", server: Optional[str] = None, max_resident: int = 8,
-                  server_timeout: Optional[float] = None) -> Any:
+                  server_timeout: Optional[float] = None) -> Predictor:
     """The one place the CLI creates its predictor: local engines, or a casam server.
 
-    Anything with ``predict(image, boxes=, points=, point_labels=, task=)`` returning a
-    ``Result`` works below, so a remote backend plugs in here without touching the rest.
+    Anything that implements ``runtime.predictor.Predictor`` works below, so a remote
+    backend plugs in here without touching the rest.
     """
     if server is not None:
         from runtime.remote import RemotePipeline
@@ -79,26 +79,6 @@ def expand_inputs(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
-def group_prompts(
-    box: Sequence[Sequence[float]], point: Sequence[Sequence[float]], label: Sequence[int]
-) -> tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
-    """CLI options → (K×4 boxes, K×P×2 points, K×P labels).
-
-    Each box is one prompt. All points form one prompt (clicks on one object, negative ones
-    excluding regions), combined with the box when exactly one box is given.
-    """
-    if not box and not point:
-        raise InputError("give at least one prompt: --box X0 Y0 X1 Y1 or --point X Y")
-    if label and len(label) != len(point):
-        raise InputError(f"{len(label)} --label values for {len(point)} --point options: give none or one per point")
-    if point and len(box) > 1:
-        raise InputError("points refine a single object: combine --point with at most one --box")
-    boxes = np.asarray(box, dtype=np.float32).reshape(-1, 4) if box else None
-    points = np.asarray(point, dtype=np.float32)[None] if point else None
-    labels = (np.asarray(label, dtype=np.float32) if label else np.ones(len(point), np.float32))[None] if point else None
-    return boxes, points, labels
-
-
 def unique_stem(path: Path, used: Counter) -> str:
     name = path.name
     for suffix in sorted(INPUT_SUFFIXES, key=len, reverse=True):
@@ -127,39 +107,21 @@ class VolumeOptions:
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS
 
 
-def volume_prompts(boxes: Sequence[Sequence[float]], points: Sequence[Sequence[float]],
-                   box3d: Sequence[Sequence[float]], start: Optional[int], scan: Scan, axis: int) -> list[VolumePrompt]:
-    """Boxes on slice ``start`` (default: the middle slice) and 3-D boxes → labels 1..K in that order."""
-    if points:
-        raise InputError("--point is not supported for volumes; give --box with --slice, or --box3d")
-    if not boxes and not box3d:
-        raise InputError("give a prompt for the volume: --box X0 Y0 X1 Y1 with --slice K, or --box3d X0 Y0 Z0 X1 Y1 Z1")
-    start = scan.data.shape[axis] // 2 if start is None else start
-    prompts = [VolumePrompt(i, (b[0], b[1], b[2], b[3]), start) for i, b in enumerate(boxes, start=1)]
-    for j, (x0, y0, z0, x1, y1, z1) in enumerate(box3d, start=len(prompts) + 1):
-        if z1 < z0 or z0 != int(z0) or z1 != int(z1):
-            raise InputError(f"--box3d #{j - len(boxes)}: give whole slice numbers Z0 ≤ Z1, got {z0:g} {z1:g}")
-        prompts.append(VolumePrompt(j, (x0, y0, x1, y1), (int(z0) + int(z1)) // 2, (int(z0), int(z1))))
-    return prompts
-
-
-def run_volume(pipe: Any, path: Path, scan: Scan, stem: str, prompts: ImagePrompts, opts: VolumeOptions,
-               intensity: Intensity, task: Optional[str], out: Path, overlay: bool, backend_info: dict[str, Any],
+def run_volume(pipe: Predictor, path: Path, scan: Scan, stem: str, prompts: ImagePrompts, opts: VolumeOptions,
+               task: Optional[str], out: Path, overlay: bool, backend_info: dict[str, Any],
                scores: DeploymentScores) -> dict[str, Any]:
     """One volume: propagate, route the volume, write the NIfTI mask (+ SEG, montage, JSON)."""
     from runtime.volume import segment_volume
     from casam_infer.volume_outputs import write_volume_outputs
 
-    if not hasattr(pipe, "encode"):
-        raise InputError("volumes run on local engines only; drop --server for volume input")
-    start = prompts.slice if prompts.slice is not None else opts.slice
-    result = segment_volume(pipe, scan, volume_prompts(prompts.boxes, prompts.points, prompts.box3d, start, scan, opts.axis),
-                            intensity, axis=opts.axis, task=task, per_slice=opts.per_slice, batch=opts.batch,
-                            margin=opts.margin, min_area=opts.min_area)
+    local = volume_predictor(pipe, "volumes")
+    checked = prompts.for_volume(scan.data.shape, opts.axis, opts.slice)
+    result = segment_volume(local, scan, checked, task,
+                            Propagation(opts.per_slice, opts.batch, opts.margin, opts.min_area))
     evaluation = scores.add_volume(path.name, result.route, [r.route for r in result.slices.values()], result.labels,
                                    prompts.truth, prompts.truth_values, opts.axis)
     return write_volume_outputs(out, stem, scan, result, opts.axis, overlay,
-                                lambda k: prepared_slice(scan, intensity, k, opts.axis)[0], backend_info,
+                                pipe.preprocessing.slices(scan, opts.axis), backend_info,
                                 {"evaluation": evaluation})
 
 
@@ -348,11 +310,10 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
     out.mkdir(parents=True, exist_ok=True)
     backend_info = pipe.describe()
     bar = tqdm(total=len(files), desc="casam-infer", unit="image", disable=quiet or len(files) < 2, file=sys.stderr)
-    intensity = pipeline_intensity(pipe)
     r = _Run(pipe=pipe, task=task, out=out, overlay=overlay, as_json=as_json, timings=timings, quiet=quiet,
              vol=vol, popts=popts, table=table, cli_prompts=(box, point, label), scores=scores,
              rng=np.random.default_rng(0),  # --box-jitter draws: the same boxes on every run
-             intensity=intensity, backend_info=backend_info, bar=bar)
+             backend_info=backend_info, bar=bar)
     try:
         failed = _segment_all(r, files, concurrency, fail_fast)
     finally:  # ends the bar's line, so that a run-ending error's line is not glued onto the bar
@@ -364,7 +325,7 @@ def run(images, box, point, label, engines: Path, out: Path, overlay: bool, as_j
 class _Run:
     """What the stages of one ``run`` share: its options, the opened pipeline and the tallies."""
 
-    pipe: Any
+    pipe: Predictor
     task: Optional[str]
     out: Path
     overlay: bool
@@ -377,7 +338,6 @@ class _Run:
     cli_prompts: tuple[Sequence[Sequence[float]], Sequence[Sequence[float]], Sequence[int]]  # --box, --point, --label
     scores: DeploymentScores
     rng: Any
-    intensity: Intensity
     backend_info: dict[str, Any]
     bar: Any
     routes: Counter = field(default_factory=Counter)
@@ -412,7 +372,7 @@ def _refuse_missing(names: Sequence[str], what: str) -> None:
 
 
 def _open_checked(engines: Path, backend: str, server: Optional[str], max_resident: int,
-                  server_timeout: Optional[float], task: Optional[str], expect_task: Optional[str]) -> Any:
+                  server_timeout: Optional[float], task: Optional[str], expect_task: Optional[str]) -> Predictor:
     """The predictor, refused when --task or --expect-task names a task its export lacks."""
     pipe = open_pipeline(engines, backend, server=server, max_resident=max_resident, server_timeout=server_timeout)
     if task is not None:
@@ -446,12 +406,13 @@ def _prepare(r: _Run, path: Path) -> tuple[Path, Any]:
         if given.box3d:
             raise InputError(f"--box3d is for volumes; {path.name} is a 2-D image: give --box or --point")
         boxes, points, labels = group_prompts(given.boxes, given.points, given.point_labels)
-        image, read_warnings = prepared_slice(scan, r.intensity, vol.slice, vol.axis)
+        image, read_warnings = r.pipe.preprocessing.prepare(scan, vol.slice, vol.axis)
+        prompts = given.for_image(image.shape)
     except ManifestError:
         raise
     except CasamError as exc:
         return path, exc
-    return path, ("image", image, read_warnings, boxes, points, labels, given)
+    return path, ("image", image, read_warnings, boxes, points, labels, given, prompts)
 
 
 def _predict(r: _Run, job: tuple[Path, Any]) -> Any:
@@ -461,8 +422,8 @@ def _predict(r: _Run, job: tuple[Path, Any]) -> Any:
         raise prepared
     if prepared[0] in ("volume", "fatal"):
         return prepared
-    _, image, _, boxes, points, labels, _ = prepared
-    return prepared, r.pipe.predict(image, boxes=boxes, points=points, point_labels=labels, task=r.task)
+    image, prompts = prepared[1], prepared[7]
+    return prepared, r.pipe.predict(image, prompts, task=r.task)
 
 
 def _segment_all(r: _Run, files: Sequence[Path], concurrency: int, fail_fast: bool) -> int:
@@ -499,7 +460,7 @@ def _segment_all(r: _Run, files: Sequence[Path], concurrency: int, fail_fast: bo
 def _write_volume(r: _Run, path: Path, outcome: tuple[str, Scan, ImagePrompts]) -> None:
     """Segment one volume (in order: it is not a single request) and write and report it."""
     _, scan, given = outcome
-    record = run_volume(r.pipe, path, scan, unique_stem(path, r.used), given, r.vol, r.intensity, r.task, r.out,
+    record = run_volume(r.pipe, path, scan, unique_stem(path, r.used), given, r.vol, r.task, r.out,
                         r.overlay, r.backend_info, r.scores)
     _warn(r.bar, path, record["warnings"])
     r.routes[record["route"]] += 1
@@ -508,7 +469,7 @@ def _write_volume(r: _Run, path: Path, outcome: tuple[str, Scan, ImagePrompts]) 
 
 def _write_image(r: _Run, path: Path, outcome: tuple[tuple[Any, ...], Any]) -> None:
     """Score one predicted 2-D image against its ground truth (if any), write and report it."""
-    (_, image, read_warnings, boxes, points, labels, given), result = outcome
+    (_, image, read_warnings, boxes, points, labels, given, _), result = outcome
     result.warnings[:0] = read_warnings
     _warn(r.bar, path, result.warnings)
     evaluation = r.scores.add_image(path.name, result.route, result.masks, given.truth, given.truth_values)
@@ -571,12 +532,6 @@ def in_order(fn: Callable[[Any], Any], items: Iterable[Any], concurrency: int) -
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
 
-
-
-def pipeline_intensity(pipe: Any) -> Intensity:
-    """The intensity handling the engines were trained with (manifest, or the server's)."""
-    prep = getattr(pipe, "preprocessing", None)
-    return prep.intensity if prep is not None else pipe.intensity
 
 
 def _one_line_warning(message: Warning | str, category: type, filename: str, lineno: int,

@@ -37,11 +37,10 @@ class CasamModel:
     def answer(self, request: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         pipe = self.pipeline
         try:
-            call = read_request(request)
-            # predict checks the task, image and prompts before its encoder call, so a
-            # request that will be refused never takes a place in an encoder batch.
-            result = pipe.predict(call.image, call.boxes, call.points, call.point_labels, call.task,
-                                  encode=self.batcher.encode)
+            call = read_request(request)  # its prompts checked against its image here
+            # predict checks the task and image before its encoder call, so a request that
+            # will be refused never takes a place in an encoder batch.
+            result = pipe.predict(call.image, call.prompts, call.task, encode=self.batcher.encode)
         except CasamError as exc:
             LOG.info("refused a request: %s", exc)
             raise

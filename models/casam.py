@@ -14,7 +14,7 @@ from models.errors import ShapeError
 from models.prompt_decoder import PromptDecoder
 from models.router import IDENTITY_INDEX, Router, choose_routes
 from casam_core.names import IDENTITY
-from runtime.prompts import encode_prompts
+from runtime.prompts import Prompts
 
 TaskChoice = Union[None, int, str]
 PerImage = Union[torch.Tensor, Sequence[Optional[torch.Tensor]], None]
@@ -91,16 +91,23 @@ class CASAM(nn.Module):
             routes = torch.full((embeddings.shape[0],), forced, dtype=torch.long, device=embeddings.device)
         return pooled, scores, routes
 
-    def decode(
-        self,
-        embedding: torch.Tensor,
-        boxes: Optional[torch.Tensor] = None,
-        points: Optional[torch.Tensor] = None,
-        point_labels: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One (aligned or raw) 1×256×64×64 embedding and K prompts in the 1024 frame."""
-        as_np = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
-        coords, labels = encode_prompts(as_np(boxes), as_np(points), as_np(point_labels))
+    @property
+    def frame_hw(self) -> tuple[int, int]:
+        """The model frame's size (SAM's input_image_size: 1024×1024)."""
+        h, w = self.decoder.prompt_encoder.input_image_size
+        return int(h), int(w)
+
+    def decode(self, embedding: torch.Tensor, prompts: Prompts,
+               scale_xy: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+        """One (aligned or raw) 1×256×64×64 embedding and K prompts → (K×1×256×256 logits, K×1 IoU).
+
+        ``prompts`` are the runtime's (``Prompts.for_image`` of the original image) and
+        ``scale_xy`` moves them into the model frame (``Frame.scale_xy``), the very
+        arithmetic ``runtime.pipeline.Pipeline`` runs; (1, 1) for prompts made in the frame.
+        """
+        if prompts.mask_input is not None:
+            raise ShapeError("CASAM's decoder takes no previous mask (mask_input); give boxes or points")
+        coords, labels = prompts.encode(scale_xy)
         dev = embedding.device
         return self.decoder(embedding, torch.from_numpy(coords).to(dev), torch.from_numpy(labels).to(dev))
 
@@ -112,7 +119,8 @@ class CASAM(nn.Module):
         point_labels: PerImage = None,
         task: TaskChoice = None,
     ) -> CASAMOutput:
-        """Preprocessed B×3×1024×1024 images and, per image, K boxes (K×4) and/or points (K×P×2)."""
+        """Preprocessed B×3×1024×1024 images and, per image, K boxes (K×4) and/or points (K×P×2)
+        in the model frame (checked as ``Prompts.for_image`` of the 1024×1024 frame)."""
         embeddings = self.encode(images)
         return self.forward_embeddings(embeddings, boxes, points, point_labels, task)
 
@@ -126,14 +134,19 @@ class CASAM(nn.Module):
     ) -> CASAMOutput:
         """The same as ``forward`` from precomputed raw encoder embeddings (B×256×64×64)."""
         pooled, scores, routes = self.route(embeddings, task)
-        pick = lambda seq, i: None if seq is None else seq[i]  # noqa: E731
+        pick = lambda seq, i: None if seq is None or seq[i] is None else _numpy(seq[i])  # noqa: E731
         masks, ious = [], []
         for b in range(embeddings.shape[0]):
             emb = self.align(embeddings[b : b + 1], int(routes[b]))
-            m, q = self.decode(emb, pick(boxes, b), pick(points, b), pick(point_labels, b))
+            prompts = Prompts.for_image(self.frame_hw, pick(boxes, b), pick(points, b), pick(point_labels, b))
+            m, q = self.decode(emb, prompts)
             masks.append(m)
             ious.append(q)
         return CASAMOutput(masks, ious, routes, scores, pooled)
+
+
+def _numpy(value: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
 def routes_to_names(routes: torch.Tensor | np.ndarray, task_names: Sequence[str]) -> list[str]:

@@ -25,9 +25,9 @@ from casam_core.errors import InputError, ManifestError
 from casam_io.intensity import count_nonfinite, nonfinite_warning
 from runtime.manifest import IDENTITY, MANIFEST_NAME, Manifest, check_task
 from runtime.postprocess import masks_from_logits
-from runtime.preprocess import Frame, Preprocessing, boxes_to_frame, points_to_frame, preprocess
-from runtime.prompt_checks import check_boxes, check_points
-from runtime.prompts import encode_prompts
+from runtime.predictor import DEFAULT_BATCH, Capabilities, Result
+from runtime.preprocess import Frame, Preprocessing, preprocess
+from runtime.prompts import Prompts
 
 PathLike = Union[str, os.PathLike]
 
@@ -68,18 +68,6 @@ def check_parity(manifest: Manifest) -> None:
 STAGES = ("preprocess", "encoder", "router", "align", "decoder", "postprocess", "total")
 
 
-@dataclass
-class Result:
-    masks: np.ndarray  # K×H×W bool at the original size
-    low_res_logits: np.ndarray  # K×1×256×256 float32
-    iou: np.ndarray  # (K,) float32
-    route: str  # task name or "identity"
-    scores: dict[str, float]  # every task's score
-    thresholds: dict[str, float]
-    timings_ms: dict[str, float]  # STAGES
-    warnings: list[str] = field(default_factory=list)  # e.g. boxes clipped to the image
-
-
 class _Timer:
     """Per-call stage timings (a local object, so concurrent predictions never share one)."""
 
@@ -107,7 +95,8 @@ class _Stage:
 
 
 class Pipeline:
-    """CA-SAM on exported engines. ``predict`` is safe to call from several threads."""
+    """CA-SAM on exported engines (a ``runtime.predictor.VolumePredictor``). ``predict`` is
+    safe to call from several threads."""
 
     def __init__(self, manifest: Manifest, backend: Backend, max_resident: int = 8, preload: bool = False) -> None:
         self.manifest_obj = manifest
@@ -122,6 +111,9 @@ class Pipeline:
         self.decoder = backend.load("decoder", manifest.graphs["decoder"].path)
         self.align_engines: EngineCache[str, Engine] = EngineCache(self._load_align, max_resident)
         self.calls: Counter[str] = Counter()  # engine key → runs, for tests and benchmarks
+        # The exported decoder graph has no mask input (casam_export.lean_decoder).
+        self.capabilities = Capabilities(volumes=True, mask_input=False,
+                                         encoder_batch=DEFAULT_BATCH.get(str(backend.device), 1))
         self._calls_lock = threading.Lock()
         if preload:
             for name in self.task_names[:max_resident]:
@@ -199,25 +191,13 @@ class Pipeline:
     def check_task(self, task: str) -> str:
         return check_task(task, self.task_names)
 
-    @staticmethod
-    def prompts(
-        frame: Frame,
-        boxes: Optional[np.ndarray] = None,
-        points: Optional[np.ndarray] = None,
-        point_labels: Optional[np.ndarray] = None,
-    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """Prompts in original pixels → checked, moved to the model frame, in decoder form."""
-        h, w = frame.original_hw
-        boxes, warnings = check_boxes(boxes, h, w)
-        points, point_labels = check_points(points, point_labels, h, w)
-        if boxes is None and points is None:
-            raise InputError("give at least one box or point prompt")
-        coords, labels = encode_prompts(
-            None if boxes is None else boxes_to_frame(boxes, frame),
-            None if points is None else points_to_frame(points, frame),
-            point_labels,
-        )
-        return coords, labels, warnings
+    def prompts(self, frame: Frame, prompts: Prompts) -> tuple[np.ndarray, np.ndarray]:
+        """Checked prompts in original pixels → the decoder's (coords, labels) in the model frame."""
+        if prompts.is_volume or prompts.slice_hw != frame.original_hw:
+            prompts.check_image(frame.original_hw)
+        if prompts.mask_input is not None and not self.capabilities.mask_input:
+            raise InputError("this export's decoder takes no previous mask (mask_input); give boxes or points only")
+        return prompts.encode(frame.scale_xy)
 
     # ----- public API -------------------------------------------------------------------
     def embed(self, image: np.ndarray) -> tuple[np.ndarray, Frame]:
@@ -247,32 +227,26 @@ class Pipeline:
             raise InputError(f"route takes one image's 1×256×64×64 embedding, got {scores.shape[0]} images")
         return self.choose(scores[0], task), scores[0], self.thresholds.copy()
 
-    def decode(
-        self,
-        embedding: Tensor,
-        frame: Frame,
-        boxes: Optional[np.ndarray] = None,
-        points: Optional[np.ndarray] = None,
-        point_labels: Optional[np.ndarray] = None,
-        route: str = IDENTITY,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decode(self, embedding: Tensor, frame: Frame, prompts: Prompts,
+               route: str = IDENTITY) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A raw embedding and prompts in original pixels → (K×H×W masks, K×1×256×256 logits, (K,) IoU)."""
-        coords, labels, _ = self.prompts(frame, boxes, points, point_labels)
+        coords, labels = self.prompts(frame, prompts)
         low, iou = self._decoder_batches(self._align(embedding, self.check_task(route)), coords, labels)
         return masks_from_logits(low, frame), low, iou
 
     def predict(
         self,
         image: np.ndarray,
-        boxes: Optional[np.ndarray] = None,
-        points: Optional[np.ndarray] = None,
-        point_labels: Optional[np.ndarray] = None,
+        prompts: Prompts,
         task: Optional[str] = None,
         *,
         encode: Optional[Callable[[np.ndarray], Tensor]] = None,
     ) -> Result:
-        """One image (H×W or H×W×C) and its prompts in original pixels → masks at the original size.
+        """One image (H×W or H×W×C) and its prompts (``Prompts.for_image`` of it) → masks at
+        the original size.
 
+        A deeper than 8-bit image (a raw CT slice) gets the manifest's intensity handling,
+        as ``Preprocessing.prepare`` would: the recorded window, never a silent min-max.
         ``task``: None routes by the ELBO scores, a task name forces that task, and
         "identity" runs plain SAM. All prompts go to the decoder in one batched call.
         ``encode`` replaces the encoder run (1×3×S×S → 1×256×64×64): casam-serve passes its
@@ -283,7 +257,8 @@ class Pipeline:
         timer = _Timer()
         with timer.stage("preprocess"):
             x, frame = preprocess(image, self.preprocessing)
-            coords, labels, warnings = self.prompts(frame, boxes, points, point_labels)
+            coords, labels = self.prompts(frame, prompts)
+            warnings = list(prompts.warnings)
             bad = count_nonfinite(np.asarray(image))
             if bad:  # shown black by preprocessing; say so once for this image
                 warnings.append(nonfinite_warning(bad))
@@ -312,5 +287,9 @@ class Pipeline:
     def describe(self) -> dict[str, Any]:
         return {**self.backend.describe(), "tasks": self.task_names, "max_prompts": self.max_prompts,
                 "precision": self.manifest.get("precision"), "sam": self.manifest.get("sam", {}).get("model"),
-                "intensity": self.preprocessing.intensity.to_dict()}
+                "intensity": self.preprocessing.intensity.to_dict(), "preprocessing": self.preprocessing.to_dict()}
+
+    def read(self, path: PathLike, index: Optional[int] = None, axis: int = 2) -> tuple[np.ndarray, list[str]]:
+        """Any file → (the 8-bit image these engines take, with the manifest's intensity, warnings)."""
+        return self.preprocessing.read(path, index, axis)
 

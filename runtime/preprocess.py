@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Optional, Union
+import os
 
 import numpy as np
 from PIL import Image
 
 from casam_core.errors import InputError
-from casam_io.scan import standard_channels
-from casam_io.intensity import Intensity, Source, to_uint8
+from casam_io.image_io import DEFAULT_MAX_PIXELS, prepared_slice, read_scan, slice_at
+from casam_io.intensity import Intensity, Source, apply_window, find_window, nonfinite_warning, to_uint8
+from casam_io.scan import Scan, standard_channels
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -59,6 +61,46 @@ class Preprocessing:
             intensity=Intensity.from_dict(data.get("intensity")),
         )
 
+    # ----- raw values → the 8-bit image the encoder is fed, with the recorded intensity ---------
+    def prepare(self, image: Union[Scan, np.ndarray], index: Optional[int] = None,
+                axis: int = 2) -> tuple[np.ndarray, list[str]]:
+        """A scan (slice ``index`` along ``axis`` of a volume, the middle one by default,
+        windowed over the whole volume) or a raw array → (8-bit image, warnings).
+
+        A raw array is a 2-D image: 8-bit data is kept, deeper data (a CT slice in
+        Hounsfield units, say) gets this preprocessing's intensity handling, so a recorded
+        CT window is applied, never a silent min-max.
+        """
+        if isinstance(image, Scan):
+            return prepared_slice(image, self.intensity, index, axis)
+        array = standard_channels(image)
+        if array.dtype == np.uint8:
+            return array, []
+        return to_uint8(array, self.intensity, Source(kind="image"))
+
+    def read(self, path: Union[str, "os.PathLike[str]"], index: Optional[int] = None, axis: int = 2,
+             volume: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, list[str]]:
+        """Any file casam reads → ``prepare`` of it: the 8-bit image the engines were trained on."""
+        return self.prepare(read_scan(path, volume=volume, max_pixels=max_pixels), index, axis)
+
+    def slices(self, scan: Scan, axis: int = 2) -> "VolumeSlices":
+        """A volume's slices one at a time, with one window found for the whole volume."""
+        return VolumeSlices(scan, axis, self.intensity)
+
+
+class VolumeSlices:
+    """Slice k of a volume as 8-bit, windowed as the whole volume would be (bit-identical to
+    ``Preprocessing.prepare(scan, k, axis)``), with the window found once, not per slice."""
+
+    def __init__(self, scan: Scan, axis: int, intensity: Intensity) -> None:
+        self.scan, self.axis = scan, axis
+        self.window, bad = find_window(scan.data, intensity, scan.source)
+        self.warnings = list(scan.warnings) + ([nonfinite_warning(bad)] if bad else [])
+
+    def __call__(self, k: int) -> np.ndarray:
+        raw = slice_at(self.scan.data, k, self.axis)
+        return np.ascontiguousarray(apply_window(raw, self.window, self.scan.source.invert))
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -84,17 +126,21 @@ def frame_for(height: int, width: int, prep: Preprocessing) -> Frame:
     return Frame((height, width), (int(height * scale + 0.5), int(width * scale + 0.5)), prep.size)
 
 
-def to_rgb_255(image: np.ndarray) -> np.ndarray:
+def to_rgb_255(image: np.ndarray, intensity: Optional[Intensity] = None) -> np.ndarray:
     """Any H×W or H×W×C array → H×W×3 uint8 on a 0–255 scale.
 
-    8-bit data is kept as is. Deeper data (16-bit, int, float) is min-max scaled per image
-    (casam_io.intensity, the one implementation), since medical scanners rarely use the full
-    16-bit range; NaN pixels become black. Files read by casam are already 8-bit here: the
-    reader applied the recorded intensity handling. Alpha is dropped; grey is replicated.
+    8-bit data is kept as is. Deeper data (16-bit, int, float) gets ``intensity``
+    (casam_io.intensity, the one implementation; the manifest's, through ``preprocess``):
+    a recorded CT window is applied, ``auto`` min-max scales a 2-D image; NaN pixels become
+    black. Without ``intensity`` only 8-bit data is taken: scaling anything else would be a
+    guess. Alpha is dropped; grey is replicated.
     """
     array = standard_channels(image)
     if array.dtype != np.uint8:
-        array, _ = to_uint8(array, Intensity(mode="minmax"), Source(kind="image"))
+        if intensity is None:
+            raise InputError(f"a {array.dtype} image needs an intensity handling to become 8-bit "
+                             "(Preprocessing.prepare applies the recorded one)")
+        array, _ = to_uint8(array, intensity, Source(kind="image"))
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     return np.ascontiguousarray(array)
@@ -124,8 +170,9 @@ def normalisation_tables(mean: tuple[float, ...], std: tuple[float, ...]) -> np.
 
 
 def preprocess(image: np.ndarray, prep: Preprocessing) -> tuple[np.ndarray, Frame]:
-    """Image → (1×3×size×size float32 normalised input, its Frame)."""
-    rgb = to_rgb_255(image)
+    """Image → (1×3×size×size float32 normalised input, its Frame). A deeper than 8-bit
+    image gets ``prep``'s intensity handling (``Preprocessing.prepare``)."""
+    rgb = to_rgb_255(image, prep.intensity)
     frame = frame_for(rgb.shape[0], rgb.shape[1], prep)
     resized = resize_rgb(rgb, frame.resized_hw)
     tables = normalisation_tables(prep.mean, prep.std)

@@ -19,13 +19,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
 from casam_core.errors import InputError
 from casam_io.image_io import IMAGE_SUFFIXES, NIFTI_SUFFIXES, read_pil, read_scan
 from casam_core.structures import mask_to_index_map, tight_box
+from runtime.prompts import Prompts
 
 MASK_SUFFIXES = IMAGE_SUFFIXES + NIFTI_SUFFIXES
 
@@ -42,6 +43,38 @@ class ImagePrompts:
     box3d: list[tuple[float, ...]] = field(default_factory=list)
     truth: Optional[np.ndarray] = None
     truth_values: list[int] = field(default_factory=list)  # label value of each structure, in prompt order
+
+    def for_image(self, shape: Sequence[int]) -> Prompts:
+        """These prompts, grouped as ``group_prompts`` does, checked against an image of ``shape``."""
+        return Prompts.for_image(shape, *group_prompts(self.boxes, self.points, self.point_labels))
+
+    def for_volume(self, shape: Sequence[int], axis: int, default_slice: Optional[int] = None) -> Prompts:
+        """These prompts checked against a volume: boxes on ``slice`` (else ``default_slice``,
+        else the middle one) and 3-D boxes."""
+        return Prompts.for_volume(shape, axis, boxes=self.boxes or None,
+                                  slice=self.slice if self.slice is not None else default_slice,
+                                  box3d=self.box3d or None, points=self.points or None)
+
+
+def group_prompts(
+    box: Sequence[Sequence[float]], point: Sequence[Sequence[float]], label: Sequence[int]
+) -> tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
+    """Listed prompts (CLI options, a prompts-file entry) → (K×4 boxes, K×P×2 points, K×P labels).
+
+    Each box is one prompt. All points form one prompt (clicks on one object, negative ones
+    excluding regions), combined with the box when exactly one box is given. Shape-free, so
+    casam-infer can check the CLI's prompts before it reads any image.
+    """
+    if not box and not point:
+        raise InputError("give at least one prompt: --box X0 Y0 X1 Y1 or --point X Y")
+    if label and len(label) != len(point):
+        raise InputError(f"{len(label)} --label values for {len(point)} --point options: give none or one per point")
+    if point and len(box) > 1:
+        raise InputError("points refine a single object: combine --point with at most one --box")
+    boxes = np.asarray(box, dtype=np.float32).reshape(-1, 4) if box else None
+    points = np.asarray(point, dtype=np.float32)[None] if point else None
+    labels = (np.asarray(label, dtype=np.float32) if label else np.ones(len(point), np.float32))[None] if point else None
+    return boxes, points, labels
 
 
 def _numbers(value: Any, width: int, where: str) -> list[tuple[float, ...]]:

@@ -1,9 +1,14 @@
 """``RemotePipeline``: ``Pipeline.predict`` answered by a casam-serve (Triton) server.
 
 Same call, same ``Result``, so ``casam-infer --server URL`` writes what a local run
-writes: the image travels as uint8 (what the local pipeline would make of it anyway, see
-``runtime.wire.wire_image``), and masks, IoU, scores and logits come back exactly.
-tritonclient is imported on first use, so the plain runtime does not need it.
+writes: the image travels as uint8 (what the local pipeline would make of it anyway, with
+the server's recorded intensity, see ``runtime.wire.wire_image``), and masks, IoU, scores
+and logits come back exactly. tritonclient is imported on first use, so the plain runtime
+does not need it.
+
+Every reply is checked: a server that answers but is not a casam server (a web page, an
+empty JSON, anything else on that port) is one CasamError naming the URL, never a
+traceback from deep inside the client library.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ import numpy as np
 from casam_io.intensity import Intensity
 from casam_core.errors import CasamError, InputError, ManifestError
 from runtime.manifest import check_task
-from runtime.pipeline import Result
+from runtime.predictor import Capabilities, Result
+from runtime.preprocess import Preprocessing
+from runtime.prompts import Prompts
 from runtime.wire import INFO_MODEL_NAME, MODEL_NAME
 from runtime.wire import INPUTS, OUTPUTS, Call, read_response, request_arrays
 
@@ -31,6 +38,9 @@ _RAISED = re.compile(r"(?:^|[\s.])(InputError|ManifestError|CasamError): (.+)$")
 # Triton's own checks against the model config (wrong dtype, wrong rank, missing input).
 _TRITON_INPUT = re.compile(r"(unexpected shape|data-type is|expected \d+ inputs|missing input|unexpected inference input)")
 _ERRORS = {"InputError": InputError, "ManifestError": ManifestError, "CasamError": CasamError}
+# What tritonclient raises when a reply is not the KServe protocol it expects (a body that
+# is not JSON, JSON without the expected keys, binary data of the wrong length, …).
+_GARBLED = (ValueError, KeyError, AttributeError, TypeError, IndexError, UnicodeDecodeError)
 
 
 def parse_server_url(url: str) -> tuple[str, str]:
@@ -54,7 +64,8 @@ _READY_POLL_S = 0.25
 
 
 class RemotePipeline:
-    """A casam-serve server at ``url``, used like ``runtime.pipeline.Pipeline``. Thread-safe.
+    """A casam-serve server at ``url``, used like ``runtime.pipeline.Pipeline`` (a
+    ``runtime.predictor.Predictor``; it runs whole predictions only, no volumes). Thread-safe.
 
     Triton answers ``/v2/health/ready`` before casam-serve has loaded its models, so the
     first request waits until both models report ready, up to ``ready_timeout_s``; a server
@@ -74,6 +85,7 @@ class RemotePipeline:
         self._clients: list[Any] = []
         self._lock = threading.Lock()
         self._info: Optional[dict[str, Any]] = None
+        self.capabilities = Capabilities(volumes=False, mask_input=False)
 
     # ----- what the server holds ----------------------------------------------------------
     def info(self, refresh: bool = False) -> dict[str, Any]:
@@ -81,17 +93,39 @@ class RemotePipeline:
         encoder batch statistics; cached unless ``refresh``."""
         if self._info is None or refresh:
             response = self._infer(INFO_MODEL_NAME, [], ["info"])
-            self._info = json.loads(bytes(response.as_numpy("info").reshape(-1)[0]).decode("utf-8"))
+            self._info = self._checked_info(response)
         return self._info
+
+    def _checked_info(self, response: Any) -> dict[str, Any]:
+        """The ``casam_info`` reply → its JSON object, or the CasamError of a server that is not casam's."""
+        try:
+            info = json.loads(bytes(response.as_numpy("info").reshape(-1)[0]).decode("utf-8"))
+            tasks = info["tasks"]
+            if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+                raise TypeError("tasks is not a list of names")
+            if "preprocessing" in info:
+                Preprocessing.from_dict(info["preprocessing"])
+            Intensity.from_dict(info.get("intensity"))
+        except (*_GARBLED, CasamError) as exc:
+            raise self._not_casam(exc) from None
+        return info
+
+    def _not_casam(self, exc: BaseException) -> CasamError:
+        detail = str(exc).splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        return CasamError(f"{self.url} did not answer as a casam server ({detail}); check the --server URL and port")
 
     @property
     def task_names(self) -> list[str]:
         return list(self.info()["tasks"])
 
     @property
-    def intensity(self) -> Intensity:
-        """The served bundle's intensity handling (servers that predate it: auto)."""
-        return Intensity.from_dict(self.info().get("intensity"))
+    def preprocessing(self) -> Preprocessing:
+        """The served engines' preprocessing (servers that predate recording it: the default,
+        with the intensity they report, or auto)."""
+        info = self.info()
+        if isinstance(info.get("preprocessing"), dict):
+            return Preprocessing.from_dict(info["preprocessing"])
+        return Preprocessing(intensity=Intensity.from_dict(info.get("intensity")))
 
     def check_task(self, task: str) -> str:
         return check_task(task, self.task_names)
@@ -100,24 +134,25 @@ class RemotePipeline:
         return {"backend": "remote", "server": self.url, "protocol": self.scheme, "server_engines": self.info()}
 
     # ----- prediction ---------------------------------------------------------------------
-    def predict(
-        self,
-        image: np.ndarray,
-        boxes: Optional[np.ndarray] = None,
-        points: Optional[np.ndarray] = None,
-        point_labels: Optional[np.ndarray] = None,
-        task: Optional[str] = None,
-    ) -> Result:
+    def predict(self, image: np.ndarray, prompts: Prompts, task: Optional[str] = None) -> Result:
         """Same arguments and result as ``Pipeline.predict``; ``timings_ms`` holds the round trip."""
         start = time.perf_counter()
-        arrays = request_arrays(Call(image, boxes, points, point_labels, task))
+        prompts.check_image(np.shape(image))
+        if prompts.mask_input is not None and not self.capabilities.mask_input:
+            raise InputError("the casam server's decoder takes no previous mask (mask_input); give boxes or points only")
+        arrays = request_arrays(Call(image, prompts, task), self.preprocessing.intensity)
         inputs = []
         for name, array in arrays.items():
             tensor = self._client_module.InferInput(name, list(array.shape), _SPECS[name].triton_dtype)
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         response = self._infer(self.model, inputs, [spec.name for spec in OUTPUTS])
-        fields = read_response({spec.name: response.as_numpy(spec.name) for spec in OUTPUTS})
+        try:
+            fields = read_response({spec.name: response.as_numpy(spec.name) for spec in OUTPUTS})
+        except (*_GARBLED, CasamError) as exc:
+            raise self._not_casam(exc) from None
+        # The client's own clipping warnings: the server checks the boxes already clipped.
+        fields["warnings"] = list(prompts.warnings) + list(fields["warnings"])  # type: ignore[arg-type]
         return Result(timings_ms={"total": (time.perf_counter() - start) * 1000.0}, **fields)  # type: ignore[arg-type]
 
     def close(self) -> None:
@@ -167,6 +202,8 @@ class RemotePipeline:
                 pass  # e.g. "unknown model" while the model repository is still being filled
             except OSError:
                 reached = False
+            except _GARBLED as exc:  # it answers, but not as a Triton server
+                raise self._not_casam(exc) from None
             if time.monotonic() >= deadline:
                 break
             time.sleep(_READY_POLL_S)
@@ -187,6 +224,8 @@ class RemotePipeline:
             raise self._error(exc.message() or str(exc)) from None
         except OSError as exc:  # connection refused, reset, timed out (HTTP)
             raise CasamError(f"cannot reach the casam server at {self.url}: {exc}") from None
+        except _GARBLED as exc:  # e.g. a reply that is not JSON: not a casam (Triton) server
+            raise self._not_casam(exc) from None
 
     def _error(self, message: str) -> CasamError:
         """A server error text → the CasamError it stands for, without the server's traceback."""

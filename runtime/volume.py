@@ -15,8 +15,11 @@ the route, so propagation first runs with each slice's own route; when any diffe
 the volume route the volume is propagated again with it, from the embeddings kept.
 
 Memory stays flat in the number of slices: slices are windowed one at a time (with the
-volume's window, found once), and embeddings past the first 256 MB go to a temporary file
-as they are computed.
+volume's window, found once, from the predictor's recorded intensity), and embeddings past
+the first 256 MB go to a temporary file as they are computed.
+
+Prompts arrive as one ``runtime.prompts.Prompts`` made with ``Prompts.for_volume``, already
+checked against the volume; ``volume_prompts`` lists its structures.
 """
 
 from __future__ import annotations
@@ -30,24 +33,27 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from casam_core.errors import InputError
-from casam_io.image_io import Scan, slice_at
-from casam_io.intensity import Intensity, apply_window, find_window, nonfinite_warning
+from casam_io.scan import Scan
 from casam_core.names import IDENTITY
+from runtime.predictor import DEFAULT_BATCH, VolumePredictor
 from runtime.preprocess import Frame, preprocess
+from runtime.prompts import Prompts
 
 DEFAULT_MIN_AREA = 16  # pixels: below this a propagated mask is noise, not the object
 DEFAULT_MARGIN = 2.0  # pixels added around the previous mask's bounding box
-#: Slices per encoder call, by the backend's device. On the CPU, batches ran slower per
-#: slice than single slices (tiny encoder 61.6 ms per slice at batch 1, 71.9 at 4 and 79.9
-#: at 8: onnxruntime already spreads one slice over the cores, and a batch's activations
-#: leave the caches; bench/results/volume_latency.md), so the CPU takes one at a time. A GPU
-#: is filled by batches (not measured here: no GPU was at hand).
-DEFAULT_BATCH = {"cpu": 1, "cuda": 4}
+__all__ = ["DEFAULT_BATCH", "Propagation", "VolumePrompt", "VolumeSegmenter", "segment_volume", "volume_prompts"]
 
 
-def default_batch(pipe: Any) -> int:
-    """``DEFAULT_BATCH`` for the device ``pipe``'s backend runs on (the CPU's when unknown)."""
-    return DEFAULT_BATCH.get(str(getattr(getattr(pipe, "backend", None), "device", "cpu")), 1)
+@dataclass(frozen=True)
+class Propagation:
+    """How a volume is walked: routing per slice or per volume, slices per encoder call
+    (None: the predictor's ``capabilities.encoder_batch``), the margin around the previous
+    mask's box, and the smallest mask that keeps the walk going."""
+
+    per_slice: bool = False
+    batch: Optional[int] = None
+    margin: float = DEFAULT_MARGIN
+    min_area: int = DEFAULT_MIN_AREA
 
 
 RESIDENT_BYTES = 256 << 20  # embeddings kept in memory before the rest spill to disk
@@ -62,6 +68,19 @@ class VolumePrompt:
     box: tuple[float, float, float, float]
     start: int
     limits: Optional[tuple[int, int]] = None
+
+
+def volume_prompts(prompts: Prompts) -> list[VolumePrompt]:
+    """A volume's checked prompts → its structures, labels 1..K: the boxes on ``slice``, then
+    the 3-D boxes (each started on the middle slice of its range)."""
+    if not prompts.is_volume or prompts.slice is None:
+        raise InputError("volume propagation needs Prompts.for_volume")
+    out = [VolumePrompt(k, (float(b[0]), float(b[1]), float(b[2]), float(b[3])), prompts.slice)
+           for k, b in enumerate([] if prompts.boxes is None else prompts.boxes, start=1)]
+    for x0, y0, z0, x1, y1, z1 in [] if prompts.box3d is None else prompts.box3d:
+        out.append(VolumePrompt(len(out) + 1, (float(x0), float(y0), float(x1), float(y1)),
+                                (int(z0) + int(z1)) // 2, (int(z0), int(z1))))
+    return out
 
 
 @dataclass
@@ -138,19 +157,19 @@ class EmbeddingSpill:
 
 
 class VolumeSegmenter:
-    """Runs one volume through a Pipeline (``encode``, ``route``, ``decode``, ``choose``)."""
+    """Runs one volume through a ``VolumePredictor`` (``encode``, ``route``, ``decode``,
+    ``choose``); slices are prepared with the predictor's recorded intensity."""
 
-    def __init__(self, pipe: Any, scan: Scan, intensity: Intensity, axis: int = 2, batch: Optional[int] = None,
-                 margin: float = DEFAULT_MARGIN, min_area: int = DEFAULT_MIN_AREA) -> None:
+    def __init__(self, pipe: VolumePredictor, scan: Scan, axis: int = 2, settings: Propagation = Propagation()) -> None:
         if scan.data.ndim != 3:
             raise InputError(f"{scan.path} is not a volume (shape {scan.data.shape})")
         if not 0 <= axis < 3:
             raise InputError(f"--axis {axis} does not exist in a 3-D volume (0, 1 or 2)")
         self.pipe, self.scan, self.axis = pipe, scan, axis
-        self.batch = default_batch(pipe) if batch is None else max(1, int(batch))
-        self.margin, self.min_area = float(margin), int(min_area)
-        self.window, bad = find_window(scan.data, intensity, scan.source)
-        self.warnings = list(scan.warnings) + ([nonfinite_warning(bad)] if bad else [])
+        self.batch = pipe.capabilities.encoder_batch if settings.batch is None else max(1, int(settings.batch))
+        self.margin, self.min_area = float(settings.margin), int(settings.min_area)
+        self.slices = pipe.preprocessing.slices(scan, axis)
+        self.warnings = list(self.slices.warnings)
         self.count = scan.data.shape[axis]
         self.slice_hw = tuple(s for i, s in enumerate(scan.data.shape) if i != axis)
         self.scores: dict[int, np.ndarray] = {}
@@ -162,8 +181,7 @@ class VolumeSegmenter:
     # ----- slices and embeddings --------------------------------------------------------
     def slice_image(self, k: int) -> np.ndarray:
         """Slice k as 8-bit, with the volume's window (identical to windowing the volume)."""
-        raw = slice_at(self.scan.data, k, self.axis)
-        return np.ascontiguousarray(apply_window(raw, self.window, self.scan.source.invert))
+        return self.slices(k)
 
     def _encode(self, indices: list[int]) -> None:
         t0 = time.perf_counter()
@@ -202,7 +220,8 @@ class VolumeSegmenter:
     def _decode(self, k: int, box: np.ndarray, route: str) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
         assert self.frame is not None
-        masks, _, iou = self.pipe.decode(self.spill.get(k), self.frame, boxes=box[None], route=route)
+        prompts = Prompts.for_image(self.frame.original_hw, boxes=box[None])
+        masks, _, iou = self.pipe.decode(self.spill.get(k), self.frame, prompts, route=route)
         self.ms["decoder"] += (time.perf_counter() - t0) * 1e3
         return masks[0], float(iou[0])
 
@@ -217,19 +236,6 @@ class VolumeSegmenter:
                         dtype=np.float32)
 
     # ----- propagation ----------------------------------------------------------------------
-    def check_prompt(self, prompt: VolumePrompt) -> None:
-        h, w = self.slice_hw
-        x0, y0, x1, y1 = prompt.box
-        where = f"label {prompt.label}: box ({x0:g} {y0:g} {x1:g} {y1:g})"
-        if not 0 <= prompt.start < self.count:
-            raise InputError(f"{where}: slice {prompt.start} is outside the volume's {self.count} slices along axis {self.axis}")
-        if not (x1 > x0 and y1 > y0) or x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
-            raise InputError(f"{where} is outside (or empty in) slice {prompt.start}, which is {w}×{h} pixels")
-        if prompt.limits is not None:
-            z0, z1 = prompt.limits
-            if not (0 <= z0 <= z1 < self.count):
-                raise InputError(f"{where}: slice range {z0}..{z1} is outside the volume's {self.count} slices")
-
     def propagate(self, prompt: VolumePrompt, route_for: Callable[[int], str], labels: np.ndarray,
                   records: dict[int, SliceRecord]) -> None:
         """Segment one structure into ``labels`` (lower labels win where structures overlap).
@@ -284,7 +290,7 @@ class VolumeSegmenter:
         self.spill.close()
 
 
-def volume_route(pipe: Any, scores: list[np.ndarray]) -> tuple[str, np.ndarray]:
+def volume_route(pipe: VolumePredictor, scores: list[np.ndarray]) -> tuple[str, np.ndarray]:
     """(route, mean score per task) over the processed slices: the argmin of the mean, if it
     is within that task's threshold, else the identity."""
     if not scores or len(scores[0]) == 0:
@@ -293,35 +299,33 @@ def volume_route(pipe: Any, scores: list[np.ndarray]) -> tuple[str, np.ndarray]:
     return pipe.choose(mean.astype(np.float32)), mean
 
 
-def segment_volume(pipe: Any, scan: Scan, prompts: list[VolumePrompt], intensity: Intensity, *, axis: int = 2,
-                   task: Optional[str] = None, per_slice: bool = False, batch: Optional[int] = None,
-                   margin: float = DEFAULT_MARGIN, min_area: int = DEFAULT_MIN_AREA) -> VolumeResult:
-    """Segment ``prompts`` (labels 1..K) through ``scan`` and route the volume (see module doc)."""
-    if not prompts:
-        raise InputError("give at least one --box (with --slice) or --box3d for a volume")
-    if len(prompts) > 255:
-        raise InputError(f"{len(prompts)} structures do not fit uint8 labels (at most 255)")
+def segment_volume(pipe: VolumePredictor, scan: Scan, prompts: Prompts, task: Optional[str] = None,
+                   settings: Propagation = Propagation()) -> VolumeResult:
+    """Segment ``prompts`` (``Prompts.for_volume`` of ``scan``; labels 1..K) through ``scan``
+    and route the volume (see module doc)."""
+    structures = volume_prompts(prompts)
+    if tuple(scan.data.shape) != prompts.shape:
+        raise InputError(f"prompts were checked against a volume of shape {prompts.shape}, not {scan.path}'s "
+                         f"{tuple(scan.data.shape)}")
+    forced = pipe.check_task(task) if task is not None else None
     started = time.perf_counter()
-    seg = VolumeSegmenter(pipe, scan, intensity, axis, batch, margin, min_area)
+    seg = VolumeSegmenter(pipe, scan, int(prompts.axis or 0), settings)
     try:
-        for prompt in prompts:
-            seg.check_prompt(prompt)
         names = list(pipe.task_names)
-        if task is not None:
-            forced = pipe.check_task(task)
-            labels, records = seg.run_pass(prompts, lambda k: forced)
+        if forced is not None:
+            labels, records = seg.run_pass(structures, lambda k: forced)
             route, mode, passes = forced, "forced", 1
             _, mean = volume_route(pipe, [seg.scores[k] for k in sorted(records)])
         else:
-            labels, records = seg.run_pass(prompts, lambda k: pipe.choose(seg.scores[k].astype(np.float32)))
+            labels, records = seg.run_pass(structures, lambda k: pipe.choose(seg.scores[k].astype(np.float32)))
             route, mean = volume_route(pipe, [seg.scores[k] for k in sorted(records)])
             mode, passes = "volume", 1
-            if per_slice:
+            if settings.per_slice:
                 route, mode = "per-slice", "per-slice"
             elif any(r.route != route for r in records.values()):
-                labels, records = seg.run_pass(prompts, lambda k: route)
+                labels, records = seg.run_pass(structures, lambda k: route)
                 passes = 2
-        thresholds = {n: float(t) for n, t in zip(names, getattr(pipe, "thresholds", []))}
+        thresholds = {n: float(t) for n, t in zip(names, pipe.thresholds)}
         seg.ms["total"] = (time.perf_counter() - started) * 1e3
         seg.ms["slices_encoded"] = float(seg.encoded)
         return VolumeResult(labels, route, mode, {n: float(m) for n, m in zip(names, mean)}, thresholds,

@@ -14,8 +14,10 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from casam_core.errors import InputError
+from casam_core.errors import CasamError, InputError
+from casam_io.intensity import Intensity
 from runtime.preprocess import to_rgb_255
+from runtime.prompts import LOW_RES, Prompts
 
 
 MODEL_NAME = "casam"  # the segmentation model
@@ -39,6 +41,8 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("boxes", np.float32, (-1, 4), optional=True, doc="K×4 x0 y0 x1 y1 in original pixels"),
     TensorSpec("points", np.float32, (-1, -1, 2), optional=True, doc="K×P×2 x y in original pixels"),
     TensorSpec("point_labels", np.float32, (-1, -1), optional=True, doc="K×P, 1 foreground, 0 background"),
+    TensorSpec("mask_input", np.float32, (-1, 1, LOW_RES, LOW_RES), optional=True,
+               doc="K×1×256×256 low-res logits of a previous prediction, to correct it"),
     TensorSpec("task", np.object_, (1,), optional=True, doc="force a task name, or 'identity' for plain SAM"),
 )
 
@@ -59,48 +63,44 @@ INFO_OUTPUTS: tuple[TensorSpec, ...] = (
 )
 
 
+#: Request tensor → the ``Prompts`` field it carries (the wire names predate ``Prompts``).
+PROMPT_FIELDS = {"boxes": "boxes", "points": "points", "point_labels": "labels", "mask_input": "mask_input"}
+
+
 @dataclass
 class Call:
-    """One decoded request, in the argument form of ``Pipeline.predict``."""
+    """One request, in the argument form of ``Pipeline.predict``: an image and its prompts,
+    checked against it (``Prompts.for_image``; the server checks them again on arrival)."""
 
     image: np.ndarray
-    boxes: Optional[np.ndarray] = None
-    points: Optional[np.ndarray] = None
-    point_labels: Optional[np.ndarray] = None
+    prompts: Prompts
     task: Optional[str] = None
 
 
 # ----- client side ------------------------------------------------------------------------
-def wire_image(image: np.ndarray) -> np.ndarray:
+def wire_image(image: np.ndarray, intensity: Intensity) -> np.ndarray:
     """Any image ``Pipeline.predict`` takes → the uint8 H×W×C it sends.
 
     8-bit images travel as they are (grey as H×W×1, a third of RGB). Deeper data goes
-    through the same ``to_rgb_255`` the server would apply, so a 16-bit scan gives the same
-    masks remotely as locally.
+    through the same ``to_rgb_255`` the server would apply, with the server's recorded
+    ``intensity``, so a raw CT slice gives the same masks remotely as locally.
     """
     array = np.asarray(image)
     if array.dtype == np.uint8 and array.ndim == 2:
         return np.ascontiguousarray(array[:, :, None])
     if array.dtype == np.uint8 and array.ndim == 3:
         return np.ascontiguousarray(array)
-    return to_rgb_255(array)
+    return to_rgb_255(array, intensity)
 
 
-def request_arrays(call: Call) -> dict[str, np.ndarray]:
-    """``Pipeline.predict`` arguments → the tensors of one request (absent ones left out)."""
-    arrays = {"image": wire_image(call.image)}
-    if call.boxes is not None:
-        boxes = np.asarray(call.boxes, dtype=np.float32)
-        arrays["boxes"] = boxes[None] if boxes.ndim == 1 else boxes
-    if call.points is not None:
-        points = np.asarray(call.points, dtype=np.float32)
-        arrays["points"] = points[:, None, :] if points.ndim == 2 else points
-    if call.point_labels is not None:
-        labels = np.asarray(call.point_labels, dtype=np.float32)
-        pairs = arrays["points"].shape[:2] if "points" in arrays else None
-        # One label per point, whatever shape they came in; a count mismatch is left for
-        # the server to report, exactly as the local pipeline would.
-        arrays["point_labels"] = labels.reshape(pairs if pairs and labels.size == pairs[0] * pairs[1] else (1, -1))
+def request_arrays(call: Call, intensity: Intensity) -> dict[str, np.ndarray]:
+    """``Pipeline.predict`` arguments → the tensors of one request (absent prompts left out).
+    ``intensity`` is the server's, for an image deeper than 8 bits (``wire_image``)."""
+    arrays = {"image": wire_image(call.image, intensity)}
+    for name, field_name in PROMPT_FIELDS.items():
+        value = getattr(call.prompts, field_name)
+        if value is not None:
+            arrays[name] = np.ascontiguousarray(value, dtype=np.float32)
     if call.task is not None:
         arrays["task"] = np.array([call.task.encode("utf-8")], dtype=np.object_)
     return arrays
@@ -108,7 +108,8 @@ def request_arrays(call: Call) -> dict[str, np.ndarray]:
 
 # ----- server side ------------------------------------------------------------------------
 def read_request(arrays: Mapping[str, np.ndarray]) -> Call:
-    """Tensors of one request → a Call, with every dtype and rank checked.
+    """Tensors of one request → a Call, with every dtype and rank checked, and its prompts
+    checked against its image (``Prompts.for_image``).
 
     Triton already refuses wrong dtypes and ranks against the model config; checking again
     here keeps the model correct when it is called some other way (tests, a future backend).
@@ -126,7 +127,9 @@ def read_request(arrays: Mapping[str, np.ndarray]) -> Call:
     task = values.pop("task", None)
     if task is not None:
         task = _text(task.reshape(-1)[0], "task")  # type: ignore[union-attr]
-    return Call(task=task, **values)  # type: ignore[arg-type]
+    image = values.pop("image")
+    prompts = Prompts.for_image(image.shape, **{PROMPT_FIELDS[k]: v for k, v in values.items()})  # type: ignore[arg-type]
+    return Call(image, prompts, task)  # type: ignore[arg-type]
 
 
 def response_arrays(
@@ -152,8 +155,15 @@ def response_arrays(
     }
 
 
-def read_response(arrays: Mapping[str, np.ndarray]) -> dict[str, object]:
-    """Tensors of one response → the fields of ``runtime.pipeline.Result`` (timings aside)."""
+def read_response(arrays: Mapping[str, Optional[np.ndarray]]) -> dict[str, object]:
+    """Tensors of one response → the fields of ``runtime.predictor.Result`` (timings aside).
+
+    Every output is checked against ``OUTPUTS`` first (a CasamError names the first one
+    missing or malformed), so a reply from something that is not a casam server never
+    reaches the caller half-read.
+    """
+    for spec in OUTPUTS:
+        _checked_output(spec, arrays.get(spec.name))
     names = [_text(v, "task_names") for v in arrays["task_names"].reshape(-1)]
     scores = arrays["scores"].reshape(-1)
     thresholds = arrays["thresholds"].reshape(-1)
@@ -182,6 +192,14 @@ def _checked(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
         want = "×".join("?" if d == -1 else str(d) for d in spec.shape)
         raise InputError(f"input {spec.name!r} must have shape {want}, got {'×'.join(map(str, array.shape))}")
     return array
+
+
+def _checked_output(spec: TensorSpec, array: Optional[np.ndarray]) -> None:
+    if not isinstance(array, np.ndarray):
+        raise CasamError(f"the reply has no output {spec.name!r}")
+    kind_ok = (array.dtype == np.object_ or array.dtype.kind in "SU") if spec.dtype is np.object_ else array.dtype == spec.dtype
+    if not kind_ok or array.ndim != len(spec.shape) or any(w not in (-1, g) for w, g in zip(spec.shape, array.shape)):
+        raise CasamError(f"the reply's output {spec.name!r} is {array.dtype} {array.shape}, not the casam wire format")
 
 
 def _bytes(texts: Sequence[str]) -> np.ndarray:

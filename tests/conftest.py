@@ -44,8 +44,10 @@ def make_random_bundle(
     seed: int = 0,
     thresholds: Optional[Sequence[float]] = None,
     resize: str = "longest",
+    intensity=None,
 ):
-    """A valid bundle of seeded, untrained tasks (format-exact, no training)."""
+    """A valid bundle of seeded, untrained tasks (format-exact, no training); ``intensity``
+    (casam_io.intensity.Intensity) is recorded in its preprocessing (default: auto)."""
     from models.alignment import AlignmentLayer
     from models.sam_loader import TINY_CHECKPOINT_SHA
     from models.vae import TaskVAE
@@ -54,7 +56,8 @@ def make_random_bundle(
     from casam_bundle import Bundle, TaskRecord
     from models.bundle_models import save_module
 
-    bundle = Bundle.create(root, "tiny", TINY_CHECKPOINT_SHA.format(seed=0), Preprocessing(resize=resize), untrained_sam=True)
+    prep = Preprocessing(resize=resize) if intensity is None else Preprocessing(resize=resize, intensity=intensity)
+    bundle = Bundle.create(root, "tiny", TINY_CHECKPOINT_SHA.format(seed=0), prep, untrained_sam=True)
     for i, name in enumerate(names):
         torch.manual_seed(seed * 100 + i)
         staged = bundle.staging_dir(name)

@@ -33,6 +33,7 @@ from runtime.backends.ort import session_options
 from casam_core.errors import CasamError, ManifestError
 from casam_core.files import read_json, sha256_file
 from runtime.pipeline import Pipeline, UnverifiedExportWarning
+from runtime.prompts import Prompts
 from casam_bundle import Bundle, BundleError
 from models.bundle_models import build_model, build_router, load_alignment
 from float32 import CROSS_LIBRARY, f32_tol, peak, vae_score_tol
@@ -219,7 +220,7 @@ def test_fp16_parity_and_precision(out16, out32):
         p32, p16 = Pipeline.from_manifest(out32, backend="ort-cpu"), Pipeline.from_manifest(out16, backend="ort-cpu")
     image = synthetic_images()[0]
     boxes = np.array([[40, 30, 260, 200], [100, 120, 400, 290]], np.float32)
-    r32, r16 = p32.predict(image, boxes=boxes), p16.predict(image, boxes=boxes)
+    r32, r16 = p32.predict(image, Prompts.for_image(image.shape, boxes=boxes)), p16.predict(image, Prompts.for_image(image.shape, boxes=boxes))
     assert r32.route == r16.route
     inter, union = (r32.masks & r16.masks).sum(), (r32.masks | r16.masks).sum()
     assert union == 0 or inter / union >= 0.99

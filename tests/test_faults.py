@@ -32,6 +32,7 @@ from conftest import make_random_bundle
 from casam_core.errors import ManifestError
 from casam_core.files import read_json
 from runtime.pipeline import Pipeline, UnverifiedExportWarning
+from runtime.prompts import Prompts
 from runtime_support import BOXES, copy_engines, exported, sample_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def answers(folder: Path) -> list[tuple[str, np.ndarray]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UnverifiedExportWarning)  # the session export is --no-verify
         pipe = Pipeline.from_manifest(folder, backend="ort-cpu")
-    results = [pipe.predict(image, boxes=BOXES) for image in sample_images()[:2]]
+    results = [pipe.predict(image, Prompts.for_image(image.shape, boxes=BOXES)) for image in sample_images()[:2]]
     return [(r.route, r.masks) for r in results]
 
 
@@ -181,7 +182,7 @@ def test_kill_right_after_the_switch_leaves_the_new_deployment(deployment, tmp_p
     with pytest.warns(UnverifiedExportWarning):
         pipe = Pipeline.from_manifest(folder, backend="ort-cpu")
     assert pipe.task_names == ["alpha", "beta", "gamma"]
-    pipe.predict(sample_images()[0], boxes=BOXES)
+    pipe.predict(sample_images()[0], Prompts.for_image(np.shape(sample_images()[0]), boxes=BOXES))
 
     m = export_bundle(deployment["grown"], folder, verify=False)  # nothing to rebuild
     assert all(e["reused"] for e in [*m["graphs"].values(), *(t["align"] for t in m["tasks"])])

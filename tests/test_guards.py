@@ -9,6 +9,7 @@ from PIL import Image
 
 from casam_core.errors import ManifestError
 from runtime.pipeline import Pipeline
+from runtime.prompts import Prompts
 from runtime_support import BOXES, copy_engines, exported, one_error_line, sample_images
 
 
@@ -42,10 +43,10 @@ def test_alignment_engine_reloaded_after_eviction_is_hashed_again(shipped, tmp_p
     engines = copy_engines(shipped[1], tmp_path / "engines")
     pipe = Pipeline.from_manifest(engines, backend="ort-cpu", max_resident=1)
     image = sample_images()[1]
-    pipe.predict(image, boxes=BOXES[:1], task="alpha")
-    pipe.predict(image, boxes=BOXES[:1], task="beta")  # evicts alpha
+    pipe.predict(image, Prompts.for_image(image.shape, boxes=BOXES[:1]), task="alpha")
+    pipe.predict(image, Prompts.for_image(image.shape, boxes=BOXES[:1]), task="beta")  # evicts alpha
     assert pipe.align_engines.resident() == ["beta"] and pipe.align_engines.evictions == 1
     alpha, beta = (pipe.manifest_obj.task(name).graph.path for name in ("alpha", "beta"))
     alpha.write_bytes(beta.read_bytes())  # a swapped graph
     with pytest.raises(ManifestError, match=rf"{alpha.name} \(align/alpha\) has sha256"):
-        pipe.predict(image, boxes=BOXES[:1], task="alpha")
+        pipe.predict(image, Prompts.for_image(image.shape, boxes=BOXES[:1]), task="alpha")

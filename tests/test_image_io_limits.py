@@ -69,8 +69,9 @@ def test_nan_pixels_warn_once_per_image(engines, tmp_path):
     assert lines == [f"casam-infer: warning: {name}: 16 NaN or infinite pixel(s) shown as black"
                      for name in ("nan.tif", "nan2.tif")]
     from runtime.pipeline import Pipeline
+    from runtime.prompts import Prompts
 
-    direct = Pipeline.from_manifest(engines, backend="ort-cpu").predict(data, boxes=np.array([[1, 1, 30, 30]], np.float32))
+    direct = Pipeline.from_manifest(engines, backend="ort-cpu").predict(data, Prompts.for_image(data.shape, boxes=np.array([[1, 1, 30, 30]], np.float32)))
     assert direct.warnings == ["16 NaN or infinite pixel(s) shown as black"]  # the API warns too
 
 

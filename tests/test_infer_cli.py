@@ -14,6 +14,7 @@ from conftest import real_data_or_skip
 from casam_infer.cli import main
 from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
+from runtime.prompts import Prompts
 from runtime_support import copy_engines, exported, one_error_line
 from float32 import f32_tol, peak
 
@@ -53,7 +54,7 @@ def test_writes_masks_overlay_and_json(engines, images, tmp_path):
         assert Image.open(out / record["overlay"]).size == shape[::-1]
         assert [p["mask"] for p in record["prompts"]] == [f"{stem}_mask0.png", f"{stem}_mask1.png"]
         image = np.asarray(Image.open(images / f"{stem}.png"))
-        expected = pipe.predict(image, boxes=np.array([[10, 10, 80, 90], [-5, 30, 60, 200]], np.float32))
+        expected = pipe.predict(image, Prompts.for_image(image.shape, boxes=np.array([[10, 10, 80, 90], [-5, 30, 60, 200]], np.float32)))
         assert record["route"] == expected.route
         for k, prompt in enumerate(record["prompts"]):
             mask = np.asarray(Image.open(out / prompt["mask"]))

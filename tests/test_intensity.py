@@ -14,7 +14,6 @@ from casam_core.errors import InputError
 from casam_io.image_io import read_prepared, read_scan
 from casam_io.intensity import INTENSITY_MODES, WINDOW_PRESETS, Intensity, intensity_from_options
 from runtime.preprocess import Preprocessing
-from runtime.volume import VolumeSegmenter
 from trainer.data import DataError, load_dataset
 from volume_support import sphere_volume, write_dicom_series
 
@@ -35,16 +34,15 @@ def nifti_dataset(root: Path, source: Path, label: np.ndarray, affine: np.ndarra
 
 def assert_trainer_equals_runtime(dataset, path: Path, intensity: Intensity, axis: int) -> int:
     """Every training slice equals casam-infer's single-slice read and its volume mode's slice."""
-    streamed = VolumeSegmenter(None, read_scan(path), intensity, axis=axis)
-    try:
-        for sample in dataset.samples:
-            k = int(sample.stem.rsplit("_", 1)[1])
-            trained = sample.image()
-            assert trained.dtype == np.uint8
-            assert np.array_equal(trained, read_prepared(path, intensity, index=k, axis=axis)[0])
-            assert np.array_equal(trained, streamed.slice_image(k))
-    finally:
-        streamed.close()
+    prep = Preprocessing(intensity=intensity)
+    streamed = prep.slices(read_scan(path), axis=axis)  # what VolumeSegmenter windows slices with
+    for sample in dataset.samples:
+        k = int(sample.stem.rsplit("_", 1)[1])
+        trained = sample.image()
+        assert trained.dtype == np.uint8
+        assert np.array_equal(trained, read_prepared(path, intensity, index=k, axis=axis)[0])
+        assert np.array_equal(trained, prep.read(path, index=k, axis=axis)[0])
+        assert np.array_equal(trained, streamed(k))
     return len(dataset.samples)
 
 

@@ -12,6 +12,7 @@ pytest.importorskip("openvino")
 from runtime.backends import BACKENDS, CPU_PREFERENCE, open_backend  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
+from runtime.prompts import Prompts
 from runtime_support import BOXES, exported, sample_images  # noqa: E402
 
 
@@ -32,7 +33,7 @@ def test_openvino_matches_onnxruntime_on_fp32_graphs(engines):
     ious = []
     for image in sample_images()[:3]:
         for task in (None, "beta", "identity"):
-            a, b = ort.predict(image, boxes=BOXES, task=task), ov.predict(image, boxes=BOXES, task=task)
+            a, b = ort.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task=task), ov.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task=task)
             assert a.route == b.route
             ious += [mask_iou(x, y) for x, y in zip(a.masks, b.masks)]
     assert float(np.mean(ious)) >= 0.999, ious

@@ -9,6 +9,7 @@ from PIL import Image
 from casam_core.errors import InputError
 from casam_io.image_io import read_scan
 from runtime.postprocess import bilinear_matrix, logits_to_original, masks_from_logits, resize_bilinear
+from casam_io.intensity import Intensity
 from runtime.preprocess import (PIXEL_MEAN, PIXEL_STD, Preprocessing, boxes_to_frame, frame_for, preprocess,
                                 resize_mask_to_frame, to_rgb_255)
 from float32 import CROSS_LIBRARY, EPS32, SAME_LIBRARY, f32_tol, peak
@@ -52,7 +53,7 @@ def test_preprocess_is_sams_float_arithmetic_exactly(hw, resize):
 
 def test_grey_16bit_rgba_and_palette_inputs(tmp_path):
     grey16 = (np.arange(64 * 32, dtype=np.uint16).reshape(64, 32) * 30).astype(np.uint16)
-    rgb = to_rgb_255(grey16)
+    rgb = to_rgb_255(grey16, Intensity())  # auto: min-max for a 2-D image
     assert rgb.shape == (64, 32, 3) and rgb.dtype == np.uint8 and rgb.min() == 0 and rgb.max() == 255
     assert np.array_equal(rgb[..., 0], rgb[..., 2])
     Image.fromarray(grey16).save(tmp_path / "g16.png")

@@ -21,6 +21,7 @@ from casam_export.verify import prompts_for, synthetic_images
 from casam_io.image_io import read_prepared
 from casam_io.intensity import Intensity
 from runtime.pipeline import Pipeline
+from runtime.prompts import Prompts
 from runtime_support import BOXES, exported, sample_images
 
 QUANTISED_OP = "DequantizeLinear"
@@ -78,7 +79,7 @@ def test_int8_chain_routes_like_fp32_and_keeps_masks(int8_export):
     for i, image in enumerate(synthetic_images()):
         boxes = prompts_for(image, i)["boxes"]
         for task in (None, "alpha", "beta"):  # routed, then each int8 alignment layer forced
-            ra, rb = a.predict(image, boxes=boxes, task=task), b.predict(image, boxes=boxes, task=task)
+            ra, rb = a.predict(image, Prompts.for_image(image.shape, boxes=boxes), task=task), b.predict(image, Prompts.for_image(image.shape, boxes=boxes), task=task)
             assert ra.route == rb.route
             union = np.logical_or(ra.masks, rb.masks).sum((1, 2))
             ious += list(np.where(union == 0, 1.0, np.logical_and(ra.masks, rb.masks).sum((1, 2)) / np.maximum(union, 1)))
@@ -104,8 +105,7 @@ def test_new_task_quantises_only_its_layer_and_a_missed_bar_falls_back(int8_expo
     gamma = new["align/gamma"]
     assert gamma["precision"] == "fp32" and gamma["quantization"]["fallback"] == "fp32"
     assert gamma["quantization"]["verification"]["failures"] and not gamma["reused"]
-    assert Pipeline.from_manifest(root / "engines", backend="ort-cpu").predict(
-        sample_images()[1], boxes=BOXES, task="gamma").masks.shape[0] == len(BOXES)
+    assert Pipeline.from_manifest(root / "engines", backend="ort-cpu").predict(sample_images()[1], Prompts.for_image(np.shape(sample_images()[1]), boxes=BOXES), task="gamma").masks.shape[0] == len(BOXES)
 
 
 def test_int8_without_calibration_images_fails_before_exporting(tmp_path_factory, tmp_path, monkeypatch):

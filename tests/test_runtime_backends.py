@@ -14,6 +14,7 @@ from runtime.backends.tensorrt import engine_file_name
 from casam_core.errors import CasamError
 from runtime.manifest import Manifest
 from runtime.pipeline import Pipeline
+from runtime.prompts import Prompts
 from runtime_support import BOXES, exported, sample_images
 
 
@@ -28,7 +29,7 @@ def gpu_results(engines, backend: str) -> None:
     gpu = Pipeline.from_manifest(engines, backend=backend)
     for image in sample_images()[:2]:
         for task in (None, "beta", "identity"):
-            a, b = cpu.predict(image, boxes=BOXES, task=task), gpu.predict(image, boxes=BOXES, task=task)
+            a, b = cpu.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task=task), gpu.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task=task)
             assert a.route == b.route
             inter = np.logical_and(a.masks, b.masks).sum()
             assert inter / max(np.logical_or(a.masks, b.masks).sum(), 1) >= 0.99

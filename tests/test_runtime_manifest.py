@@ -46,9 +46,11 @@ def test_prediction_and_cli_leave_torch_unimported(engines, tmp_path):
 import sys
 import numpy as np
 from runtime.pipeline import Pipeline
+from runtime.prompts import Prompts
 from casam_infer.cli import main
 pipe = Pipeline.from_manifest({str(engines)!r}, backend="auto")
-result = pipe.predict(np.zeros((64, 80), np.uint8), boxes=np.array([[4, 4, 40, 50]]))
+image = np.zeros((64, 80), np.uint8)
+result = pipe.predict(image, Prompts.for_image(image.shape, boxes=np.array([[4, 4, 40, 50]])))
 assert result.masks.shape == (1, 64, 80)
 main([{str(tmp_path / "a.png")!r}, "--box", "5", "5", "60", "60", "--engines", {str(engines)!r},
       "--out", {str(tmp_path / "out")!r}, "--overlay", "--quiet"], standalone_mode=False)

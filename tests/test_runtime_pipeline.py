@@ -17,6 +17,7 @@ from casam_core.errors import InputError
 from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
 from runtime.preprocess import Frame, boxes_to_frame, preprocess, resize_rgb
+from runtime.prompts import Prompts
 from runtime_support import BOXES, TASKS, exported, sample_images, with_thresholds
 from casam_bundle import Bundle
 from models.bundle_models import build_model
@@ -66,14 +67,14 @@ def plain_sam(sam, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np
 
 def test_parity_with_pytorch_model(pipe, model, tiny_sam):
     images = sample_images()
-    best = sorted(min(pipe.predict(img, boxes=BOXES[:1]).scores.values()) for img in images)
+    best = sorted(min(pipe.predict(img, Prompts.for_image(img.shape, boxes=BOXES[:1])).scores.values()) for img in images)
     tau = [(best[1] + best[2]) / 2] * 2  # half the images accept their best task, half go to identity
     routed = Pipeline(Manifest.load(pipe.manifest_obj.folder, with_thresholds(pipe.manifest, tau)), pipe.backend)
     model.thresholds.copy_(torch.tensor(tau))
     cases = [(image, None) for image in images] + [(images[0], "alpha"), (images[1], "beta")]
     routes = []
     for image, task in cases:
-        result = routed.predict(image, boxes=BOXES, task=task)
+        result = routed.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task=task)
         x, frame = preprocess(image, routed.preprocessing)
         with torch.no_grad():
             out = model(torch.from_numpy(x), boxes=[torch.from_numpy(boxes_to_frame(BOXES, frame))], task=task)
@@ -96,9 +97,9 @@ def test_parity_with_pytorch_model(pipe, model, tiny_sam):
 def test_identity_runs_no_alignment_and_equals_plain_sam(engines, tiny_sam):
     pipe = Pipeline.from_manifest(engines[1], backend="ort-cpu")
     image = sample_images()[0]
-    forced = pipe.predict(image, boxes=BOXES, task="identity")
+    forced = pipe.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task="identity")
     rejecting = Pipeline(Manifest.load(engines[1], with_thresholds(pipe.manifest, [-1e9, -1e9])), pipe.backend)
-    routed = rejecting.predict(image, boxes=BOXES)
+    routed = rejecting.predict(image, Prompts.for_image(image.shape, boxes=BOXES))
     assert forced.route == routed.route == "identity"
     assert not [k for k in list(pipe.calls) + list(rejecting.calls) if k.startswith("align/")]
     assert pipe.align_engines.loads == rejecting.align_engines.loads == 0
@@ -110,18 +111,18 @@ def test_identity_runs_no_alignment_and_equals_plain_sam(engines, tiny_sam):
         np.testing.assert_array_equal(forced.masks[k], routed.masks[k])
     np.testing.assert_allclose(forced.iou, iou, rtol=0, atol=f32_tol(peak(iou), n=64 * 64, k=CROSS_LIBRARY))
 
-    pipe.predict(image, boxes=BOXES, task="alpha")
+    pipe.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task="alpha")
     assert pipe.calls["align/alpha"] == 1 and pipe.align_engines.loads == 1
 
 
 def test_api_stages_match_predict(pipe):
     image = sample_images()[1]
-    result = pipe.predict(image, boxes=BOXES[:2])
+    result = pipe.predict(image, Prompts.for_image(image.shape, boxes=BOXES[:2]))
     embedding, frame = pipe.embed(image)
     assert embedding.shape == (1, 256, 64, 64) and embedding.dtype == np.float32
     route, scores, thresholds = pipe.route(embedding)
     assert route == result.route and scores.shape == thresholds.shape == (2,)
-    masks, low, iou = pipe.decode(embedding, frame, boxes=BOXES[:2], route=route)
+    masks, low, iou = pipe.decode(embedding, frame, Prompts.for_image(image.shape, boxes=BOXES[:2]), route=route)
     np.testing.assert_array_equal(masks, result.masks)
     np.testing.assert_allclose(low, result.low_res_logits, rtol=0, atol=f32_tol(peak(low), n=64 * 64))
     batch, frames = pipe.embed_batch([image, sample_images()[2]])
@@ -131,7 +132,7 @@ def test_api_stages_match_predict(pipe):
     assert set(result.timings_ms) == set(STAGES) and result.timings_ms["total"] > 0
     assert result.low_res_logits.shape == (2, 1, 256, 256) and result.iou.shape == (2,)
     with pytest.raises(InputError, match="unknown task"):
-        pipe.predict(image, boxes=BOXES, task="gamma")
+        pipe.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task="gamma")
 
 
 def test_points_and_boxes_with_points(pipe, model):
@@ -139,7 +140,7 @@ def test_points_and_boxes_with_points(pipe, model):
     points = np.array([[[120.0, 100.0], [40.0, 50.0]]], np.float32)
     labels = np.array([[1, 0]], np.float32)
     for boxes in (None, BOXES[:1]):
-        result = pipe.predict(image, boxes=boxes, points=points, point_labels=labels, task="alpha")
+        result = pipe.predict(image, Prompts.for_image(image.shape, boxes=boxes, points=points, labels=labels), task="alpha")
         x, frame = preprocess(image, pipe.preprocessing)
         scale = np.array(frame.scale_xy, np.float32)
         with torch.no_grad():
@@ -153,10 +154,10 @@ def test_prompts_beyond_max_prompts_are_split(engines, pipe):
     image = sample_images()[2]
     boxes = np.array([[5 + 3 * i, 5 + 2 * i, 120 + 5 * i, 150 + 4 * i] for i in range(5)], np.float32)
     small = Pipeline(Manifest.load(engines[1], {**pipe.manifest, "max_prompts": 2}), pipe.backend)
-    split = small.predict(image, boxes=boxes, task="identity")
+    split = small.predict(image, Prompts.for_image(image.shape, boxes=boxes), task="identity")
     assert small.calls["decoder"] == 3
     before = pipe.calls["decoder"]
-    whole = pipe.predict(image, boxes=boxes, task="identity")
+    whole = pipe.predict(image, Prompts.for_image(image.shape, boxes=boxes), task="identity")
     assert pipe.calls["decoder"] - before == 1
     np.testing.assert_allclose(split.low_res_logits, whole.low_res_logits, rtol=0,
                                atol=f32_tol(peak(whole.low_res_logits), n=64 * 64))  # K=2 against K=5 calls
@@ -166,8 +167,8 @@ def test_prompts_beyond_max_prompts_are_split(engines, pipe):
 def test_io_binding_path_matches_plain_run(engines, pipe):
     bound = Pipeline(pipe.manifest_obj, OrtBackend("ort-cpu", io_binding=True))
     image = sample_images()[3]
-    a = pipe.predict(image, boxes=BOXES, task="beta")
-    b = bound.predict(image, boxes=BOXES, task="beta")
+    a = pipe.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task="beta")
+    b = bound.predict(image, Prompts.for_image(image.shape, boxes=BOXES), task="beta")
     np.testing.assert_allclose(a.low_res_logits, b.low_res_logits, rtol=0, atol=f32_tol(peak(a.low_res_logits), n=64 * 64))
     assert a.route == b.route == "beta"
 
@@ -175,7 +176,7 @@ def test_io_binding_path_matches_plain_run(engines, pipe):
 def test_lru_eviction_and_preload(engines, pipe):
     lru = Pipeline(pipe.manifest_obj, pipe.backend, max_resident=1)
     image = sample_images()[1]
-    results = [lru.predict(image, boxes=BOXES[:1], task=t) for t in ("alpha", "beta", "alpha")]
+    results = [lru.predict(image, Prompts.for_image(image.shape, boxes=BOXES[:1]), task=t) for t in ("alpha", "beta", "alpha")]
     assert lru.align_engines.loads == 3 and lru.align_engines.evictions == 2
     assert lru.align_engines.resident() == ["alpha"]
     np.testing.assert_array_equal(results[0].low_res_logits, results[2].low_res_logits)
@@ -219,7 +220,7 @@ def test_concurrent_predictions_equal_sequential(pipe):
     pipe = Pipeline(pipe.manifest_obj, OrtBackend("ort-cpu"), max_resident=1)
     images = sample_images()
     jobs = [(images[i % 4], BOXES[: 1 + i % 3], (None, "identity", "beta", "identity", "alpha")[i % 5]) for i in range(10)]
-    expected = [pipe.predict(img, boxes=b, task=t) for img, b, t in jobs]
+    expected = [pipe.predict(img, Prompts.for_image(img.shape, boxes=b), task=t) for img, b, t in jobs]
     got: dict[tuple[int, int], object] = {}
     errors: list[BaseException] = []
 
@@ -227,7 +228,7 @@ def test_concurrent_predictions_equal_sequential(pipe):
         try:
             for j in range(len(jobs)):
                 i = (j + 3 * w) % len(jobs)  # threads work on different jobs at the same time
-                got[(w, i)] = pipe.predict(jobs[i][0], boxes=jobs[i][1], task=jobs[i][2])
+                got[(w, i)] = pipe.predict(jobs[i][0], Prompts.for_image(np.shape(jobs[i][0]), boxes=jobs[i][1]), task=jobs[i][2])
         except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread
             errors.append(exc)
 
@@ -254,13 +255,15 @@ def test_bad_prompts_raise_input_errors(pipe):
     }
     for message, box in cases.items():
         with pytest.raises(InputError, match=message):
-            pipe.predict(image, boxes=np.array(box, np.float32))
+            pipe.predict(image, Prompts.for_image(image.shape, boxes=np.array(box, np.float32)))
     with pytest.raises(InputError, match="at least one"):
-        pipe.predict(image)
+        Prompts.for_image(image.shape)
+    with pytest.raises(InputError, match="checked against a 500×300 image, not this 80×64 one"):
+        pipe.predict(image[:64, :80], Prompts.for_image(image.shape, boxes=BOXES[:1]))
     with pytest.raises(InputError, match="outside"):
-        pipe.predict(image, points=np.array([[[800.0, 10.0]]]))
-    clipped = pipe.predict(image, boxes=np.array([[-20, 100, 550, 280]], np.float32), task="identity")
-    inside = pipe.predict(image, boxes=np.array([[0, 100, 500, 280]], np.float32), task="identity")
+        pipe.predict(image, Prompts.for_image(image.shape, points=np.array([[[800.0, 10.0]]])))
+    clipped = pipe.predict(image, Prompts.for_image(image.shape, boxes=np.array([[-20, 100, 550, 280]], np.float32)), task="identity")
+    inside = pipe.predict(image, Prompts.for_image(image.shape, boxes=np.array([[0, 100, 500, 280]], np.float32)), task="identity")
     assert clipped.warnings and "clipped" in clipped.warnings[0]
     np.testing.assert_array_equal(clipped.masks, inside.masks)
 

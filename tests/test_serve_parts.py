@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 
 from casam_core.errors import CasamError, InputError, ManifestError
+from casam_io.intensity import Intensity
 from runtime.preprocess import to_rgb_255
+from runtime.prompts import Prompts
 from casam_serve.batcher import EncoderBatcher
 from casam_serve.process_tree import alive, descendants, end_survivors
 from runtime.wire import INPUTS, OUTPUTS, Call, read_request, read_response, request_arrays, response_arrays
@@ -26,25 +28,33 @@ from runtime.wire import INPUTS, OUTPUTS, Call, read_request, read_response, req
 
 def test_request_round_trip_keeps_predict_arguments(rng):
     image = rng.integers(0, 256, (30, 40), dtype=np.uint8)
-    boxes = np.array([1, 2, 20, 25], np.float64)  # one box as a flat 4-vector, like predict accepts
-    points = np.array([[5, 6], [7, 8]], np.float32)  # K×2 → K prompts of one point each
-    labels = np.array([1, 0])
-    arrays = request_arrays(Call(image, boxes, points, labels, task="beta"))
     specs = {s.name: s for s in INPUTS}
-    for name, array in arrays.items():
-        assert array.ndim == len(specs[name].shape), name
-    call = read_request(arrays)
-    assert call.image.shape == (30, 40, 1) and np.array_equal(call.image[:, :, 0], image)
-    assert call.boxes.dtype == np.float32 and call.boxes.tolist() == [[1, 2, 20, 25]]
-    assert call.points.shape == (2, 1, 2) and call.point_labels.tolist() == [[1.0], [0.0]]
-    assert call.task == "beta"
+    box = Prompts.for_image(image.shape, boxes=np.array([1, 2, 20, 25], np.float64))  # a flat 4-vector is one box
+    clicks = Prompts.for_image(image.shape, points=np.array([[5, 6], [7, 8]], np.float32), labels=np.array([1, 0]),
+                               mask_input=np.full((2, 1, 256, 256), -2.5, np.float32))  # K×2 → K one-point prompts
+    for prompts in (box, clicks):
+        arrays = request_arrays(Call(image, prompts, task="beta"), Intensity())
+        for name, array in arrays.items():
+            assert array.ndim == len(specs[name].shape), name
+        call = read_request(arrays)
+        assert call.image.shape == (30, 40, 1) and np.array_equal(call.image[:, :, 0], image)
+        assert call.task == "beta"
+        for field in ("boxes", "points", "labels", "mask_input"):
+            sent, got = getattr(prompts, field), getattr(call.prompts, field)
+            assert (sent is None and got is None) or (got.dtype == np.float32 and np.array_equal(sent, got)), field
+    assert call.prompts.points.shape == (2, 1, 2) and call.prompts.labels.tolist() == [[1.0], [0.0]]
 
 
 def test_deep_images_travel_as_the_uint8_the_server_would_make(rng):
     scan = rng.integers(0, 4096, (20, 24), dtype=np.uint16)
-    wire = request_arrays(Call(scan, np.array([[0, 0, 5, 5]])))["image"]
-    assert wire.dtype == np.uint8
-    assert np.array_equal(to_rgb_255(wire), to_rgb_255(scan))
+    ct_window = Intensity(mode="window", window=(1000.0, 2000.0))
+    for intensity in (Intensity(), ct_window):  # the server's recorded intensity, applied before sending
+        wire = request_arrays(Call(scan, Prompts.for_image(scan.shape, boxes=np.array([[0, 0, 5, 5]]))), intensity)["image"]
+        assert wire.dtype == np.uint8
+        assert np.array_equal(to_rgb_255(wire), to_rgb_255(scan, intensity))
+    assert not np.array_equal(to_rgb_255(scan, Intensity()), to_rgb_255(scan, ct_window))
+    with pytest.raises(InputError, match="needs an intensity handling"):
+        to_rgb_255(scan)  # no silent min-max
 
 
 @pytest.mark.parametrize(
@@ -56,6 +66,10 @@ def test_deep_images_travel_as_the_uint8_the_server_would_make(rng):
         ({"image": np.zeros((4, 4, 3), np.uint8), "colour": np.zeros(1, np.float32)}, "unknown input"),
         ({"boxes": np.zeros((1, 4), np.float32)}, "'image' is required"),
         ({"image": np.zeros((4, 4, 3), np.uint8), "task": np.array([b"\xff"], dtype=object)}, "not UTF-8"),
+        ({"image": np.zeros((4, 4, 3), np.uint8)}, "give at least one box or point prompt"),
+        ({"image": np.zeros((4, 4, 3), np.uint8), "boxes": np.array([[5, 5, 1, 1]], np.float32)}, "is inverted"),
+        ({"image": np.zeros((4, 4, 3), np.uint8), "boxes": np.array([[0, 0, 2, 2]], np.float32),
+          "mask_input": np.zeros((2, 1, 256, 256), np.float32)}, "one per prompt"),
     ],
 )
 def test_read_request_names_the_problem(arrays, problem):
@@ -146,8 +160,81 @@ def test_remote_errors_become_casam_errors_without_the_server_traceback():
     error = remote._error("[request id: <id_unknown>] inference input 'image' data-type is 'FP32', but model 'casam' expects 'UINT8'")
     assert type(error) is InputError and str(error).startswith("inference input 'image' data-type is 'FP32'")
     assert type(remote._error("x\nruntime.errors.ManifestError: engine sha256 mismatch")) is ManifestError
+    image = np.zeros((8, 8), np.uint8)
     with pytest.raises(CasamError, match="cannot reach the casam server"):
-        remote.predict(np.zeros((8, 8), np.uint8), boxes=np.array([[0, 0, 4, 4]]))
+        remote.predict(image, Prompts.for_image(image.shape, boxes=np.array([[0, 0, 4, 4]])))
+
+
+class _Impostor:
+    """An HTTP server on 127.0.0.1 (a free port) that answers every request with 200 and
+    ``body``: whatever else might listen where a casam server was expected."""
+
+    def __init__(self, body: bytes, content_type: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:  # keep the test output clean
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "_Impostor":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join()
+
+
+IMPOSTORS = [(b"hello", "text/plain"), (b"{}", "application/json"),
+             (b"<html><body>It works!</body></html>", "text/html")]
+
+
+@pytest.mark.parametrize("body, content_type", IMPOSTORS, ids=["hello", "empty-json", "html"])
+def test_a_server_that_is_not_casam_is_one_error_naming_the_url(body, content_type, tmp_path):
+    """casam-infer --server at a port that answers 200 with garbage: exit 2, one line naming
+    the URL, no traceback (issue 26, item 9); the library raises the same CasamError."""
+    pytest.importorskip("tritonclient.http")
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from casam_infer.cli import main
+    from runtime.remote import RemotePipeline
+    from runtime_support import one_error_line
+
+    Image.fromarray(np.zeros((120, 120), np.uint8)).save(tmp_path / "img.png")
+    with _Impostor(body, content_type) as impostor:
+        image = np.zeros((8, 8), np.uint8)
+        with RemotePipeline(impostor.url, ready_timeout_s=3) as remote:
+            with pytest.raises(CasamError, match=f"{impostor.url} did not answer as a casam server"):
+                remote.predict(image, Prompts.for_image(image.shape, boxes=np.array([[0, 0, 4, 4]])))
+        result = CliRunner().invoke(main, [str(tmp_path / "img.png"), "--box", "10", "10", "100", "100", "--server",
+                                           impostor.url, "--server-timeout", "3", "--out", str(tmp_path / "out")])
+    line = one_error_line(result)
+    assert line.startswith("casam-infer: error: ") and f"{impostor.url} did not answer as a casam server" in line
+
+
+def test_a_reply_missing_or_mangling_an_output_is_refused():
+    good = response_arrays(np.zeros((1, 5, 6), bool), np.ones((1, 1, 256, 256), np.float32), np.array([0.5]), "identity",
+                           np.zeros(0, np.float32), np.zeros(0, np.float32), [], [])
+    for name, value in (("masks", None), ("iou", np.zeros((1, 1), np.float32)), ("route", np.zeros(1, np.float32))):
+        with pytest.raises(CasamError, match=f"output {name!r}"):
+            read_response({**good, name: value})
 
 
 def test_python_libdir_goes_first_once():

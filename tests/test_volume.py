@@ -16,7 +16,9 @@ from runtime.manifest import Manifest
 from casam_core.names import IDENTITY
 from runtime.pipeline import Pipeline
 from runtime.preprocess import Frame, Preprocessing
-from runtime.volume import EmbeddingSpill, VolumePrompt, VolumeSegmenter, segment_volume, volume_route
+from runtime.predictor import DEFAULT_BATCH, Capabilities
+from runtime.prompts import Prompts
+from runtime.volume import EmbeddingSpill, Propagation, VolumeSegmenter, segment_volume, volume_route
 from runtime_support import exported, one_error_line, with_thresholds
 from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series, write_multiframe_dicom
 
@@ -56,9 +58,10 @@ class BrightVoxels:
 
     task_names: list[str] = []
     thresholds = np.zeros(0, np.float32)
+    capabilities = Capabilities(volumes=True)
 
-    def __init__(self, size: int) -> None:
-        self.preprocessing = Preprocessing(size=size)
+    def __init__(self, size: int, intensity: Intensity = Intensity()) -> None:
+        self.preprocessing = Preprocessing(size=size, intensity=intensity)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         return x[:, :1].copy()
@@ -72,10 +75,10 @@ class BrightVoxels:
     def check_task(self, task: str) -> str:
         return task
 
-    def decode(self, embedding: np.ndarray, frame: Frame, boxes: np.ndarray, route: str):
+    def decode(self, embedding: np.ndarray, frame: Frame, prompts: Prompts, route: str):
         grey = embedding[0, 0] * self.preprocessing.std[0] + self.preprocessing.mean[0]
         h, w = frame.original_hw
-        x0, y0, x1, y1 = (int(round(v)) for v in boxes[0])
+        x0, y0, x1, y1 = (int(round(v)) for v in prompts.boxes[0])
         mask = np.zeros((h, w), bool)
         mask[y0:y1, x0:x1] = grey[:h, :w][y0:y1, x0:x1] > 128
         return mask[None], None, np.ones(1, np.float32)
@@ -89,8 +92,9 @@ def test_propagation_recovers_the_sphere_within_one_slice(sphere, axis):
     cut = np.take(label, start, axis=axis)
     rows, cols = np.flatnonzero(cut.any(axis=1)), np.flatnonzero(cut.any(axis=0))
     box = (cols[0] - 1.0, rows[0] - 1.0, cols[-1] + 2.0, rows[-1] + 2.0)
-    result = segment_volume(BrightVoxels(max(cut.shape)), scan, [VolumePrompt(1, box, start)],
-                            Intensity(mode="window", window=(150.0, 300.0)), axis=axis, batch=3)
+    result = segment_volume(BrightVoxels(max(cut.shape), Intensity(mode="window", window=(150.0, 300.0))), scan,
+                            Prompts.for_volume(scan.data.shape, axis, boxes=[box], slice=start),
+                            settings=Propagation(batch=3))
     on = lambda vol: np.flatnonzero(np.moveaxis(vol, axis, 0).reshape(vol.shape[axis], -1).any(axis=1))  # noqa: E731
     truth, found = on(label), on(result.labels)
     assert abs(found[0] - truth[0]) <= 1 and abs(found[-1] - truth[-1]) <= 1, (truth, found)
@@ -110,8 +114,9 @@ def test_box3d_propagates_inside_its_range_and_segments_every_slice(sphere):
     rows, cols = np.flatnonzero(label.any(axis=(1, 2))), np.flatnonzero(label.any(axis=(0, 2)))
     box = (cols[0] - 1.0, rows[0] - 1.0, cols[-1] + 2.0, rows[-1] + 2.0)
     z0, z1 = max(int(z[0]) - 3, 0), min(int(z[-1]) + 3, label.shape[2] - 1)
-    result = segment_volume(BrightVoxels(max(label.shape[:2])), scan, [VolumePrompt(1, box, (z0 + z1) // 2, (z0, z1))],
-                            Intensity(mode="window", window=(150.0, 300.0)), batch=3)
+    result = segment_volume(BrightVoxels(max(label.shape[:2]), Intensity(mode="window", window=(150.0, 300.0))), scan,
+                            Prompts.for_volume(scan.data.shape, 2, box3d=[(box[0], box[1], z0, box[2], box[3], z1)]),
+                            settings=Propagation(batch=3))
     assert sorted(result.slices) == list(range(z0, z1 + 1))
     area = lambda b: (b[2] - b[0]) * (b[3] - b[1])  # noqa: E731
     prompt = {k: r.prompts[0]["box"] for k, r in result.slices.items()}
@@ -144,17 +149,17 @@ def test_nifti_mask_has_the_input_grid_and_the_record_lists_slices(engines, sphe
 def test_volume_routing_gives_one_route_where_slices_disagree(pipe, sphere):
     path, _ = sphere
     scan = read_scan(path)
-    prompts = [VolumePrompt(1, (18, 20, 44, 48), 7, (6, 9))]
-    probe = VolumeSegmenter(pipe, scan, Intensity(), batch=4)
+    prompts = Prompts.for_volume(scan.data.shape, 2, box3d=[(18, 20, 6, 44, 48, 9)])
+    probe = VolumeSegmenter(pipe, scan, settings=Propagation(batch=4))
     probe.prefetch([6, 7, 8, 9])  # scores only: the encoder and router, no decoding
     best = np.stack([probe.scores[k] for k in (6, 7, 8, 9)]).min(axis=1)
     probe.close()
     # thresholds between the slices' best scores: some slices accept a task, others do not
     tau = float(np.median(best))
     routed = Pipeline(Manifest.load(pipe.manifest_obj.folder, with_thresholds(pipe.manifest, [tau, tau])), pipe.backend)
-    split = segment_volume(routed, scan, prompts, Intensity(), per_slice=True)
+    split = segment_volume(routed, scan, prompts, settings=Propagation(per_slice=True))
     assert len({r.route for r in split.slices.values()}) >= 2
-    whole = segment_volume(routed, scan, prompts, Intensity())
+    whole = segment_volume(routed, scan, prompts)
     assert {r.route for r in whole.slices.values()} == {whole.route}
     expected, mean = volume_route(routed, [np.asarray(r.scores) for r in split.slices.values()])
     assert whole.route == expected and whole.route_mode == "volume" and whole.passes == 2
@@ -271,15 +276,16 @@ def test_embeddings_past_the_memory_budget_spill_to_disk_and_read_back_exactly()
         spill.close()
 
 
-def test_volume_batch_defaults_by_device(pipe):
+def test_volume_batch_defaults_by_device(pipe, sphere):
     """One slice per encoder call on the CPU (batches measured slower per slice there), the
     GPU's batch on a CUDA backend: read from the backend's device, not copied."""
-    from runtime.volume import DEFAULT_BATCH, default_batch
+    assert pipe.backend.device == "cpu" and pipe.capabilities.encoder_batch == DEFAULT_BATCH["cpu"] == 1
+    assert VolumeSegmenter(pipe, read_scan(sphere[0])).batch == 1
 
-    assert pipe.backend.device == "cpu" and default_batch(pipe) == DEFAULT_BATCH["cpu"] == 1
+    class OnGpu:  # the CPU backend, reporting a CUDA device
+        device = "cuda"
 
-    class OnGpu:
-        class backend:
-            device = "cuda"
+        def load(self, key, path):
+            return pipe.backend.load(key, path)
 
-    assert default_batch(OnGpu()) == DEFAULT_BATCH["cuda"] > 1
+    assert Pipeline(pipe.manifest_obj, OnGpu()).capabilities.encoder_batch == DEFAULT_BATCH["cuda"] > 1

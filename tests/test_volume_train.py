@@ -17,7 +17,8 @@ from casam_io.intensity import WINDOW_PRESETS, Intensity
 from casam_core.names import IDENTITY
 from runtime.pipeline import Pipeline
 from runtime.preprocess import boxes_to_frame, preprocess
-from runtime.volume import VolumePrompt, VolumeSegmenter, segment_volume
+from runtime.prompts import Prompts
+from runtime.volume import Propagation, VolumeSegmenter, segment_volume
 from trainer.data import Sample, content_hash
 from trainer.embedding_cache import EmbeddingCache
 from trainer.session import SessionOptions
@@ -77,10 +78,10 @@ def test_held_out_volume_gets_the_pytorch_models_route_and_masks(trained, tiny_s
     held_out = base / "data" / "images" / f"{split['cases']['test'][0]}.nii.gz"
     pipe = Pipeline.from_manifest(base / "engines", backend="ort-cpu")
     scan = read_scan(held_out)
-    result = segment_volume(pipe, scan, [VolumePrompt(1, (16.0, 18.0, 46.0, 50.0), 1, (0, 2))],
-                            pipe.preprocessing.intensity, batch=3)
+    result = segment_volume(pipe, scan, Prompts.for_volume(scan.data.shape, 2, box3d=[(16.0, 18.0, 0, 46.0, 50.0, 2)]),
+                            settings=Propagation(batch=3))
     model = build_model(Bundle.open(base / "bundle"), tiny_sam.model)
-    slices = VolumeSegmenter(pipe, scan, SOFT_TISSUE)
+    slices = VolumeSegmenter(pipe, scan)  # the manifest's SOFT_TISSUE window
     torch_scores, torch_masks = [], {}
     with torch.no_grad():
         for k, record in result.slices.items():

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from models.casam import CASAM, TaskChoice, routes_to_names
 from models.router import IDENTITY_INDEX
 from runtime.postprocess import masks_from_logits
-from runtime.preprocess import Preprocessing, boxes_to_frame, frame_for
+from runtime.preprocess import Preprocessing, frame_for
+from runtime.prompts import Prompts
 from trainer.data import Sample
 from casam_core.metrics import image_scores
 from trainer.prompt_sampling import tight_boxes
@@ -61,8 +62,7 @@ def predict_masks(model: CASAM, embedding: torch.Tensor, route: int, boxes: np.n
     device = model.thresholds.device
     frame = frame_for(original_hw[0], original_hw[1], prep)
     aligned = model.align(embedding.to(device).float().reshape(1, *embedding.shape[-3:]), route)
-    box_t = torch.from_numpy(boxes_to_frame(boxes, frame)).to(device)
-    low_res, _ = model.decode(aligned, boxes=box_t)
+    low_res, _ = model.decode(aligned, Prompts.for_image(original_hw, boxes=boxes), frame.scale_xy)
     return masks_from_logits(low_res.float().cpu().numpy(), frame)
 
 
