@@ -23,8 +23,12 @@ from casam_core.files import PathLike
 from casam_core.errors import InputError
 from casam_io.intensity import Intensity, apply_window, find_window, nonfinite_warning, to_uint8
 from casam_io.readers import DEFAULT_MAX_PIXELS, ReadOptions, read, split_suffix, suffixes
-from casam_io.readers.picture import read_pil  # noqa: F401 - callers read masks through image_io
+from casam_io.readers.picture import read_pil
 from casam_io.scan import Scan
+
+__all__ = ["DEFAULT_MAX_PIXELS", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "PICTURE_SUFFIXES",
+           "UNLABELLED_SUFFIXES", "Scan", "files_by_stem", "image_files", "is_dicom", "is_nifti", "prepare",
+           "prepared_slice", "read_pil", "read_prepared", "read_scan", "slice_at", "slice_of"]
 
 # The suffix tuples callers use, derived from the reader registry (casam_io/readers/).
 IMAGE_SUFFIXES = suffixes("picture")

@@ -14,7 +14,6 @@ import threading
 import time
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
