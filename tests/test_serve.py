@@ -23,6 +23,7 @@ from float32 import SAME_LIBRARY, f32_tol, peak, vae_score_tol  # noqa: E402
 from runtime_support import exported, one_error_line  # noqa: E402
 from casam_core.errors import CasamError, InputError  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
+from runtime.prompts import Prompts  # noqa: E402
 from runtime.remote import RemotePipeline  # noqa: E402
 from runtime.wire import MODEL_NAME  # noqa: E402
 from casam_serve.process import ServerProcess  # noqa: E402
@@ -52,10 +53,12 @@ def cases() -> list[dict]:
     rgb = rng.integers(0, 256, (200, 150, 3), dtype=np.uint8)
     scan = rng.integers(0, 3000, (128, 128), dtype=np.uint16)
     return [
-        dict(image=grey, boxes=np.array([[10, 20, 200, 150], [0, 0, 60, 60]], np.float32)),
-        dict(image=rgb, points=np.array([[[30, 40], [100, 120]]], np.float32), point_labels=np.array([[1, 0]])),
-        dict(image=rgb, boxes=np.array([[5, 5, 140, 190]], np.float32), task="beta"),
-        dict(image=scan, boxes=np.array([[-10, 10, 90, 140]], np.float32), task="identity"),  # clipped box
+        dict(image=grey, prompts=Prompts.for_image(grey.shape, boxes=np.array([[10, 20, 200, 150], [0, 0, 60, 60]], np.float32))),
+        dict(image=rgb, prompts=Prompts.for_image(rgb.shape, points=np.array([[[30, 40], [100, 120]]], np.float32),
+                                                  labels=np.array([[1, 0]]))),
+        dict(image=rgb, prompts=Prompts.for_image(rgb.shape, boxes=np.array([[5, 5, 140, 190]], np.float32)), task="beta"),
+        dict(image=scan, prompts=Prompts.for_image(scan.shape, boxes=np.array([[-10, 10, 90, 140]], np.float32)),
+             task="identity"),  # clipped box
     ]
 
 
@@ -130,10 +133,11 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, expected):
     with RemotePipeline(server.http_url) as remote:
         assert_same(remote.predict(**case), want)
         with pytest.raises(InputError, match=r"box #1 \(200 150 10 20\) is inverted"):
-            remote.predict(case["image"], boxes=np.array([[200, 150, 10, 20]], np.float32))
+            remote.predict(case["image"], Prompts.for_image(case["image"].shape,
+                                                            boxes=np.array([[200, 150, 10, 20]], np.float32)))
         assert_same(remote.predict(**case), want)
         with pytest.raises(InputError, match="unknown task 'gamma'"):
-            remote.predict(case["image"], boxes=case["boxes"], task="gamma")
+            remote.predict(case["image"], case["prompts"], task="gamma")
         with pytest.raises(tritonclient_http.InferenceServerException, match="FP32.*UINT8|UINT8.*FP32"):
             _raw_infer(server, np.zeros((8, 8, 3), np.float32), "FP32")
         with pytest.raises(tritonclient_http.InferenceServerException, match="unexpected shape for input 'image'"):
