@@ -207,13 +207,14 @@ def train_task(
     wait: float = DEFAULT_WAIT_S,
     axis: int = 2,
     intensity: Optional[Intensity] = None,
+    volume: Optional[int] = None,
 ) -> Optional[dict[str, Any]]:
     """Train ``task`` on ``data`` and commit it to the bundle; returns the JSON summary.
 
     Under torchrun, ranks other than 0 return None once rank 0 has committed.
     ``wait``: seconds to wait for the bundle's write lock at the commit (0: fail at once).
     ``axis`` slices volumes; ``intensity`` (casam_io.intensity) is recorded in a new bundle,
-    and must match an existing bundle's when given.
+    and must match an existing bundle's when given. ``volume`` picks one volume of 4-D images.
     """
     started = time.time()
     check_task_name(task)
@@ -227,7 +228,7 @@ def train_task(
         check_bundle_sam(existing, sam)
         if task in existing.task_names and not replace:
             raise BundleError(f"task {task!r} already exists in {root}; pass --replace to retrain it")
-    dataset = load_dataset(data, seed=config.seed, axis=axis, intensity=prep.intensity)
+    dataset = load_dataset(data, seed=config.seed, axis=axis, intensity=prep.intensity, volume=volume)
     check_dataset_size(dataset, config.folds)  # before any embedding or training
     session = open_session(sam, checkpoint, prep, device, cache_dir, quiet, frozen_sam)
     if existing is not None:
