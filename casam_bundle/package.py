@@ -20,6 +20,7 @@ it was.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -36,7 +37,8 @@ from casam_bundle.format import TASK_FILES, Bundle, TaskRecord, check_task_name
 from casam_bundle.lock import DEFAULT_WAIT_S, bundle_lock
 from casam_bundle import signing
 from casam_core.faults import fault_point
-from casam_core.files import atomic_path, atomic_write_bytes, check_sha256, read_versioned_json, sha256_bytes
+from casam_core.ownership import refuse_existing
+from casam_core.files import atomic_path, atomic_write_bytes, read_versioned_json, sha256_bytes
 from runtime.preprocess import Preprocessing
 
 PathLike = Union[str, os.PathLike]
@@ -46,8 +48,15 @@ PACKAGE_SUFFIX = ".casam"
 INDEX = "package.json"
 SIGNATURE = "signature.json"
 FILES_PREFIX = "files/"
-#: Largest archive member read (the alignment layer is ~14 MB); guards against zip bombs.
-MAX_MEMBER_BYTES = 1 << 30
+#: Largest archive members read, by suffix: a package is untrusted input, so a zip bomb must be
+#: refused before it fills memory. Legitimate members are far smaller: the alignment layer's
+#: weights are 14.2 MB for every SAM variant (it works at the prompt width, 256), the VAE's
+#: 0.4 MB, and split.json lists one stem per image. So at most 64 + 64 + 3 × 16 + 16 + 1 MiB
+#: of members are held, and one member in flight at most doubles its cap (docs/RELIABILITY.md).
+MAX_WEIGHTS_BYTES = 64 << 20
+MAX_JSON_BYTES = 16 << 20
+MEMBER_CAPS = {".safetensors": MAX_WEIGHTS_BYTES, ".json": MAX_JSON_BYTES}
+READ_CHUNK = 1 << 20
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry times: the same task packs to the same bytes
 #: Called under the lock before an import commits: (bundle, record, staged task folder).
 Vet = Callable[[Bundle, TaskRecord, Path], None]
@@ -93,10 +102,14 @@ def _zip_bytes(entries: Mapping[str, bytes]) -> bytes:
 
 
 def pack_task(bundle_dir: PathLike, task: str, out: PathLike, *, redact: bool = False,
-              sign_key: Optional[PathLike] = None) -> dict[str, Any]:
-    """Write task ``task`` of the bundle as one package file ``out``; returns its index."""
+              sign_key: Optional[PathLike] = None, overwrite: bool = False) -> dict[str, Any]:
+    """Write task ``task`` of the bundle as one package file ``out``; returns its index.
+
+    An existing ``out`` is replaced only with ``overwrite``, and a bundle's or export's own
+    ``bundle.json``/``manifest.json`` never (casam_core.ownership.refuse_existing)."""
     from casam_core import __version__
 
+    refuse_existing(out, overwrite, error=BundleError)
     bundle = Bundle.open(bundle_dir, verify=False)
     record = bundle.task(check_task_name(task))
     bundle.verify_task(record)
@@ -137,24 +150,54 @@ def _check_entry_name(name: str, where: Path) -> None:
                           f"{INDEX}, {SIGNATURE} and {FILES_PREFIX}<task file>")
 
 
-def _read_members(path: Path) -> dict[str, bytes]:
-    members: dict[str, bytes] = {}
+def _member_cap(name: str) -> int:
+    """The most bytes archive entry ``name`` may inflate to (names are checked first)."""
+    return MEMBER_CAPS.get(PurePosixPath(name).suffix, MAX_JSON_BYTES)
+
+
+def _open_archive(path: Path) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
+    """The archive and its entries by name, every name and declared size checked before any
+    byte is inflated: a bomb is refused by its directory when the directory tells the truth."""
+    archive = zipfile.ZipFile(path)
+    entries: dict[str, zipfile.ZipInfo] = {}
     try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                _check_entry_name(info.filename, path)
-                if info.filename in members:
-                    raise BundleError(f"{path}: archive entry {info.filename!r} appears twice; package refused")
-                if info.file_size > MAX_MEMBER_BYTES:
-                    raise BundleError(f"{path}: archive entry {info.filename!r} is larger than {MAX_MEMBER_BYTES} bytes")
-                with archive.open(info) as fh:
-                    data = fh.read(MAX_MEMBER_BYTES + 1)
-                if len(data) > MAX_MEMBER_BYTES:
-                    raise BundleError(f"{path}: archive entry {info.filename!r} is larger than {MAX_MEMBER_BYTES} bytes")
-                members[info.filename] = data
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not a readable task package ({exc})") from exc
-    return members
+        for info in archive.infolist():
+            _check_entry_name(info.filename, path)
+            if info.filename in entries:
+                raise BundleError(f"{path}: archive entry {info.filename!r} appears twice; package refused")
+            if info.file_size > _member_cap(info.filename):
+                raise BundleError(f"{path}: archive entry {info.filename!r} declares {info.file_size} bytes, more "
+                                  f"than the {_member_cap(info.filename)} a task package's member may hold; refused")
+            entries[info.filename] = info
+    except BaseException:
+        archive.close()
+        raise
+    return archive, entries
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path,
+                 expected_sha256: Optional[str] = None) -> bytes:
+    """One entry, inflated chunk by chunk and hashed while it streams.
+
+    The cap is checked against the bytes actually inflated, not only the declared size, so a
+    lying directory cannot make this hold more than the cap (plus one chunk). With
+    ``expected_sha256`` a wrong member is refused as soon as its last chunk is read."""
+    cap = _member_cap(info.filename)
+    buffer = bytearray()
+    digest = hashlib.sha256()
+    with archive.open(info) as fh:
+        while True:
+            chunk = fh.read(READ_CHUNK)
+            if not chunk:
+                break
+            if len(buffer) + len(chunk) > cap:
+                raise BundleError(f"{path}: archive entry {info.filename!r} inflates to more than {cap} bytes; refused")
+            digest.update(chunk)
+            buffer += chunk
+    if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+        raise BundleError(f"{path}: {info.filename} has sha256 {digest.hexdigest()[:12]}…, the index says "
+                          f"{str(expected_sha256)[:12]}… (the package was modified or corrupted; refused)")
+    return bytes(buffer)
 
 
 def _json(data: bytes, what: str) -> Any:
@@ -181,29 +224,42 @@ def _check_index(index: dict[str, Any], path: Path) -> None:
 
 
 def read_package(path: PathLike) -> TaskPackage:
-    """Read a package and check it on its own: entries, format version, file hashes, calibration."""
+    """Read a package and check it on its own: entries, format version, file hashes, calibration.
+
+    Memory stays bounded whatever the archive claims: every member is capped (MEMBER_CAPS)
+    by its declared size before any byte is inflated and by the bytes actually inflated
+    while it streams, and is hashed as it streams (docs/RELIABILITY.md, archive memory)."""
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"task package {path} does not exist")
-    members = _read_members(path)
-    if INDEX not in members:
+    try:
+        archive, entries = _open_archive(path)
+        with archive:
+            return _read_checked(archive, entries, path)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path} is not a readable task package ({exc})") from exc
+
+
+def _read_checked(archive: zipfile.ZipFile, entries: dict[str, zipfile.ZipInfo], path: Path) -> TaskPackage:
+    """The index first (its format version and file list), then each file against its sha256."""
+    if INDEX not in entries:
         raise BundleError(f"{path} is not a casam task package: it has no {INDEX}")
+    index_bytes = _read_member(archive, entries[INDEX], path)
     index = read_versioned_json(path, PACKAGE_FORMAT, PACKAGE_FORMAT_VERSION, BundleError, "casam task package",
-                                missing="", data=_json(members[INDEX], f"{path}: {INDEX}"))
+                                missing="", data=_json(index_bytes, f"{path}: {INDEX}"))
     _check_index(index, path)
     files: dict[str, bytes] = {}
     for fname, expected in index["task"]["files"].items():
-        data = members.get(FILES_PREFIX + fname)
-        if data is None:
+        info = entries.get(FILES_PREFIX + fname)
+        if info is None:
             raise BundleError(f"{path}: {FILES_PREFIX}{fname} is missing")
-        check_sha256(data, expected, BundleError, f"{path}: {FILES_PREFIX}{fname}", "the index", hint="; refused",
-                     what="the package")
-        files[fname] = data
+        files[fname] = _read_member(archive, info, path, expected)
     check_calibration(index["task"], _json(files["calibration.json"], f"{path}: calibration.json"), f"{path}")
-    signature = _json(members[SIGNATURE], f"{path}: {SIGNATURE}") if SIGNATURE in members else None
+    signature = _json(_read_member(archive, entries[SIGNATURE], path), f"{path}: {SIGNATURE}") \
+        if SIGNATURE in entries else None
     if signature is not None and not isinstance(signature, dict):
         raise BundleError(f"{path}: {SIGNATURE} is not a signature record")
-    return TaskPackage(path, members[INDEX], index, files, signature)
+    return TaskPackage(path, index_bytes, index, files, signature)
 
 
 # ----- importing into a bundle -----------------------------------------------------------

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from casam_core.files import PathLike
 from casam_bundle.errors import BundleError
+from casam_core.ownership import refuse_existing
 from casam_core.files import atomic_write_bytes
 
 ALGORITHM = "ed25519"
@@ -42,13 +43,14 @@ def _raw(public_key: Any) -> bytes:
     return public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
-def generate_keypair(out: PathLike) -> tuple[Path, Path, str]:
-    """Write a private key to ``out`` (PEM, mode 0600) and its public key to ``out.pub``."""
+def generate_keypair(out: PathLike, overwrite: bool = False) -> tuple[Path, Path, str]:
+    """Write a private key to ``out`` (PEM, mode 0600) and its public key to ``out.pub``.
+
+    Existing key files are replaced only with ``overwrite`` (the rule every writer shares)."""
     ed25519, serialization, _ = _crypto()
     private_path, public_path = Path(out), Path(f"{out}{PUBLIC_SUFFIX}")
     for path in (private_path, public_path):
-        if path.exists():
-            raise BundleError(f"{path} already exists; keygen never overwrites a key")
+        refuse_existing(path, overwrite, error=BundleError, what="a key: replacing it orphans what it signed")
     key = ed25519.Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any
 
 import click
 
 from casam_export.manifest import graph_entries
 from casam_export.quantize import DEFAULT_CALIBRATION_COUNT, INT8_MASK_IOU_BAR
 from casam_export.verify import MASK_IOU_BARS
-from casam_core.errors import CasamError
+from casam_core.cli_frame import CasamCommand
 from runtime.manifest import MANIFEST_NAME
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="casam-export", cls=CasamCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path),
               help="Bundle folder written by casam-train (holds bundle.json).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path),
@@ -52,22 +51,22 @@ from runtime.manifest import MANIFEST_NAME
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="SAM checkpoint file; must have the sha256 recorded in the bundle (default: the cached "
                    "official checkpoint, or none for the tiny test model).")
-@click.option("--force", is_flag=True, help="Overwrite an --out folder that holds another bundle's export.")
+@click.option("--overwrite", is_flag=True,
+              help="Write into an --out folder that holds another bundle's export or other files (nothing in it is "
+                   "reused).")
+@click.option("--force", is_flag=True, hidden=True, help="Deprecated spelling of --overwrite.")
 @click.option("--quiet", is_flag=True, help="No progress bars; print only the manifest path.")
-def main(bundle_dir: Path, out_dir: Path, fp16: bool, int8: bool, calibration: Optional[Path],
-         calibration_count: int, trt: Optional[bool], opset: int, max_prompts: int,
-         verify: bool, verify_images: Optional[Path], checkpoint: Optional[Path], force: bool, quiet: bool) -> None:
+def main(overwrite: bool, force: bool, **options: Any) -> None:
     """Export a CA-SAM bundle to separate graphs: encoder, router (the VAE scorers), one
     alignment graph per task, and decoder, described by manifest.json."""
-    try:
-        from casam_export.export import export_bundle
+    from casam_export.export import export_bundle
 
-        manifest = export_bundle(bundle_dir, out_dir, fp16=fp16, int8=int8, calibration=calibration,
-                                 calibration_count=calibration_count, opset=opset, max_prompts=max_prompts, verify=verify,
-                                 verify_images=verify_images, trt=trt, force=force, checkpoint=checkpoint, quiet=quiet)
-    except CasamError as exc:
-        click.echo(f"casam-export: error: {exc}", err=True)
-        sys.exit(2)
+    manifest = export_bundle(force=overwrite or force, **options)
+    _report(manifest, options["out_dir"], options["quiet"])
+
+
+def _report(manifest: dict[str, Any], out_dir: Path, quiet: bool) -> None:
+    """What the export built, reused and verified; the manifest path last (scripts read it)."""
     if not quiet:
         reused = [k for k, v in graph_entries(manifest).items() if v.get("reused")]
         click.echo(f"exported {len(manifest['tasks'])} task(s), {manifest['precision']}; unchanged: {', '.join(reused) or 'none'}")
@@ -86,4 +85,4 @@ def main(bundle_dir: Path, out_dir: Path, fp16: bool, int8: bool, calibration: O
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="casam-export")

@@ -77,7 +77,7 @@ def claim_out_dir(out: Path, bundle: Bundle, force: bool) -> Optional[dict[str, 
     """Check that ``out`` may be written; return the previous manifest worth reusing.
 
     A folder with another bundle's export, or with files that are not an export's, is
-    refused without ``force``; with ``force`` nothing in it is reused.
+    refused without ``force`` (the CLI's ``--overwrite``); with ``force`` nothing in it is reused.
     """
     check_out_dir(out, ExportError)
     previous = read_previous(out) if out.is_dir() else None
@@ -86,12 +86,12 @@ def claim_out_dir(out: Path, bundle: Bundle, force: bool) -> Optional[dict[str, 
     if previous is not None:
         if not same_bundle(previous, bundle):
             owner = previous.get("bundle", {}).get("path", "another bundle")
-            raise ExportError(f"--out {out} holds the export of {owner}, not of {bundle.root}; pass --force to overwrite it")
+            raise ExportError(f"--out {out} holds the export of {owner}, not of {bundle.root}; pass --overwrite to overwrite it")
         return previous
     foreign = sorted(p.name for p in out.iterdir() if not is_export_entry(p.name) and not p.name.startswith(".")) if out.is_dir() else []
     if foreign:
         raise ExportError(f"--out {out} is not empty and holds no casam export ({', '.join(foreign[:5])}); "
-                          "pass --force to write into it anyway")
+                          "pass --overwrite to write into it anyway")
     return None
 
 

@@ -29,7 +29,7 @@ is written in fp32 instead, with a warning and the record in its manifest entry.
 
 The calibration set is not part of a graph's ``built_from``: a re-export after adding a
 task keeps the quantised encoder and earlier alignment layers as they are, and quantises
-only the new task's alignment layer (pass --force to re-calibrate everything).
+only the new task's alignment layer (pass --overwrite to re-calibrate everything).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from casam_core.files import atomic_write_bytes, atomic_write_json
 from casam_io.image_io import Scan
 from casam_infer.outputs import overlay, png_bytes
 from runtime.volume import VolumeResult
-from casam_io.volume_io import frame_count, has_frame_positions, multiframe_layout
+from casam_io.volume_io import frame_count, has_frame_positions, multiframe_layout, source_metadata_warnings
 
 MONTAGE_TILES = 16  # at most this many segmented slices in the montage
 MONTAGE_TILE_PX = 256
@@ -97,12 +97,13 @@ def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> Any:
     remap = np.zeros(256, np.uint8)
     remap[present] = np.arange(1, len(present) + 1, dtype=np.uint8)
     frames = np.ascontiguousarray(_source_frames(scan, np.moveaxis(remap[labels], -1, 0)))
-    return hd.seg.Segmentation(
-        source_images=scan.datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="casam", manufacturer_model_name="CA-SAM",
-        software_versions=__version__, device_serial_number="casam", series_description="CA-SAM segmentation",
-    )
+    with source_metadata_warnings(f"DICOM SEG of {scan.path}"):  # the source's own metadata, copied verbatim
+        return hd.seg.Segmentation(
+            source_images=scan.datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
+            sop_instance_uid=hd.UID(), instance_number=1, manufacturer="casam", manufacturer_model_name="CA-SAM",
+            software_versions=__version__, device_serial_number="casam", series_description="CA-SAM segmentation",
+        )
 
 
 def write_dicom_seg(path: Path, scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> bool:

@@ -4,7 +4,8 @@ A DICOM series folder becomes one volume with its slices sorted along the slice 
 stacked on the last axis (rows × columns × slices, so a slice is shown as the scanner
 shows it). The series is refused, with one line, when its slices differ in size or
 orientation, or leave a gap in slice positions (a warning instead with ``allow_gaps``): a
-volume with a missing slice would give a mask that no longer lines up with the anatomy.
+volume with a missing slice would give a mask that no longer lines up with the anatomy. Two
+slices at one position (a duplicated file) are refused even with ``allow_gaps``.
 
 A multi-frame file (an enhanced CT/MR image, or a legacy multi-frame file) is read the same
 way, frames as slices: its geometry, rescale and VOI window come from the per-frame and
@@ -14,8 +15,11 @@ frames are sorted along the slice normal and checked for gaps like a series' fil
 
 from __future__ import annotations
 
+import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -26,6 +30,45 @@ from casam_io.scan import Scan, check_pixels
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ORIENTATION_TOL = 1e-4  # direction cosines are written with ~6 decimals
 GAP_TOL = 0.05  # a spacing more than 5 % off the median spacing is a gap (or an overlap)
+
+
+#: Library warnings about a value that casam copies verbatim from the source file into what it
+#: writes (a DICOM SEG copies the Patient and Study modules, PS3.3 C.8.20): the standard wants
+#: the value as it is, so a complaint about its form is dropped, not shown.
+VERBATIM_COPY_WARNINGS = ("is unlikely to represent the intended person name",)
+_DICOM_LIBRARIES = (f"{os.sep}pydicom{os.sep}", f"{os.sep}highdicom{os.sep}")
+
+
+class SourceMetadataWarning(UserWarning):
+    """Problems that pydicom or highdicom found in a source file's own metadata, one per file."""
+
+
+@contextmanager
+def source_metadata_warnings(label: str) -> Iterator[None]:
+    """Collect the warnings pydicom and highdicom raise about the source file's own metadata
+    (an invalid date, a badly formed name) into one casam warning naming ``label``.
+
+    Such warnings are about the hospital's file, not about what casam did, and a series of
+    300 slices would otherwise repeat the same paragraph 300 times. Complaints about values
+    casam copies verbatim (VERBATIM_COPY_WARNINGS) are dropped. Other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    notes: list[str] = []
+    for w in caught:
+        text = " ".join(str(w.message).split())
+        if any(part in text for part in VERBATIM_COPY_WARNINGS):
+            continue
+        if any(lib in str(w.filename) for lib in _DICOM_LIBRARIES):
+            if text not in notes:
+                notes.append(text)
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if notes:
+        first = notes[0] if len(notes[0]) <= 160 else notes[0][:157] + "..."
+        more = f" (and {len(notes) - 1} more)" if len(notes) > 1 else ""
+        warnings.warn(f"{label}: its metadata has {len(notes)} problem(s) that casam keeps as they are: {first}{more}",
+                      SourceMetadataWarning, stacklevel=3)
 
 
 def _nib() -> Any:
@@ -169,7 +212,8 @@ def _read_dataset(path: Path, max_pixels: Optional[int], header_only: bool = Fal
 
     pydicom = _pydicom()
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
+        with source_metadata_warnings(f"DICOM file {path}"):
+            ds = pydicom.dcmread(str(path), stop_before_pixels=header_only)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for bad files
         raise InputError(f"DICOM file {path} is unreadable ({exc})") from exc
     if "Rows" in ds and "Columns" in ds:
@@ -253,7 +297,8 @@ def multiframe_layout(ds: Any, path: Path,
     orient, spacing, positions = geometry
     along = positions @ np.cross(orient[:3], orient[3:6])
     order = np.argsort(along, kind="stable")
-    warnings = _check_gaps(along[order], path, allow_gaps, what="DICOM multi-frame file")
+    warnings = _check_gaps(along[order], path, allow_gaps, what="DICOM multi-frame file",
+                           names=[f"frame {int(k) + 1}" for k in order])
     return order, _affine(orient, spacing, positions[order[0]], positions[order[-1]], frames), warnings
 
 
@@ -323,13 +368,27 @@ def _geometry(datasets: list[Any], paths: list[Path], folder: Path) -> tuple[lis
     return orient, spacing, np.asarray([float(p @ normal) for p in positions])
 
 
-def _check_gaps(along: np.ndarray, folder: Path, allow_gaps: bool, what: str = "DICOM series") -> list[str]:
+def _check_gaps(along: np.ndarray, folder: Path, allow_gaps: bool, what: str = "DICOM series",
+                names: Optional[list[str]] = None) -> list[str]:
+    """Warnings about uneven slice positions (an error without ``allow_gaps``).
+
+    Two slices at one position (a copied file, or two series in one folder) are refused even
+    with ``allow_gaps``: no slice order is right for them, and a mask written over them would
+    reference one position twice (a DICOM SEG cannot be made of it). ``names`` label the slices
+    (file names, or frames), in the sorted order of ``along``."""
     steps = np.diff(along)
     if steps.size == 0:
         return []
     step = float(np.median(steps))
     if abs(step) < 1e-6:
         raise InputError(f"{what} {folder} has several slices at one position (duplicates or several series)")
+    same = np.flatnonzero(np.abs(steps) <= GAP_TOL * abs(step))
+    if same.size:
+        i = int(same[0])
+        label = names or [f"slice {k + 1}" for k in range(along.size)]
+        raise InputError(f"{what} {folder}: {label[i]} and {label[i + 1]} lie at one slice position "
+                         f"({along[i]:.2f} mm), a duplicated slice or a second series; remove one (--allow-gaps "
+                         "does not cover it)")
     bad = np.flatnonzero(np.abs(steps - step) > GAP_TOL * abs(step))
     if bad.size == 0:
         return []
@@ -358,7 +417,7 @@ def read_dicom_series(folder: Path, max_pixels: Optional[int] = None, allow_gaps
     orient, spacing, along = _geometry(headers, paths, folder)
     order = np.argsort(along, kind="stable")
     along, paths = along[order], [paths[i] for i in order]
-    warnings = _check_gaps(along, folder, allow_gaps)
+    warnings = _check_gaps(along, folder, allow_gaps, names=[p.name for p in paths])
     slices, datasets = [], []
     for path in paths:
         ds = _read_dataset(path, max_pixels)

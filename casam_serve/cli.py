@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from runtime.backends import BACKENDS
-from casam_core.errors import CasamError
+from casam_core.cli_frame import CasamCommand
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(name="casam-serve", cls=CasamCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--engines", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="export folder written by casam-export (holds manifest.json)")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -31,8 +32,7 @@ from casam_core.errors import CasamError
 @click.option("--exit-timeout", default=3, show_default=True, type=click.IntRange(min=0),
               help="seconds Triton waits for open connections and in-flight requests when stopping")
 @click.option("--verbose", is_flag=True, help="also log PyTriton's and Triton's own messages")
-def main(engines: Path, host: str, http_port: int, grpc_port: int, metrics_port: int, max_batch: int,
-         instances: int | None, backend: str, max_resident: int, exit_timeout: int, verbose: bool) -> None:
+def main(engines: Path, backend: str, max_resident: int, verbose: bool, **network: Any) -> None:
     """Serve the CA-SAM engines in ENGINES through NVIDIA Triton Inference Server.
 
     The model is called `casam` (schema: docs/SERVING.md). It answers over HTTP and gRPC
@@ -42,17 +42,14 @@ def main(engines: Path, host: str, http_port: int, grpc_port: int, metrics_port:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     if not verbose:
         logging.getLogger("pytriton").setLevel(logging.WARNING)
-    try:
-        from runtime.pipeline import Pipeline
-        from casam_serve.server import ServeConfig, serve
+    from runtime.pipeline import Pipeline
+    from casam_serve.server import ServeConfig, serve
 
-        pipeline = Pipeline.from_manifest(engines, backend=backend, max_resident=max_resident, preload=True)
-        config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                             max_batch=max_batch, instances=instances or max_batch, exit_timeout_s=exit_timeout)
-        serve(pipeline, config)
-    except CasamError as exc:
-        click.echo(f"casam-serve: {exc}", err=True)
-        sys.exit(2)
+    config = ServeConfig(host=network["host"], http_port=network["http_port"], grpc_port=network["grpc_port"],
+                         metrics_port=network["metrics_port"], max_batch=network["max_batch"],
+                         instances=network["instances"] or network["max_batch"], exit_timeout_s=network["exit_timeout"])
+    pipeline = Pipeline.from_manifest(engines, backend=backend, max_resident=max_resident, preload=True)
+    serve(pipeline, config)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from runtime.pipeline import Pipeline
 from runtime.wire import INFO_MODEL_NAME, MODEL_NAME
 from casam_serve.model import CasamModel
 from casam_serve.process_tree import descendants, end_survivors
+from casam_serve.watchdog import Watchdog, shm_regions
 from runtime.wire import INFO_OUTPUTS, INPUTS, OUTPUTS, TensorSpec
 
 LOG = logging.getLogger("casam.serve")
@@ -90,8 +91,9 @@ def serve(pipeline: Pipeline, config: ServeConfig, stop: Optional[threading.Even
     restore = _stop_on_signals(stop)
     python_libdir_first()
     model = CasamModel(pipeline, config.max_batch)
+    watchdog = Watchdog()  # ends Triton's tree if this process dies without stopping it (SIGKILL)
     try:
-        triton = _start(model, config, stop)
+        triton = _start(model, config, stop, watchdog.pid)
         if triton is None:
             return
         try:
@@ -104,15 +106,17 @@ def serve(pipeline: Pipeline, config: ServeConfig, stop: Optional[threading.Even
                     raise CasamError("Triton Inference Server stopped unexpectedly; see its log above")
             LOG.info("casam-serve: stopping")
         finally:
+            watchdog.stand_down()
             _stop_triton(triton)
     finally:
+        watchdog.stand_down()
         model.close()
         restore()
         if model.batcher.batch_sizes:
             LOG.info("casam-serve: encoder batches (size: runs) %s", dict(sorted(model.batcher.batch_sizes.items())))
 
 
-def _start(model: CasamModel, config: ServeConfig, stop: threading.Event) -> Any:
+def _start(model: CasamModel, config: ServeConfig, stop: threading.Event, watchdog: Optional[int] = None) -> Any:
     """A running Triton with both models loaded, or None when asked to stop meanwhile.
 
     PyTriton's model instances fetch their settings from instance 0 over a Unix socket
@@ -145,13 +149,13 @@ def _start(model: CasamModel, config: ServeConfig, stop: threading.Event) -> Any
             triton.run()
             return triton
         except Exception as exc:  # noqa: BLE001 - PyTriton and tritonclient raise many kinds
-            _stop_triton(triton)
+            _stop_triton(triton, keep=watchdog)
             last = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             LOG.warning("casam-serve: Triton start %d/%d failed: %s", attempt, START_ATTEMPTS, last)
     raise CasamError(f"Triton Inference Server did not start after {START_ATTEMPTS} attempts: {last}")
 
 
-def _stop_triton(triton: Any) -> None:
+def _stop_triton(triton: Any, keep: Optional[int] = None) -> None:
     """Stop Triton, end any helper process that outlived it, then unlink the Python-backend
     shared-memory regions it leaves.
 
@@ -161,11 +165,12 @@ def _stop_triton(triton: Any) -> None:
     still alive HELPER_GRACE_S after it is killed. PyTriton names the shared-memory regions
     ``/dev/shm/pytrtion<our pid>-<random>``; when the stubs' unloading is cut short nobody
     unlinks them, and every restart would leave 4 MiB or more behind in RAM-backed /dev/shm.
+    ``keep``: a process to leave alone (the watchdog, during start attempts).
     """
-    helpers = descendants(os.getpid())
+    helpers = {pid: start for pid, start in descendants(os.getpid()).items() if pid != keep}
     triton.stop()
     end_survivors(helpers, HELPER_GRACE_S, LOG)
-    for region in Path("/dev/shm").glob(f"pytrtion{os.getpid()}-*"):
+    for region in shm_regions(os.getpid()):
         try:
             region.unlink()
         except OSError as exc:

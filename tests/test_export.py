@@ -316,9 +316,9 @@ def test_missing_and_corrupt_bundles(root):
 
 def test_out_folder_of_another_bundle_is_refused(root, bundle2, out32):
     other = make_random_bundle(root / "other", ("delta",))
-    with pytest.raises(ExportError, match="--force"):
+    with pytest.raises(ExportError, match="--overwrite"):
         export_bundle(other.root, out32)
-    assert claim_out_dir(out32, other, force=True) is None  # --force: nothing is reused
+    assert claim_out_dir(out32, other, force=True) is None  # --overwrite: nothing is reused
     assert claim_out_dir(out32, bundle2, force=False)["tasks"][0]["name"] == "alpha"
     foreign = root / "foreign"
     foreign.mkdir()
@@ -376,7 +376,7 @@ def test_cli_help_explains_every_option():
     result = CliRunner().invoke(cli_main, ["--help"])
     assert result.exit_code == 0
     for option in ("--bundle", "--out", "--fp16", "--trt / --no-trt", "--opset", "--max-boxes", "--verify / --no-verify",
-                   "--verify-images", "--checkpoint", "--force", "--quiet"):
+                   "--verify-images", "--checkpoint", "--overwrite", "--quiet"):
         assert option in result.output
 
 

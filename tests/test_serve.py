@@ -215,6 +215,26 @@ def test_request_at_first_health_ready_is_answered_and_sigterm_stops_without_orp
         srv.close()
 
 
+def test_sigkill_leaves_no_process_of_its_tree(engines):
+    """SIGKILL gives casam-serve no chance to stop Triton; its watchdog (casam_serve/watchdog.py)
+    ends the tree instead: no process of it, Python-backend stubs included, runs 5 s later."""
+    srv = ServerProcess(engines, max_batch=2).start()
+    try:
+        watchdog_and_tree = descendants(srv.process.pid)
+        commands = {p: _command(p) for p in watchdog_and_tree}
+        assert any("triton_python_backend_stub" in c for c in commands.values()), commands
+        srv.process.send_signal(signal.SIGKILL)
+        srv.process.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(alive(p, s) for p, s in watchdog_and_tree.items()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans = {p: commands.get(p, "?") for p, s in watchdog_and_tree.items() if alive(p, s)}
+        assert not orphans, f"left running after SIGKILL: {orphans}"
+        assert not list(Path("/dev/shm").glob(f"pytrtion{srv.process.pid}-*")), "shared memory left behind"
+    finally:
+        srv.close()
+
+
 def test_casam_infer_concurrency_keeps_input_order_and_reports_failures(server, tmp_path):
     """--concurrency 4 against the server writes what a sequential run writes, in the same
     order; a corrupt image is reported, the others go on, and the run exits 2 (issue 14).

@@ -104,6 +104,7 @@ class Dataset:
     skipped_empty: list[str]
     axis: int = 2
     intensity: Intensity = field(default_factory=Intensity)
+    volume: Optional[int] = None  # the volume of 4-D images trained on
 
     @property
     def samples(self) -> list[Sample]:
@@ -117,6 +118,7 @@ class Dataset:
             "data": str(self.root),
             "kind": self.kind,
             "axis": self.axis,
+            **({"volume": self.volume} if self.volume is not None else {}),
             "intensity": self.intensity.to_dict(),
             "train": [s.stem for s in self.train],
             "test": [s.stem for s in self.test],
@@ -212,7 +214,9 @@ def _volume_slices(case: str, ipath: Path, image: np.ndarray, label: np.ndarray,
     return samples, empty
 
 
-def _scan_volumes(root: Path, axis: int, intensity: Intensity) -> tuple[list[Sample], list[str]]:
+def _scan_volumes(root: Path, axis: int, intensity: Intensity,
+                  volume: Optional[int] = None) -> tuple[list[Sample], list[str]]:
+    """Every labelled slice of every case; ``volume`` picks one volume of 4-D images."""
     images = files_by_stem(root / "images", NIFTI_SUFFIXES, folders=True)
     labels = files_by_stem(root / "labels", NIFTI_SUFFIXES)
     problems: list[str] = []
@@ -224,7 +228,7 @@ def _scan_volumes(root: Path, axis: int, intensity: Intensity) -> tuple[list[Sam
             problems.append(f"case {case}: no label volume {case}.nii(.gz) in {root / 'labels'}")
             continue
         try:
-            scan, label = read_scan(ipath, strict_4d=True), read_scan(lpath, strict_4d=True)
+            scan, label = read_scan(ipath, volume=volume, strict_4d=True), read_scan(lpath, strict_4d=True)
             if not -3 <= axis < 3:
                 raise InputError(f"--axis {axis} does not exist in a 3-D volume")
         except InputError as exc:
@@ -300,13 +304,14 @@ def load_dataset(
     split: Optional[dict[str, Any]] = None,
     axis: int = 2,
     intensity: Optional[Intensity] = None,
+    volume: Optional[int] = None,
 ) -> Dataset:
     """Scan, validate and split a dataset folder (images + masks, or volumes + labels).
 
     ``split`` (train/test stem lists, e.g. from a bundle's split.json) overrides both the
     folder's split.json and the seeded split. ``axis`` slices volumes; ``intensity`` is the
     bundle's recorded intensity handling; None takes the one ``split`` records (a task's
-    split.json), else ``auto``.
+    split.json), else ``auto``. ``volume`` picks one volume of 4-D NIfTI images.
     """
     if intensity is None:
         recorded = split.get("intensity") if isinstance(split, dict) else None
@@ -315,7 +320,7 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist")
     if is_volume_dataset(root):
-        samples, empty = _scan_volumes(root, axis, intensity)
+        samples, empty = _scan_volumes(root, axis, intensity, volume)
         kind = _volume_kind(root)
     else:
         samples, empty = _scan_folder(root, intensity)
@@ -325,7 +330,7 @@ def load_dataset(
     train, test, source = _split(samples, root, seed, test_fraction, split)
     if not train:
         raise DataError(f"{root}: the training split is empty")
-    return Dataset(root, kind, train, test, source, seed, empty, axis, intensity)
+    return Dataset(root, kind, train, test, source, seed, empty, axis, intensity, volume)
 
 
 def image_files(path: PathLike) -> dict[str, Path]:

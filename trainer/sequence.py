@@ -39,7 +39,7 @@ def task_test_set(bundle: Bundle, name: str, path: PathLike) -> Dataset:
     prepared with the bundle's recorded intensity handling (the one its models were trained on)."""
     record = bundle.load_split(name)
     return load_dataset(path, seed=int(record.get("seed", 0)), split=record, axis=int(record.get("axis", 2)),
-                        intensity=bundle.preprocessing.intensity)
+                        intensity=bundle.preprocessing.intensity, volume=record.get("volume"))
 
 
 def _evaluate_task(session: Session, bundle: Bundle, model, name: str, dataset: Dataset, quiet: bool) -> SetResult:

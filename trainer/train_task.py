@@ -210,7 +210,8 @@ class TaskOptions:
 
     ``axis`` slices volumes; ``intensity`` (casam_io.intensity) is recorded in a new bundle
     and must match an existing bundle's when given; ``wait`` is how long to wait for the
-    bundle's write lock at the commit (0: fail at once)."""
+    bundle's write lock at the commit (0: fail at once); ``volume`` picks one volume of 4-D
+    images."""
 
     resize: Optional[str] = None
     axis: int = 2
@@ -218,6 +219,7 @@ class TaskOptions:
     replace: bool = False
     resume: bool = False
     wait: float = DEFAULT_WAIT_S
+    volume: Optional[int] = None  # picks one volume of 4-D images
 
 
 @dataclass
@@ -274,7 +276,7 @@ def _open_run(root: Path, task: str, data: PathLike, session_options: SessionOpt
         check_bundle_sam(existing, session_options.sam)
         if task in existing.task_names and not options.replace:
             raise BundleError(f"task {task!r} already exists in {root}; pass --replace to retrain it")
-    dataset = load_dataset(data, seed=config.seed, axis=options.axis, intensity=prep.intensity)
+    dataset = load_dataset(data, seed=config.seed, axis=options.axis, intensity=prep.intensity, volume=options.volume)
     check_dataset_size(dataset, config.folds)  # before any embedding or training
     session = open_session(session_options, prep)
     if existing is not None:
