@@ -85,6 +85,15 @@ def overwrite_option(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="Replace an existing --out file (a bundle.json or manifest.json never).")(func)
 
 
+def _session(kw: dict[str, Any]) -> Any:
+    """The SessionOptions of the session options given (without ``--sam``, a bundle's own SAM
+    is used by the commands that open one)."""
+    from trainer.session import SessionOptions
+
+    names = ("sam", "checkpoint", "device", "cache_dir", "quiet")
+    return SessionOptions(**{k: kw[k] for k in names if k in kw and kw[k] is not None})
+
+
 def session_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """How the frozen SAM is loaded and run: ``--checkpoint --device --cache-dir --quiet``,
     defined once for every subcommand that runs SAM."""
