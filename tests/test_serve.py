@@ -16,17 +16,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton")
-tritonclient_http = pytest.importorskip("tritonclient.http")
+from conftest import need
+from float32 import SAME_LIBRARY, f32_tol, peak, vae_score_tol
+from runtime_support import exported, one_error_line
+from casam_core.errors import CasamError, InputError
+from runtime.pipeline import Pipeline
+from runtime.remote import RemotePipeline
+from runtime.wire import MODEL_NAME
+from casam_serve.process import ServerProcess
+from casam_serve.process_tree import alive, descendants
 
-from float32 import SAME_LIBRARY, f32_tol, peak, vae_score_tol  # noqa: E402
-from runtime_support import exported, one_error_line  # noqa: E402
-from casam_core.errors import CasamError, InputError  # noqa: E402
-from runtime.pipeline import Pipeline  # noqa: E402
-from runtime.remote import RemotePipeline  # noqa: E402
-from runtime.wire import MODEL_NAME  # noqa: E402
-from casam_serve.process import ServerProcess  # noqa: E402
-from casam_serve.process_tree import alive, descendants  # noqa: E402
+
+def need_triton():
+    """PyTriton (the server) and tritonclient (the client), asked for by each test that
+    starts or calls a server: a skip without the serve extra, a failure under CI=true."""
+    need("pytriton", "serve")
+    return need("tritonclient.http", "serve")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,7 @@ def local(engines) -> Pipeline:
 
 @pytest.fixture(scope="module")
 def server(engines):
+    need_triton()
     with ServerProcess(engines, max_batch=8) as srv:
         yield srv
 
@@ -114,6 +120,7 @@ def test_eight_clients_twenty_requests_each(server, expected):
 
 
 def _raw_infer(server, image: np.ndarray, dtype: str):
+    tritonclient_http = need_triton()
     client = tritonclient_http.InferenceServerClient(f"{server.host}:{server.http_port}")
     tensor = tritonclient_http.InferInput("image", list(image.shape), dtype)
     tensor.set_data_from_numpy(image)
@@ -134,9 +141,9 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, expected):
         assert_same(remote.predict(**case), want)
         with pytest.raises(InputError, match="unknown task 'gamma'"):
             remote.predict(case["image"], boxes=case["boxes"], task="gamma")
-        with pytest.raises(tritonclient_http.InferenceServerException, match="FP32.*UINT8|UINT8.*FP32"):
+        with pytest.raises(need_triton().InferenceServerException, match="FP32.*UINT8|UINT8.*FP32"):
             _raw_infer(server, np.zeros((8, 8, 3), np.float32), "FP32")
-        with pytest.raises(tritonclient_http.InferenceServerException, match="unexpected shape for input 'image'"):
+        with pytest.raises(need_triton().InferenceServerException, match="unexpected shape for input 'image'"):
             _raw_infer(server, np.zeros((8, 8), np.uint8), "UINT8")
         assert_same(remote.predict(**case), want)
 
@@ -181,6 +188,7 @@ def test_request_at_first_health_ready_is_answered_and_sigterm_stops_without_orp
     up to --server-timeout); one that may not wait hears "still loading".
     Shutdown: SIGTERM stops the server within ten seconds and leaves no process behind.
     """
+    need_triton()
     srv = ServerProcess(engines, max_batch=2).start(wait_for=("health",))
     try:
         assert not srv._ready(f"models/{MODEL_NAME}"), "the models were loaded before health/ready: no window to test"

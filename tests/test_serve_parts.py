@@ -22,6 +22,7 @@ from runtime.preprocess import to_rgb_255
 from casam_serve.batcher import EncoderBatcher
 from casam_serve.process_tree import alive, descendants, end_survivors
 from runtime.wire import INPUTS, OUTPUTS, Call, read_request, read_response, request_arrays, response_arrays
+from conftest import need
 
 
 def test_request_round_trip_keeps_predict_arguments(rng):
@@ -134,7 +135,7 @@ def test_server_urls():
 
 
 def test_remote_errors_become_casam_errors_without_the_server_traceback():
-    pytest.importorskip("tritonclient.http")
+    need("tritonclient.http", "serve")
     from runtime.remote import RemotePipeline
 
     remote = RemotePipeline("http://127.0.0.1:1", ready_timeout_s=0)  # nothing listens: no start-up to wait for
