@@ -252,9 +252,11 @@ def test_casam_infer_concurrency_keeps_input_order_and_reports_failures(server, 
             assert a[key] == b[key], key
         assert [(p["mask"], p["area"], p["box"]) for p in a["prompts"]] == [(p["mask"], p["area"], p["box"]) for p in b["prompts"]]
         # IoU heads and scores to float32 rounding, as in assert_same: a shared (batched)
-        # encoder run changes the summation order, not the result.
-        np.testing.assert_allclose([p["iou"] for p in a["prompts"]], [p["iou"] for p in b["prompts"]], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(list(a["scores"].values()), list(b["scores"].values()), rtol=1e-4, atol=1e-4)
+        # encoder run changes the summation order over the 64×64 tokens, not the result.
+        ious = [p["iou"] for p in a["prompts"]]
+        np.testing.assert_allclose(ious, [p["iou"] for p in b["prompts"]], rtol=0, atol=f32_tol(peak(ious), n=64 * 64))
+        scores = list(a["scores"].values())
+        np.testing.assert_allclose(scores, list(b["scores"].values()), rtol=0, atol=vae_score_tol(scores, k=SAME_LIBRARY))
     for i in (0, 1, 2, 4, 5):
         assert (tmp_path / "four" / f"im{i}_mask0.png").read_bytes() == (tmp_path / "one" / f"im{i}_mask0.png").read_bytes()
     fast = infer("fast", "--concurrency", "4", "--fail-fast")
