@@ -124,6 +124,7 @@ def test_bad_engine_folders(engines, images, tmp_path):
     assert alpha.name in (line := one_error_line(invoke(*args, tampered))) and "missing" in line
 
 
+@pytest.mark.real_data
 def test_real_files_of_several_sizes_and_modes(engines, tmp_path):
     real = real_data_or_skip("cxr_jsrt", "em_isbi2012", "polyp_kvasir", "nuclei_monuseg")
     folder = tmp_path / "real"
