@@ -118,6 +118,25 @@ def pytest_make_collect_report(collector: pytest.Collector):
 
 
 @pytest.fixture(scope="session")
+def engines(tmp_path_factory) -> Path:
+    """The session's shared export of a seeded 2-task tiny bundle (fp32, unverified; built
+    once by ``runtime_support.exported``). Read-only: a test that damages an export takes
+    a private copy (``runtime_support.copy_engines``)."""
+    from runtime_support import exported
+
+    return exported(tmp_path_factory)[1]
+
+
+@pytest.fixture(scope="session")
+def pipe(engines: Path):
+    """An onnxruntime-CPU ``Pipeline`` on the shared export, opened once for the session
+    (tests read it and build their own Pipelines from its manifest; none changes it)."""
+    from runtime.pipeline import Pipeline
+
+    return Pipeline.from_manifest(engines, backend="ort-cpu")
+
+
+@pytest.fixture(scope="session")
 def tiny_sam():
     from models.sam_loader import load_frozen_sam
 

@@ -15,12 +15,7 @@ from casam_infer.cli import main
 from casam_core.errors import InputError
 from casam_io.image_io import DEFAULT_MAX_PIXELS, read_pil, read_prepared
 from casam_io.intensity import CHUNK_ELEMENTS, Intensity, Source, to_uint8
-from runtime_support import exported, one_error_line
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    return exported(tmp_path_factory)[1]
+from runtime_support import one_error_line
 
 
 def invoke(*args):

@@ -14,13 +14,8 @@ from conftest import real_data_or_skip
 from casam_infer.cli import main
 from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
-from runtime_support import copy_engines, exported, one_error_line
+from runtime_support import copy_engines, one_error_line
 from float32 import f32_tol, peak
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return exported(tmp_path_factory)[1]
 
 
 @pytest.fixture(scope="module")

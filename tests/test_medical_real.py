@@ -20,12 +20,6 @@ from click.testing import CliRunner
 from casam_infer.cli import main
 from casam_io.image_io import read_scan
 from conftest import assert_valid_dicom, need
-from runtime_support import exported
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    return exported(tmp_path_factory)[1]
 
 
 def infer(*args) -> dict:

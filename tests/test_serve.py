@@ -18,9 +18,8 @@ import pytest
 
 from conftest import need
 from float32 import SAME_LIBRARY, f32_tol, peak, vae_score_tol
-from runtime_support import exported, one_error_line
+from runtime_support import one_error_line
 from casam_core.errors import CasamError, InputError
-from runtime.pipeline import Pipeline
 from runtime.remote import RemotePipeline
 from runtime.wire import MODEL_NAME
 from casam_serve.process import ServerProcess
@@ -32,16 +31,6 @@ def need_triton():
     starts or calls a server: a skip without the serve extra, a failure under CI=true."""
     need("pytriton", "serve")
     return need("tritonclient.http", "serve")
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    return exported(tmp_path_factory)[1]  # the session's shared 2-task tiny export
-
-
-@pytest.fixture(scope="module")
-def local(engines) -> Pipeline:
-    return Pipeline.from_manifest(engines, backend="ort-cpu")
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +73,8 @@ def assert_same(remote, local, exact: bool = True) -> None:
 
 
 @pytest.fixture(scope="module")
-def expected(local):
-    return [local.predict(**case) for case in cases()]
+def expected(pipe):
+    return [pipe.predict(**case) for case in cases()]
 
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])

@@ -20,20 +20,10 @@ from runtime.preprocess import Frame, Preprocessing
 from runtime.volume import RESIDENT_BYTES, EmbeddingSpill, VolumePrompt, VolumeSegmenter, segment_volume, volume_route
 from conftest import assert_valid_dicom, need
 from float32 import SAME_LIBRARY, vae_score_tol
-from runtime_support import exported, one_error_line, with_thresholds
+from runtime_support import one_error_line, with_thresholds
 from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series, write_multiframe_dicom
 
 SPACING = (1.0, 1.0, 2.5)
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    return exported(tmp_path_factory)[1]
-
-
-@pytest.fixture(scope="module")
-def pipe(engines) -> Pipeline:
-    return Pipeline.from_manifest(engines, backend="ort-cpu")
 
 
 @pytest.fixture(scope="module")
