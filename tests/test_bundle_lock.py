@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -41,14 +40,17 @@ for name in sys.argv[3:]:
     bundle.commit_task(TaskRecord.from_dict(records[name]), bundle.root / ".staging" / name / "task")
 """
 
-# Holds the lock until killed (argv[2] = "kill") or for argv[2] seconds.
+# Holds the lock, says so on stdout, and lets go when a line arrives on stdin (or when killed).
 HOLDER = """
-import sys, time
+import sys
 from casam_bundle import bundle_lock
 with bundle_lock(sys.argv[1]):
     print("held", flush=True)
-    time.sleep(600 if sys.argv[2] == "kill" else float(sys.argv[2]))
+    sys.stdin.readline()
 """
+
+# casam-train with the arguments that follow, in a process of its own.
+TRAIN = "import sys; from trainer.cli import main; sys.argv[0] = 'casam-train'; main()"
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -95,7 +97,7 @@ def test_concurrent_commits_keep_every_task(tmp_path):
 
 def test_busy_bundle_fails_at_once_or_waits_and_sigkill_releases(tmp_path):
     root = make_random_bundle(tmp_path / "bundle", ("alpha", "beta", "gamma")).root
-    holder = _start(HOLDER, str(root), "kill")
+    holder = _start(HOLDER, str(root))  # held until killed
     assert holder.stdout.readline().strip() == "held", holder.stderr.read()
     runner = CliRunner()
     busy = runner.invoke(main, ["remove", "--bundle", str(root), "--task", "alpha", "--wait", "0"])
@@ -108,12 +110,21 @@ def test_busy_bundle_fails_at_once_or_waits_and_sigkill_releases(tmp_path):
     assert freed.exit_code == 0, freed.stderr
     assert Bundle.open(root).task_names == ["beta", "gamma"]
 
-    holder = _start(HOLDER, str(root), "1.0")  # lets go by itself after a second
+    # A waiting writer, and no clock: the holder lets go only after the waiter has said that it
+    # waits (its stderr line), so the wait is always exercised, however slow the machine.
+    holder = _start(HOLDER, str(root))
     assert holder.stdout.readline().strip() == "held", holder.stderr.read()
-    started = time.monotonic()
-    waited = runner.invoke(main, ["remove", "--bundle", str(root), "--task", "beta", "--wait", "60"])
-    assert waited.exit_code == 0, waited.stderr
-    assert f"is busy (pid {holder.pid}); waiting up to 60 s" in waited.stderr
-    assert time.monotonic() - started < 30
-    assert holder.wait(timeout=30) == 0
+    waiter = _start(TRAIN, "remove", "--bundle", str(root), "--task", "beta", "--wait", "600")
+    said = []
+    for line in waiter.stderr:
+        said.append(line)
+        if "is busy" in line:
+            break
+    assert f"is busy (pid {holder.pid}); waiting up to 600 s" in said[-1], "".join(said)
+    assert waiter.poll() is None  # still waiting for the lock
+    holder.stdin.write("release\n")
+    holder.stdin.flush()
+    assert holder.wait(timeout=60) == 0
+    _, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
     assert Bundle.open(root).task_names == ["gamma"]

@@ -14,10 +14,9 @@ from casam_core.errors import InputError
 from casam_io.image_io import IMAGE_SUFFIXES, prepare, read_prepared, read_scan
 from casam_io.intensity import Intensity
 from casam_io.volume_io import LPS_TO_RAS, is_dicom_series
+from conftest import missing, need
 from volume_support import sphere_volume, write_dicom_series, write_multiframe_dicom
 
-pydicom = pytest.importorskip("pydicom")
-nib = pytest.importorskip("nibabel")
 SPACING = (0.7, 0.8, 3.0)
 # Slice k of the synthetic volume sits in frame FRAME_ORDER.index(k): a reader must sort.
 FRAME_ORDER = [3, 0, 5, 1, 4, 2]
@@ -28,9 +27,10 @@ INTERCEPTS = [-1024.0, -2000.0, -1024.0, -500.0, 0.0, -3000.0]
 def philips_mprage(tmp_path: Path) -> Path:
     """nibabel's real enhanced MR file (Philips MPRAGE, 176 sagittal frames), read in place
     and unzipped into the test's own temporary folder: casam reads .dcm, not .dcm.gz."""
+    nib = need("nibabel", "train")
     source = Path(nib.__file__).parent / "nicom" / "tests" / "data" / "philips_mprage.dcm.gz"
     if not source.is_file():
-        pytest.skip(f"{source} is not installed")
+        missing(f"{source} is not installed")
     path = tmp_path / "philips_mprage.dcm"
     path.write_bytes(gzip.decompress(source.read_bytes()))
     return path
@@ -47,6 +47,7 @@ def stored_hu(volume: np.ndarray, slopes: list[float], intercepts: list[float]) 
 
 
 def test_real_enhanced_mr_frames_are_slices_with_per_frame_rescale_and_geometry(tmp_path):
+    pydicom = need("pydicom")
     path = philips_mprage(tmp_path)
     ds = pydicom.dcmread(str(path))
     assert int(ds.NumberOfFrames) == 176 and "RescaleSlope" not in ds  # rescale and geometry only per frame
@@ -81,6 +82,7 @@ def test_real_enhanced_mr_frames_are_slices_with_per_frame_rescale_and_geometry(
 
 
 def test_synthetic_enhanced_ct_reads_as_the_same_series_written_file_by_file(tmp_path):
+    need("pydicom")  # the files are written with pydicom
     volume, _ = sphere_volume((40, 36, 6), (20, 18, 3), radius_mm=6.0, spacing=SPACING)
     path = tmp_path / "ct.dcm"
     write_multiframe_dicom(path, volume, SPACING, SLOPES, INTERCEPTS, frame_order=FRAME_ORDER)
@@ -104,6 +106,7 @@ def test_synthetic_enhanced_ct_reads_as_the_same_series_written_file_by_file(tmp
 
 
 def test_legacy_multiframe_monochrome1_is_inverted_and_placed(tmp_path):
+    need("pydicom")  # the files are written with pydicom
     volume, _ = sphere_volume((32, 30, 5), (16, 15, 2), radius_mm=6.0, spacing=SPACING)
     path = tmp_path / "legacy.dcm"
     write_multiframe_dicom(path, volume, SPACING, [1.0], [-1024.0], photometric="MONOCHROME1", enhanced=False)
@@ -120,6 +123,7 @@ def test_legacy_multiframe_monochrome1_is_inverted_and_placed(tmp_path):
 
 
 def test_enhanced_frames_with_a_gap_or_two_orientations_are_refused(tmp_path):
+    pydicom = need("pydicom")
     volume, _ = sphere_volume((24, 24, 5), (12, 12, 2), radius_mm=5.0, spacing=SPACING)
     path = tmp_path / "gap.dcm"
     write_multiframe_dicom(path, volume, SPACING)

@@ -405,6 +405,7 @@ def test_cli_reexport_and_error(root, bundle2, out32):
 
 
 # ----- TensorRT ------------------------------------------------------------------------------
+@pytest.mark.trt
 def test_without_tensorrt_export_says_so_and_trt_flag_fails_clearly():
     from casam_export.tensorrt_build import tensorrt_status
 
@@ -420,6 +421,7 @@ def test_without_tensorrt_export_says_so_and_trt_flag_fails_clearly():
         tensorrt_status(True)
 
 
+@pytest.mark.trt
 def test_tensorrt_engines_are_built_and_keyed(request: pytest.FixtureRequest):
     # Skip before asking for out32: as an argument it would be a verified export (~30 s)
     # built and thrown away wherever TensorRT or a GPU is missing.

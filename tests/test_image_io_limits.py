@@ -15,12 +15,7 @@ from casam_infer.cli import main
 from casam_core.errors import InputError
 from casam_io.image_io import DEFAULT_MAX_PIXELS, read_pil, read_prepared
 from casam_io.intensity import CHUNK_ELEMENTS, Intensity, Source, to_uint8
-from runtime_support import exported, one_error_line
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    return exported(tmp_path_factory)[1]
+from runtime_support import one_error_line
 
 
 def invoke(*args):
@@ -41,7 +36,17 @@ def test_huge_png_exits_2_before_decoding(engines, tmp_path):
     assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard is lifted for the header read only
 
 
-def test_scaling_a_large_16bit_image_holds_no_full_size_float_copy():
+@pytest.mark.parametrize("chunk", [CHUNK_ELEMENTS, 1 << 18])
+def test_scaling_a_large_16bit_image_holds_no_full_size_copy(monkeypatch, chunk):
+    """The output (1 byte a pixel) and chunk-sized temporaries, nothing of the image's size.
+
+    With the shipped chunk (4 Mi elements, 32 MB of float64) on 16 Mpx the bound would still
+    pass a full float32 copy (64 MB), so the same code also runs with 256 Ki-element chunks:
+    there the bound (16 MB + 6 MB) fails any full-size temporary, even one byte a pixel.
+    """
+    import casam_io.intensity
+
+    monkeypatch.setattr(casam_io.intensity, "CHUNK_ELEMENTS", chunk)
     image = np.random.default_rng(0).integers(0, 60000, (4000, 4000), dtype=np.uint16)  # 16 Mpx
     tracemalloc.start()
     try:
@@ -49,10 +54,14 @@ def test_scaling_a_large_16bit_image_holds_no_full_size_float_copy():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert out.dtype == np.uint8 and out.max() == 255
-    # The output (1 byte a pixel) plus a few chunk-sized temporaries; one float64 copy of the
-    # image alone would be 8 bytes a pixel (128 MB).
-    assert peak < image.size + 3 * CHUNK_ELEMENTS * 8 < image.size * 8
+    lo, hi = int(image.min()), int(image.max())
+    assert out.dtype == np.uint8 and out.max() == 255 and out.flat[image.argmax()] == 255 and out.flat[image.argmin()] == 0
+    assert np.array_equal(out[:2], np.clip(np.rint((image[:2] - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8))
+    # The output plus a float64 chunk, its NaN mask and its bytes (10 bytes an element), with room.
+    bound = image.size + 3 * chunk * 8
+    assert peak < bound, f"peak {peak / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB"
+    if chunk < CHUNK_ELEMENTS:
+        assert bound < 2 * image.size  # any full-size temporary breaks it
 
 
 def test_nan_pixels_warn_once_per_image(engines, tmp_path):

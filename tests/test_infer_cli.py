@@ -15,13 +15,8 @@ from casam_infer.cli import main
 from runtime.manifest import Manifest
 from runtime.pipeline import STAGES, Pipeline
 from runtime.prompts import Prompts
-from runtime_support import copy_engines, exported, one_error_line
+from runtime_support import copy_engines, one_error_line
 from float32 import f32_tol, peak
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return exported(tmp_path_factory)[1]
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +120,7 @@ def test_bad_engine_folders(engines, images, tmp_path):
     assert alpha.name in (line := one_error_line(invoke(*args, tampered))) and "missing" in line
 
 
+@pytest.mark.real_data
 def test_real_files_of_several_sizes_and_modes(engines, tmp_path):
     real = real_data_or_skip("cxr_jsrt", "em_isbi2012", "polyp_kvasir", "nuclei_monuseg")
     folder = tmp_path / "real"

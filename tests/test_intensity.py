@@ -14,16 +14,18 @@ from casam_core.errors import InputError
 from casam_io.image_io import read_prepared, read_scan
 from casam_io.intensity import INTENSITY_MODES, WINDOW_PRESETS, Intensity, intensity_from_options
 from runtime.preprocess import Preprocessing
+from runtime.volume import VolumeSegmenter
+from conftest import need
+from float32 import f32_tol, peak
 from trainer.data import DataError, load_dataset
 from volume_support import sphere_volume, write_dicom_series
 
-nib = pytest.importorskip("nibabel")
-pydicom = pytest.importorskip("pydicom")
 MODES = [Intensity(), Intensity(mode="window", window=WINDOW_PRESETS["brain"]), Intensity(mode="minmax")]
 
 
 def nifti_dataset(root: Path, source: Path, label: np.ndarray, affine: np.ndarray) -> Path:
     """images/<case>.nii (a link to the file, used in place) + labels/<case>.nii.gz."""
+    nib = need("nibabel", "train")
     (root / "images").mkdir(parents=True)
     (root / "labels").mkdir()
     os.symlink(source, root / "images" / source.name)
@@ -49,6 +51,7 @@ def assert_trainer_equals_runtime(dataset, path: Path, intensity: Intensity, axi
 @pytest.mark.parametrize("axis", [2, 0])
 @pytest.mark.parametrize("intensity", MODES, ids=[m.mode for m in MODES])
 def test_real_nifti_slices_are_bit_identical_in_training_and_inference(tmp_path, axis, intensity):
+    nib = need("nibabel", "train")
     from nibabel.testing import data_path
 
     source = Path(data_path) / "anatomical.nii"
@@ -63,6 +66,7 @@ def test_real_nifti_slices_are_bit_identical_in_training_and_inference(tmp_path,
 def test_default_volume_window_is_the_trainers_percentile_window(tmp_path):
     """``auto`` on a volume is what the trainer always did, so older NIfTI bundles keep their
     intensities: 0.5–99.5 percentiles of the whole volume, float64, rounded."""
+    nib = need("nibabel", "train")
     from nibabel.testing import data_path
 
     path = Path(data_path) / "anatomical.nii"
@@ -74,6 +78,8 @@ def test_default_volume_window_is_the_trainers_percentile_window(tmp_path):
 
 
 def series_dataset(root: Path, volume_hu: np.ndarray, label: np.ndarray, **series) -> tuple[Path, list[str]]:
+    need("pydicom")  # the series is written with pydicom
+    nib = need("nibabel", "train")
     uids = write_dicom_series(root / "images" / "case1", volume_hu, **series)
     (root / "labels").mkdir()
     affine = read_scan(root / "images" / "case1").affine
@@ -93,6 +99,7 @@ def test_dicom_series_slices_are_bit_identical_in_training_and_inference(tmp_pat
 
 
 def test_dicom_rescale_voi_and_monochrome1(tmp_path):
+    need("pydicom")  # the series is written with pydicom
     volume, _ = sphere_volume((32, 40, 4), (16, 20, 2), radius_mm=8.0)
     hu = volume.astype(np.float64) * 2  # even values: exact after slope 2
     write_dicom_series(tmp_path / "m2", hu, slope=2.0, intercept=-1024.0, window=(40.0, 400.0))
@@ -111,6 +118,7 @@ def test_dicom_rescale_voi_and_monochrome1(tmp_path):
 def test_dicom_series_voi_window_is_its_middle_slices(tmp_path):
     """A series' own VOI window (``dicom-voi``) is its middle slice's, as a multi-frame file's
     is: the first and last slices of a series are often windowed on air."""
+    pydicom = need("pydicom")
     volume, _ = sphere_volume((32, 40, 5), (16, 20, 2), radius_mm=8.0)
     write_dicom_series(tmp_path / "s", volume.astype(np.float64), window=(40.0, 400.0))
     for path in (tmp_path / "s").iterdir():
@@ -125,7 +133,8 @@ def test_dicom_series_voi_window_is_its_middle_slices(tmp_path):
 
 
 def test_real_dicom_file_from_nibabel():
-    import nibabel
+    pydicom = need("pydicom")
+    nibabel = need("nibabel", "train")
 
     path = Path(nibabel.__file__).parent / "nicom" / "tests" / "data" / "decimal_rescale.dcm"
     ds = pydicom.dcmread(str(path))
@@ -138,7 +147,35 @@ def test_real_dicom_file_from_nibabel():
     assert image.shape == ds.pixel_array.shape and image.dtype == np.uint8 and not warnings
 
 
+def test_real_monochrome1_file_from_pydicom_is_inverted(tmp_path):
+    """pydicom ships real computed radiographs stored MONOCHROME1 (pcir.org images, shrunk to
+    16×16): low values are bright. The file is linked, not copied, under a .dcm name
+    (its own has no suffix). Prepared, it is the rescaled pixels under its VOI window (or
+    min-max), turned over: its highest value shows black and its lowest white."""
+    pydicom = need("pydicom")
+    source = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "77654033" / "CR1" / "6154"
+    ds = pydicom.dcmread(str(source))
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and float(ds.RescaleSlope) != 1.0
+    (tmp_path / "cr.dcm").symlink_to(source)
+    raw = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    scan = read_scan(tmp_path / "cr.dcm")
+    assert scan.source.kind == "image" and scan.source.invert
+    # float32 arithmetic (stored × slope + intercept): two roundings at the magnitude of the values
+    np.testing.assert_allclose(scan.data, raw, rtol=0, atol=f32_tol(peak(raw), n=2))
+    values = scan.data.astype(np.float64)  # the window maps these (float64), so the expected bytes are exact
+    center, width = float(ds.WindowCenter), float(ds.WindowWidth)
+    assert scan.source.voi == (center, width)
+    for intensity, (lo, hi) in ((Intensity(mode="dicom-voi"), (center - width / 2, center + width / 2)),
+                                (Intensity(mode="minmax"), (values.min(), values.max()))):
+        shown = np.clip(np.rint((values - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+        image = read_prepared(tmp_path / "cr.dcm", intensity)[0]
+        assert np.array_equal(image, 255 - shown), intensity.mode
+    image = read_prepared(tmp_path / "cr.dcm", Intensity(mode="minmax"))[0]
+    assert image.flat[raw.argmax()] == 0 and image.flat[raw.argmin()] == 255
+
+
 def test_label_geometry_and_split_by_case(tmp_path):
+    nib = need("nibabel", "train")
     volume, label = sphere_volume((32, 32, 8), (16, 16, 4), radius_mm=7.0)
     root = tmp_path / "ds"
     (root / "images").mkdir(parents=True)

@@ -13,12 +13,7 @@ from runtime.backends import BACKENDS, CPU_PREFERENCE, open_backend  # noqa: E40
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.prompts import Prompts
-from runtime_support import BOXES, exported, sample_images  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return exported(tmp_path_factory)[1]
+from runtime_support import BOXES, sample_images  # noqa: E402
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -149,6 +150,13 @@ TAMPERING = {
                   ["trained on SAM 'tiny' checkpoint ffff", "only works with the SAM it was trained on"]),
     "other preprocessing": (lambda e: edit_index(e, lambda i: i["preprocessing"].update(resize="stretch")),
                             ["trained with preprocessing", "cannot be mixed"]),
+    # the one task-name check, on the name a package's index gives (casam_core/names.py)
+    "task name climbing out": (lambda e: edit_index(e, lambda i: i["task"].update(name="../../evil")),
+                               ["task name '../../evil'", "is not allowed"]),
+    "task name with a newline": (lambda e: edit_index(e, lambda i: i["task"].update(name="gamma\n")),
+                                 ["task name 'gamma\\n'", "is not allowed"]),
+    "task name identity": (lambda e: edit_index(e, lambda i: i["task"].update(name="identity")),
+                           ["task name 'identity'", "is not allowed"]),
     "non-finite threshold": (lambda e: edit_index(e, lambda i: i["task"].update(threshold=float("inf"))),
                              ["threshold inf is not a finite number"]),
     "threshold not from its scores": (
@@ -179,6 +187,21 @@ def test_name_clash_suggests_as(site):
     bundle = Bundle.open(target)
     assert bundle.task_names == ["alpha", "beta", "gamma", "gamma2"]
     assert bundle.task("gamma2").files == bundle.task("gamma").files
+
+
+@pytest.mark.parametrize("name", ["../../evil", "gamma\n", "identity"])
+def test_package_task_names_get_the_one_name_check(site, tmp_path, name):
+    """The name in a package's index is checked when the package is read on its own (before
+    any file in it is looked at), and the name given with ``--as`` when it is unpacked."""
+    from casam_bundle import BundleError
+
+    package, target = site
+    bad = rezip(package, tmp_path / "bad.casam", lambda e: edit_index(e, lambda i: i["task"].update(name=name)))
+    with pytest.raises(BundleError, match=f"task name {re.escape(repr(name))} in {re.escape(str(bad))} .*is not allowed"):
+        read_package(bad)
+    before = snapshot(target)
+    refused(unpack(str(package), "--bundle", str(target), "--as", name), f"task name {name!r}", "is not allowed")
+    assert snapshot(target) == before
 
 
 def test_signatures_trust_and_required(site, tmp_path):

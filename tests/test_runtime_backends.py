@@ -15,12 +15,7 @@ from casam_core.errors import CasamError
 from runtime.manifest import Manifest
 from runtime.pipeline import Pipeline
 from runtime.prompts import Prompts
-from runtime_support import BOXES, exported, sample_images
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return exported(tmp_path_factory)[1]
+from runtime_support import BOXES, sample_images
 
 
 def gpu_results(engines, backend: str) -> None:

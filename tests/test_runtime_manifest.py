@@ -18,15 +18,10 @@ from runtime.engine_cache import EngineCache
 from casam_core.errors import ManifestError
 from runtime.manifest import Manifest
 from runtime.pipeline import Pipeline
-from runtime_support import copy_engines, exported
+from runtime_support import copy_engines
 
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("torch", "models", "trainer", "casam_export", "segment_anything")
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    return exported(tmp_path_factory)[1]
 
 
 def test_runtime_sources_import_no_torch_side_package():

@@ -152,3 +152,60 @@ def test_schemas_are_published_in_docs_and_shipped_with_the_package():
     cfg.read(REPO / "setup.cfg")
     pattern = cfg["options.package_data"]["casam_core"].strip()
     assert sorted(p.name for p in (REPO / "casam_core").glob(pattern)) == names
+
+
+NON_FINITE = ["NaN", "Infinity", "-Infinity"]
+
+
+def _with_literal(path: Path, field: tuple, literal: str) -> None:
+    """Rewrite JSON file ``path`` with ``literal`` (Python's json writes NaN, Infinity and
+    -Infinity, which JSON has not) as the number at ``field``."""
+    data = json.loads(path.read_text())
+    set_path(data, field, {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}[literal])
+    text = json.dumps(data)
+    assert literal in text
+    path.write_text(text)
+
+
+@pytest.mark.parametrize("literal", NON_FINITE)
+def test_non_finite_numbers_in_manifest_json_are_refused_by_name(shipped, tmp_path, literal):
+    from runtime.manifest import Manifest
+
+    folder = broken_manifest(shipped[1], tmp_path / "engines", lambda d: None)
+    _with_literal(folder / "manifest.json", ("tasks", 1, "threshold"), literal)
+    with pytest.raises(ManifestError, match=rf"manifest\.json: \$\.tasks\[1\]\.threshold is {re.escape(literal)}; "
+                                            "every number must be finite"):
+        Manifest.load(folder, verify=False)
+
+
+@pytest.mark.parametrize("literal", NON_FINITE)
+def test_non_finite_numbers_in_bundle_json_are_refused_by_name(shipped, tmp_path, literal):
+    from casam_bundle import Bundle, BundleError
+
+    bundle = _bundle_copy(shipped[0], tmp_path / "bundle", lambda d: None)
+    _with_literal(bundle / "bundle.json", ("tasks", 0, "threshold"), literal)
+    with pytest.raises(BundleError, match=rf"bundle\.json: \$\.tasks\[0\]\.threshold is {re.escape(literal)}; "
+                                          "every number must be finite"):
+        Bundle.open(bundle, verify=False)
+
+
+@pytest.mark.parametrize("literal", NON_FINITE)
+@pytest.mark.parametrize("field", [("p97",), ("scores", 2)], ids=["p97", "scores"])
+def test_non_finite_numbers_in_calibration_json_are_refused_by_name(shipped, tmp_path, literal, field):
+    """A task's calibration.json, checked against its schema whenever the bundle is opened."""
+    import shutil
+
+    from casam_bundle import Bundle, BundleError
+    from casam_core.files import sha256_file
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(shipped[0], bundle)
+    calibration = bundle / "tasks" / "beta" / "calibration.json"
+    _with_literal(calibration, field, literal)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["tasks"][1]["files"]["calibration.json"] = sha256_file(calibration)  # consistent, so the reader is what refuses
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in field)
+    with pytest.raises(BundleError, match=rf"calibration\.json: \${re.escape(where)} is {re.escape(literal)}; "
+                                          "every number must be finite"):
+        Bundle.open(bundle)

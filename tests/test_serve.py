@@ -16,32 +16,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton")
-tritonclient_http = pytest.importorskip("tritonclient.http")
-
-from float32 import SAME_LIBRARY, f32_tol, peak, vae_score_tol  # noqa: E402
-from runtime_support import exported, one_error_line  # noqa: E402
-from casam_core.errors import CasamError, InputError  # noqa: E402
-from runtime.pipeline import Pipeline  # noqa: E402
-from runtime.prompts import Prompts  # noqa: E402
-from runtime.remote import RemotePipeline  # noqa: E402
-from runtime.wire import MODEL_NAME  # noqa: E402
-from casam_serve.process import ServerProcess  # noqa: E402
-from casam_serve.process_tree import alive, descendants  # noqa: E402
+from conftest import need
+from float32 import SAME_LIBRARY, f32_tol, peak, vae_score_tol
+from runtime_support import one_error_line
+from casam_core.errors import CasamError, InputError
+from runtime.prompts import Prompts
+from runtime.remote import RemotePipeline
+from runtime.wire import MODEL_NAME
+from casam_serve.process import ServerProcess
+from casam_serve.process_tree import alive, descendants
 
 
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    return exported(tmp_path_factory)[1]  # the session's shared 2-task tiny export
-
-
-@pytest.fixture(scope="module")
-def local(engines) -> Pipeline:
-    return Pipeline.from_manifest(engines, backend="ort-cpu")
+def need_triton():
+    """PyTriton (the server) and tritonclient (the client), asked for by each test that
+    starts or calls a server: a skip without the serve extra, a failure under CI=true."""
+    need("pytriton", "serve")
+    return need("tritonclient.http", "serve")
 
 
 @pytest.fixture(scope="module")
 def server(engines):
+    need_triton()
     with ServerProcess(engines, max_batch=8) as srv:
         yield srv
 
@@ -81,8 +76,8 @@ def assert_same(remote, local, exact: bool = True) -> None:
 
 
 @pytest.fixture(scope="module")
-def expected(local):
-    return [local.predict(**case) for case in cases()]
+def expected(pipe):
+    return [pipe.predict(**case) for case in cases()]
 
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])
@@ -117,6 +112,7 @@ def test_eight_clients_twenty_requests_each(server, expected):
 
 
 def _raw_infer(server, image: np.ndarray, dtype: str):
+    tritonclient_http = need_triton()
     client = tritonclient_http.InferenceServerClient(f"{server.host}:{server.http_port}")
     tensor = tritonclient_http.InferInput("image", list(image.shape), dtype)
     tensor.set_data_from_numpy(image)
@@ -138,9 +134,9 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, expected):
         assert_same(remote.predict(**case), want)
         with pytest.raises(InputError, match="unknown task 'gamma'"):
             remote.predict(case["image"], case["prompts"], task="gamma")
-        with pytest.raises(tritonclient_http.InferenceServerException, match="FP32.*UINT8|UINT8.*FP32"):
+        with pytest.raises(need_triton().InferenceServerException, match="FP32.*UINT8|UINT8.*FP32"):
             _raw_infer(server, np.zeros((8, 8, 3), np.float32), "FP32")
-        with pytest.raises(tritonclient_http.InferenceServerException, match="unexpected shape for input 'image'"):
+        with pytest.raises(need_triton().InferenceServerException, match="unexpected shape for input 'image'"):
             _raw_infer(server, np.zeros((8, 8), np.uint8), "UINT8")
         assert_same(remote.predict(**case), want)
 
@@ -185,6 +181,7 @@ def test_request_at_first_health_ready_is_answered_and_sigterm_stops_without_orp
     up to --server-timeout); one that may not wait hears "still loading".
     Shutdown: SIGTERM stops the server within ten seconds and leaves no process behind.
     """
+    need_triton()
     srv = ServerProcess(engines, max_batch=2).start(wait_for=("health",))
     try:
         assert not srv._ready(f"models/{MODEL_NAME}"), "the models were loaded before health/ready: no window to test"
@@ -268,9 +265,11 @@ def test_casam_infer_concurrency_keeps_input_order_and_reports_failures(server, 
             assert a[key] == b[key], key
         assert [(p["mask"], p["area"], p["box"]) for p in a["prompts"]] == [(p["mask"], p["area"], p["box"]) for p in b["prompts"]]
         # IoU heads and scores to float32 rounding, as in assert_same: a shared (batched)
-        # encoder run changes the summation order, not the result.
-        np.testing.assert_allclose([p["iou"] for p in a["prompts"]], [p["iou"] for p in b["prompts"]], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(list(a["scores"].values()), list(b["scores"].values()), rtol=1e-4, atol=1e-4)
+        # encoder run changes the summation order over the 64×64 tokens, not the result.
+        ious = [p["iou"] for p in a["prompts"]]
+        np.testing.assert_allclose(ious, [p["iou"] for p in b["prompts"]], rtol=0, atol=f32_tol(peak(ious), n=64 * 64))
+        scores = list(a["scores"].values())
+        np.testing.assert_allclose(scores, list(b["scores"].values()), rtol=0, atol=vae_score_tol(scores, k=SAME_LIBRARY))
     for i in (0, 1, 2, 4, 5):
         assert (tmp_path / "four" / f"im{i}_mask0.png").read_bytes() == (tmp_path / "one" / f"im{i}_mask0.png").read_bytes()
     fast = infer("fast", "--concurrency", "4", "--fail-fast")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from runtime.prompts import Prompts
 from casam_serve.batcher import EncoderBatcher
 from casam_serve.process_tree import alive, descendants, end_survivors
 from runtime.wire import INPUTS, OUTPUTS, Call, read_request, read_response, request_arrays, response_arrays
+from conftest import need
 
 
 def test_request_round_trip_keeps_predict_arguments(rng):
@@ -90,12 +92,16 @@ def test_response_round_trip_with_no_warnings_and_no_tasks():
 
 
 def test_batcher_shares_encoder_runs_and_returns_each_callers_rows():
+    """The first caller's run holds the encoder while six others queue: they share the next
+    runs, at most four at a time. Events, not delays: the six start once the first run is
+    inside ``encode``, and the run is let go once all six are in the queue."""
     calls = []
-    gate = threading.Event()
+    running, gate = threading.Event(), threading.Event()
 
     def encode(batch):
         calls.append(batch.shape[0])
-        gate.wait(5)  # the first run blocks until every caller has queued
+        running.set()
+        assert gate.wait(60), "the test never let the first run finish"
         return batch * 10.0
 
     batcher = EncoderBatcher(encode, max_batch=4)
@@ -105,17 +111,22 @@ def test_batcher_shares_encoder_runs_and_returns_each_callers_rows():
         results[i] = batcher.encode(np.full((1, 2), float(i)))
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(7)]
-    for t in threads:
+    threads[0].start()
+    assert running.wait(60), "the first caller's run never started"
+    for t in threads[1:]:
         t.start()
-        time.sleep(0.02)
+    deadline = time.monotonic() + 60
+    while batcher._queue.qsize() < 6:  # each waiting caller is one queued job
+        assert time.monotonic() < deadline, f"only {batcher._queue.qsize()} of 6 callers queued"
+        time.sleep(0.001)
     gate.set()
     for t in threads:
-        t.join(10)
+        t.join(60)
     batcher.close()
     assert sorted(results) == list(range(7))
     for i, row in results.items():
         assert row.shape == (1, 2) and np.all(row == 10.0 * i)
-    assert calls[0] == 1 and max(calls) == 4 and sum(calls) == 7  # later callers shared runs, capped at 4
+    assert calls == [1, 4, 2]  # the six queued callers shared two runs, capped at four
     assert sum(size * runs for size, runs in batcher.batch_sizes.items()) == 7
 
 
@@ -148,7 +159,7 @@ def test_server_urls():
 
 
 def test_remote_errors_become_casam_errors_without_the_server_traceback():
-    pytest.importorskip("tritonclient.http")
+    need("tritonclient.http", "serve")
     from runtime.remote import RemotePipeline
 
     remote = RemotePipeline("http://127.0.0.1:1", ready_timeout_s=0)  # nothing listens: no start-up to wait for
@@ -252,21 +263,38 @@ def test_python_libdir_goes_first_once():
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process tree from /proc")
-def test_processes_that_outlive_the_grace_are_killed_and_the_others_left_to_exit():
+def test_processes_that_outlive_the_grace_are_killed_and_the_others_left_to_exit(monkeypatch):
     """casam-serve lists the processes below it before stopping Triton and kills the ones
     still running after the grace period (a Python-backend stub orphaned by Triton's exit
-    timeout outlived a SIGTERMed server by over 10 s in the suite)."""
+    timeout outlived a SIGTERMed server by over 10 s in the suite).
+
+    No timing: ``quick`` runs until its stdin closes, which happens at the first moment
+    ``end_survivors`` waits (its first sleep); so it is alive when the wait begins and gone
+    within it, however slow the machine. ``stuck`` ignores SIGTERM and never exits."""
+    import casam_serve.process_tree as process_tree
+
     log = logging.getLogger("test")
-    quick = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+    quick = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     stuck = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                              "time.sleep(60)"])
+                              "time.sleep(600)"])
+    real_sleep = time.sleep
+
+    def first_wait_ends_quick(seconds: float) -> None:
+        if quick.returncode is None:
+            assert alive(quick.pid, tree[quick.pid])  # alive when the grace began
+            quick.stdin.close()
+            quick.wait(timeout=60)
+        real_sleep(seconds)
+
     try:
         tree = descendants(os.getpid())
         assert {quick.pid, stuck.pid} <= set(tree)
-        t0 = time.monotonic()
-        killed = end_survivors({p: tree[p] for p in (quick.pid, stuck.pid)}, grace_s=2.0, log=log)
-        assert killed == [stuck.pid] and time.monotonic() - t0 < 5
-        assert stuck.wait(timeout=5) == -signal.SIGKILL and quick.wait(timeout=5) == 0
+        # process_tree's own clock, not the time module every other caller shares
+        monkeypatch.setattr(process_tree, "time", SimpleNamespace(monotonic=time.monotonic, sleep=first_wait_ends_quick))
+        killed = end_survivors({p: tree[p] for p in (quick.pid, stuck.pid)}, grace_s=0.5, log=log)
+        monkeypatch.undo()
+        assert killed == [stuck.pid]
+        assert stuck.wait(timeout=60) == -signal.SIGKILL and quick.returncode == 0
         assert not alive(stuck.pid, tree[stuck.pid])
     finally:
         for proc in (quick, stuck):

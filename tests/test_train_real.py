@@ -1,12 +1,14 @@
 """Two real datasets (a few images each, tiny SAM, one epoch) train end to end and route apart.
 
 The images are linked, not copied, into a temporary folder with a fixed split; the test is
-skipped when ../shared/data/real is absent.
+skipped when ../shared/data/real is absent (a failure under CI=true).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from conftest import real_data_or_skip
 from casam_core.files import atomic_write_json
@@ -41,6 +43,7 @@ def linked_subset(source: Path, target: Path) -> Path:
     return target
 
 
+@pytest.mark.real_data
 def test_two_real_tasks_train_and_route_to_themselves(tmp_path, tiny_sam):
     real = real_data_or_skip(*SETS)
     bundle_dir, cache = tmp_path / "bundle", tmp_path / "cache"

@@ -11,33 +11,26 @@ from click.testing import CliRunner
 
 from casam_infer.cli import main
 from casam_io.image_io import read_scan
-from casam_io.intensity import Intensity
+from casam_io.intensity import Intensity, Source
+from casam_io.scan import Scan
 from runtime.manifest import Manifest
 from casam_core.names import IDENTITY
 from runtime.pipeline import Pipeline
 from runtime.preprocess import Frame, Preprocessing
 from runtime.predictor import DEFAULT_BATCH, Capabilities
 from runtime.prompts import Prompts
-from runtime.volume import EmbeddingSpill, Propagation, VolumeSegmenter, segment_volume, volume_route
-from runtime_support import exported, one_error_line, with_thresholds
+from runtime.volume import RESIDENT_BYTES, EmbeddingSpill, Propagation, VolumeSegmenter, segment_volume, volume_route
+from conftest import assert_valid_dicom, need
+from float32 import SAME_LIBRARY, vae_score_tol
+from runtime_support import one_error_line, with_thresholds
 from volume_support import oblique_affine, save_nifti, sphere_volume, write_dicom_series, write_multiframe_dicom
 
-nib = pytest.importorskip("nibabel")
 SPACING = (1.0, 1.0, 2.5)
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    return exported(tmp_path_factory)[1]
-
-
-@pytest.fixture(scope="module")
-def pipe(engines) -> Pipeline:
-    return Pipeline.from_manifest(engines, backend="ort-cpu")
-
-
-@pytest.fixture(scope="module")
 def sphere(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    need("nibabel", "train")
     folder = tmp_path_factory.mktemp("sphere")
     volume, label = sphere_volume((64, 64, 16), (30, 34, 8), spacing=SPACING)
     return save_nifti(folder / "sphere.nii.gz", volume, oblique_affine(SPACING)), label
@@ -127,6 +120,7 @@ def test_box3d_propagates_inside_its_range_and_segments_every_slice(sphere):
 
 
 def test_nifti_mask_has_the_input_grid_and_the_record_lists_slices(engines, sphere, tmp_path):
+    nib = need("nibabel", "train")
     path, _ = sphere
     out = tmp_path / "out"
     result = invoke(path, "--box3d", 18, 20, 6, 44, 48, 9, "--engines", engines, "--out", out, "--overlay", "--json")
@@ -143,7 +137,8 @@ def test_nifti_mask_has_the_input_grid_and_the_record_lists_slices(engines, sphe
     assert not labels[:, :, :6].any() and not labels[:, :, 10:].any()  # --box3d limits the slices
     assert [s["index"] for s in record["slices"]] == [6, 7, 8, 9]
     assert record["outputs"] == {"mask": "sphere_mask.nii.gz", "seg": None, "overlay": "sphere_overlay.png"}
-    assert (out / "sphere_overlay.png").is_file() or not labels.any()
+    assert labels[:, :, 6:10].any(), "nothing was segmented: the overlay would not be checked"
+    assert (out / "sphere_overlay.png").is_file()
 
 
 def test_volume_routing_gives_one_route_where_slices_disagree(pipe, sphere):
@@ -163,12 +158,14 @@ def test_volume_routing_gives_one_route_where_slices_disagree(pipe, sphere):
     assert {r.route for r in whole.slices.values()} == {whole.route}
     expected, mean = volume_route(routed, [np.asarray(r.scores) for r in split.slices.values()])
     assert whole.route == expected and whole.route_mode == "volume" and whole.passes == 2
-    np.testing.assert_allclose(list(whole.mean_scores.values()), mean, rtol=1e-6)  # float64 mean of the same scores
+    # The same graphs on the same slices, one slice per encoder run both times: onnxruntime may
+    # at most sum in another order (SAME_LIBRARY); the float64 mean of 4 slices adds nothing
+    # near float32 rounding.
+    np.testing.assert_allclose(list(whole.mean_scores.values()), mean, rtol=0, atol=vae_score_tol(mean, k=SAME_LIBRARY))
 
 
 def test_dicom_series_writes_a_seg_that_references_the_source(engines, tmp_path):
-    hd = pytest.importorskip("highdicom")
-    pydicom = pytest.importorskip("pydicom")
+    hd, pydicom, nib = need("highdicom"), need("pydicom"), need("nibabel", "train")
     volume, _ = sphere_volume((64, 64, 5), (30, 34, 2), radius_mm=9.0, spacing=(0.7, 0.8, 3.0))
     uids = write_dicom_series(tmp_path / "series", volume.astype(np.float64))
     out = tmp_path / "out"
@@ -187,13 +184,15 @@ def test_dicom_series_writes_a_seg_that_references_the_source(engines, tmp_path)
     assert {uid for _, _, uid in seg.get_source_image_uids()} == set(uids)
     frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])[..., 0]
     np.testing.assert_array_equal(frames.astype(bool), np.moveaxis(labels, -1, 0) == 1)
+    assert_valid_dicom(out / "series_seg.dcm")  # and an independent validator finds no error
 
 
 def test_multiframe_dicom_writes_a_mask_and_a_seg_on_its_source_frames(engines, tmp_path):
     """An enhanced CT file whose frames are stored out of slice order, each with its own
     rescale: the mask lies on the sorted slices, and the SEG maps each slice back to the
     source frame that holds it."""
-    hd = pytest.importorskip("highdicom")
+    hd, nib = need("highdicom"), need("nibabel", "train")
+    need("pydicom")  # the source file is written with pydicom
     volume, _ = sphere_volume((64, 64, 5), (30, 34, 2), radius_mm=9.0, spacing=(0.7, 0.8, 3.0))
     order = [3, 0, 4, 1, 2]  # frame i holds slice order[i]
     uid = write_multiframe_dicom(tmp_path / "ct.dcm", volume, slopes=[1.0, 2.0, 1.0, 0.5, 1.0],
@@ -215,11 +214,14 @@ def test_multiframe_dicom_writes_a_mask_and_a_seg_on_its_source_frames(engines, 
         frame = seg.get_pixels_by_source_frame(uid, [order.index(k) + 1], segment_numbers=[1],
                                                assert_missing_frames_are_empty=True)[0, ..., 0]
         np.testing.assert_array_equal(frame.astype(bool), labels[:, :, k] == 1, err_msg=f"slice {k}")
+    assert_valid_dicom(out / "ct_seg.dcm")
 
 
 def test_legacy_multiframe_dicom_gets_a_mask_and_one_warning_instead_of_a_seg(engines, tmp_path):
     """A legacy multi-frame file has one position for all its frames: the reader places the
     slices (SpacingBetweenSlices), but a SEG cannot reference them frame by frame."""
+    nib = need("nibabel", "train")
+    need("pydicom")  # the source file is written with pydicom
     volume, _ = sphere_volume((48, 40, 4), (24, 20, 2), radius_mm=8.0, spacing=(0.7, 0.8, 3.0))
     write_multiframe_dicom(tmp_path / "legacy.dcm", volume, photometric="MONOCHROME1", enhanced=False)
     out = tmp_path / "out"
@@ -236,7 +238,7 @@ def test_legacy_multiframe_dicom_gets_a_mask_and_one_warning_instead_of_a_seg(en
 
 
 def test_bad_volumes_exit_2_with_one_line(engines, sphere, tmp_path):
-    pydicom = pytest.importorskip("pydicom")
+    pydicom = need("pydicom")
     from nibabel.testing import data_path
 
     path, _ = sphere
@@ -274,6 +276,45 @@ def test_embeddings_past_the_memory_budget_spill_to_disk_and_read_back_exactly()
             np.testing.assert_array_equal(spill.get(10 + k), a)
     finally:
         spill.close()
+
+
+class SamSizedBrightVoxels(BrightVoxels):
+    """BrightVoxels whose embeddings weigh what SAM's do: 64 copies of the 256×256 slice,
+    16 MiB a slice (vit_b's 256×64×64 are 4 MiB), so 16 slices fill the 256 MB budget."""
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return np.repeat(x[:, :1], 64, axis=1)
+
+
+def test_a_volume_past_256_mb_of_embeddings_spills_by_default_and_segments_the_same(monkeypatch):
+    """A real segmentation (propagation through 20 slices of a 256×256 volume, 320 MiB of
+    embeddings) with the default budget: the first 256 MiB stay in memory, the last 4 slices
+    go to the temporary file, which is gone afterwards; the labels are those of a run that
+    kept everything in memory."""
+    import runtime.volume
+
+    spills: list[EmbeddingSpill] = []
+
+    class Recorded(EmbeddingSpill):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            spills.append(self)
+
+    volume, label = sphere_volume((256, 256, 20), (128, 120, 10), radius_mm=20.0, spacing=SPACING)
+    scan = Scan(Path("sphere.nii.gz"), volume, Source(kind="volume"), np.diag([*SPACING, 1.0]))
+    prompts = Prompts.for_volume(volume.shape, 2, boxes=[(100.0, 92.0, 157.0, 149.0)], slice=10)
+    window = Intensity(mode="window", window=(150.0, 300.0))
+    monkeypatch.setattr(runtime.volume, "EmbeddingSpill", Recorded)
+    spilled = segment_volume(SamSizedBrightVoxels(256, window), scan, prompts)
+    assert RESIDENT_BYTES == 256 << 20 and spills[0].resident_bytes == RESIDENT_BYTES  # the default, not a test's
+    assert spilled.timings_ms["slices_encoded"] == 20 and spills[0].on_disk == 20 - 16
+    assert spills[0]._dir is not None and not Path(spills[0]._dir.name).exists()  # removed when the volume is done
+    monkeypatch.setattr(runtime.volume, "EmbeddingSpill", lambda: Recorded(resident_bytes=1 << 40))
+    resident = segment_volume(SamSizedBrightVoxels(256, window), scan, prompts)
+    assert spills[1].on_disk == 0
+    np.testing.assert_array_equal(spilled.labels, resident.labels)
+    overlap = np.logical_and(spilled.labels == 1, label == 1).sum() / np.logical_or(spilled.labels == 1, label == 1).sum()
+    assert overlap > 0.9  # the sphere, found through the spilled slices too
 
 
 def test_volume_batch_defaults_by_device(pipe, sphere):

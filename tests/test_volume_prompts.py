@@ -16,15 +16,10 @@ from casam_infer import cli
 from casam_infer.cli import main
 from casam_core.metrics import image_scores
 from casam_core.structures import tight_box
-from runtime_support import exported, one_error_line
+from runtime_support import one_error_line
 from volume_support import save_nifti, sphere_volume
 
 nib = pytest.importorskip("nibabel")
-
-
-@pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> Path:
-    return exported(tmp_path_factory)[1]
 
 
 @pytest.fixture(scope="module")

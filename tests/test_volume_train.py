@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from casam_bundle import Bundle
+from float32 import CROSS_LIBRARY, vae_score_tol
 from models.bundle_models import build_model
 from casam_io.image_io import read_prepared, read_scan
 from casam_io.intensity import WINDOW_PRESETS, Intensity
@@ -95,10 +96,13 @@ def test_held_out_volume_gets_the_pytorch_models_route_and_masks(trained, tiny_s
     tau = float(model.thresholds[0])
     torch_route = "sphere" if mean[0] <= tau else IDENTITY
     assert result.route == torch_route
-    # float32 scores of the same graph on two runtimes: ~1e-6 relative per op, 1e-4 leaves room for the VAE's sums
+    # The whole chain (encoder, alignment, router VAE) in onnxruntime against torch: the VAE
+    # score's float32 rounding across libraries (vae_score_tol, as the export's parity check);
+    # a mean over slices of differences each within that bound stays within it.
     runtime_scores = np.asarray([r.scores for r in result.slices.values()])
-    np.testing.assert_allclose(runtime_scores, np.asarray(torch_scores), rtol=1e-4)
-    np.testing.assert_allclose(list(result.mean_scores.values()), mean, rtol=1e-4)
+    tol = vae_score_tol(torch_scores, k=CROSS_LIBRARY)
+    np.testing.assert_allclose(runtime_scores, np.asarray(torch_scores), rtol=0, atol=tol)
+    np.testing.assert_allclose(list(result.mean_scores.values()), mean, rtol=0, atol=tol)
     # the volume's mean is the float64 mean of exactly these slice scores (same numbers, same order)
     np.testing.assert_allclose(list(result.mean_scores.values()), runtime_scores.mean(axis=0), rtol=1e-12)
     assert np.ptp(runtime_scores[:, 0]) > 1e-9 * abs(runtime_scores[0, 0])  # slices differ, so the mean is checked
