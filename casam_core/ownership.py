@@ -48,10 +48,10 @@ class OutputDir:
         self.overwrite = overwrite
         self.option = option
         self.error = error
-        self.reserved = frozenset(reserved)
+        self.reserved = frozenset(reserved) | {LEDGER_NAME}
         self._chosen: set[str] = set()
         self._lock = threading.Lock()
-        self._created = False
+        self._created: list[Path] = []  # folders ensure() made, deepest first
         self._owned: dict[str, str] = {}
 
     # ----- claim -------------------------------------------------------------------------
@@ -108,7 +108,7 @@ class OutputDir:
             for k in range(0, 1_000_000):
                 candidate = stem if k == 0 else f"{stem}_{k}"
                 names = [candidate + s for s in suffixes]
-                if any(n in self._chosen or n in self.reserved for n in names):
+                if any(n in self._chosen or n in self.reserved or n.startswith(STAGING_PREFIX) for n in names):
                     continue
                 if self.path.is_dir() and not all(self.may_write(n) for n in names):
                     continue
@@ -129,8 +129,9 @@ class OutputDir:
     def ensure(self) -> Path:
         """The folder, created (with its parents) on first use."""
         if not self.path.is_dir():
+            missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
-            self._created = True
+            self._created = missing
         return self.path
 
     @contextmanager
@@ -174,13 +175,17 @@ class OutputDir:
         return self.path / name
 
     def close(self) -> None:
-        """Remove the folder again if this run created it and wrote nothing into it."""
-        if self._created and self.path.is_dir() and not self._listing():
-            (self.path / LEDGER_NAME).unlink(missing_ok=True)
+        """Remove the folder again if this run created it and wrote nothing into it, with the
+        parent folders it created for it (a refused run leaves no empty folders behind)."""
+        if not self._created or not self.path.is_dir() or self._listing():
+            return
+        (self.path / LEDGER_NAME).unlink(missing_ok=True)
+        for folder in self._created:  # deepest first; stops at one that holds something
             try:
-                self.path.rmdir()
+                folder.rmdir()
             except OSError:
-                pass
+                return
+        self._created = []
 
 
 def _plain_name(name: str) -> bool:
