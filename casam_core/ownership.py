@@ -10,12 +10,13 @@ through ``OutputDir``:
 - **Ledger**: the names a command wrote are recorded in ``.casam-outputs.json`` inside the
   folder, so that a rerun may replace its own earlier outputs and nothing else.
 - **Stems**: ``allocate`` gives every input a stem whose output names collide with no other
-  input's, with no reserved summary name (``evaluation.json``), and with no file on disk that
-  the command does not own.
+  input's, with no reserved summary name (``evaluation.json``) nor the ledger's, and with no
+  file on disk that the command does not own.
 - **Atomic per input**: ``group()`` stages an input's files in a hidden folder inside
   ``--out`` and moves them into place only when all of them were written; a failure in the
   middle leaves none of them.
-- **No litter**: a folder the command created and left empty is removed by ``close()``.
+- **No litter**: a folder the command created and left empty is removed by ``close()``, with
+  the parent folders it created for it.
 """
 
 from __future__ import annotations
@@ -103,12 +104,15 @@ class OutputDir:
         """A stem, ``stem`` or ``stem_K``, whose names ``stem + suffix`` are all free.
 
         Free means: not given to an earlier input of this run, not reserved for the run's
-        summaries, and not a file on disk that this command does not own."""
+        summaries (nor the ledger), and not a file on disk that this command does not own. A
+        stem that looks like a staging folder's name gets a leading ``_``."""
+        if stem.startswith(STAGING_PREFIX):
+            stem = "_" + stem
         with self._lock:
             for k in range(0, 1_000_000):
                 candidate = stem if k == 0 else f"{stem}_{k}"
                 names = [candidate + s for s in suffixes]
-                if any(n in self._chosen or n in self.reserved or n.startswith(STAGING_PREFIX) for n in names):
+                if any(n in self._chosen or n in self.reserved for n in names):
                     continue
                 if self.path.is_dir() and not all(self.may_write(n) for n in names):
                     continue
