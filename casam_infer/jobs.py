@@ -124,21 +124,19 @@ class ImageJob:
         evaluation = ctx.scores.add_image(self.path.name, result.route, result.masks, self.given.truth,
                                           self.given.truth_values)
         try:
-            return self.write(ctx, result, {"evaluation": evaluation})
+            return self.write(ctx, result, {"backend": ctx.backend_info, "evaluation": evaluation})
         except RunEnding:
             raise
         except CasamError as exc:
             raise RunEnding(str(exc)) from exc
 
-    def write(self, ctx: RunContext, result: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    def write(self, ctx: RunContext, result: Any, fields: dict[str, Any]) -> dict[str, Any]:
         """The masks, the overlay and the JSON record, appearing together under a free stem."""
         overlay = ctx.opts.outputs.overlay
         suffixes = [".json", *(f"_mask{k}.png" for k in range(len(result.masks)))] + (["_overlay.png"] if overlay else [])
         stem = ctx.out.allocate(base_stem(self.path), suffixes)
-        boxes, points, labels = self.prompts()
         with ctx.out.group() as staging:
-            return write_outputs(staging, stem, str(self.path), self.image, result, boxes, points, labels, overlay,
-                                 ctx.backend_info, extra)
+            return write_outputs(staging, stem, str(self.path), self.image, result, self.prompts(), overlay, fields)
 
     def describe(self, record: dict[str, Any], timings: bool) -> str:
         thresholds = record["thresholds"]
@@ -180,9 +178,9 @@ class VolumeJob:
                                 per_slice=vol.per_slice, batch=vol.batch, margin=vol.margin, min_area=vol.min_area)
         evaluation = ctx.scores.add_volume(self.path.name, result.route, [r.route for r in result.slices.values()],
                                            result.labels, self.given.truth, self.given.truth_values, vol.axis)
-        return self.write(ctx, result, {"evaluation": evaluation})
+        return self.write(ctx, result, {"backend": ctx.backend_info, "evaluation": evaluation})
 
-    def write(self, ctx: RunContext, result: VolumeResult, extra: dict[str, Any]) -> dict[str, Any]:
+    def write(self, ctx: RunContext, result: VolumeResult, fields: dict[str, Any]) -> dict[str, Any]:
         """The NIfTI mask, the SEG (DICOM input), the montage and the record, together."""
         overlay, axis = ctx.opts.outputs.overlay, ctx.opts.volumes.axis
         suffixes = [".json", "_mask.nii.gz"] + (["_seg.dcm"] if self.scan.datasets else []) + (
@@ -190,8 +188,7 @@ class VolumeJob:
         stem = ctx.out.allocate(base_stem(self.path), suffixes)
         with ctx.out.group() as staging:
             return write_volume_outputs(staging, stem, self.scan, result, axis, overlay,
-                                        lambda k: prepared_slice(self.scan, ctx.intensity, k, axis)[0],
-                                        ctx.backend_info, extra)
+                                        lambda k: prepared_slice(self.scan, ctx.intensity, k, axis)[0], fields)
 
     def describe(self, record: dict[str, Any], timings: bool) -> str:
         spans = ", ".join(f"label {s['label']} slices {s['slices'][0]}-{s['slices'][1]} ({s['voxels']} voxels)"

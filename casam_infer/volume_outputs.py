@@ -14,7 +14,7 @@ from __future__ import annotations
 import gzip
 import io
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 from PIL import Image
@@ -140,7 +140,8 @@ def montage(result: VolumeResult, slice_image: Any, axis: int) -> Optional[np.nd
 
 
 def volume_record(scan: Scan, result: VolumeResult, axis: int, outputs: Mapping[str, Optional[str]],
-                  backend: Mapping[str, Any]) -> dict[str, Any]:
+                  fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON record of a volume; ``fields`` end it (the backend, the evaluation)."""
     moved = np.moveaxis(result.labels, axis, 0)
     structures = []
     for v in sorted(int(x) for x in np.unique(result.labels) if x != 0):
@@ -162,30 +163,31 @@ def volume_record(scan: Scan, result: VolumeResult, axis: int, outputs: Mapping[
         "outputs": dict(outputs),
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
         "warnings": list(result.warnings),
-        "backend": dict(backend),
+        **dict(fields),
     }
 
 
-def write_volume_outputs(out_dir: Path, stem: str, scan: Scan, result: VolumeResult, axis: int, with_overlay: bool,
-                         slice_image: Any, backend: Mapping[str, Any],
-                         extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """Write the NIfTI mask, the SEG (DICOM input), the montage, then the JSON record."""
+def write_volume_outputs(folder: Path, stem: str, scan: Scan, result: VolumeResult, axis: int, with_overlay: bool,
+                         slice_image: Callable[[int], np.ndarray], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the NIfTI mask, the SEG (DICOM input), the montage, then the JSON record, into
+    ``folder`` (the staging folder of casam_core.ownership.OutputDir.group: the files appear
+    in --out together, or none of them)."""
     outputs: dict[str, Optional[str]] = {"mask": f"{stem}_mask.nii.gz", "seg": None, "overlay": None}
-    write_nifti_mask(out_dir / outputs["mask"], scan, result.labels)  # type: ignore[operator]
+    write_nifti_mask(folder / f"{stem}_mask.nii.gz", scan, result.labels)
     warnings: list[str] = []
     if scan.datasets:
         refusal = seg_refusal(scan)
         names = {v: f"label {v}" for v in range(1, 256)}
         if refusal is not None:
             warnings.append(refusal)
-        elif write_dicom_seg(out_dir / f"{stem}_seg.dcm", scan, result.labels, names):
+        elif write_dicom_seg(folder / f"{stem}_seg.dcm", scan, result.labels, names):
             outputs["seg"] = f"{stem}_seg.dcm"
     if with_overlay:
         grid = montage(result, slice_image, axis)
         if grid is not None:
             outputs["overlay"] = f"{stem}_overlay.png"
-            atomic_write_bytes(out_dir / outputs["overlay"], png_bytes(grid))
-    record = {**volume_record(scan, result, axis, outputs, backend), **dict(extra or {})}
+            atomic_write_bytes(folder / f"{stem}_overlay.png", png_bytes(grid))
+    record = volume_record(scan, result, axis, outputs, fields)
     record["warnings"] += warnings
-    atomic_write_json(out_dir / f"{stem}.json", record)
+    atomic_write_json(folder / f"{stem}.json", record)
     return record
