@@ -60,6 +60,7 @@ class _Frame:
         prog = _prog(self.name, prog_name)  # type: ignore[attr-defined]
         global _debug
         _debug = False  # set again by --debug's callback while parsing
+        standalone = extra.get("standalone_mode", True)  # False: a caller (a bench loop) wants a return
         extra["standalone_mode"] = False
         try:
             result = super().main(args, prog_name, **extra)  # type: ignore[misc]
@@ -76,6 +77,8 @@ class _Frame:
                 raise
             fail(prog, f"internal error ({type(exc).__name__}: {one_line(exc)}); rerun with --debug for the "
                        "traceback and report it", 1)
+        if not standalone:
+            return result
         sys.exit(result if isinstance(result, int) else 0)
 
 

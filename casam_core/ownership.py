@@ -10,12 +10,13 @@ through ``OutputDir``:
 - **Ledger**: the names a command wrote are recorded in ``.casam-outputs.json`` inside the
   folder, so that a rerun may replace its own earlier outputs and nothing else.
 - **Stems**: ``allocate`` gives every input a stem whose output names collide with no other
-  input's, with no reserved summary name (``evaluation.json``), and with no file on disk that
-  the command does not own.
+  input's, with no reserved summary name (``evaluation.json``) nor the ledger's, and with no
+  file on disk that the command does not own.
 - **Atomic per input**: ``group()`` stages an input's files in a hidden folder inside
   ``--out`` and moves them into place only when all of them were written; a failure in the
   middle leaves none of them.
-- **No litter**: a folder the command created and left empty is removed by ``close()``.
+- **No litter**: a folder the command created and left empty is removed by ``close()``, with
+  the parent folders it created for it.
 """
 
 from __future__ import annotations
@@ -48,10 +49,10 @@ class OutputDir:
         self.overwrite = overwrite
         self.option = option
         self.error = error
-        self.reserved = frozenset(reserved)
+        self.reserved = frozenset(reserved) | {LEDGER_NAME}
         self._chosen: set[str] = set()
         self._lock = threading.Lock()
-        self._created = False
+        self._created: list[Path] = []  # folders ensure() made, deepest first
         self._owned: dict[str, str] = {}
 
     # ----- claim -------------------------------------------------------------------------
@@ -103,7 +104,10 @@ class OutputDir:
         """A stem, ``stem`` or ``stem_K``, whose names ``stem + suffix`` are all free.
 
         Free means: not given to an earlier input of this run, not reserved for the run's
-        summaries, and not a file on disk that this command does not own."""
+        summaries (nor the ledger), and not a file on disk that this command does not own. A
+        stem that looks like a staging folder's name gets a leading ``_``."""
+        if stem.startswith(STAGING_PREFIX):
+            stem = "_" + stem
         with self._lock:
             for k in range(0, 1_000_000):
                 candidate = stem if k == 0 else f"{stem}_{k}"
@@ -129,8 +133,9 @@ class OutputDir:
     def ensure(self) -> Path:
         """The folder, created (with its parents) on first use."""
         if not self.path.is_dir():
+            missing = [p for p in (self.path, *self.path.parents) if not p.exists()]
             self.path.mkdir(parents=True, exist_ok=True)
-            self._created = True
+            self._created = missing
         return self.path
 
     @contextmanager
@@ -174,13 +179,17 @@ class OutputDir:
         return self.path / name
 
     def close(self) -> None:
-        """Remove the folder again if this run created it and wrote nothing into it."""
-        if self._created and self.path.is_dir() and not self._listing():
-            (self.path / LEDGER_NAME).unlink(missing_ok=True)
+        """Remove the folder again if this run created it and wrote nothing into it, with the
+        parent folders it created for it (a refused run leaves no empty folders behind)."""
+        if not self._created or not self.path.is_dir() or self._listing():
+            return
+        (self.path / LEDGER_NAME).unlink(missing_ok=True)
+        for folder in self._created:  # deepest first; stops at one that holds something
             try:
-                self.path.rmdir()
+                folder.rmdir()
             except OSError:
-                pass
+                return
+        self._created = []
 
 
 def _plain_name(name: str) -> bool:

@@ -53,30 +53,24 @@ def overlay(image: np.ndarray, masks: np.ndarray, boxes: Optional[np.ndarray] = 
     return np.asarray(canvas)
 
 
-def write_outputs(
-    out_dir: Path,
-    stem: str,
-    image_path: str,
-    image: np.ndarray,
-    result: Any,
-    boxes: Optional[np.ndarray],
-    points: Optional[np.ndarray],
-    labels: Optional[np.ndarray],
-    with_overlay: bool,
-    backend: Mapping[str, Any],
-    extra: Optional[Mapping[str, Any]] = None,
-) -> dict[str, Any]:
-    """Write one image's masks (and overlay), then its JSON record (with ``extra`` fields,
-    e.g. its evaluation); returns the record."""
+PromptArrays = tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]  # boxes, points, labels
+
+
+def write_outputs(folder: Path, stem: str, image_path: str, image: np.ndarray, result: Any, prompts: PromptArrays,
+                  with_overlay: bool, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Write one image's masks (and overlay), then its JSON record, into ``folder`` (the
+    staging folder of casam_core.ownership.OutputDir.group: the files appear in --out
+    together); returns the record. ``fields`` end the record: the backend, the evaluation."""
+    boxes, points, labels = prompts
     mask_files = []
     for k, mask in enumerate(result.masks):
         name = f"{stem}_mask{k}.png"
-        write_mask(out_dir / name, mask)
+        write_mask(folder / name, mask)
         mask_files.append(name)
     overlay_file = None
     if with_overlay:
         overlay_file = f"{stem}_overlay.png"
-        atomic_write_bytes(out_dir / overlay_file, png_bytes(overlay(image, result.masks, boxes, points)))
+        atomic_write_bytes(folder / overlay_file, png_bytes(overlay(image, result.masks, boxes, points)))
     record = {
         "image": image_path,
         "size": [int(result.masks.shape[1]), int(result.masks.shape[2])] if len(result.masks) else None,
@@ -87,10 +81,9 @@ def write_outputs(
         "overlay": overlay_file,
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
         "warnings": list(getattr(result, "warnings", [])),
-        "backend": dict(backend),
-        **dict(extra or {}),
+        **dict(fields),
     }
-    atomic_write_json(out_dir / f"{stem}.json", record)
+    atomic_write_json(folder / f"{stem}.json", record)
     return record
 
 

@@ -12,14 +12,18 @@ positions) gets no SEG and one warning; the NIfTI mask holds the labels either w
 from __future__ import annotations
 
 import gzip
+from contextlib import contextmanager
 import io
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 from PIL import Image
 
+from casam_core import __version__
+from casam_core.cli_frame import one_line
 from casam_core.errors import InputError
+from casam_core.optional import optional_import
 from casam_core.files import atomic_write_bytes, atomic_write_json
 from casam_io.image_io import Scan
 from casam_infer.outputs import overlay, png_bytes
@@ -73,12 +77,8 @@ def _source_frames(scan: Scan, frames: np.ndarray) -> np.ndarray:
 
 def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> Any:
     """A binary DICOM SEG with one segment per label, one frame per source slice (or frame)."""
-    try:
-        import highdicom as hd
-        from pydicom.sr.codedict import codes
-    except ImportError as exc:
-        raise InputError("writing DICOM SEG needs highdicom: pip install 'casam[medical]'") from exc
-    from casam_core import __version__
+    hd = optional_import("highdicom", "medical", "writing DICOM SEG", InputError)
+    codes = optional_import("pydicom.sr.codedict", "medical", "writing DICOM SEG", InputError).codes
 
     present = [int(v) for v in np.unique(labels) if v != 0]
     if not present:
@@ -97,13 +97,30 @@ def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> Any:
     remap = np.zeros(256, np.uint8)
     remap[present] = np.arange(1, len(present) + 1, dtype=np.uint8)
     frames = np.ascontiguousarray(_source_frames(scan, np.moveaxis(remap[labels], -1, 0)))
-    with source_metadata_warnings(f"DICOM SEG of {scan.path}"):  # the source's own metadata, copied verbatim
+    with source_metadata_warnings(f"DICOM SEG of {scan.path}"), _source_refusals(scan):
         return hd.seg.Segmentation(
             source_images=scan.datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="casam", manufacturer_model_name="CA-SAM",
             software_versions=__version__, device_serial_number="casam", series_description="CA-SAM segmentation",
         )
+
+
+class SegRefused(InputError):
+    """highdicom refused to build a SEG from the source's own header (an invalid date, a
+    PatientSex of 'X' …): the labels are still written as NIfTI, with a warning."""
+
+
+@contextmanager
+def _source_refusals(scan: Scan) -> Iterator[None]:
+    """highdicom validates the patient and study attributes it copies from the source and
+    raises ValueError on a value the standard does not allow; that is the source's problem,
+    not a crash of casam's."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise SegRefused(f"no DICOM SEG for {scan.path.name}: its source header has a value a SEG may not copy "
+                         f"({one_line(exc)}); the labels are in the NIfTI mask") from exc
 
 
 def write_dicom_seg(path: Path, scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> bool:
@@ -141,7 +158,8 @@ def montage(result: VolumeResult, slice_image: Any, axis: int) -> Optional[np.nd
 
 
 def volume_record(scan: Scan, result: VolumeResult, axis: int, outputs: Mapping[str, Optional[str]],
-                  backend: Mapping[str, Any]) -> dict[str, Any]:
+                  fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON record of a volume; ``fields`` end it (the backend, the evaluation)."""
     moved = np.moveaxis(result.labels, axis, 0)
     structures = []
     for v in sorted(int(x) for x in np.unique(result.labels) if x != 0):
@@ -163,30 +181,35 @@ def volume_record(scan: Scan, result: VolumeResult, axis: int, outputs: Mapping[
         "outputs": dict(outputs),
         "timings_ms": {k: round(v, 3) for k, v in result.timings_ms.items()},
         "warnings": list(result.warnings),
-        "backend": dict(backend),
+        **dict(fields),
     }
 
 
-def write_volume_outputs(out_dir: Path, stem: str, scan: Scan, result: VolumeResult, axis: int, with_overlay: bool,
-                         slice_image: Any, backend: Mapping[str, Any],
-                         extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """Write the NIfTI mask, the SEG (DICOM input), the montage, then the JSON record."""
+def write_volume_outputs(folder: Path, stem: str, scan: Scan, result: VolumeResult, axis: int, with_overlay: bool,
+                         slice_image: Callable[[int], np.ndarray], fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the NIfTI mask, the SEG (DICOM input), the montage, then the JSON record, into
+    ``folder`` (the staging folder of casam_core.ownership.OutputDir.group: the files appear
+    in --out together, or none of them)."""
     outputs: dict[str, Optional[str]] = {"mask": f"{stem}_mask.nii.gz", "seg": None, "overlay": None}
-    write_nifti_mask(out_dir / outputs["mask"], scan, result.labels)  # type: ignore[operator]
+    write_nifti_mask(folder / f"{stem}_mask.nii.gz", scan, result.labels)
     warnings: list[str] = []
     if scan.datasets:
         refusal = seg_refusal(scan)
         names = {v: f"label {v}" for v in range(1, 256)}
         if refusal is not None:
             warnings.append(refusal)
-        elif write_dicom_seg(out_dir / f"{stem}_seg.dcm", scan, result.labels, names):
-            outputs["seg"] = f"{stem}_seg.dcm"
+        else:
+            try:
+                if write_dicom_seg(folder / f"{stem}_seg.dcm", scan, result.labels, names):
+                    outputs["seg"] = f"{stem}_seg.dcm"
+            except SegRefused as exc:
+                warnings.append(str(exc))
     if with_overlay:
         grid = montage(result, slice_image, axis)
         if grid is not None:
             outputs["overlay"] = f"{stem}_overlay.png"
-            atomic_write_bytes(out_dir / outputs["overlay"], png_bytes(grid))
-    record = {**volume_record(scan, result, axis, outputs, backend), **dict(extra or {})}
+            atomic_write_bytes(folder / f"{stem}_overlay.png", png_bytes(grid))
+    record = volume_record(scan, result, axis, outputs, fields)
     record["warnings"] += warnings
-    atomic_write_json(out_dir / f"{stem}.json", record)
+    atomic_write_json(folder / f"{stem}.json", record)
     return record

@@ -67,7 +67,14 @@ def test_a_refused_run_leaves_no_empty_folder(tmp_path: Path) -> None:
     out = OutputDir(tmp_path / "new" / "deep", "casam-infer").claim()
     out.ensure()
     out.close()
-    assert not (tmp_path / "new" / "deep").exists()
+    assert not (tmp_path / "new").exists()  # the parent it made for --out goes too …
+    assert tmp_path.is_dir()  # … but not one that was there before
+
+
+def test_the_ledger_and_staging_names_are_never_an_output_stem(tmp_path: Path) -> None:
+    out = OutputDir(tmp_path, "casam-infer").claim()
+    assert out.allocate(".casam-outputs", (".json",)) == ".casam-outputs_1"
+    assert out.allocate(".casam-staging-x", (".json",)) == "_.casam-staging-x"
 
 
 def test_single_file_writers_share_the_overwrite_rule(tmp_path: Path) -> None:

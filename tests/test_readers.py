@@ -21,7 +21,7 @@ def test_suffixes_are_unique_and_the_callers_tuples_derive_from_the_table() -> N
 
 
 @pytest.mark.parametrize("name, stem", [("x.nii.gz", "x"), ("X.NII.GZ", "X"), ("a.b.png", "a.b"), ("s.dcm", "s"),
-                                        ("notes.txt", "notes"), (".png", ".png")])
+                                        ("notes.txt", "notes.txt"), (".png", ".png")])
 def test_one_stem_rule(name: str, stem: str) -> None:
     assert stem_of(Path("dir") / name) == stem
     assert split_suffix(name)[0] == stem

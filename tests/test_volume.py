@@ -187,6 +187,28 @@ def test_dicom_series_writes_a_seg_that_references_the_source(engines, tmp_path)
     assert_valid_dicom(out / "series_seg.dcm")  # and an independent validator finds no error
 
 
+def test_a_source_header_highdicom_refuses_gives_the_nifti_mask_and_one_warning(engines, tmp_path):
+    """A real-world source with a PatientSex of 'X' (or an invalid date) makes highdicom raise
+    while copying the patient module: the SEG is skipped with one warning naming why, the
+    labels are still written, and the run exits 0 (it used to end in a traceback)."""
+    pydicom = need("pydicom")
+    need("highdicom")
+    volume, _ = sphere_volume((64, 64, 5), (30, 34, 2), radius_mm=9.0, spacing=(0.7, 0.8, 3.0))
+    write_dicom_series(tmp_path / "series", volume.astype(np.float64))
+    for f in (tmp_path / "series").iterdir():
+        ds = pydicom.dcmread(str(f))
+        ds.PatientSex = "X"
+        ds.save_as(str(f))
+    out = tmp_path / "out"
+    result = invoke(tmp_path / "series", "--box3d", 10, 10, 0, 50, 54, 2, "--engines", engines, "--out", out,
+                    "--task", "identity", "--min-area", 1)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert (out / "series_mask.nii.gz").is_file() and not (out / "series_seg.dcm").exists()
+    lines = [line for line in result.stderr.splitlines() if "no DICOM SEG" in line]
+    assert len(lines) == 1 and "NIfTI mask" in lines[0], result.stderr
+
+
 def test_multiframe_dicom_writes_a_mask_and_a_seg_on_its_source_frames(engines, tmp_path):
     """An enhanced CT file whose frames are stored out of slice order, each with its own
     rescale: the mask lies on the sorted slices, and the SEG maps each slice back to the

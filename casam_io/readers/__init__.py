@@ -33,13 +33,12 @@ ALL_SUFFIXES = suffixes()
 
 def split_suffix(name: str) -> tuple[str, str]:
     """(stem, suffix) of a file name, with the longest registered suffix (``x.nii.gz`` →
-    ``x``); an unknown suffix stays part of the stem's Path.stem rule."""
+    ``x``); a name without a registered suffix is all stem (``notes.txt`` stays whole)."""
     lower = name.lower()
     for suffix in sorted(ALL_SUFFIXES, key=len, reverse=True):
         if lower.endswith(suffix) and len(name) > len(suffix):
             return name[: -len(suffix)], name[-len(suffix):]
-    p = Path(name)
-    return p.stem, p.suffix
+    return name, ""
 
 
 def stem_of(path: Union[str, "os.PathLike[str]"]) -> str:
