@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from casam_core.optional import optional_import
 from casam_core.files import PathLike
 from casam_bundle.errors import BundleError
 from casam_core.ownership import refuse_existing
@@ -25,13 +26,11 @@ PUBLIC_SUFFIX = ".pub"
 
 
 def _crypto():
-    try:
-        from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-    except ImportError as exc:  # pragma: no cover - the train extra installs it
-        raise BundleError("signing needs the 'cryptography' package (pip install 'casam[train]')") from exc
-    return ed25519, serialization, InvalidSignature
+    feature = "signing"
+    ed25519 = optional_import("cryptography.hazmat.primitives.asymmetric.ed25519", "train", feature, BundleError)
+    serialization = optional_import("cryptography.hazmat.primitives.serialization", "train", feature, BundleError)
+    exceptions = optional_import("cryptography.exceptions", "train", feature, BundleError)
+    return ed25519, serialization, exceptions.InvalidSignature
 
 
 def key_id(public_raw: bytes) -> str:

@@ -19,9 +19,10 @@ def optional_import(module: str, extra: str, feature: str, error: type[Exception
     """``import module``, or ``error("<feature> needs <package>: pip install 'casam[<extra>]'")``.
 
     ``package`` is the name to install when it differs from the module's (``pytriton`` comes
-    with ``nvidia-pytriton``)."""
+    with ``nvidia-pytriton``); an empty ``extra`` means the base install should have it."""
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         name = package or module.split(".")[0]
-        raise error(f"{feature} needs {name} ({exc}): pip install 'casam[{extra}]'") from exc
+        install = f"pip install 'casam[{extra}]'" if extra else f"pip install {name}"
+        raise error(f"{feature} needs {name}, which is not installed or cannot load ({exc}): {install}") from exc

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from casam_core.errors import InputError
+from casam_core.optional import optional_import
 from casam_io.intensity import Source
 from casam_io.scan import Scan, check_pixels
 
@@ -72,19 +73,11 @@ def source_metadata_warnings(label: str) -> Iterator[None]:
 
 
 def _nib() -> Any:
-    try:
-        import nibabel as nib
-    except ImportError as exc:
-        raise InputError("reading NIfTI needs nibabel: pip install 'casam[medical]'") from exc
-    return nib
+    return optional_import("nibabel", "medical", "reading NIfTI", InputError)
 
 
 def _pydicom() -> Any:
-    try:
-        import pydicom
-    except ImportError as exc:
-        raise InputError("reading DICOM needs pydicom: pip install 'casam[medical]'") from exc
-    return pydicom
+    return optional_import("pydicom", "medical", "reading DICOM", InputError)
 
 
 # ----- NIfTI ---------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from casam_core.optional import optional_import
 from casam_core.errors import CasamError
 from runtime.pipeline import Pipeline
 from runtime.wire import INFO_MODEL_NAME, MODEL_NAME
@@ -68,12 +69,8 @@ def python_libdir_first(env: "os._Environ[str] | dict[str, str]" = os.environ) -
 
 
 def _pytriton() -> Any:
-    try:
-        import pytriton.model_config as model_config
-        import pytriton.triton as triton
-    except ImportError as exc:
-        raise CasamError(f"casam-serve needs the serve extra (pip install 'casam[serve]'): {exc}") from exc
-    return model_config, triton
+    model_config = optional_import("pytriton.model_config", "serve", "casam-serve", package="nvidia-pytriton")
+    return model_config, optional_import("pytriton.triton", "serve", "casam-serve", package="nvidia-pytriton")
 
 
 def _tensor(model_config: Any, spec: TensorSpec) -> Any:

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from casam_io.intensity import Intensity
+from casam_core.optional import optional_import
 from casam_core.errors import CasamError, InputError, ManifestError
 from runtime.manifest import check_task
 from runtime.predictor import Capabilities, Result
@@ -245,12 +246,5 @@ class RemotePipeline:
 
 def _tritonclient(scheme: str) -> tuple[Any, type]:
     """(tritonclient.http or .grpc, its server-error type), imported only when used."""
-    try:
-        if scheme == "grpc":
-            import tritonclient.grpc as module
-        else:
-            import tritonclient.http as module
-        from tritonclient.utils import InferenceServerException
-    except ImportError as exc:
-        raise CasamError(f"--server needs the serve extra (pip install 'casam[serve]'): {exc}") from exc
-    return module, InferenceServerException
+    module = optional_import(f"tritonclient.{'grpc' if scheme == 'grpc' else 'http'}", "serve", "--server")
+    return module, optional_import("tritonclient.utils", "serve", "--server").InferenceServerException

@@ -324,7 +324,7 @@ def test_a_volume_past_256_mb_of_embeddings_spills_by_default_and_segments_the_s
 
     volume, label = sphere_volume((256, 256, 20), (128, 120, 10), radius_mm=20.0, spacing=SPACING)
     scan = Scan(Path("sphere.nii.gz"), volume, Source(kind="volume"), np.diag([*SPACING, 1.0]))
-    prompts = Prompts.for_volume(volume.shape, 2, boxes=[(100.0, 92.0, 157.0, 149.0)], slice=10)
+    prompts = Prompts.for_volume(volume.shape, 2, box3d=[(100.0, 92.0, 0, 157.0, 149.0, 19)])  # every slice
     window = Intensity(mode="window", window=(150.0, 300.0))
     monkeypatch.setattr(runtime.volume, "EmbeddingSpill", Recorded)
     spilled = segment_volume(SamSizedBrightVoxels(256, window), scan, prompts)

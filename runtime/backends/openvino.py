@@ -21,6 +21,7 @@ import numpy as np
 
 from runtime.backends.base import Tensor, to_numpy
 from runtime.backends.ort import BackendUnavailable
+from casam_core.optional import optional_import
 from casam_core.errors import ManifestError
 
 #: casam precision name → OpenVINO's inference precision hint.
@@ -29,11 +30,7 @@ DEFAULT_PRECISION = "f32"
 
 
 def import_openvino() -> Any:
-    try:
-        import openvino
-    except ImportError as exc:
-        raise BackendUnavailable("OpenVINO is not installed (pip install 'casam[openvino]')") from exc
-    return openvino
+    return optional_import("openvino", "openvino", "the OpenVINO backend", BackendUnavailable)
 
 
 def available() -> tuple[bool, str]:

@@ -14,6 +14,7 @@ from typing import Any, Collection, Mapping, Optional
 import numpy as np
 
 from runtime.backends.base import Tensor, to_numpy
+from casam_core.optional import optional_import
 from casam_core.errors import CasamError, ManifestError
 
 CUDA = "CUDAExecutionProvider"
@@ -94,11 +95,8 @@ def session_options(ort: Any) -> Any:
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError as exc:  # pragma: no cover - the install always brings one
-        raise CasamError("onnxruntime is not installed: pip install onnxruntime-gpu (or onnxruntime)") from exc
-    return onnxruntime
+    # The plain install always brings one flavour (onnxruntime-gpu by default, see setup.py).
+    return optional_import("onnxruntime", "", "casam's runtime", package="onnxruntime-gpu")
 
 
 class BackendUnavailable(CasamError):

@@ -21,6 +21,7 @@ import numpy as np
 
 from runtime.backends.base import Tensor, to_numpy
 from runtime.backends.ort import BackendUnavailable, _ort
+from casam_core.optional import optional_import
 from casam_core.errors import ManifestError
 from casam_core.files import atomic_write_bytes, sha256_file
 
@@ -32,11 +33,7 @@ WORKSPACE_BYTES = 4 << 30
 
 
 def import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise BackendUnavailable("TensorRT is not installed (pip install 'casam[trt]')") from exc
-    return tensorrt
+    return optional_import("tensorrt", "trt", "the TensorRT backend", BackendUnavailable)
 
 
 def available() -> tuple[bool, str]:
