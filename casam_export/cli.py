@@ -34,6 +34,11 @@ from runtime.manifest import MANIFEST_NAME
                    "recorded in the bundle's task splits, where they still exist).")
 @click.option("--calibration-count", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_COUNT,
               show_default=True, help="Most calibration images per graph for --int8.")
+@click.option("--no-fp32-fallback", is_flag=True,
+              help="--int8: ship no fp32 copy of the int8 graphs; where the shipped verification set fails on "
+                   "another CPU class the runtime then refuses the export instead of running those graphs in fp32.")
+@click.option("--verify-count", type=click.IntRange(min=1, max=32), default=8, show_default=True,
+              help="--int8: images in the shipped verification set (the tasks' held-out images, then --verify-images).")
 @click.option("--trt/--no-trt", default=None,
               help="Build TensorRT engines (--trt requires TensorRT and a CUDA GPU). Default: build them "
                    "when both are present, else write ONNX only and say so in the manifest.")
@@ -48,7 +53,8 @@ from runtime.manifest import MANIFEST_NAME
                    "parity-failed.json. --no-verify marks the manifest unverified; the runtime warns on loading it.")
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
               help="Folder of images for --verify (pictures, DICOM, NIfTI), read with the bundle's recorded "
-                   "intensity handling (default: built-in synthetic images).")
+                   "intensity handling. Added to the tasks' held-out images (their split.json test lists); "
+                   "built-in synthetic images when there are neither.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="SAM checkpoint file; must have the sha256 recorded in the bundle (default: the cached "
                    "official checkpoint, or none for the tiny test model).")
@@ -56,15 +62,18 @@ from runtime.manifest import MANIFEST_NAME
 @click.option("--quiet", is_flag=True, help="No progress bars; print only the manifest path.")
 def main(bundle_dir: Path, out_dir: Path, fp16: bool, int8: bool, calibration: Optional[Path],
          calibration_count: int, trt: Optional[bool], opset: int, max_prompts: int,
-         verify: bool, verify_images: Optional[Path], checkpoint: Optional[Path], force: bool, quiet: bool) -> None:
+         verify: bool, verify_images: Optional[Path], checkpoint: Optional[Path], force: bool, quiet: bool,
+         no_fp32_fallback: bool = False, verify_count: int = 8) -> None:
     """Export a CA-SAM bundle to separate graphs: encoder, router (the VAE scorers), one
     alignment graph per task, and decoder, described by manifest.json."""
     try:
         from casam_export.export import export_bundle
+        from casam_export.quantize import Int8Options
 
         manifest = export_bundle(bundle_dir, out_dir, fp16=fp16, int8=int8, calibration=calibration,
                                  calibration_count=calibration_count, opset=opset, max_prompts=max_prompts, verify=verify,
-                                 verify_images=verify_images, trt=trt, force=force, checkpoint=checkpoint, quiet=quiet)
+                                 verify_images=verify_images, trt=trt, force=force, checkpoint=checkpoint, quiet=quiet,
+                                 int8_options=Int8Options(fp32_fallback=not no_fp32_fallback, verify_count=verify_count))
     except CasamError as exc:
         click.echo(f"casam-export: error: {exc}", err=True)
         sys.exit(2)

@@ -81,7 +81,8 @@ class _Job:
                            **quantize.built_from(self.precision), "torch": torch.__version__}
 
 
-def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompts: int) -> list[_Job]:
+def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompts: int,
+          fp32_fallback: bool = True) -> list[_Job]:
     checkpoint = {"sam_model": bundle.sam_model, "checkpoint_sha256": sam.checkpoint_sha256}
     jobs = [
         # Global attention is traced one head and one band of query rows at a time, so the
@@ -102,6 +103,8 @@ def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompt
         jobs.append(_Job(f"align/{record.name}", f"align/{record.name}.onnx", ALIGN,
                          lambda name=record.name: load_alignment(bundle, name), precision,
                          {"alignment_sha256": record.files.get("alignment.safetensors"), **record.alignment}, opset))
+    for job in jobs:  # an int8 graph's files also depend on whether its fp32 copy ships
+        job.built_from.update(quantize.built_from(job.precision, fp32_fallback))
     return jobs
 
 
@@ -112,12 +115,18 @@ def _produce(job: _Job, out: Path, opset: int, max_prompts: int,
         graph = export_graph(module, job.spec, opset, max_prompts)
     model = finalize(graph, fp16=job.precision == "fp16")
     record: dict[str, Any] = {}
+    fallback: dict[str, Any] = {}
     if job.precision == quantize.INT8 and quantizer is not None:  # int8, or fp32 where it misses its bar
+        fp32_model = model
         model, record = quantizer.quantize(job.key, model)
+        if record["precision"] == quantize.INT8 and quantizer.options.fp32_fallback:
+            # the runtime's fallback where the int8 graph fails on another CPU (runtime/deployment.py)
+            copy = write_graph(fp32_model, job.spec, out, job.rel)
+            fallback = {"fp32_fallback": {"file": copy.file, "sha256": copy.sha256, "external_data": copy.external_data}}
     written = write_graph(model, job.spec, out, job.rel)
     return {"file": written.file, "sha256": written.sha256, "precision": record.get("precision", job.precision),
             "external_data": written.external_data, **job.spec.io_dict(), "built_from": job.built_from,
-            **({"quantization": record} if record else {})}
+            **({"quantization": record} if record else {}), **fallback}
 
 
 def export_bundle(
@@ -136,12 +145,15 @@ def export_bundle(
     force: bool = False,
     checkpoint: Optional[PathLike] = None,
     quiet: bool = True,
+    int8_options: quantize.Int8Options = quantize.Int8Options(),
 ) -> dict[str, Any]:
     """Export ``bundle_dir`` into ``out_dir`` and return the manifest written there.
 
     ``trt``: None builds TensorRT engines where TensorRT and a GPU exist, True requires
     them, False skips them. ``int8`` quantises the encoder and alignment layers, calibrated
-    on ``calibration`` (a folder; default: the bundle's task splits), casam_export/quantize.py.
+    on ``calibration`` (a folder; default: the bundle's task splits), casam_export/quantize.py;
+    ``int8_options`` says how, whether fp32 copies ship, and how many images the shipped
+    verification set holds (casam_export/verification_set.py).
     ``verify`` runs the exported chain against the PyTorch model;
     when a bar is missed it writes parity-failed.json and raises ``ParityError`` without
     writing a manifest, so the deployment already in ``out_dir`` (if any) stays in force.
@@ -166,16 +178,18 @@ def export_bundle(
     previous = claim_out_dir(out, bundle, force)
     images = quantize.calibration_set(bundle, calibration, calibration_count) if int8 else None
     # Read once, before any graph is traced (a few images): a bad folder fails in seconds.
-    checks = verification_images(verify_images, bundle.preprocessing.intensity) if verify or int8 else None
+    checks = verification_images(verify_images, bundle.preprocessing.intensity, bundle) if verify or int8 else None
     deployed = read_previous(out) if out.is_dir() else None  # in force until the switch, even with --force
     try:
         out.mkdir(parents=True, exist_ok=True)
         sam = load_bundle_sam(bundle, checkpoint)
         precision = quantize.INT8 if int8 else "fp16" if fp16 else "fp32"
-        quantizer = quantize.Quantizer(bundle, sam.model, images, checks) if images is not None else None
-        entries = _graphs(_jobs(bundle, sam, precision, opset, max_prompts), graph_entries(previous), out, opset,
-                          max_prompts, quiet, quantizer)
+        quantizer = quantize.Quantizer(bundle, sam.model, images, checks, options=int8_options) if images is not None else None
+        entries = _graphs(_jobs(bundle, sam, precision, opset, max_prompts, int8_options.fp32_fallback),
+                          graph_entries(previous), out, opset, max_prompts, quiet, quantizer)
         manifest = _manifest(bundle, sam, entries, out, opset, precision, max_prompts, fp16, trt)
+        if quantizer is not None and checks is not None:  # the set the runtime re-runs on other CPUs
+            manifest.update(_shipped_verification(out, bundle, quantizer, checks, int8_options.verify_count))
         report = _verify(out, manifest, bundle, sam, checks, quiet, deployed) if verify else None
         fault_point("export:before-manifest")
         atomic_write_json(out / MANIFEST_NAME, manifest)  # the switch
@@ -236,6 +250,16 @@ def _verify(out: Path, manifest: dict[str, Any], bundle: Bundle, sam: FrozenSam,
                           f"(see {out / PARITY_FAILED}); no manifest was written, {_kept(deployed, out)}")
     manifest["parity"] = {"verified": True, "passed": True, manifest["precision"]: report["summary"]}
     return report
+
+
+def _shipped_verification(out: Path, bundle: Bundle, quantizer: quantize.Quantizer, checks: VerificationImages,
+                          count: int) -> dict[str, Any]:
+    """The int8 export's verification set and the kernel class of the CPU that verified it."""
+    from casam_export.verification_set import write_verification_set
+    from runtime.cpu_class import int8_kernel_class
+
+    return {"int8_kernel_class": int8_kernel_class(),
+            "verification": write_verification_set(out, bundle, quantizer.model, checks, count)}
 
 
 def _kept(deployed: Optional[Mapping[str, Any]], out: Path) -> str:

@@ -80,10 +80,46 @@ QUANTISED_OPS = ("Conv", "MatMul", "Gemm")
 #: longer products in int8 its encoder and alignment layers both ran faster than before
 #: (72 against 76 ms and 66 against 74 ms, fp32 91 and 173 ms, ad hoc, load 2.6).
 MIN_REDUCTION = 256
-#: How the graphs are quantised; part of the int8 graphs' built_from (a change re-quantises).
-METHOD = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8 per-tensor",
-          "calibration": "minmax", "ops": list(QUANTISED_OPS), "activation_products": "fp32",
-          "input_products": "fp32", "min_reduction": MIN_REDUCTION}
+@dataclass(frozen=True)
+class QuantConfig:
+    """How activations are calibrated and weights stored (bench/int8_speed.py measures each).
+
+    ``calibration``: "minmax" (the range seen), "percentile" (the central ``percentile`` %
+    of the values seen) or "entropy" (the range that keeps the histogram's KL divergence
+    least). ``reduce_range``: 7-bit weights, so that on CPUs whose u8s8 kernels add pairs of
+    products in int16 (runtime/cpu_class.py, class ``avx2``) no pair can saturate.
+    """
+
+    calibration: str = "minmax"
+    reduce_range: bool = False
+    percentile: float = 99.999
+
+    def method(self) -> dict[str, Any]:
+        """The manifest's ``quantization.method`` and part of an int8 graph's ``built_from``."""
+        weights = "int7 per-channel (reduce_range)" if self.reduce_range else "int8 per-channel"
+        record = {"format": "QDQ", "weights": weights, "activations": "uint8 per-tensor",
+                  "calibration": self.calibration, "ops": list(QUANTISED_OPS), "activation_products": "fp32",
+                  "input_products": "fp32", "min_reduction": MIN_REDUCTION}
+        return {**record, "percentile": self.percentile} if self.calibration == "percentile" else record
+
+
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    """What ``--int8`` does beyond calibration: how (``config``), whether each int8 graph's
+    fp32 copy ships for the runtime to fall back on (``--no-fp32-fallback``), and how many
+    images the shipped verification set holds (``--verify-count``)."""
+
+    config: "QuantConfig" = field(default_factory=lambda: DEFAULT_CONFIG)
+    fp32_fallback: bool = True
+    verify_count: int = 8
+#: The defaults, chosen by bench/int8_speed.py on the real images here (BENCHMARKS.md, "int8
+#: that ports"): see bench/results/int8_speed_ports.json for the figures behind them.
+DEFAULT_CONFIG = QuantConfig()
+#: How the graphs are quantised by default (the method record of ``DEFAULT_CONFIG``).
+METHOD = DEFAULT_CONFIG.method()
 
 
 #: Graphs an int8 export quantises ("align/" covers every task's alignment layer).
@@ -98,10 +134,11 @@ def graph_precision(precision: str, key: str) -> str:
     return INT8 if any(key == g or (g.endswith("/") and key.startswith(g)) for g in INT8_GRAPHS) else "fp32"
 
 
-def built_from(precision: str) -> dict[str, Any]:
-    """What an int8 graph's bytes depend on beyond the fp32 graph's: the method (not the
-    calibration images, so that adding a task keeps the other graphs)."""
-    return {"quantization": dict(METHOD)} if precision == INT8 else {}
+def built_from(precision: str, fp32_fallback: bool = True) -> dict[str, Any]:
+    """What an int8 graph's files depend on beyond the fp32 graph's: the method (not the
+    calibration images, so that adding a task keeps the other graphs), and whether its fp32
+    copy is shipped beside it (``--no-fp32-fallback``)."""
+    return {"quantization": dict(METHOD), "fp32_fallback": fp32_fallback} if precision == INT8 else {}
 
 
 # ----- calibration images ---------------------------------------------------------------
@@ -155,8 +192,9 @@ def _spread(items: Sequence[Any], count: int) -> list[Any]:
     return [items[int(i)] for i in np.linspace(0, len(items) - 1, count).round()]
 
 
-def _split_images(bundle: Bundle, name: str, count: int, intensity: Intensity) -> list[np.ndarray]:
-    """Up to ``count`` training images of task ``name`` as its split.json records them,
+def _split_images(bundle: Bundle, name: str, count: int, intensity: Intensity, part: str = "train") -> list[np.ndarray]:
+    """Up to ``count`` images of task ``name``'s ``part`` ("train", or "test": the held-out
+    images the verification set is drawn from) as its split.json records them,
     prepared with ``intensity`` as the trainer prepared them, or none when the recorded
     dataset is no longer where it was.
 
@@ -169,7 +207,7 @@ def _split_images(bundle: Bundle, name: str, count: int, intensity: Intensity) -
         record = bundle.load_split(name)
     except (OSError, ValueError):
         return []
-    data, train = record.get("data"), record.get("train")
+    data, train = record.get("data"), record.get(part)
     if not data or not isinstance(train, list) or record.get("kind", "folder") != "folder":
         return []
     folder = Path(str(data)) / "images"
@@ -224,11 +262,17 @@ def input_products(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in QUANTISED_OPS and any(x in inputs for x in n.input)]
 
 
-def quantize_model(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]]) -> onnx.ModelProto:
+def quantize_model(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarray]],
+                   config: QuantConfig = DEFAULT_CONFIG) -> onnx.ModelProto:
     """Static QDQ quantisation of ``model``: per-channel int8 weights, uint8 activations
-    calibrated (min/max) on ``feeds``; products of two activations, those that read a graph
+    calibrated on ``feeds`` as ``config`` says; products of two activations, those that read a graph
     input and those shorter than ``MIN_REDUCTION`` stay fp32 (see ``QUANTISED_OPS``)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if config.calibration not in CALIBRATIONS:
+        raise ExportError(f"unknown calibration {config.calibration!r}; use one of {', '.join(CALIBRATIONS)}")
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[config.calibration]
 
     # onnxruntime.quantization advises its pre-processing on the root logger at WARNING; the
     # graphs are already shape-inferred and onnxruntime optimises them at load.
@@ -238,11 +282,13 @@ def quantize_model(model: onnx.ModelProto, feeds: Sequence[Mapping[str, np.ndarr
         onnx.save_model(model, str(src))
         quantize_static(
             str(src), str(dst), _Reader(feeds),
-            quant_format=QuantFormat.QDQ, per_channel=True,
+            quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=config.reduce_range,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             # MinMax calibration adds ReduceMin/ReduceMax outputs, so it keeps two scalars per
-            # tensor and image, not the tensors themselves (the vit_b encoder's are GBs).
-            op_types_to_quantize=list(QUANTISED_OPS), calibrate_method=CalibrationMethod.MinMax,
+            # tensor and image, not the tensors themselves (the vit_b encoder's are GBs); the
+            # histogram methods (percentile, entropy) keep a histogram per tensor.
+            op_types_to_quantize=list(QUANTISED_OPS), calibrate_method=method,
+            extra_options={"CalibPercentile": config.percentile},
             nodes_to_exclude=activation_products(model) + input_products(model) + short_products(model),
         )
         return onnx.load(str(dst))
@@ -297,16 +343,20 @@ class Quantizer:
     """
 
     def __init__(self, bundle: Bundle, sam: torch.nn.Module, calibration: CalibrationSet,
-                 checks: Optional[VerificationImages] = None, bar: Optional[float] = None) -> None:
+                 checks: Optional[VerificationImages] = None, bar: Optional[float] = None,
+                 options: Optional[Int8Options] = None) -> None:
         from casam_export.verify import verification_images
         from models.bundle_models import build_model
 
-        self.bundle, self.calibration = bundle, calibration
+        self.options = options or Int8Options()
+        self.bundle, self.calibration, self.config = bundle, calibration, self.options.config
         self.bar = INT8_MASK_IOU_BAR if bar is None else bar
         self.prep: Preprocessing = bundle.preprocessing
         self.model = build_model(bundle, sam).eval()
-        # the export's own verification images, prepared as the deployment prepares them
-        self.verify_images = (checks or verification_images(None, self.prep.intensity)).images
+        # the export's own verification images (the tasks' held-out images, site images),
+        # prepared as the deployment prepares them
+        checks = checks or verification_images(None, self.prep.intensity)
+        self.verify_images, self.labels = checks.images, checks.labels_or_default()
         self._embeddings: dict[int, np.ndarray] = {}
 
     def embedding(self, image: np.ndarray) -> np.ndarray:
@@ -326,9 +376,9 @@ class Quantizer:
     def quantize(self, key: str, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
         """(the graph to write, its manifest record): int8 when it meets the bars, else ``model``."""
         images = self.calibration.for_graph(key)
-        quantized = quantize_model(model, self._inputs(key, images))
+        quantized = quantize_model(model, self._inputs(key, images), self.config)
         check = self.compare(key, model, quantized)
-        record = {"method": dict(METHOD), "calibration": {"source": self.calibration.source, "images": len(images),
+        record = {"method": self.config.method(), "calibration": {"source": self.calibration.source, "images": len(images),
                                                            "sha256": self.calibration.digest(key)},
                   "verification": check}
         if check["passed"]:
@@ -339,43 +389,64 @@ class Quantizer:
 
     def compare(self, key: str, fp32: onnx.ModelProto, int8: onnx.ModelProto) -> dict[str, Any]:
         """The int8 graph against the fp32 graph on the verification images, the rest of the
-        chain in fp32 PyTorch: output error, routes, mask IoU."""
+        chain in fp32 PyTorch: output error, routes, the scores' margins to τ (encoder), and
+        mask IoU overall and per image label (task of a held-out image, "unknown" site image)."""
         from casam_export.verify import mask_ious
 
         a, b = _session(fp32), _session(int8)
+        per_label: dict[str, list[float]] = {}
         ious: list[float] = []
         err = scale = 0.0
-        routes_a, routes_b = [], []
+        routes_a, routes_b, scores_a, scores_b = [], [], [], []
         for i, image in enumerate(self.verify_images):
             feeds = self._inputs(key, [image])[0]
             out_a, out_b = a.run(None, feeds)[0], b.run(None, feeds)[0]
             err, scale = max(err, float(np.abs(out_a - out_b).max())), max(scale, float(np.abs(out_a).max()))
             if key == "encoder":
-                ra, rb = self._route(out_a), self._route(out_b)
+                (ra, sa), (rb, sb) = self._route(out_a), self._route(out_b)
                 routes_a.append(ra)
                 routes_b.append(rb)
+                scores_a.append(sa)
+                scores_b.append(sb)
                 ea, eb = self._align(out_a, ra), self._align(out_b, ra)
             else:
                 ea, eb = out_a, out_b
-            ious += mask_ious(self._masks(ea, image, i), self._masks(eb, image, i))
+            got = mask_ious(self._masks(ea, image, i), self._masks(eb, image, i))
+            ious += got
+            per_label.setdefault(self.labels[i], []).extend(got)
+        return self._verdict(err, scale, ious, per_label, (routes_a, routes_b), (scores_a, scores_b))
+
+    def _verdict(self, err: float, scale: float, ious: list[float], per_label: Mapping[str, list[float]],
+                 routes: tuple[list[str], list[str]], scores: tuple[list[np.ndarray], list[np.ndarray]]) -> dict[str, Any]:
+        """The bars: routes identical, no score crossing τ or nearing it (``SCORE_MARGIN``), mean IoU."""
+        from runtime.deployment import SCORE_MARGIN, score_margin_failures
+
         mean_iou = float(np.mean(ious))
         failures = []
-        if routes_a != routes_b:
-            failures.append(f"routes differ (fp32 {routes_a}, int8 {routes_b})")
+        if routes[0] != routes[1]:
+            failures.append(f"routes differ (fp32 {routes[0]}, int8 {routes[1]})")
+        if scores[0]:
+            thresholds = np.array([float(r.threshold) for r in self.bundle.tasks], np.float32)
+            failures += [f"score margin: {m}" for m in
+                         score_margin_failures(np.stack(scores[0]), np.stack(scores[1]), thresholds)]
         if mean_iou < self.bar:
             failures.append(f"mean mask IoU {mean_iou:.4f} < {self.bar}")
         return {"images": len(self.verify_images), "masks_compared": len(ious), "output_max_abs_diff": err,
                 "output_max_abs": scale, "output_rel_error": err / max(scale, 1e-12),
-                "routes_identical": routes_a == routes_b, "mask_iou_mean": mean_iou,
-                "mask_iou_min": float(np.min(ious)), "bars": {"routes_identical": True, "mask_iou_mean": self.bar},
+                "routes_identical": routes[0] == routes[1], "mask_iou_mean": mean_iou,
+                "mask_iou_min": float(np.min(ious)),
+                "per_label": {k: {"masks": len(v), "iou_mean": float(np.mean(v)), "iou_min": float(np.min(v))}
+                              for k, v in per_label.items()},
+                "bars": {"routes_identical": True, "mask_iou_mean": self.bar, "score_margin": SCORE_MARGIN},
                 "passed": not failures, "failures": failures}
 
-    def _route(self, embedding: np.ndarray) -> str:
+    def _route(self, embedding: np.ndarray) -> tuple[str, np.ndarray]:
+        """(route, (N,) scores) of one embedding through the fp32 PyTorch router."""
         from models.casam import routes_to_names
 
         with torch.no_grad():
-            _, _, routes = self.model.route(torch.from_numpy(embedding))
-        return routes_to_names(routes, self.model.task_names)[0]
+            _, scores, routes = self.model.route(torch.from_numpy(embedding))
+        return routes_to_names(routes, self.model.task_names)[0], scores.numpy()[0]
 
     def _align(self, embedding: np.ndarray, route: str) -> np.ndarray:
         from models.router import IDENTITY_INDEX

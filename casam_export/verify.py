@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from casam_export.errors import ExportError
 from casam_export.quantize import INT8_MASK_IOU_BAR
+from runtime.deployment import UNKNOWN, mask_ious  # noqa: F401  (mask_ious: one implementation, re-exported)
 from models.casam import routes_to_names
 from models.router import IDENTITY_INDEX
 from casam_core.errors import InputError
@@ -78,27 +79,57 @@ def image_paths(folder: PathLike, option: str) -> list[Path]:
 class VerificationImages:
     """The images an export is checked on, prepared as the deployment prepares them, and
     where they came from (the folder, or "synthetic"). Read once per export: the int8
-    bars and the chain's parity use the same set."""
+    bars, the chain's parity and the stored verification set use the same images.
+    ``labels`` names each image's origin: the task whose held-out image it is, ``UNKNOWN``
+    for a --verify-images site image, or "synthetic"."""
 
     images: tuple[np.ndarray, ...]
     source: str
+    labels: tuple[str, ...] = ()
+
+    def labels_or_default(self) -> tuple[str, ...]:
+        return self.labels or (("synthetic" if self.source == "synthetic" else UNKNOWN),) * len(self.images)
 
 
-def verification_images(folder: Optional[PathLike], intensity: Intensity) -> VerificationImages:
-    """The first MAX_VERIFY_IMAGES of ``folder``, else ``synthetic_images``.
+def verification_images(folder: Optional[PathLike], intensity: Intensity, bundle: Optional[Bundle] = None,
+                        count: int = MAX_VERIFY_IMAGES) -> VerificationImages:
+    """The tasks' held-out images (with ``bundle``: up to ``count``, spread over the tasks'
+    split.json "test" lists), then the first MAX_VERIFY_IMAGES of ``folder`` (site images);
+    ``synthetic_images`` when there are neither.
 
     ``intensity`` is the bundle's recorded handling and has no default: the deployment
     prepares every file with it (``read_prepared``: a volume is its middle slice, windowed
     over the whole volume), so parity measured on other grey levels would verify a chain
     the deployment never runs. An empty folder or an unreadable image is an ExportError.
     """
-    if folder is None:
+    held_out = held_out_images(bundle, intensity, count) if bundle is not None else []
+    site: list[np.ndarray] = []
+    if folder is not None:
+        files = image_paths(folder, "--verify-images")[:MAX_VERIFY_IMAGES]
+        try:
+            site = [read_prepared(p, intensity)[0] for p in files]
+        except InputError as exc:
+            raise ExportError(f"--verify-images: {exc}") from exc
+    if not held_out and not site:
         return VerificationImages(tuple(synthetic_images()), "synthetic")
-    files = image_paths(folder, "--verify-images")[:MAX_VERIFY_IMAGES]
-    try:
-        return VerificationImages(tuple(read_prepared(p, intensity)[0] for p in files), str(Path(folder)))
-    except InputError as exc:
-        raise ExportError(f"--verify-images: {exc}") from exc
+    labels = tuple(label for label, _ in held_out) + (UNKNOWN,) * len(site)
+    parts = ([f"held-out images of {', '.join(dict.fromkeys(label for label, _ in held_out))}"] if held_out else []) \
+        + ([str(Path(folder))] if site else [])
+    return VerificationImages(tuple(img for _, img in held_out) + tuple(site), " + ".join(parts), labels)
+
+
+def held_out_images(bundle: Bundle, intensity: Intensity, count: int) -> list[tuple[str, np.ndarray]]:
+    """(task, image): up to ``count`` held-out images taken in turn from each task's split
+    (the images the calibration never saw), or none where the recorded datasets are gone."""
+    from casam_export.quantize import _split_images
+
+    per_task = {name: _split_images(bundle, name, count, intensity, part="test") for name in bundle.task_names}
+    chosen: list[tuple[str, np.ndarray]] = []
+    for turn in range(count):
+        for name, images in per_task.items():
+            if turn < len(images) and len(chosen) < count:
+                chosen.append((name, images[turn]))
+    return chosen
 
 
 def prompts_for(image: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -110,13 +141,6 @@ def prompts_for(image: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     points = rng.uniform(0.1, 0.9, (2, 2, 2)) * np.array([w, h])
     return {"boxes": boxes.astype(np.float32), "points": points.astype(np.float32),
             "point_labels": np.array([[1, 0], [1, 1]], np.float32)}
-
-
-def mask_ious(a: np.ndarray, b: np.ndarray) -> list[float]:
-    """IoU of each pair of K×… boolean masks; two empty masks agree perfectly."""
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    inter, union = (a & b).sum(1), (a | b).sum(1)
-    return [1.0 if u == 0 else float(i) / float(u) for i, u in zip(inter, union)]
 
 
 class _Comparison:
