@@ -357,6 +357,7 @@ class Quantizer:
         # prepared as the deployment prepares them
         checks = checks or verification_images(None, self.prep.intensity)
         self.verify_images, self.labels = checks.images, checks.labels_or_default()
+        self.thresholds = np.array([float(r.threshold) for r in bundle.tasks], np.float32)  # τ, for the score margins
         self._embeddings: dict[int, np.ndarray] = {}
 
     def embedding(self, image: np.ndarray) -> np.ndarray:
@@ -426,9 +427,8 @@ class Quantizer:
         if routes[0] != routes[1]:
             failures.append(f"routes differ (fp32 {routes[0]}, int8 {routes[1]})")
         if scores[0]:
-            thresholds = np.array([float(r.threshold) for r in self.bundle.tasks], np.float32)
             failures += [f"score margin: {m}" for m in
-                         score_margin_failures(np.stack(scores[0]), np.stack(scores[1]), thresholds)]
+                         score_margin_failures(np.stack(scores[0]), np.stack(scores[1]), self.thresholds)]
         if mean_iou < self.bar:
             failures.append(f"mean mask IoU {mean_iou:.4f} < {self.bar}")
         return {"images": len(self.verify_images), "masks_compared": len(ious), "output_max_abs_diff": err,

@@ -27,6 +27,7 @@ from casam_io.image_io import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, IMAGE_SUFFIXES
 from casam_io.intensity import Intensity
 from casam_core.files import atomic_write_json, check_out_dir
 from runtime.remote import DEFAULT_READY_TIMEOUT_S
+from casam_infer import verify_deployment
 from casam_infer.outputs import write_outputs
 from runtime.prompt_sources import ImagePrompts, boxes_from_masks, has_mask, read_prompt_file
 from runtime.scoring import DeploymentScores
@@ -221,6 +222,9 @@ def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verify-deployment", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
+              callback=verify_deployment.run_option, metavar="ENGINES",
+              help="Re-run the int8 export's verification set on this CPU, print a table and exit ($CASAM_BACKEND).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--box", "box", nargs=4, type=float, multiple=True, metavar="X0 Y0 X1 Y1",
               help="A box prompt in original pixels; repeat for several objects (one mask each).")
