@@ -23,9 +23,14 @@ trainer and the deployment prepare it: scales calibrated on other grey levels (a
 window's against a min-max slice's) would clip or waste the int8 range the deployment uses.
 
 Verification, per quantised graph, against the same graph in fp32 on the verification
-images, with the rest of the chain in fp32 PyTorch: routes identical, mean mask IoU ≥
-``INT8_MASK_IOU_BAR``, and the graph's output error recorded. A graph that misses a bar
-is written in fp32 instead, with a warning and the record in its manifest entry.
+images (the tasks' held-out images and --verify-images site images, ``verify.verification_images``),
+with the rest of the chain in fp32 PyTorch: routes identical, no score crossing or nearing
+its task's τ (``runtime.deployment.SCORE_MARGIN``), mean mask IoU ≥ ``INT8_MASK_IOU_BAR``
+(also per image label), and the graph's output error recorded. A graph that misses a bar
+is written in fp32 instead, with a warning and the record in its manifest entry. A graph
+that passes ships with its fp32 copy (unless --no-fp32-fallback), and the export with its
+verification set (casam_export/verification_set.py), which the runtime re-runs on a CPU of
+another int8 kernel class (runtime/deployment.py).
 
 The calibration set is not part of a graph's ``built_from``: a re-export after adding a
 task keeps the quantised encoder and earlier alignment layers as they are, and quantises
@@ -51,6 +56,7 @@ import torch
 from casam_export.errors import ExportError
 from casam_bundle import Bundle
 from runtime.backends.ort import session_options
+from runtime.deployment import MASK_IOU_BAR
 from casam_io.image_io import PICTURE_SUFFIXES, files_by_stem, read_prepared
 from casam_io.intensity import Intensity
 from casam_core.names import IDENTITY
@@ -62,7 +68,7 @@ if TYPE_CHECKING:  # verify imports this module (its int8 bar)
 PathLike = Union[str, os.PathLike]
 INT8 = "int8"
 #: Mean mask IoU against the fp32 graph that an int8 graph must reach (issue 14).
-INT8_MASK_IOU_BAR = 0.95
+INT8_MASK_IOU_BAR = MASK_IOU_BAR  # the same bar the runtime re-checks on other CPUs
 DEFAULT_CALIBRATION_COUNT = 8
 #: Ops given QDQ pairs: the matrix products with a constant (weight) operand. Quantising
 #: the elementwise ops too adds requantisation steps that cost time and accuracy for no
