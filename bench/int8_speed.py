@@ -8,6 +8,18 @@
   3. peak RSS of one ``casam-infer`` process on each export.
 
     .venv/bin/python bench/int8_speed.py --fp32 DIR --int8 DIR [--runs 5] [--real 6] [--label vit_b]
+
+``--ports`` (issue 27, "quantisation that ports") instead quantises the fp32 export's encoder
+and alignment graphs itself in each variant: min-max (the default before), min-max with
+``reduce_range`` (7-bit weights), percentile and entropy calibration, and min-max run with
+the session option ``session.x64quantprecision`` (u8u8 products on CPUs without VNNI),
+calibrated on 8 real images that are not among the 16 measured, and reports for each, side
+by side with fp32 in one run: mean and minimum mask IoU against fp32, routes, the largest
+relative score change, and end-to-end and per-stage speed, with the CPU's int8 kernel class
+and load average. It writes a JSON record (``--out``, default
+bench/results/int8_speed_ports_<label>.json).
+
+    .venv/bin/python bench/int8_speed.py --ports --fp32 DIR [--runs 5] [--real 16]
 """
 
 from __future__ import annotations
@@ -76,13 +88,20 @@ def precisions(folder: Path) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fp32", type=Path, required=True)
-    parser.add_argument("--int8", type=Path, required=True)
+    parser.add_argument("--int8", type=Path, default=None)
+    parser.add_argument("--ports", action="store_true", help="measure the quantisation variants (issue 27)")
     parser.add_argument("--label", default="tiny")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--real", type=int, default=6, help="real images for the mask IoU (0: skip)")
     parser.add_argument("--rss", action="store_true", help="also measure casam-infer's peak RSS on each export")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.ports:
+        from int8_ports import ports
+
+        return ports(args.fp32, args.label, args.runs, max(args.real, 16), args.out)
+    if args.int8 is None:
+        parser.error("--int8 DIR is required (or --ports)")
     pipes = {"fp32": Pipeline.from_manifest(args.fp32, backend="ort-cpu"),
              "int8": Pipeline.from_manifest(args.int8, backend="ort-cpu")}
     task = pipes["fp32"].task_names[0]

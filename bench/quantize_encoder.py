@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from casam_export.quantize import _session, quantize_model  # noqa: E402
-from casam_export.verify import image_paths  # noqa: E402
+from casam_export.parity import image_paths  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.preprocess import preprocess  # noqa: E402
 

@@ -8,8 +8,8 @@ from typing import Any
 import click
 
 from casam_export.manifest import graph_entries
-from casam_export.quantize import DEFAULT_CALIBRATION_COUNT, INT8_MASK_IOU_BAR
-from casam_export.verify import MASK_IOU_BARS
+from casam_export.parity import INT8_MASK_IOU_BAR, MASK_IOU_BARS
+from casam_export.quantize import DEFAULT_CALIBRATION_COUNT
 from casam_core.cli_frame import CasamCommand
 from runtime.manifest import MANIFEST_NAME
 
@@ -33,6 +33,11 @@ from runtime.manifest import MANIFEST_NAME
                    "recorded in the bundle's task splits, where they still exist).")
 @click.option("--calibration-count", type=click.IntRange(min=1), default=DEFAULT_CALIBRATION_COUNT,
               show_default=True, help="Most calibration images per graph for --int8.")
+@click.option("--no-fp32-fallback", is_flag=True,
+              help="--int8: ship no fp32 copy of the int8 graphs; where the shipped verification set fails on "
+                   "another CPU class the runtime then refuses the export instead of running those graphs in fp32.")
+@click.option("--verify-count", type=click.IntRange(min=1, max=32), default=8, show_default=True,
+              help="--int8: images in the shipped verification set (the tasks' held-out images, then --verify-images).")
 @click.option("--trt/--no-trt", default=None,
               help="Build TensorRT engines (--trt requires TensorRT and a CUDA GPU). Default: build them "
                    "when both are present, else write ONNX only and say so in the manifest.")
@@ -47,7 +52,8 @@ from runtime.manifest import MANIFEST_NAME
                    "parity-failed.json. --no-verify marks the manifest unverified; the runtime warns on loading it.")
 @click.option("--verify-images", type=click.Path(path_type=Path), default=None,
               help="Folder of images for --verify (pictures, DICOM, NIfTI), read with the bundle's recorded "
-                   "intensity handling (default: built-in synthetic images).")
+                   "intensity handling. Added to the tasks' held-out images (their split.json test lists); "
+                   "built-in synthetic images when there are neither.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="SAM checkpoint file; must have the sha256 recorded in the bundle (default: the cached "
                    "official checkpoint, or none for the tiny test model).")
@@ -56,13 +62,16 @@ from runtime.manifest import MANIFEST_NAME
                    "reused).")
 @click.option("--force", is_flag=True, hidden=True, help="Deprecated spelling of --overwrite.")
 @click.option("--quiet", is_flag=True, help="No progress bars; print only the manifest path.")
-def main(overwrite: bool, force: bool, **options: Any) -> None:
+def main(overwrite: bool, force: bool, no_fp32_fallback: bool, verify_count: int, bundle_dir: Path, out_dir: Path,
+         **options: Any) -> None:
     """Export a CA-SAM bundle to separate graphs: encoder, router (the VAE scorers), one
     alignment graph per task, and decoder, described by manifest.json."""
-    from casam_export.export import export_bundle
+    from casam_export.export import ExportOptions, export_bundle
+    from casam_export.quantize import Int8Options
 
-    manifest = export_bundle(force=overwrite or force, **options)
-    _report(manifest, options["out_dir"], options["quiet"])
+    int8 = Int8Options(fp32_fallback=not no_fp32_fallback, verify_count=verify_count)
+    manifest = export_bundle(bundle_dir, out_dir, ExportOptions(force=overwrite or force, int8_options=int8, **options))
+    _report(manifest, out_dir, options["quiet"])
 
 
 def _report(manifest: dict[str, Any], out_dir: Path, quiet: bool) -> None:

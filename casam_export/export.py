@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Optional, Union
 
@@ -81,7 +82,8 @@ class _Job:
                            **quantize.built_from(self.precision), "torch": torch.__version__}
 
 
-def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompts: int) -> list[_Job]:
+def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompts: int,
+          fp32_fallback: bool = True) -> list[_Job]:
     checkpoint = {"sam_model": bundle.sam_model, "checkpoint_sha256": sam.checkpoint_sha256}
     jobs = [
         # Global attention is traced one head and one band of query rows at a time, so the
@@ -102,6 +104,8 @@ def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompt
         jobs.append(_Job(f"align/{record.name}", f"align/{record.name}.onnx", ALIGN,
                          lambda name=record.name: load_alignment(bundle, name), precision,
                          {"alignment_sha256": record.files.get("alignment.safetensors"), **record.alignment}, opset))
+    for job in jobs:  # an int8 graph's files also depend on whether its fp32 copy ships
+        job.built_from.update(quantize.built_from(job.precision, fp32_fallback))
     return jobs
 
 
@@ -112,37 +116,56 @@ def _produce(job: _Job, out: Path, opset: int, max_prompts: int,
         graph = export_graph(module, job.spec, opset, max_prompts)
     model = finalize(graph, fp16=job.precision == "fp16")
     record: dict[str, Any] = {}
+    fallback: dict[str, Any] = {}
     if job.precision == quantize.INT8 and quantizer is not None:  # int8, or fp32 where it misses its bar
+        fp32_model = model
         model, record = quantizer.quantize(job.key, model)
+        if record["precision"] == quantize.INT8 and quantizer.options.fp32_fallback:
+            # the runtime's fallback where the int8 graph fails on another CPU (runtime/deployment.py)
+            copy = write_graph(fp32_model, job.spec, out, job.rel)
+            fallback = {"fp32_fallback": {"file": copy.file, "sha256": copy.sha256, "external_data": copy.external_data}}
     written = write_graph(model, job.spec, out, job.rel)
     return {"file": written.file, "sha256": written.sha256, "precision": record.get("precision", job.precision),
             "external_data": written.external_data, **job.spec.io_dict(), "built_from": job.built_from,
-            **({"quantization": record} if record else {})}
+            **({"quantization": record} if record else {}), **fallback}
 
 
-def export_bundle(
-    bundle_dir: PathLike,
-    out_dir: PathLike,
-    *,
-    fp16: bool = False,
-    int8: bool = False,
-    calibration: Optional[PathLike] = None,
-    calibration_count: int = quantize.DEFAULT_CALIBRATION_COUNT,
-    opset: int = 18,
-    max_prompts: int = 16,
-    verify: bool = True,
-    verify_images: Optional[PathLike] = None,
-    trt: Optional[bool] = None,
-    force: bool = False,
-    checkpoint: Optional[PathLike] = None,
-    quiet: bool = True,
-) -> dict[str, Any]:
-    """Export ``bundle_dir`` into ``out_dir`` and return the manifest written there.
+@dataclass(frozen=True)
+class ExportOptions:
+    """How a bundle is exported (casam-export's options).
 
     ``trt``: None builds TensorRT engines where TensorRT and a GPU exist, True requires
     them, False skips them. ``int8`` quantises the encoder and alignment layers, calibrated
-    on ``calibration`` (a folder; default: the bundle's task splits), casam_export/quantize.py.
-    ``verify`` runs the exported chain against the PyTorch model;
+    on ``calibration`` (a folder; default: the bundle's task splits), casam_export/quantize.py;
+    ``int8_options`` says how, whether fp32 copies ship, and how many images the shipped
+    verification set holds (casam_export/verification_set.py). ``force`` writes into an
+    --out folder holding another bundle's export or other files (``--overwrite``)."""
+
+    fp16: bool = False
+    int8: bool = False
+    calibration: Optional[PathLike] = None
+    calibration_count: int = quantize.DEFAULT_CALIBRATION_COUNT
+    opset: int = 18
+    max_prompts: int = 16
+    verify: bool = True
+    verify_images: Optional[PathLike] = None
+    trt: Optional[bool] = None
+    force: bool = False
+    checkpoint: Optional[PathLike] = None
+    quiet: bool = True
+    int8_options: quantize.Int8Options = quantize.Int8Options()
+
+    @property
+    def precision(self) -> str:
+        return quantize.INT8 if self.int8 else "fp16" if self.fp16 else "fp32"
+
+
+def export_bundle(bundle_dir: PathLike, out_dir: PathLike, options: ExportOptions = ExportOptions(),
+                  **changes: Any) -> dict[str, Any]:
+    """Export ``bundle_dir`` into ``out_dir`` and return the manifest written there.
+
+    ``options`` (or its fields as keywords, ``export_bundle(b, o, int8=True)``) say how
+    (``ExportOptions``). ``verify`` runs the exported chain against the PyTorch model;
     when a bar is missed it writes parity-failed.json and raises ``ParityError`` without
     writing a manifest, so the deployment already in ``out_dir`` (if any) stays in force.
 
@@ -151,32 +174,17 @@ def export_bundle(
     files it no longer names removed. A failed or killed export leaves the previous
     manifest and every file it names untouched.
     """
-    if not 1 <= max_prompts <= MAX_PROMPTS_LIMIT:
-        raise ExportError(f"--max-boxes must be between 1 and {MAX_PROMPTS_LIMIT}, got {max_prompts}")
-    if not 17 <= opset <= 23:
-        raise ExportError(f"--opset must be between 17 and 23 (LayerNormalization needs 17), got {opset}")
-    bundle = Bundle.open(bundle_dir)
-    if not bundle.task_names:
-        raise ExportError(f"bundle {bundle.root} has no tasks yet; train one with casam-train first")
-    for name in bundle.task_names:  # each becomes a file name under --out
-        check_task_name(name, ExportError, str(bundle.root / "bundle.json"))
-    if fp16 and int8:
-        raise ExportError("choose one of --fp16 and --int8")
+    opts = replace(options, **changes)
+    bundle = _check_request(bundle_dir, opts)
     out = Path(out_dir)
-    previous = claim_out_dir(out, bundle, force)
-    images = quantize.calibration_set(bundle, calibration, calibration_count) if int8 else None
+    previous = claim_out_dir(out, bundle, opts.force)
+    images = quantize.calibration_set(bundle, opts.calibration, opts.calibration_count) if opts.int8 else None
     # Read once, before any graph is traced (a few images): a bad folder fails in seconds.
-    checks = verification_images(verify_images, bundle.preprocessing) if verify or int8 else None
+    checks = verification_images(opts.verify_images, bundle.preprocessing, bundle) if opts.verify or opts.int8 else None
     deployed = read_previous(out) if out.is_dir() else None  # in force until the switch, even with --force
     try:
         out.mkdir(parents=True, exist_ok=True)
-        sam = load_bundle_sam(bundle, checkpoint)
-        precision = quantize.INT8 if int8 else "fp16" if fp16 else "fp32"
-        quantizer = quantize.Quantizer(bundle, sam.model, images, checks) if images is not None else None
-        entries = _graphs(_jobs(bundle, sam, precision, opset, max_prompts), graph_entries(previous), out, opset,
-                          max_prompts, quiet, quantizer)
-        manifest = _manifest(bundle, sam, entries, out, opset, precision, max_prompts, fp16, trt)
-        report = _verify(out, manifest, bundle, sam, checks, quiet, deployed) if verify else None
+        manifest, report = _build(bundle, out, opts, (previous, deployed), (images, checks))
         fault_point("export:before-manifest")
         atomic_write_json(out / MANIFEST_NAME, manifest)  # the switch
     except OSError as exc:  # a full disk, a read-only folder …: one line, and the old deployment stands
@@ -193,37 +201,70 @@ def export_bundle(
     return manifest
 
 
-def _graphs(jobs: list[_Job], old: Mapping[str, Mapping[str, Any]], out: Path, opset: int, max_prompts: int,
-            quiet: bool, quantizer: Optional[quantize.Quantizer] = None) -> dict[str, dict[str, Any]]:
+def _check_request(bundle_dir: PathLike, opts: ExportOptions) -> Bundle:
+    """The cheap checks, before any image is read or graph traced: the options and the bundle."""
+    if not 1 <= opts.max_prompts <= MAX_PROMPTS_LIMIT:
+        raise ExportError(f"--max-boxes must be between 1 and {MAX_PROMPTS_LIMIT}, got {opts.max_prompts}")
+    if not 17 <= opts.opset <= 23:
+        raise ExportError(f"--opset must be between 17 and 23 (LayerNormalization needs 17), got {opts.opset}")
+    bundle = Bundle.open(bundle_dir)
+    if not bundle.task_names:
+        raise ExportError(f"bundle {bundle.root} has no tasks yet; train one with casam-train first")
+    for name in bundle.task_names:  # each becomes a file name under --out
+        check_task_name(name, ExportError, str(bundle.root / "bundle.json"))
+    if opts.fp16 and opts.int8:
+        raise ExportError("choose one of --fp16 and --int8")
+    return bundle
+
+
+def _build(bundle: Bundle, out: Path, opts: ExportOptions, manifests: tuple[Optional[Mapping[str, Any]], ...],
+           image_sets: tuple[Optional[Any], Optional[VerificationImages]]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """Graphs (reused where unchanged), engines, the shipped int8 verification set and the
+    parity check: the manifest to switch to, and the parity report (None: not verified)."""
+    (previous, deployed), (images, checks) = manifests, image_sets
+    sam = load_bundle_sam(bundle, opts.checkpoint)
+    quantizer = quantize.Quantizer(bundle, sam.model, images, checks, options=opts.int8_options) if images is not None else None
+    jobs = _jobs(bundle, sam, opts.precision, opts.opset, opts.max_prompts, opts.int8_options.fp32_fallback)
+    entries = _graphs(jobs, graph_entries(previous), out, opts, quantizer)
+    manifest = _manifest(bundle, sam, entries, out, opts)
+    if quantizer is not None and checks is not None:  # the set the runtime re-runs on other CPUs
+        manifest.update(_shipped_verification(out, bundle, quantizer, checks, opts.int8_options.verify_count))
+    report = _verify(out, manifest, bundle, sam, checks, opts.quiet, deployed) if opts.verify else None
+    return manifest, report
+
+
+def _graphs(jobs: list[_Job], old: Mapping[str, Mapping[str, Any]], out: Path, opts: ExportOptions,
+            quantizer: Optional[quantize.Quantizer] = None) -> dict[str, dict[str, Any]]:
     """Every graph's manifest entry: the previous one where ``reusable``, else a freshly built file."""
     fault_point("export:before-graphs")
     entries: dict[str, dict[str, Any]] = {}
     built = 0
-    with tqdm(jobs, desc="export", unit="graph", disable=quiet) as bar:
+    with tqdm(jobs, desc="export", unit="graph", disable=opts.quiet) as bar:
         for job in bar:
             bar.set_postfix_str(job.key)
             if reusable(old.get(job.key), job.built_from, out):
                 entries[job.key] = {**old[job.key], "reused": True}
             else:
-                entries[job.key] = {**_produce(job, out, opset, max_prompts, quantizer), "reused": False}
+                entries[job.key] = {**_produce(job, out, opts.opset, opts.max_prompts, quantizer), "reused": False}
                 built += 1
                 if built == 1:
                     fault_point("export:after-first-graph")
     return entries
 
 
-def _manifest(bundle: Bundle, sam: FrozenSam, entries: Mapping[str, dict[str, Any]], out: Path, opset: int,
-              precision: str, max_prompts: int, fp16: bool, trt: Optional[bool]) -> dict[str, Any]:
+def _manifest(bundle: Bundle, sam: FrozenSam, entries: Mapping[str, dict[str, Any]], out: Path,
+              opts: ExportOptions) -> dict[str, Any]:
     """The manifest to write (engines built where asked); ``parity`` says "not verified" until ``_verify`` passes."""
-    build_trt, reason = tensorrt_status(trt)
+    build_trt, reason = tensorrt_status(opts.trt)
     if build_trt:
-        tensorrt = build_engines(out, entries, fp16, max_prompts)
+        tensorrt = build_engines(out, entries, opts.fp16, opts.max_prompts)
     else:
         tensorrt = {"available": False, "reason": reason, "engines": {}}
     graphs = {k: v for k, v in entries.items() if not k.startswith("align/")}
     aligns = {k.split("/", 1)[1]: v for k, v in entries.items() if k.startswith("align/")}
-    return build_manifest(bundle, sam.checkpoint_sha256, graphs, aligns, opset=opset, precision=precision,
-                          max_prompts=max_prompts, tensorrt=tensorrt, parity=UNVERIFIED)
+    settings = {"opset": opts.opset, "precision": opts.precision, "max_prompts": opts.max_prompts}
+    return build_manifest(bundle, sam.checkpoint_sha256, graphs, aligns, settings=settings, tensorrt=tensorrt,
+                          parity=UNVERIFIED)
 
 
 def _verify(out: Path, manifest: dict[str, Any], bundle: Bundle, sam: FrozenSam, checks: Optional[VerificationImages],
@@ -236,6 +277,16 @@ def _verify(out: Path, manifest: dict[str, Any], bundle: Bundle, sam: FrozenSam,
                           f"(see {out / PARITY_FAILED}); no manifest was written, {_kept(deployed, out)}")
     manifest["parity"] = {"verified": True, "passed": True, manifest["precision"]: report["summary"]}
     return report
+
+
+def _shipped_verification(out: Path, bundle: Bundle, quantizer: quantize.Quantizer, checks: VerificationImages,
+                          count: int) -> dict[str, Any]:
+    """The int8 export's verification set and the kernel class of the CPU that verified it."""
+    from casam_export.verification_set import write_verification_set
+    from runtime.cpu_class import int8_kernel_class
+
+    return {"int8_kernel_class": int8_kernel_class(),
+            "verification": write_verification_set(out, bundle, quantizer.model, checks, count)}
 
 
 def _kept(deployed: Optional[Mapping[str, Any]], out: Path) -> str:

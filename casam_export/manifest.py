@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from casam_export.errors import ExportError
+from casam_core import __version__
 from casam_core.files import check_out_dir, read_json, sha256_file
 from runtime.manifest import MANIFEST_FORMAT, MANIFEST_FORMAT_VERSION, MANIFEST_NAME, graph_content_id
 from casam_bundle import THRESHOLD_KEYS, Bundle
@@ -34,13 +35,15 @@ UNVERIFIED = {"verified": False, "passed": None}
 #: Top-level graph files an export writes: content-named (``encoder-<sha12>.onnx``), or the
 #: fixed names of exports made before content naming (``encoder.onnx``), with weights files.
 TOP_GRAPH_FILE = re.compile(r"(encoder|router|decoder)(-[0-9a-f]{12})?\.onnx(\.data)?")
-#: Other entries an export folder holds.
-EXPORT_ENTRIES = {MANIFEST_NAME, PARITY_REPORT, PARITY_FAILED, "align", "trt", ".staging"}
+#: The int8 verification set (casam_export/verification_set.py), content-named like the graphs.
+VERIFICATION_FILE = re.compile(r"verification-[0-9a-f]{12}\.npz")
+#: Other entries an export folder holds ("deployment": the runtime's int8 verdicts per CPU class).
+EXPORT_ENTRIES = {MANIFEST_NAME, PARITY_REPORT, PARITY_FAILED, "align", "trt", ".staging", "deployment"}
 
 
 def is_export_entry(name: str) -> bool:
     """May a top-level entry called ``name`` belong to a casam export (so --out is not someone else's)?"""
-    return name in EXPORT_ENTRIES or TOP_GRAPH_FILE.fullmatch(name) is not None
+    return name in EXPORT_ENTRIES or TOP_GRAPH_FILE.fullmatch(name) is not None or VERIFICATION_FILE.fullmatch(name) is not None
 
 
 def read_previous(out: Path) -> Optional[dict[str, Any]]:
@@ -100,8 +103,11 @@ def reusable(entry: Optional[Mapping[str, Any]], built_from: Mapping[str, Any], 
     if not entry or entry.get("built_from") != dict(built_from):
         return False
     files = [(entry.get("file"), entry.get("sha256"))]
-    if entry.get("external_data"):
-        files.append((entry["external_data"].get("file"), entry["external_data"].get("sha256")))
+    for part in (entry, entry.get("fp32_fallback") or {}):  # weights, and the int8 graph's fp32 copy
+        if part is not entry and part:
+            files.append((part.get("file"), part.get("sha256")))
+        if part.get("external_data"):
+            files.append((part["external_data"].get("file"), part["external_data"].get("sha256")))
     for rel, sha in files:
         if not isinstance(rel, str) or not _relative(rel) or not (out / rel).is_file() or sha256_file(out / rel) != sha:
             return False
@@ -115,13 +121,18 @@ def _relative(rel: str) -> bool:
 
 
 def named_files(manifest: Optional[Mapping[str, Any]]) -> set[str]:
-    """Every file ``manifest`` names (graphs, their weights, TensorRT engines), relative to its folder."""
+    """Every file ``manifest`` names (graphs, their weights and fp32 copies, the int8 verification
+    set, TensorRT engines), relative to its folder."""
     files = []
     for entry in graph_entries(manifest).values():
-        if isinstance(entry, Mapping):
-            files.append(entry.get("file"))
-            if isinstance(entry.get("external_data"), Mapping):
-                files.append(entry["external_data"].get("file"))
+        for part in (entry, entry.get("fp32_fallback") if isinstance(entry, Mapping) else None):
+            if isinstance(part, Mapping):
+                files.append(part.get("file"))
+                if isinstance(part.get("external_data"), Mapping):
+                    files.append(part["external_data"].get("file"))
+    verification = (manifest or {}).get("verification")
+    if isinstance(verification, Mapping):
+        files.append(verification.get("file"))
     engines = ((manifest or {}).get("tensorrt") or {}).get("engines") or {}
     files += [e.get("file") for e in engines.values() if isinstance(e, Mapping)]
     return {Path(f).as_posix() for f in files if isinstance(f, str) and f}  # "./x.onnx" names x.onnx
@@ -140,7 +151,7 @@ def _content_ids(manifest: Optional[Mapping[str, Any]]) -> set[str]:
 def remove_unreferenced(out: Path, manifest: Optional[Mapping[str, Any]]) -> None:
     """Delete the export's own files that ``manifest`` (the one in force; None: none) does not name.
 
-    Graph files (``encoder…onnx``, ``align/*.onnx``, weights), temporary files left by a kill
+    Graph files (``encoder…onnx``, ``align/*.onnx``, weights, fp32 copies), verification sets, temporary files left by a kill
     (``.*.tmp``) and ``.staging``. TensorRT engines stay when they were built for one of the
     manifest's graphs (the runtime caches engines for other GPUs there too). Nothing else in
     the folder is touched, and a file that cannot be removed is left (this also runs while an
@@ -150,7 +161,8 @@ def remove_unreferenced(out: Path, manifest: Optional[Mapping[str, Any]]) -> Non
         return
     named = named_files(manifest)
     ids = _content_ids(manifest)
-    doomed = [p for p in out.iterdir() if p.is_file() and TOP_GRAPH_FILE.fullmatch(p.name) and p.name not in named]
+    doomed = [p for p in out.iterdir() if p.is_file() and p.name not in named
+              and (TOP_GRAPH_FILE.fullmatch(p.name) or VERIFICATION_FILE.fullmatch(p.name))]
     if (out / "align").is_dir():
         doomed += [p for p in (out / "align").iterdir()
                    if p.is_file() and p.name.endswith((".onnx", ".onnx.data")) and f"align/{p.name}" not in named]
@@ -199,14 +211,12 @@ def build_manifest(
     graphs: Mapping[str, Mapping[str, Any]],
     aligns: Mapping[str, Mapping[str, Any]],
     *,
-    opset: int,
-    precision: str,
-    max_prompts: int,
+    settings: Mapping[str, Any],
     tensorrt: Mapping[str, Any],
     parity: Optional[Mapping[str, Any]],
 ) -> dict[str, Any]:
-    from casam_core import __version__
-
+    """manifest.json's content; ``settings`` holds the export's ``opset``, ``precision`` and
+    ``max_prompts``."""
     return {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_FORMAT_VERSION,
@@ -216,9 +226,9 @@ def build_manifest(
         "sam": {"model": bundle.sam_model, "checkpoint_sha256": sam_sha},
         "preprocessing": bundle.preprocessing.to_dict(),
         "pooling": {"temperature": bundle.temperature},
-        "opset": opset,
-        "precision": precision,
-        "max_prompts": max_prompts,
+        "opset": settings["opset"],
+        "precision": settings["precision"],
+        "max_prompts": settings["max_prompts"],
         "graphs": {k: dict(v) for k, v in graphs.items()},
         "tasks": task_entries(bundle, aligns),
         "tensorrt": dict(tensorrt),

@@ -9,114 +9,24 @@ verification image routes to is still compared.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from casam_export.errors import ExportError
-from casam_export.quantize import INT8_MASK_IOU_BAR
+from casam_export.parity import MASK_IOU_BARS, VerificationImages, mask_ious, prompts_for, verification_images
 from models.casam import routes_to_names
 from models.router import IDENTITY_INDEX
-from casam_core.errors import InputError
-from casam_io.image_io import image_files
 from runtime.pipeline import Pipeline
 from casam_core.names import IDENTITY
-from runtime.preprocess import Preprocessing, preprocess
+from runtime.preprocess import preprocess
 from runtime.prompts import Prompts
 from casam_bundle import Bundle
 from models.bundle_models import build_model
 
-PathLike = Union[str, os.PathLike]
-MASK_IOU_BARS = {"fp32": 0.999, "fp16": 0.99, "int8": INT8_MASK_IOU_BAR}
-MAX_VERIFY_IMAGES = 8
-
-
-def synthetic_images(seed: int = 0) -> list[np.ndarray]:
-    """Three seeded images of different sizes, aspect ratios and depths (RGB, grey, 16-bit).
-
-    Blobs on a textured background give the encoder structure to respond to; the odd sizes
-    exercise the longest-side resize and padding. They are pictures, which every intensity
-    handling min-max scales (``casam_io.intensity.effective_mode``), as preprocessing does
-    with the 16-bit one, so they need no recorded window.
-    """
-    rng = np.random.default_rng(seed)
-    images = []
-    for h, w, kind in ((300, 420, "rgb"), (256, 256, "grey"), (410, 230, "uint16")):
-        yy, xx = np.mgrid[0:h, 0:w]
-        canvas = 40 + 20 * np.sin(xx / 7.0) * np.cos(yy / 11.0) + rng.normal(0, 6, (h, w))
-        for _ in range(3):
-            cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
-            ry, rx = rng.uniform(0.08, 0.2) * h, rng.uniform(0.08, 0.2) * w
-            canvas[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] += rng.uniform(90, 160)
-        if kind == "rgb":
-            tint = rng.uniform(0.6, 1.0, 3)
-            images.append(np.clip(canvas[..., None] * tint, 0, 255).astype(np.uint8))
-        elif kind == "grey":
-            images.append(np.clip(canvas, 0, 255).astype(np.uint8))
-        else:
-            images.append(np.clip(canvas * 200, 0, 65535).astype(np.uint16))
-    return images
-
-
-def image_paths(folder: PathLike, option: str) -> list[Path]:
-    """The image files of ``folder`` (or ``folder/images``) in name order: pictures, DICOM and
-    NIfTI files, listed as ``casam-train eval --ood`` lists an image set; an empty or missing
-    folder is one ExportError naming ``option``."""
-    try:
-        return list(image_files(folder).values())
-    except InputError as exc:
-        raise ExportError(f"{option}: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class VerificationImages:
-    """The images an export is checked on, prepared as the deployment prepares them, and
-    where they came from (the folder, or "synthetic"). Read once per export: the int8
-    bars and the chain's parity use the same set."""
-
-    images: tuple[np.ndarray, ...]
-    source: str
-
-
-def verification_images(folder: Optional[PathLike], prep: Preprocessing) -> VerificationImages:
-    """The first MAX_VERIFY_IMAGES of ``folder``, else ``synthetic_images``.
-
-    ``prep`` is the bundle's recorded preprocessing and has no default: the deployment
-    prepares every file with its intensity (``Preprocessing.read``: a volume is its middle slice, windowed
-    over the whole volume), so parity measured on other grey levels would verify a chain
-    the deployment never runs. An empty folder or an unreadable image is an ExportError.
-    """
-    if folder is None:
-        return VerificationImages(tuple(synthetic_images()), "synthetic")
-    files = image_paths(folder, "--verify-images")[:MAX_VERIFY_IMAGES]
-    try:
-        return VerificationImages(tuple(prep.read(p)[0] for p in files), str(Path(folder)))
-    except InputError as exc:
-        raise ExportError(f"--verify-images: {exc}") from exc
-
-
-def prompts_for(image: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """Three boxes and two two-point prompts (one positive, one negative) in original pixels."""
-    h, w = image.shape[:2]
-    rng = np.random.default_rng(seed)
-    x0, y0 = rng.uniform(0, 0.5, 3) * w, rng.uniform(0, 0.5, 3) * h
-    boxes = np.stack([x0, y0, x0 + rng.uniform(0.2, 0.5, 3) * w, y0 + rng.uniform(0.2, 0.5, 3) * h], axis=1)
-    points = rng.uniform(0.1, 0.9, (2, 2, 2)) * np.array([w, h])
-    return {"boxes": boxes.astype(np.float32), "points": points.astype(np.float32),
-            "point_labels": np.array([[1, 0], [1, 1]], np.float32)}
-
-
-def mask_ious(a: np.ndarray, b: np.ndarray) -> list[float]:
-    """IoU of each pair of K×… boolean masks; two empty masks agree perfectly."""
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    inter, union = (a & b).sum(1), (a | b).sum(1)
-    return [1.0 if u == 0 else float(i) / float(u) for i, u in zip(inter, union)]
 
 
 class _Comparison:

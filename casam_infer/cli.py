@@ -22,6 +22,7 @@ import click
 from casam_core.errors import CasamError, ManifestError
 from casam_core.files import atomic_write_json
 from casam_core.ownership import OutputDir
+from casam_infer import verify_deployment
 from casam_infer.concurrency import in_order
 from casam_infer.inputs import RunEnding, check_inputs, expand_inputs  # noqa: F401 (re-exported)
 from runtime.predictor import Predictor
@@ -62,6 +63,9 @@ def resolve_engines(engines: Optional[Path]) -> Path:
 
 
 @click.command(name=COMMAND, cls=InferCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--verify-deployment", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
+              callback=verify_deployment.run_option, metavar="ENGINES",
+              help="Re-run the int8 export's verification set on this CPU, print a table and exit ($CASAM_BACKEND).")
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @infer_options
 def main(images: tuple[Path, ...], **params: Any) -> None:

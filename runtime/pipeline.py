@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from runtime.backends import Backend, Engine, Tensor, open_backend
+from runtime.deployment import deployable
 from runtime.engine_cache import EngineCache
 from casam_core.errors import InputError, ManifestError
 from casam_io.intensity import count_nonfinite, nonfinite_warning
@@ -133,11 +134,13 @@ class Pipeline:
         ``manifest`` replaces ``folder/manifest.json``: an exporter can verify its engines
         through the runtime before it writes the final manifest. ``verify=False`` skips the
         hashing, for a caller that has just hashed the files itself. A manifest read from
-        the folder goes through ``check_parity``.
+        the folder goes through ``check_parity`` and ``runtime.deployment.deployable``.
         """
         loaded = Manifest.load(folder, manifest, verify=verify)
         if manifest is None:
             check_parity(loaded)
+            # int8 verified on another CPU kernel class: re-run its verification set (runtime/deployment.py)
+            loaded = deployable(loaded, backend, lambda m: cls(m, open_backend(backend, m)))
         return cls(loaded, open_backend(backend, loaded), max_resident=max_resident, preload=preload)
 
     # ----- stages ---------------------------------------------------------------------

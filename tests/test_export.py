@@ -25,7 +25,7 @@ from casam_export.cli import main as cli_main
 from casam_export.fp16 import convert_to_fp16, fp32_node_names
 from casam_export.graphs import ALIGN, DECODER, GraphSpec, TensorSpec, export_graph, finalize, write_graph
 from casam_export.manifest import claim_out_dir
-from casam_export.verify import synthetic_images
+from casam_export.parity import synthetic_images
 from conftest import make_random_bundle
 from models.prompt_decoder import PromptDecoder
 from models.sam_loader import load_frozen_sam

@@ -21,7 +21,7 @@ from PIL import Image
 from casam_export import export as export_module
 from casam_export import export_bundle, quantize
 from casam_export.errors import ExportError
-from casam_export.verify import prompts_for, synthetic_images
+from casam_export.parity import prompts_for, synthetic_images
 from casam_io.image_io import read_prepared
 from casam_io.intensity import Intensity
 from runtime.pipeline import Pipeline
