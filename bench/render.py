@@ -87,6 +87,7 @@ class Target:
     bound: Optional[float] = None
     derive: Optional[Callable[[dict[str, Any]], Optional[tuple[float, str]]]] = None
     stale_before: Optional[tuple[str, str]] = None
+    unit: str = ""
 
 
 def lookup(tables: dict[str, Any], target: Target) -> Optional[tuple[Any, str]]:
@@ -115,7 +116,7 @@ def peak_fraction(label: str) -> Callable[[dict[str, Any]], Optional[tuple[float
         rates = [r[3] for r in table.rows if str(r[0]).startswith(f"{label} encoder")]
         if not gemm or not rates:
             return None
-        return max(rates) / gemm, "{:.2f} of the fp32 GEMM peak"
+        return max(rates) / gemm, "{:.2f} of the onnxruntime fp32 GEMM 2048³ rate"
     return derive
 
 
@@ -138,7 +139,7 @@ TARGETS = [
            "separate / batched", ">=", 1.0),
     Target("8 boxes in one decoder call no slower than 8 calls, vit_b", "infer_latency", "boxes_vit_b", "runtime",
            "separate / batched", ">=", 1.0),
-    Target("casam-infer peak RSS ≤ 1200 MB, vit_b fp32", "infer_latency", "rss", "vit_b", "peak RSS MB", "<=", 1200),
+    Target("casam-infer peak RSS ≤ 1200 MB, vit_b fp32", "infer_latency", "rss", "vit_b", "peak RSS MB", "<=", 1200, unit=" MB"),
     Target("fp16 export mask IoU ≥ 0.99 against fp32 PyTorch, tiny", "export_size_time", "exports", ("tiny", "fp16"),
            "mean mask IoU", ">=", 0.99, stale_before=("2026-11-30", "the lean decoder")),
     Target("fp16 export mask IoU ≥ 0.99 against fp32 PyTorch, vit_b", "export_size_time", "exports",
@@ -151,7 +152,7 @@ TARGETS = [
     Target("tiny int8 end to end ≥ 1.5× fp32", "int8_speed_tiny", "stages", "**end to end**", "fp32 / int8", ">=", 1.5),
     Target("vit_b int8 mask IoU against fp32, real images, mean", "int8_speed_vit_b", "iou_summary", None, "mean IoU"),
     Target("casam-infer peak RSS ≤ 600 MB, int8 vit_b", "int8_speed_vit_b", "rss", "int8", "casam-infer peak RSS",
-           "<=", 600),
+           "<=", 600, unit=" MB"),
     Target("the better CPU backend ≥ 0.70 of the onnxruntime fp32 GEMM peak, vit_b fp32 encoder", "cpu_peak",
            op=">=", bound=0.70, derive=peak_fraction("vit_b-fp32")),
     Target("onnxruntime time ÷ OpenVINO time, vit_b fp32 encoder", "cpu_peak", "ort_vs_openvino", "vit_b-fp32",
@@ -162,7 +163,7 @@ TARGETS = [
            "volume, --batch 1", "vs single image (in process)", ">=", 1.0),
     Target("encoder batching ≥ 1.2× faster per slice (batch 4 against 1), CPU", "volume_latency", "modes",
            "volume, --batch 4", "vs volume batch 1", ">=", 1.2),
-    Target("casam-infer peak RSS < 1536 MB, 64-slice volume", "volume_latency", "rss", None, "peak RSS MB", "<", 1536),
+    Target("casam-infer peak RSS < 1536 MB, 64-slice volume", "volume_latency", "rss", None, "peak RSS MB", "<", 1536, unit=" MB"),
     Target("GPU suite on an H200 (bench/gpu_suite.py)", "gpu_suite", "rows"),
 ]
 
@@ -183,10 +184,10 @@ def status(target: Target, record: dict[str, Any], value: Any) -> str:
     a stale mark when the record predates a change to what it measures."""
     verdict = "reported" if target.op is None else ("met" if OPS[target.op](value, target.bound) else "**missed**")
     marks = []
-    load = (record.get("load") or {}).get("after") or (record.get("load") or {}).get("before")
+    load = max((x[0] for x in (record.get("load") or {}).values() if x), default=None)  # 1-minute averages
     cores = (record.get("cpu") or {}).get("cores")
-    if load and cores and max(load) > cores:
-        marks.append(f"under load {max(load):g} on {cores} cores")
+    if load is not None and cores and load > cores:
+        marks.append(f"under load {load:g} on {cores} cores")
     if target.stale_before and record["recorded"][:10] < target.stale_before[0]:
         marks.append(f"stale: recorded before {target.stale_before[1]} ({target.stale_before[0]})")
     return verdict + (f" ({'; '.join(marks)})" if marks else "")
@@ -200,7 +201,8 @@ def render_summary(records: Records) -> str:
             table.add(target.label, None, "no record", "not measured")
             continue
         stem, value, fmt = found
-        table.add(target.label, cell(value, fmt), f"`{stem}`", status(target, records[stem], value))
+        model = (records[stem].get("cpu") or {}).get("model") or "CPU not recorded"
+        table.add(target.label, cell(value, fmt) + target.unit, f"`{stem}` ({model})", status(target, records[stem], value))
     return table.markdown() + "\n"
 
 
