@@ -7,7 +7,7 @@ For each SAM (tiny, vit_b; random weights, 2 tasks), side by side in one run:
   - the router (attention pooling + every VAE) at 100 tasks;
 for PyTorch eager fp32 and bf16 (autocast) against casam on onnxruntime fp32 and fp16
 (CUDA provider; fp16 graphs from ``casam-export --fp16``). Writes one JSON and one Markdown
-table, checks the GPU targets of issue 14 and says which were met.
+table, checks the GPU targets and says which were met.
 
 On a GPU machine (../shared/docs/DEVICE.md says how to carry onnxruntime-gpu there):
 
@@ -56,7 +56,7 @@ from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
 from runtime.prompts import encode_prompts  # noqa: E402
 
 ROUTER_TASKS = 100
-#: issue 14's targets on the GPU: chain ≤ 1.3× the encoder, ≥ 3× eager fp32, 8 boxes ≥ 3× faster batched.
+#: The GPU targets: chain ≤ 1.3× the encoder, ≥ 3× eager fp32, 8 boxes ≥ 3× faster batched.
 TARGETS = {"chain_over_encoder_max": 1.3, "chain_vs_eager_fp32_min": 3.0, "boxes_separate_over_batched_min": 3.0}
 
 
@@ -177,7 +177,7 @@ def router_many(device: str, clock: Clock, work: Path, backend: str, tasks: int,
 
 
 def verdicts(result: dict[str, Any]) -> dict[str, Any]:
-    """issue 14's GPU targets against the fastest casam row of each model."""
+    """The GPU targets against the fastest casam row of each model."""
     out = {}
     for m in result["models"]:
         casam = min((r for k, r in m["rows"].items() if k.startswith("casam")), key=lambda r: r["chain_ms"])

@@ -287,7 +287,7 @@ def describe_line(name: str, record: dict[str, Any], timings: bool) -> str:
 # --- end prompts per image and evaluation ---
 @click.option("--server-timeout", type=click.FloatRange(min=0), default=DEFAULT_READY_TIMEOUT_S, show_default=True,
               metavar="SECONDS", help="With --server: how long to wait for a starting server to load its models.")
-# --- concurrent requests (issue 14) ---
+# --- concurrent requests ---
 @click.option("--concurrency", type=click.IntRange(min=1), default=1, show_default=True,
               help="Images in flight at once (with --server, lets the server batch its encoder runs). "
                    "Outputs are written in input order.")

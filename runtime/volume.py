@@ -38,9 +38,9 @@ from runtime.preprocess import Frame, preprocess
 DEFAULT_MIN_AREA = 16  # pixels: below this a propagated mask is noise, not the object
 DEFAULT_MARGIN = 2.0  # pixels added around the previous mask's bounding box
 #: Slices per encoder call, by the backend's device. On the CPU, batches ran slower per
-#: slice than single slices (tiny encoder 61.6 ms per slice at batch 1, 71.9 at 4 and 79.9
-#: at 8: onnxruntime already spreads one slice over the cores, and a batch's activations
-#: leave the caches; bench/results/volume_latency.md), so the CPU takes one at a time. A GPU
+#: slice than single slices (onnxruntime already spreads one slice over the cores, and a
+#: batch's activations leave the caches; BENCHMARKS.md, "bench/volume_latency.py"), so the
+#: CPU takes one at a time. A GPU
 #: is filled by batches (not measured here: no GPU was at hand).
 DEFAULT_BATCH = {"cpu": 1, "cuda": 4}
 
@@ -89,7 +89,7 @@ class EmbeddingSpill:
     """Slice embeddings by slice index: encoded once, read back when needed, never all in
     memory. The first ``resident_bytes`` stay in memory (a 64-slice volume's 4 MB
     embeddings, so a typical volume never touches the disk: writing each to a file cost
-    ~8 ms per slice); the rest go to a temporary file, so memory stays flat however many
+    time per slice, ad hoc); the rest go to a temporary file, so memory stays flat however many
     slices a volume has."""
 
     def __init__(self, resident_bytes: int = RESIDENT_BYTES) -> None:

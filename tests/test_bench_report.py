@@ -1,4 +1,4 @@
-"""BENCHMARKS.md is rendered from the records in bench/results/ (issue 21): the committed file
+"""BENCHMARKS.md is rendered from the records in bench/results/: the committed file
 equals a fresh render, every table in it is a rendered one, every record is well formed, the
 summary's verdicts are computed from the latest record, and the bench scripts write records
 through the one writer."""
