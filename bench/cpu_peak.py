@@ -269,6 +269,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     tables = {"peaks": peaks}
     if engines:
         tables["encoders"] = encoder_table(result, rates, theoretical)
+        pairs = [(a, b) for a in result["ms"] for b in result["ms"]
+                 if a.endswith(" encoder ort") and b == a[: -len("ort")] + "openvino"]
+        if pairs:
+            tables["ort_vs_openvino"] = Table.of("encoder", ("onnxruntime / OpenVINO time", "{:.2f}×"))
+            for a, b in pairs:
+                tables["ort_vs_openvino"].add(a[: -len(" encoder ort")], result["ms"][a] / result["ms"][b])
     best = max((k for k in rates if "fp32" in k), key=rates.get)
     setup = (f"Medians of {args.runs} turns, every figure taking turns with the others after a warm-up. "
              f"Theoretical fp32 FMA peak: {how}. The measured fp32 peak is the best of the four fp32 rates "

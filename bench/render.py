@@ -109,11 +109,16 @@ def peak_fraction(label: str) -> Callable[[dict[str, Any]], Optional[tuple[float
     """The best backend's GMAC/s on encoder ``label`` over the onnxruntime fp32 GEMM
     GMAC/s of the same record (the cpu_peak 'figures' table)."""
     def derive(tables: dict[str, Any]) -> Optional[tuple[float, str]]:
-        if "figures" not in tables:
+        if "encoders" in tables and "peaks" in tables:  # the records of today's cpu_peak.py
+            peaks, encoders = Table.from_json(tables["peaks"]), Table.from_json(tables["encoders"])
+            gemm = next((r[4] for r in peaks.rows if r[0] == "GEMM 2048³ fp32" and r[1] == "onnxruntime"), None)
+            rates = [r[5] for r in encoders.rows if r[0] == label]
+        elif "figures" in tables:  # the converted record of 2026-12-03
+            table = Table.from_json(tables["figures"])
+            gemm = table.value("GEMM 2048³ fp32 (onnxruntime)", "GMAC/s")
+            rates = [r[3] for r in table.rows if str(r[0]).startswith(f"{label} encoder")]
+        else:
             return None
-        table = Table.from_json(tables["figures"])
-        gemm = table.value("GEMM 2048³ fp32 (onnxruntime)", "GMAC/s")
-        rates = [r[3] for r in table.rows if str(r[0]).startswith(f"{label} encoder")]
         if not gemm or not rates:
             return None
         return max(rates) / gemm, "{:.2f} of the onnxruntime fp32 GEMM 2048³ rate"
