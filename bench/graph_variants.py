@@ -9,7 +9,7 @@ decoder is the same size for every SAM), so the comparison is of graph structure
 (The encoder's lean global attention is a memory bound, not a speed-up: SAM's own form
 holds a heads×4096×4096 map; see casam_export/lean_attention.py.)
 
-    .venv/bin/python bench/graph_variants.py [--runs 15] [--out bench/results/graph_variants.md]
+    .venv/bin/python bench/graph_variants.py [--runs 15] [--results-dir bench/results]
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ from casam_core.errors import CasamError, ManifestError
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 #: Graph fusions left off on the CPU. onnxruntime's CPU SkipLayerNormalization kernel
-#: (residual add fused into LayerNorm) runs about 2× slower than the Add and
-#: LayerNormalization kernels it replaces (bench/results/ort_options.md); the decoder has
-#: one on K×4096×256.
+#: (residual add fused into LayerNorm) runs slower than the Add and LayerNormalization
+#: kernels it replaces (BENCHMARKS.md, "bench/ort_options.py"); the decoder has one on
+#: K×4096×256.
 CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 ORT_DEFAULT_SEVERITY = 2  # warnings
 
