@@ -11,7 +11,8 @@ The images are used in place: a seeded sample of each set is *linked* (not copie
 a work folder with a fixed split.json. With the tiny seeded SAM (random weights) the
 absolute IoUs mean nothing; the comparisons between methods are what this tests. With an
 official checkpoint, ``--sam vit_b --checkpoint FILE`` and larger --train/--epochs give
-the paper's setting. Results: bench/results/paper_protocol.md, the report's figures as
+the paper's setting. Results: the record bench/results/paper_protocol-<date>.json (the
+figures), the report bench/results/paper_protocol.md, the report's figures as
 bench/results/paper_protocol_*.png, and the whole run (sequence.json, report.html,
 CSVs, bundle) in --work.
 """
