@@ -114,3 +114,16 @@ def test_every_bench_script_writes_its_record_through_the_one_writer(script):
     text = script.read_text(encoding="utf-8")
     assert "write_record(" in text and "start(" in text
     assert not re.search(r'"results" / "[\w.-]+\.md"', text)  # no Markdown results file of its own
+
+
+def test_every_record_the_documents_cite_exists():
+    """A figure cited as "(bench/results/NAME.json)" in the README, docs/, EVALUATION.md or
+    the prose of BENCHMARKS.md names a record that is there."""
+    records = render.load_records(common.RESULTS)
+    cited = set()
+    for doc in [ROOT / "README.md", ROOT / "EVALUATION.md", DOC, *sorted((ROOT / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        cited |= {(doc.name, m) for m in re.findall(r"bench/results/([\w.-]+?)\.json", text)}
+        cited |= {(doc.name, m) for m in re.findall(r"`([a-z0-9_]+-\d{4}-\d{2}-\d{2}(?:-\d+)?)`", text)}
+    assert cited, "no document cites a record"
+    assert [(doc, stem) for doc, stem in sorted(cited) if stem not in records] == []
