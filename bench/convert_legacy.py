@@ -18,7 +18,7 @@ import argparse
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from common import FLAGS, RESULTS, ROOT, Table, atomic_write_text, dumps, record_path, SCHEMA
 
