@@ -2,6 +2,7 @@
 #
 #   make demo                      # install, then train → export → infer on the tiny SAM
 #   make test                      # install, then the whole test suite (2 pytest-xdist workers)
+#   make bench-report              # render BENCHMARKS.md's tables from bench/results/*.json
 #
 # Variables:
 #   TORCH=torch==2.13.0            torch requirement (a CPU build on CPU machines; plain
@@ -17,7 +18,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.casam-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-report clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,11 @@ test: install
 
 bench: install
 	$(PY) bench/encoder_time.py
+
+# BENCHMARKS.md's tables, rendered from the records in bench/results/ (byte for byte the same
+# on every machine; tests/test_bench_report.py fails when the committed file differs).
+bench-report:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) bench/render.py
 
 clean:
 	rm -rf $(VENV) demo_out demo_work build *.egg-info

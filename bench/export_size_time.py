@@ -5,14 +5,12 @@ gets random weights saved as a checkpoint, so no download is needed and sizes ar
 Times are wall-clock for a full export without verification, then an incremental
 re-export after a third task is added (align graph + router only), then verification alone.
 
-    .venv/bin/python bench/export_size_time.py [--models tiny,vit_b] [--out bench/results/export_size_time.md]
+    .venv/bin/python bench/export_size_time.py [--models tiny,vit_b] [--results-dir bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -21,11 +19,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from conftest import make_random_bundle  # noqa: E402
 
 from casam_export import export_bundle  # noqa: E402
-from casam_core.files import atomic_path, atomic_write_text, sha256_file  # noqa: E402
+from casam_core.files import atomic_path, sha256_file  # noqa: E402
 from casam_bundle import Bundle  # noqa: E402
 
 NAMES = ("alpha", "beta")
@@ -91,41 +91,32 @@ def bench(model: str, work: Path) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict]) -> str:
+def table(rows: list[dict]) -> Table:
     keys = list(rows[0]["sizes"])
-    lines = [
-        "# Export time and file sizes",
-        "",
-        f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), no GPU, other jobs "
-        "running; torch.onnx dynamo exporter, opset 18, onnxruntime CPU for verification. Random weights "
-        "(sizes are exact; times are wall-clock, single run).",
-        "",
-        "| model | precision | full export (s) | re-export after adding a task (s) | verification (s) | mean mask IoU vs PyTorch | "
-        + " | ".join(f"{k} (MB)" for k in keys) + " |",
-        "|" + "---|" * (6 + len(keys)),
-    ]
+    out = Table.of("model", "precision", ("full export (s)", "{:.1f}"), ("re-export after adding a task (s)", "{:.1f}"),
+                   ("verification (s)", "{:.1f}"), ("mean mask IoU vs PyTorch", "{:.5f}"),
+                   *[(f"{k} (MB)", "{:.2f}") for k in keys])
     for r in rows:
-        inc = f"{r['incremental_s']:.1f}" if "incremental_s" in r else "—"
-        lines.append(f"| {r['model']} | {r['precision']} | {r['export_s']:.1f} | {inc} | {r['verify_s']:.1f} | "
-                     f"{r['mask_iou_mean']:.5f} | " + " | ".join(f"{r['sizes'][k]:.2f}" for k in keys) + " |")
-    lines += ["", "Re-export after adding a task rebuilds only the new align graph and the router; the encoder "
-              "and decoder files are kept byte-identical. The router is kept fp32 under --fp16 (it is tiny "
-              "and keeps routing identical).", ""]
-    return "\n".join(lines)
+        out.add(r["model"], r["precision"], r["export_s"], r.get("incremental_s"), r["verify_s"], r["mask_iou_mean"],
+                *[r["sizes"][k] for k in keys])
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,vit_b")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "export_size_time.md")
+    add_results_option(parser)
     args = parser.parse_args()
+    run = start("export_size_time")
     rows = []
     for model in args.models.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             rows += bench(model, Path(tmp))
-    atomic_write_text(args.out, render(rows))
-    print(render(rows))
-
+    setup = ("Export time and file sizes: torch.onnx dynamo exporter, opset 18, onnxruntime CPU for verification. "
+             "Random weights (sizes are exact; times are wall-clock, single run). Re-export after adding a task "
+             "rebuilds only the new align graph and the router; the encoder and decoder files are kept "
+             "byte-identical. The router is kept fp32 under --fp16.")
+    write_record(run, {"exports": table(rows)}, setup=setup, folder=args.results_dir)
 
 if __name__ == "__main__":
     main()

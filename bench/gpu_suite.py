@@ -7,7 +7,7 @@ For each SAM (tiny, vit_b; random weights, 2 tasks), side by side in one run:
   - the router (attention pooling + every VAE) at 100 tasks;
 for PyTorch eager fp32 and bf16 (autocast) against casam on onnxruntime fp32 and fp16
 (CUDA provider; fp16 graphs from ``casam-export --fp16``). Writes one JSON and one Markdown
-table, checks the GPU targets of issue 14 and says which were met.
+table, checks the GPU targets and says which were met.
 
 On a GPU machine (../shared/docs/DEVICE.md says how to carry onnxruntime-gpu there):
 
@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from export_size_time import make_bundle  # noqa: E402  (random-weight bundles, one implementation)
 from infer_latency import export_fp32_graph, inputs  # noqa: E402
 
@@ -55,7 +56,7 @@ from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
 from runtime.prompts import Prompts, encode_prompts  # noqa: E402
 
 ROUTER_TASKS = 100
-#: issue 14's targets on the GPU: chain ≤ 1.3× the encoder, ≥ 3× eager fp32, 8 boxes ≥ 3× faster batched.
+#: The GPU targets: chain ≤ 1.3× the encoder, ≥ 3× eager fp32, 8 boxes ≥ 3× faster batched.
 TARGETS = {"chain_over_encoder_max": 1.3, "chain_vs_eager_fp32_min": 3.0, "boxes_separate_over_batched_min": 3.0}
 
 
@@ -176,7 +177,7 @@ def router_many(device: str, clock: Clock, work: Path, backend: str, tasks: int,
 
 
 def verdicts(result: dict[str, Any]) -> dict[str, Any]:
-    """issue 14's GPU targets against the fastest casam row of each model."""
+    """The GPU targets against the fastest casam row of each model."""
     out = {}
     for m in result["models"]:
         casam = min((r for k, r in m["rows"].items() if k.startswith("casam")), key=lambda r: r["chain_ms"])
@@ -200,24 +201,32 @@ def device_name(device: str) -> str:
         ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def tables(result: dict[str, Any]) -> dict[str, Table]:
+    """The suite's figures as record tables (the same cells the Markdown shows)."""
+    chains = Table.of("model", "engine", ("encoder", "{:.1f}"), ("whole chain", "{:.1f}"), ("8 boxes batched", "{:.1f}"),
+                      ("8 boxes, 8 calls", "{:.1f}"))
+    for m in result["models"]:
+        for label, r in m["rows"].items():
+            chains.add(m["model"], label, r["encoder_ms"], r["chain_ms"], r["boxes8_batched_ms"], r["boxes8_separate_ms"])
+    r = result["router"]
+    router = Table.of(f"router at {r['tasks']} tasks (one embedding)", ("runtime ms", "{:.2f}"),
+                      ("eager fp32 ms", "{:.2f}"))
+    router.add(result["device"], r["runtime_ms"], r["eager_fp32_ms"])
+    targets = Table.of("model", "chain / encoder (≤ 1.3)", "eager fp32 / chain (≥ 3)", "8 calls / batched (≥ 3)")
+    mark = lambda ok: "met" if ok else "missed"  # noqa: E731
+    for name, v in result["targets"].items():
+        targets.add(name, f"{v['chain_over_encoder']:.2f} ({mark(v['met']['chain_over_encoder'])})",
+                    f"{v['chain_vs_eager_fp32']:.2f} ({mark(v['met']['chain_vs_eager_fp32'])})",
+                    f"{v['boxes8_separate_over_batched']:.2f} ({mark(v['met']['boxes8'])})")
+    return {"chains": chains, "router": router, "targets": targets}
+
+
 def render(result: dict[str, Any]) -> str:
+    t = tables(result)
     lines = [f"# GPU suite ({result['device']}: {result['device_name']})", "",
              f"torch {result['torch']}, onnxruntime {result['onnxruntime']}; medians of {result['runs']} runs, ms; "
              "one 768×1024 image, one box, route forced to a task (alignment runs).", "",
-             "| model | engine | encoder | whole chain | 8 boxes batched | 8 boxes, 8 calls |", "|---|---|---|---|---|---|"]
-    for m in result["models"]:
-        for label, r in m["rows"].items():
-            lines.append(f"| {m['model']} | {label} | {r['encoder_ms']:.1f} | {r['chain_ms']:.1f} | "
-                         f"{r['boxes8_batched_ms']:.1f} | {r['boxes8_separate_ms']:.1f} |")
-    r = result["router"]
-    lines += ["", f"| router at {r['tasks']} tasks (one embedding) | runtime ms | eager fp32 ms |", "|---|---|---|",
-              f"| {result['device']} | {r['runtime_ms']:.2f} | {r['eager_fp32_ms']:.2f} |"]
-    lines += ["", "| model | chain / encoder (≤ 1.3) | eager fp32 / chain (≥ 3) | 8 calls / batched (≥ 3) |", "|---|---|---|---|"]
-    for name, v in result["targets"].items():
-        mark = lambda ok: "met" if ok else "missed"  # noqa: E731
-        lines.append(f"| {name} | {v['chain_over_encoder']:.2f} ({mark(v['met']['chain_over_encoder'])}) | "
-                     f"{v['chain_vs_eager_fp32']:.2f} ({mark(v['met']['chain_vs_eager_fp32'])}) | "
-                     f"{v['boxes8_separate_over_batched']:.2f} ({mark(v['met']['boxes8'])}) |")
+             t["chains"].markdown(), "", t["router"].markdown(), "", t["targets"].markdown()]
     return "\n".join(lines) + "\n"
 
 
@@ -233,9 +242,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--bundle", type=Path, default=None, help="use this (tiny) bundle instead of making one")
     parser.add_argument("--engines", action="append", default=[], metavar="PRECISION=DIR",
                         help="use this export of --bundle for a precision instead of exporting (repeatable)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_suite",
-                        help="writes OUT.json and OUT.md")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/casam_gpu_suite/suite"),
+                        help="writes OUT.json (the raw figures) and OUT.md; the record goes to --results-dir")
+    add_results_option(parser)
     args = parser.parse_args(argv)
+    run = start("gpu_suite", argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU (use --device cpu to check the plumbing)")
     models = (args.models or ("tiny,vit_b" if args.device == "cuda" else "tiny")).split(",")
@@ -259,7 +270,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.with_suffix(".json"), result)
     atomic_write_text(args.out.with_suffix(".md"), render(result))
-    print(render(result))
+    write_record(run, tables(result), setup=f"{result['device']}: {result['device_name']}; torch {result['torch']}, "
+                 f"onnxruntime {result['onnxruntime']}; medians of {result['runs']} runs, ms; one 768×1024 image, "
+                 "one box, route forced to a task (alignment runs).", folder=args.results_dir)
     return result
 
 

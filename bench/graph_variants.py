@@ -9,7 +9,7 @@ decoder is the same size for every SAM), so the comparison is of graph structure
 (The encoder's lean global attention is a memory bound, not a speed-up: SAM's own form
 holds a heads×4096×4096 map; see casam_export/lean_attention.py.)
 
-    .venv/bin/python bench/graph_variants.py [--runs 15] [--out bench/results/graph_variants.md]
+    .venv/bin/python bench/graph_variants.py [--runs 15] [--results-dir bench/results]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from casam_export.graphs import DECODER  # noqa: E402
 from casam_export.lean_decoder import LeanPromptDecoder  # noqa: E402
-from infer_latency import export_fp32_graph, inputs, interleaved, machine, write_report  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
+from infer_latency import export_fp32_graph, inputs, interleaved  # noqa: E402
 from models.prompt_decoder import PromptDecoder  # noqa: E402
 from models.sam_loader import load_frozen_sam  # noqa: E402
 from runtime.backends import OrtBackend  # noqa: E402
@@ -57,8 +58,9 @@ def medians(fns: dict[str, Callable[[], Any]], runs: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=15, help="timed runs per row")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "graph_variants.md")
+    add_results_option(parser)
     args = parser.parse_args()
+    run = start("graph_variants")
     logging.getLogger("casam").setLevel(logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="casam_graph_variants_"))
     sam = load_frozen_sam("tiny").model
@@ -84,14 +86,13 @@ def main() -> None:
     m = medians({"sam": lambda: float_preprocess(rgb, prep), "lean": lambda: preprocess(rgb, prep)}, max(args.runs, 20))
     rows.append(("preprocess, 768×1024 RGB", "float arithmetic → lookup table (bit-identical)", m["sam"], m["lean"]))
 
-    lines = ["# Export-time rewrites against SAM's own form (onnxruntime CPU, fp32)", "",
-             f"Machine: {machine()}; onnxruntime {__import__('onnxruntime').__version__}, the runtime's CPU "
-             f"session settings, random weights. Medians of {args.runs} runs (at least 20 for preprocessing), "
-             "the two variants taking turns after a warm-up.", "",
-             "| what | variants | before ms | after ms | speed-up |", "|---|---|---|---|---|"]
-    lines += [f"| {what} | {variants} | {a:.1f} | {b:.1f} | {a / b:.2f}× |" for what, variants, a, b in rows]
-    write_report(args.out, "\n".join(lines) + "\n")
-
+    table = Table.of("what", "variants", ("before ms", "{:.1f}"), ("after ms", "{:.1f}"), ("speed-up", "{:.2f}×"))
+    for what, variants, a, b in rows:
+        table.add(what, variants, a, b, a / b)
+    setup = (f"Export-time rewrites against SAM's own form: onnxruntime, the runtime's CPU session settings, fp32, "
+             f"random weights. Medians of {args.runs} runs (at least 20 for preprocessing), the two variants taking "
+             "turns after a warm-up.")
+    write_record(run, {"variants": table}, setup=setup, folder=args.results_dir)
 
 if __name__ == "__main__":
     main()

@@ -24,10 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cpu_peak import cpu_description, load_average  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
 
 from casam_infer.cli import main as casam_infer  # noqa: E402
-from casam_core.files import atomic_write_text  # noqa: E402
 from casam_serve.process import ServerProcess  # noqa: E402
 
 
@@ -73,8 +72,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--levels", default="1,8")
     parser.add_argument("--turns", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "infer_concurrency.md")
+    add_results_option(parser)
     args = parser.parse_args(argv)
+    run = start("infer_concurrency", argv)
     levels = [int(x) for x in args.levels.split(",")]
     with tempfile.TemporaryDirectory(prefix="casam_conc_") as tmp, ServerProcess(args.engines, max_batch=8) as server:
         folder = Path(tmp) / "images"
@@ -86,25 +86,18 @@ def main(argv: Optional[list[str]] = None) -> None:
             for n in levels:
                 walls[n].append(one_run(folder, server.grpc_url, n, Path(tmp) / f"out{n}_{turn}"))
         local = in_process(folder, args.engines, args.turns)
-    model, flags = cpu_description()
     base = args.images / statistics.median(walls[levels[0]])
-    lines = ["# casam-infer --server --concurrency: images/s", "",
-             f"CPU: {model}, flags {', '.join(flags)}; load average {load_average()} when written. Local casam-serve "
-             f"(--max-batch 8) on the tiny export; {args.images} 512×512 RGB images, one box each; medians of "
-             f"{args.turns} turns, the levels taking turns.", "",
-             "| --concurrency | wall s | images/s | × concurrency 1 |", "|---|---|---|---|"]
+    table = Table.of(("--concurrency", "{:d}"), ("wall s", "{:.2f}"), ("images/s", "{:.2f}"), ("× concurrency 1", "{:.2f}×"))
     for n in levels:
         wall = statistics.median(walls[n])
-        lines.append(f"| {n} | {wall:.2f} | {args.images / wall:.2f} | {args.images / wall / base:.2f}× |")
-    lines += ["", f"The chain alone, in this process (`Pipeline.predict` on the same images and box, no server, "
-              f"no files written; median of {args.turns} passes): {args.images / local:.2f} images/s. That is the "
-              f"most any concurrency could reach on this machine, if it hid every cost but the chain's own "
-              f"compute: {args.images / local / base:.2f}× concurrency 1."]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, text)
-    print(text)
-
+        table.add(n, wall, args.images / wall, args.images / wall / base)
+    ceiling = Table.of("what", ("images/s", "{:.2f}"), ("× concurrency 1", "{:.2f}×"))
+    ceiling.add("the chain alone, in process", args.images / local, args.images / local / base)
+    setup = (f"casam-infer --server --concurrency against a local casam-serve (--max-batch 8) on the tiny export; "
+             f"{args.images} 512×512 RGB images, one box each; medians of {args.turns} turns, the levels taking "
+             "turns. The chain alone: Pipeline.predict on the same images and box in this process, no server, no "
+             "files written; the most any concurrency could reach here if it hid every cost but the chain's compute.")
+    write_record(run, {"levels": table, "ceiling": ceiling}, setup=setup, folder=args.results_dir)
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from encoder_time import median_ms  # noqa: E402
 from export_size_time import make_bundle  # noqa: E402  (random-weight bundles, one implementation)
 
@@ -40,7 +40,6 @@ from models.router import Router  # noqa: E402
 from models.sam_loader import load_frozen_sam  # noqa: E402
 from models.vae import TaskVAE  # noqa: E402
 from runtime.backends import OrtBackend  # noqa: E402
-from casam_core.files import atomic_write_text  # noqa: E402
 from runtime.pipeline import STAGES, Pipeline  # noqa: E402
 from runtime.preprocess import boxes_to_frame, preprocess  # noqa: E402
 from runtime.prompts import Prompts, encode_prompts  # noqa: E402
@@ -110,13 +109,6 @@ def export_fp32_graph(module: torch.nn.Module, spec: GraphSpec, folder: Path, na
         warnings.simplefilter("ignore")  # the dynamo exporter's tracing chatter
         written = write_graph(finalize(export_graph(module, spec, 18, 16), fp16=False), spec, folder, name)
     return folder / written.file
-
-
-def write_report(out: Path, text: str) -> None:
-    """Write a benchmark's markdown under ``out`` (atomically) and echo it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, text)
-    print(text)
 
 
 #: Pause before each timed call (not timed): longer than a spinning thread pool keeps spinning.
@@ -228,43 +220,42 @@ def peak_rss_mb(engines: Path, work: Path) -> float:
     return int(report.read_text()) / 1024.0
 
 
-def machine() -> str:
-    """CPU model, cores and load average: figures from a shared VM mean little without them."""
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{os.cpu_count()}-core {model} ({platform.machine()}), no GPU, load average {load} when written"
+SETUP = ("torch eager with its default threads against onnxruntime's CPUExecutionProvider, fp32, random weights. "
+         "Input: one 768×1024 RGB image, one box, route forced to a task (alignment runs). Runtime and eager runs "
+         "take turns after a warm-up each. Medians in ms; ratio = eager / runtime (> 1: the runtime is faster). "
+         "Eight boxes on one embedding: one decoder call (K=8) against eight calls (K=1). Router: attention "
+         "pooling and every task VAE, one image. Peak RSS: one `casam-infer` process, ORT CPU, fp32.")
 
 
-def render(results: list[dict[str, Any]], routers, rss: dict[str, float], encoder_ms: dict[str, float]) -> str:
-    lines = ["# Inference latency: casam runtime (ORT CPU) vs PyTorch eager CA-SAM", "",
-             f"Machine: {machine()}; torch {torch.__version__} eager with {torch.get_num_threads()} threads, "
-             f"onnxruntime {__import__('onnxruntime').__version__} CPUExecutionProvider, fp32, random weights. "
-             "Input: one 768×1024 RGB image, one box, route forced to a task (alignment runs). "
-             "Runtime and eager runs take turns after a warm-up each. "
-             "Medians in ms; ratio = eager / runtime (> 1: the runtime is faster).", ""]
+def stage_tables(r: dict[str, Any]) -> dict[str, Table]:
+    """A model's per-stage table and its eight-boxes table."""
+    stages = Table.of("stage", ("runtime ms", "{:.1f}"), ("eager ms", "{:.1f}"), ("ratio", "{:.2f}×"))
+    for k in STAGES:
+        rt, eg = r["stages"][k]
+        stages.add("**end to end**" if k == "total" else k, rt, eg, eg / rt)
+    boxes = Table.of("", ("batched ms", "{:.1f}"), ("8 separate ms", "{:.1f}"), ("separate / batched", "{:.2f}×"))
+    for side in ("runtime", "eager"):
+        batched, separate = r["boxes"][side]
+        boxes.add(side, batched, separate, separate / batched)
+    return {r["model"]: stages, f"boxes_{r['model']}": boxes}
+
+
+def tables(results: list[dict[str, Any]], routers, rss: dict[str, float], encoder_ms: dict[str, float]) -> dict[str, Table]:
+    out: dict[str, Table] = {}
     for r in results:
-        lines += [f"## {r['model']} (median of {r['runs']} runs)", "",
-                  "| stage | runtime ms | eager ms | ratio |", "|---|---|---|---|"]
-        for k in STAGES:
-            rt, eg = r["stages"][k]
-            lines.append(f"| {'**end to end**' if k == 'total' else k} | {rt:.1f} | {eg:.1f} | {eg / rt:.2f}× |")
-        (rb, rs), (eb, es) = r["boxes"]["runtime"], r["boxes"]["eager"]
-        lines += ["", "Eight boxes on one embedding: one decoder call (K=8) vs eight calls (K=1).", "",
-                  "| | batched ms | 8 separate ms | separate / batched |", "|---|---|---|---|",
-                  f"| runtime | {rb:.1f} | {rs:.1f} | {rs / rb:.2f}× |",
-                  f"| eager | {eb:.1f} | {es:.1f} | {es / eb:.2f}× |", ""]
-    enc = encoder_ms.get("vit_b") or encoder_ms.get("tiny")
+        out.update(stage_tables(r))
     enc_name = "vit_b" if "vit_b" in encoder_ms else "tiny"
-    lines += ["## Router (attention pooling + all task VAEs), one image", "",
-              f"| tasks | runtime ms | eager ms | share of the {enc_name} runtime encoder ({enc:.0f} ms) |",
-              "|---|---|---|---|"]
+    enc = encoder_ms[enc_name]
+    router = Table.of(("tasks", "{:d}"), ("runtime ms", "{:.2f}"), ("eager ms", "{:.2f}"),
+                      (f"share of the {enc_name} runtime encoder ({enc:.0f} ms)", "{:.3f}%"))
     for n, rt, eg in routers:
-        lines.append(f"| {n} | {rt:.2f} | {eg:.2f} | {100 * rt / enc:.3f}% |")
+        router.add(n, rt, eg, 100 * rt / enc)
+    out[f"router_vs_{enc_name}"] = router
     if rss:
-        lines += ["", "## Peak RSS of one `casam-infer` run (ORT CPU, fp32)", "", "| model | peak RSS MB |", "|---|---|"]
-        lines += [f"| {m} | {v:.0f} |" for m, v in rss.items()]
-    return "\n".join(lines) + "\n"
+        out["rss"] = Table.of("model", ("peak RSS MB", "{:.0f}"))
+        for m, v in rss.items():
+            out["rss"].add(m, v)
+    return out
 
 
 def main() -> None:
@@ -272,8 +263,9 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,vit_b")
     parser.add_argument("--runs", type=int, default=7, help="timed runs per measurement (vit_b uses min(runs, 3))")
     parser.add_argument("--work", type=Path, default=None, help="keep bundles and exports here (reused next time)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "infer_latency.md")
+    add_results_option(parser)
     args = parser.parse_args()
+    run = start("infer_latency")
     work = args.work or Path(tempfile.mkdtemp(prefix="casam_infer_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     results, rss, encoder_ms = [], {}, {}
@@ -287,7 +279,9 @@ def main() -> None:
         rss[name] = peak_rss_mb(r["engines"], work / name)
     print("router scaling…", flush=True)
     routers = router_scaling(work, args.runs)
-    write_report(args.out, render(results, routers, rss, encoder_ms))
+    runs_note = ", ".join(f"{r['model']}: medians of {r['runs']} runs" for r in results)
+    write_record(run, tables(results, routers, rss, encoder_ms), setup=f"{SETUP} {runs_note}.",
+                 folder=args.results_dir)
 
 
 if __name__ == "__main__":

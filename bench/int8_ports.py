@@ -9,9 +9,7 @@ onnxruntime's ``session.x64quantprecision`` session option. See int8_speed.py fo
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import json
-import os
 import shutil
 import statistics
 from pathlib import Path
@@ -20,16 +18,16 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import onnx
 
-from cpu_peak import cpu_description, load_average
+from common import RESULTS, Table, start, write_record
 from infer_latency import inputs, interleaved
 from int8_speed import REAL, iou, real_cases
 
-from casam_core.files import atomic_write_text, read_json, sha256_file
+from casam_core.files import read_json, sha256_file
 from casam_export.quantize import QuantConfig, quantize_model
-from casam_io.image_io import read_prepared
 from runtime.cpu_class import int8_kernel_class
 from runtime.pipeline import STAGES, Pipeline
-from runtime.preprocess import preprocess
+from runtime.preprocess import Preprocessing, preprocess
+from runtime.prompts import Prompts
 
 VARIANTS: dict[str, QuantConfig] = {
     "minmax": QuantConfig("minmax"),
@@ -40,13 +38,13 @@ VARIANTS: dict[str, QuantConfig] = {
 X64 = "minmax+x64quantprecision"
 
 
-def calibration_images(count: int, intensity: Any) -> list[np.ndarray]:
+def calibration_images(count: int, prep: Preprocessing) -> list[np.ndarray]:
     """``count`` real images none of which ``real_cases`` measures (it takes every 7th from 0)."""
     folders = sorted(p for p in REAL.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir())
     out = []
     for i in range(count):
         images = sorted((folders[i % len(folders)] / "images").iterdir())
-        out.append(read_prepared(images[(3 + 7 * (i // len(folders))) % len(images)], intensity)[0])
+        out.append(prep.read(images[(3 + 7 * (i // len(folders))) % len(images)])[0])
     return out
 
 
@@ -92,7 +90,8 @@ def agreement(ref: Pipeline, pipe: Pipeline, cases: list) -> dict[str, Any]:
     """Mask IoU, routes and the largest relative score change of ``pipe`` against ``ref``."""
     ious, same, rel = [], 0, 0.0
     for _, image, box in cases:
-        a, b = ref.predict(image, boxes=box), pipe.predict(image, boxes=box)
+        prompts = Prompts.for_image(image.shape, boxes=box)
+        a, b = ref.predict(image, prompts), pipe.predict(image, prompts)
         ious.append(iou(a.masks[0], b.masks[0]))
         same += a.route == b.route
         sa, sb = np.array(list(a.scores.values())), np.array(list(b.scores.values()))
@@ -101,42 +100,32 @@ def agreement(ref: Pipeline, pipe: Pipeline, cases: list) -> dict[str, Any]:
             "routes_agree": same, "score_max_rel_change": rel, "ious": [round(v, 4) for v in ious]}
 
 
-def write_record(path: Path, record: dict[str, Any]) -> None:
-    """The JSON record, written atomically. A local writer: bench/common.py (another branch)
-    adds the shared one; the lead can switch this call to it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(record, indent=2) + "\n")
-
-
 def ports(fp32: Path, label: str, runs: int, real: int, out: Optional[Path], work: Path = Path("/tmp/casam_int8_ports")) -> None:
-    load_before = load_average()
+    """Quantise every variant, then measure quality and speed side by side; one record."""
+    run = start(f"int8_speed_ports_{label}")
     shutil.rmtree(work, ignore_errors=True)
     ref = Pipeline.from_manifest(fp32, backend="ort-cpu")
-    calib = calibration_images(8, ref.preprocessing.intensity)
+    calib = calibration_images(8, ref.preprocessing)
     pipes: dict[str, Pipeline] = {"fp32": ref}
     for name, config in VARIANTS.items():
         pipes[name] = Pipeline.from_manifest(variant_folder(fp32, work / name, config, calib, ref), backend="ort-cpu")
         print(f"quantised {name}", flush=True)
     with x64_sessions():
         pipes[X64] = Pipeline.from_manifest(work / "minmax", backend="ort-cpu")
-    cases = real_cases(real, ref.preprocessing.intensity)
+    cases = real_cases(real, ref.preprocessing)
     quality = {k: agreement(ref, p, cases) for k, p in pipes.items() if k != "fp32"}
     image, boxes = inputs()
-    task = ref.task_names[0]
-    rows = interleaved({k: (lambda p=p: p.predict(image, boxes=boxes[:1], task=task).timings_ms) for k, p in pipes.items()}, runs)
+    prompts, task = Prompts.for_image(image.shape, boxes=boxes[:1]), ref.task_names[0]
+    rows = interleaved({k: (lambda p=p: p.predict(image, prompts, task=task).timings_ms) for k, p in pipes.items()}, runs)
     speed = {k: {s: statistics.median(t[s] for t, _ in v) for s in STAGES} for k, v in rows.items()}
-    model, flags = cpu_description()
-    record = {"bench": "int8_speed --ports", "label": label, "written_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-              "cpu": model, "flags": flags, "int8_kernel_class": int8_kernel_class(), "cores": os.cpu_count(),
-              "load_average_before": load_before, "load_average_after": load_average(), "runs": runs,
-              "real_images": [n for n, _, _ in cases], "calibration_images": len(calib),
-              "speed_ms": speed, "speedup_vs_fp32": {k: speed["fp32"]["total"] / v["total"] for k, v in speed.items()},
-              "quality_vs_fp32": quality}
-    path = out or Path(__file__).resolve().parent / "results" / f"int8_speed_ports_{label}.json"
-    write_record(path, record)
+    table = Table.of("variant", ("total ms", "{:.1f}"), ("encoder ms", "{:.1f}"), ("align ms", "{:.1f}"),
+                     ("speed-up vs fp32", "{:.2f}"), ("mean IoU", "{:.4f}"), ("min IoU", "{:.4f}"), "routes",
+                     ("largest score change", "{:.4f}"))
     for k in pipes:
-        q = quality.get(k, {})
-        print(f"{k:<26} total {speed[k]['total']:7.1f} ms  encoder {speed[k]['encoder']:6.1f}  align {speed[k]['align']:6.1f}"
-              f"  x{record['speedup_vs_fp32'][k]:.2f}" + (f"  IoU {q['iou_mean']:.4f}/{q['iou_min']:.4f}  routes "
-              f"{q['routes_agree']}/{q['images']}  score Δ {q['score_max_rel_change']:.4f}" if q else ""))
-    print(path)
+        q = quality.get(k)
+        table.add(k, speed[k]["total"], speed[k]["encoder"], speed[k]["align"], speed["fp32"]["total"] / speed[k]["total"],
+                  q["iou_mean"] if q else None, q["iou_min"] if q else None,
+                  f"{q['routes_agree']}/{q['images']}" if q else "-", q["score_max_rel_change"] if q else None)
+    notes = [f"int8 kernel class {int8_kernel_class()}; {len(cases)} real images, one box from each mask; "
+             f"calibrated on {len(calib)} other real images; medians of {runs} interleaved runs"]
+    write_record(run, {"variants": table}, setup=f"fp32 export {fp32}", notes=notes, folder=out or RESULTS)

@@ -8,18 +8,6 @@
   3. peak RSS of one ``casam-infer`` process on each export.
 
     .venv/bin/python bench/int8_speed.py --fp32 DIR --int8 DIR [--runs 5] [--real 6] [--label vit_b]
-
-``--ports`` (issue 27, "quantisation that ports") instead quantises the fp32 export's encoder
-and alignment graphs itself in each variant: min-max (the default before), min-max with
-``reduce_range`` (7-bit weights), percentile and entropy calibration, and min-max run with
-the session option ``session.x64quantprecision`` (u8u8 products on CPUs without VNNI),
-calibrated on 8 real images that are not among the 16 measured, and reports for each, side
-by side with fp32 in one run: mean and minimum mask IoU against fp32, routes, the largest
-relative score change, and end-to-end and per-stage speed, with the CPU's int8 kernel class
-and load average. It writes a JSON record (``--out``, default
-bench/results/int8_speed_ports_<label>.json).
-
-    .venv/bin/python bench/int8_speed.py --ports --fp32 DIR [--runs 5] [--real 16]
 """
 
 from __future__ import annotations
@@ -38,10 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cpu_peak import cpu_description, load_average  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from infer_latency import inputs, interleaved, peak_rss_mb  # noqa: E402
 
-from casam_core.files import atomic_write_text  # noqa: E402
 from runtime.pipeline import STAGES, Pipeline  # noqa: E402
 from runtime.preprocess import Preprocessing  # noqa: E402
 from runtime.prompts import Prompts  # noqa: E402
@@ -89,19 +76,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fp32", type=Path, required=True)
     parser.add_argument("--int8", type=Path, default=None)
-    parser.add_argument("--ports", action="store_true", help="measure the quantisation variants (issue 27)")
+    parser.add_argument("--ports", action="store_true",
+                        help="measure the quantisation variants instead (bench/int8_ports.py)")
     parser.add_argument("--label", default="tiny")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--real", type=int, default=6, help="real images for the mask IoU (0: skip)")
     parser.add_argument("--rss", action="store_true", help="also measure casam-infer's peak RSS on each export")
-    parser.add_argument("--out", type=Path, default=None)
+    add_results_option(parser)
     args = parser.parse_args(argv)
     if args.ports:
         from int8_ports import ports
 
-        return ports(args.fp32, args.label, args.runs, max(args.real, 16), args.out)
+        return ports(args.fp32, args.label, args.runs, max(args.real, 16), getattr(args, "results_dir", None))
     if args.int8 is None:
         parser.error("--int8 DIR is required (or --ports)")
+    run = start(f"int8_speed_{args.label}", argv)
     pipes = {"fp32": Pipeline.from_manifest(args.fp32, backend="ort-cpu"),
              "int8": Pipeline.from_manifest(args.int8, backend="ort-cpu")}
     task = pipes["fp32"].task_names[0]
@@ -121,30 +110,32 @@ def main(argv: Optional[list[str]] = None) -> None:
             work = Path(f"/tmp/casam_int8_rss_{k}")
             work.mkdir(exist_ok=True)
             rss[k] = peak_rss_mb(folder, work)
-    model, flags = cpu_description()
-    lines = [f"# int8 against fp32, {args.label} (onnxruntime CPU)", "",
-             f"CPU: {model}, flags {', '.join(flags)}; load average {load_average()} when written (shared machine: "
-             f"the ratios, measured in turns, are what count). Medians of {args.runs} turns, ms. "
-             "One 768×1024 image, one box, route forced to a task.", "",
-             f"int8 export: {precisions(args.int8)}.", "",
-             "| stage | fp32 ms | int8 ms | fp32 / int8 |", "|---|---|---|---|"]
+    write_record(run, tables(stages, ious, rss),
+                 setup=(f"int8 against fp32, {args.label}, onnxruntime CPU. Medians of {args.runs} turns, ms. One "
+                        f"768×1024 image, one box, route forced to a task. int8 export: {precisions(args.int8)}. "
+                        "Mask IoU: real images (../shared/data/real), one box from each ground-truth mask, routed."),
+                 folder=args.results_dir)
+
+
+def tables(stages: dict[str, dict[str, float]], ious: list[tuple[str, float, bool]], rss: dict[str, float]) -> dict[str, Table]:
+    """Per-stage times, mask IoU per image and in summary, and peak RSS, as record tables."""
+    out = {"stages": Table.of("stage", ("fp32 ms", "{:.1f}"), ("int8 ms", "{:.1f}"), ("fp32 / int8", "{:.2f}×"))}
     for s in STAGES:
         f, q = stages["fp32"][s], stages["int8"][s]
-        lines.append(f"| {'**end to end**' if s == 'total' else s} | {f:.1f} | {q:.1f} | {f / q:.2f}× |")
+        out["stages"].add("**end to end**" if s == "total" else s, f, q, f / q)
     if ious:
-        lines += ["", f"Mask IoU int8 vs fp32 on {len(ious)} real images (../shared/data/real), one box from each "
-                  f"ground-truth mask, routed: mean **{np.mean([x[1] for x in ious]):.4f}**, min "
-                  f"{min(x[1] for x in ious):.4f}; routes agree on {sum(x[2] for x in ious)} of {len(ious)}.", "",
-                  "| image | IoU | routes |", "|---|---|---|"]
-        lines += [f"| {n} | {v:.4f} | {'same' if same else 'differ'} |" for n, v, same in ious]
+        out["iou"] = Table.of("image", ("IoU", "{:.4f}"), "routes")
+        for n, v, same in ious:
+            out["iou"].add(n, v, "same" if same else "differ")
+        out["iou_summary"] = Table.of(("images", "{:d}"), ("mean IoU", "{:.4f}"), ("min IoU", "{:.4f}"),
+                                      ("routes agree", "{:d}"))
+        out["iou_summary"].add(len(ious), float(np.mean([x[1] for x in ious])), min(x[1] for x in ious),
+                               sum(x[2] for x in ious))
     if rss:
-        lines += ["", "| export | casam-infer peak RSS MB |", "|---|---|"] + [f"| {k} | {v:.0f} |" for k, v in rss.items()]
-    text = "\n".join(lines) + "\n"
-    out = args.out or ROOT / "bench" / "results" / f"int8_speed_{args.label}.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, text)
-    print(text)
-
+        out["rss"] = Table.of("export", ("casam-infer peak RSS MB", "{:.0f}"))
+        for k, v in rss.items():
+            out["rss"].add(k, v)
+    return out
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.prompts import encode_prompts  # noqa: E402
 
@@ -133,27 +134,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,vit_b")
     parser.add_argument("--work", type=Path, default=None, help="bundles and exports (shared with infer_latency.py)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ort_options.md")
+    add_results_option(parser)
     args = parser.parse_args()
+    run = start("ort_options")
 
-    from infer_latency import exported, machine, write_report
+    from infer_latency import exported
 
     work = args.work or Path(tempfile.mkdtemp(prefix="casam_ort_options_"))
     work.mkdir(parents=True, exist_ok=True)
-    lines = ["# onnxruntime CPU session settings: onnxruntime defaults vs the casam runtime's", "",
-             f"Machine: {machine()}; fp32 graphs from casam-export, random weights. ms: median, the two "
-             "settings' sessions taking turns in one process after a warm-up. Peak RSS: VmHWM of a "
-             "fresh process that opens one session and runs it twice (onnxruntime's memory patterns "
-             "allocate their block on the second run).", "",
-             "| graph | run | ms, onnxruntime defaults | ms, casam runtime | peak RSS MB, defaults | peak RSS MB, casam runtime |",
-             "|---|---|---|---|---|---|"]
+    table = Table.of("graph", "run", ("ms, onnxruntime defaults", "{:.1f}"), ("ms, casam runtime", "{:.1f}"),
+                     ("peak RSS MB, defaults", "{:.0f}"), ("peak RSS MB, casam runtime", "{:.0f}"))
 
     def row(label: str, what: str, path: Path, kind: str, runs: int, rss: bool) -> None:
         print(f"{label}: {what}…", flush=True)
         ms = timed(path, kind, runs)
-        mb = {s: f"{fresh_rss(path, kind, s, 2):.0f}" for s in SETTINGS} if rss else {s: "—" for s in SETTINGS}
-        lines.append(f"| {label} | {what} | {ms[SETTINGS[0]]:.1f} | {ms[SETTINGS[1]]:.1f} | "
-                     f"{mb[SETTINGS[0]]} | {mb[SETTINGS[1]]} |")
+        mb = {s: fresh_rss(path, kind, s, 2) if rss else None for s in SETTINGS}
+        table.add(label, what, ms[SETTINGS[0]], ms[SETTINGS[1]], mb[SETTINGS[0]], mb[SETTINGS[1]])
 
     row("Add + LayerNormalization", "8×4096×256", residual_layernorm_graph(work), "skip+layernorm", 20, False)
     for name in args.models.split(","):
@@ -161,7 +157,11 @@ def main() -> None:
         row(f"{name} encoder", "1 image, 1024²", graphs["encoder"].path, "encoder", 3 if name == "vit_b" else 9, True)
         row(f"{name} decoder", "8 boxes, one call", graphs["decoder"].path, "decoder K=8", 9, True)
         row(f"{name} decoder", "8 boxes, 8 calls", graphs["decoder"].path, "decoder 8×K=1", 9, False)
-    write_report(args.out, "\n".join(lines) + "\n")
+    setup = ("onnxruntime CPU session settings, onnxruntime's defaults against the casam runtime's; fp32 graphs from "
+             "casam-export, random weights. ms: median, the two settings' sessions taking turns in one process after "
+             "a warm-up. Peak RSS: VmHWM of a fresh process that opens one session and runs it twice "
+             "(onnxruntime's memory patterns allocate their block on the second run).")
+    write_record(run, {"settings": table}, setup=setup, folder=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ The images are used in place: a seeded sample of each set is *linked* (not copie
 a work folder with a fixed split.json. With the tiny seeded SAM (random weights) the
 absolute IoUs mean nothing; the comparisons between methods are what this tests. With an
 official checkpoint, ``--sam vit_b --checkpoint FILE`` and larger --train/--epochs give
-the paper's setting. Results: bench/results/paper_protocol.md, the report's figures as
+the paper's setting. Results: the record bench/results/paper_protocol-<date>.json (the
+figures), the report bench/results/paper_protocol.md, the report's figures as
 bench/results/paper_protocol_*.png, and the whole run (sequence.json, report.html,
 CSVs, bundle) in --work.
 """
@@ -28,12 +29,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from casam_core.files import atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: E402
+from common import Run, Table, start, write_record  # noqa: E402
 from trainer.report import render_report  # noqa: E402
 from trainer.sequence import run_sequence  # noqa: E402
 from trainer.session import SessionOptions  # noqa: E402
@@ -84,43 +89,65 @@ def pct(v) -> str:
     return "–" if v is None else f"{100 * v:.2f}"
 
 
+def percent(v: Optional[float]) -> Optional[float]:
+    return None if v is None else 100 * v
+
+
+def record_tables(report: dict) -> dict[str, Table]:
+    """The run's figures (%) as record tables: summary, IoU per task and stage for each
+    method, zero-shot, routing confusion."""
+    res, methods, names = report["results"], report["methods"], report["tasks"]
+    out = {"summary": Table.of("method", *[(f"{x} {k}", "{:.2f}") for k in ("IoU", "BIoU") for x in ("Last", "Avg", "FF")])}
+    for m in methods:
+        out["summary"].add(f"{res[m]['label']} ({m})", *[percent(res[m][k][x]) for k in ("iou", "biou")
+                                                          for x in ("last", "avg", "ff")])
+        out[f"iou_{m}"] = Table.of("task", *[(str(t + 1), "{:.2f}") for t in range(len(names))])
+        for k, row in enumerate(res[m]["iou_matrix"]):
+            out[f"iou_{m}"].add(names[k], *[percent(v) for v in row])
+    columns = [c for m in methods for c in ((f"{res[m]['label']} IoU", "{:.2f}"), ("drop", "{:.2f}"))]
+    out["zero_shot"] = Table.of("set", ("images", "{:d}"), *columns, ("CA-SAM rejected", "{:.2f}"))
+    for row in report["zero_shot"]:
+        cells = [percent(row["methods"][m][k]) for m in methods for k in ("iou", "iou_drop")]
+        out["zero_shot"].add(row["set"], row["count"], *cells, percent(row["rejection_rate"]))
+    routing = report.get("routing")
+    if routing:
+        out["routing"] = Table.of("set", *[(c, "{:d}") for c in routing["columns"]])
+        for name, counts in zip(routing["rows"], routing["confusion"]):
+            out["routing"].add(name, *counts)
+    return out
+
+
 def summary_markdown(report: dict, args: argparse.Namespace, seconds: float, load_before: str, load_after: str) -> str:
-    res = report["results"]
+    tables = record_tables(report)
     lines = ["# Paper protocol (bench/paper_protocol.py)", "",
              f"SAM: {report['sam']['model']} (untrained: {report['sam']['untrained']}). CPU: {cpu_model()}, "
              f"{os.cpu_count()} cores, torch threads {args.threads}. Wall time {seconds / 60:.1f} min.",
-             f"Load before: `{load_before}`; after: `{load_after}`.", "",
-             f"Per seen task: {args.train} train + {args.test} test images (seeded sample, seed {args.seed}); "
-             f"unseen sets: up to {args.ood} images each. Epochs {args.epochs}, batch {args.batch_size}, "
-             f"lr {args.lr}, masks/image {args.masks_per_image}, VAE epochs {args.vae_epochs}; "
-             "images at their native size (the model frame is 1024 for every method).", "",
-             "## Last / Avg / FF (%)", "",
-             "| method | Last IoU | Avg IoU | FF IoU | Last BIoU | Avg BIoU | FF BIoU |", "|---|---|---|---|---|---|---|"]
+             f"Load before: `{load_before}`; after: `{load_after}`.", "", setup_text(args), "",
+             "## Last / Avg / FF (%)", "", tables["summary"].markdown(), "",
+             "## IoU_{k,t} (%): row = task, column = after stage", ""]
     for m in report["methods"]:
-        r = res[m]
-        lines.append(f"| {r['label']} ({m}) | " + " | ".join(pct(r[k][x]) for k in ("iou", "biou") for x in ("last", "avg", "ff")) + " |")
-    lines += ["", "## IoU_{k,t} (%): row = task, column = after stage", ""]
-    names = report["tasks"]
-    for m in report["methods"]:
-        lines += [f"**{res[m]['label']}**", "", "| task | " + " | ".join(str(t + 1) for t in range(len(names))) + " |",
-                  "|---" * (len(names) + 1) + "|"]
-        for k, row in enumerate(res[m]["iou_matrix"]):
-            lines.append(f"| {names[k]} | " + " | ".join(pct(v) for v in row) + " |")
-        lines.append("")
-    lines += ["## Zero-shot (%)", "", "| set | images | " + " | ".join(f"{res[m]['label']} IoU | drop" for m in report["methods"])
-              + " | CA-SAM rejected |", "|---" * (2 + 2 * len(report["methods"]) + 1) + "|"]
-    for row in report["zero_shot"]:
-        lines.append(f"| {row['set']} | {row['count']} | " + " | ".join(
-            f"{pct(row['methods'][m]['iou'])} | {pct(row['methods'][m]['iou_drop'])}" for m in report["methods"])
-            + f" | {pct(row['rejection_rate'])} |")
-    routing = report.get("routing")
-    if routing:
-        lines += ["", "## Routing confusion (rows: set, columns: route)", "",
-                  "| set | " + " | ".join(routing["columns"]) + " |", "|---" * (len(routing["columns"]) + 1) + "|"]
-        for name, counts in zip(routing["rows"], routing["confusion"]):
-            lines.append(f"| {name} | " + " | ".join(str(c) for c in counts) + " |")
+        lines += [f"**{report['results'][m]['label']}**", "", tables[f"iou_{m}"].markdown(), ""]
+    lines += ["## Zero-shot (%)", "", tables["zero_shot"].markdown()]
+    if "routing" in tables:
+        lines += ["", "## Routing confusion (rows: set, columns: route)", "", tables["routing"].markdown()]
     lines += ["", "## Hypotheses", ""] + [f"- {h}" for h in hypotheses(report)]
     return "\n".join(lines) + "\n"
+
+
+def setup_text(args: argparse.Namespace) -> str:
+    return (f"Per seen task: {args.train} train + {args.test} test images (seeded sample, seed {args.seed}); "
+            f"unseen sets: up to {args.ood} images each. Epochs {args.epochs}, batch {args.batch_size}, "
+            f"lr {args.lr}, masks/image {args.masks_per_image}, VAE epochs {args.vae_epochs}; "
+            "images at their native size (the model frame is 1024 for every method).")
+
+
+def write_results(run: Run, report: dict, args: argparse.Namespace, seconds: float, loads: list[str]) -> str:
+    """The Markdown report beside the figures (bench/results/paper_protocol.md) and the record."""
+    text = summary_markdown(report, args, seconds, loads[0], loads[1])
+    atomic_write_text(args.results.with_suffix(".md"), text)
+    notes = [f"wall time {seconds / 60:.1f} min", *[f"hypothesis: {h}" for h in hypotheses(report)]]
+    write_record(run, record_tables(report), setup=setup_text(args), notes=notes, folder=args.results.parent)
+    return text
 
 
 def hypotheses(report: dict) -> list[str]:
@@ -174,8 +201,7 @@ def main() -> None:
         report = read_json(args.work / "out" / "sequence.json")
         seconds = float(read_json(args.work / "out" / "timing.json")["seconds"])
         loads = read_json(args.work / "out" / "timing.json")["load"]
-        text = summary_markdown(report, args, seconds, loads[0], loads[1])
-        atomic_write_text(args.results.with_suffix(".md"), text)
+        text = write_results(start("paper_protocol"), report, args, seconds, loads)
         atomic_write_text(args.work / "out" / "report.html", render_report(report))  # with today's report code
         save_figures(args.work / "out" / "report.html", args.results)
         print(text)
@@ -197,6 +223,7 @@ def main() -> None:
     shutil.rmtree(work / "out", ignore_errors=True)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, masks_per_image=args.masks_per_image,
                          vae_epochs=args.vae_epochs, seed=args.seed)
+    run = start("paper_protocol")
     load_before = uptime()
     t0 = time.time()
     report = run_sequence(work / "bundle", tasks, work / "out", methods=["casam", "naive", "sam"], ood=ood, config=config,
@@ -206,8 +233,7 @@ def main() -> None:
     load_after = uptime()
     atomic_write_json(work / "out" / "timing.json", {"seconds": seconds, "load": [load_before, load_after], "args": {
         k: str(v) for k, v in vars(args).items()}})
-    text = summary_markdown(report, args, seconds, load_before, load_after)
-    atomic_write_text(args.results.with_suffix(".md"), text)
+    text = write_results(run, report, args, seconds, [load_before, load_after])
     figures = save_figures(work / "out" / "report.html", args.results)
     print(text)
     print("figures:", ", ".join(str(f) for f in figures), "| full run:", work / "out")

@@ -24,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cpu_peak import cpu_description, load_average  # noqa: E402
-from casam_core.files import atomic_write_text  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from runtime.postprocess import _then, bilinear_matrix, bilinear_taps  # noqa: E402
 from runtime.preprocess import Preprocessing, frame_for  # noqa: E402
 
@@ -70,16 +69,12 @@ def taps(h: int, w: int, prep: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=9)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "postprocess_build.md")
+    add_results_option(parser)
     args = parser.parse_args()
+    run = start("postprocess_build")
     prep = Preprocessing()
-    model, flags = cpu_description()
-    lines = ["# Building the postprocessing maps for a new image size", "",
-             f"CPU: {model}, flags {', '.join(flags)}; load average {load_average()} at the start. The two "
-             f"builds take turns, {args.runs} runs each; each builds a new size's resize step from scratch, and "
-             "both share the cached upscale matrix (one per model frame), as in the runtime. Cutting the maps "
-             "into blocks (Band.from_dense) follows in both and is not timed. Medians in ms.",
-             "", "| image h×w | dense products ms | two taps ms | speed-up | maps bit-identical |", "|---|---|---|---|---|"]
+    table = Table.of("image h×w", ("dense products ms", "{:.1f}"), ("two taps ms", "{:.1f}"), ("speed-up", "{:.1f}×"),
+                     "maps bit-identical")
     for h, w in SIZES:
         same = all(np.array_equal(a, b) for a, b in zip(dense(h, w, prep), taps(h, w, prep)))
         times: dict[str, list[float]] = {"dense": [], "taps": []}
@@ -89,13 +84,12 @@ def main() -> None:
                 fn(h, w, prep)
                 times[name].append((time.perf_counter() - t0) * 1000.0)
         d, t = statistics.median(times["dense"]), statistics.median(times["taps"])
-        lines.append(f"| {h}×{w} | {d:.1f} | {t:.1f} | {d / t:.1f}× | {'yes' if same else 'NO'} |")
-    lines += ["", f"Load average {load_average()} at the end."]
-    text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, text)
-    print(text)
-
+        table.add(f"{h}×{w}", d, t, d / t, "yes" if same else "NO")
+    setup = (f"Building the postprocessing maps for a new image size. The two builds take turns, {args.runs} runs "
+             "each; each builds a new size's resize step from scratch, and both share the cached upscale matrix "
+             "(one per model frame), as in the runtime. Cutting the maps into blocks (Band.from_dense) follows in "
+             "both and is not timed. Medians in ms.")
+    write_record(run, {"build": table}, setup=setup, folder=args.results_dir)
 
 if __name__ == "__main__":
     main()

@@ -22,8 +22,10 @@ import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from casam_export.quantize import _session, quantize_model  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from casam_export.parity import image_paths  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.preprocess import preprocess  # noqa: E402
@@ -35,7 +37,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--calibration", type=Path, required=True)
     parser.add_argument("--count", type=int, default=4, help="calibration images; the next 2 are held out")
     parser.add_argument("--out", type=Path, required=True)
+    add_results_option(parser)
     args = parser.parse_args(argv)
+    run = start("quantize_encoder", argv)
     manifest = Manifest.load(args.engines, verify=False)
     files = image_paths(args.calibration, "--calibration")
     prep = manifest.preprocessing  # its recorded intensity too: the grey levels the deployment feeds the encoder
@@ -44,11 +48,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     int8 = quantize_model(fp32, feeds[: args.count])
     onnx.save_model(int8, str(args.out))
     a, b = _session(fp32), _session(int8)
-    for feed in feeds[args.count:]:
+    table = Table.of("held-out image", ("max |int8 − fp32| / max |fp32|", "{:.4f}"), ("cosine", "{:.5f}"))
+    for path, feed in zip(files[args.count: args.count + 2], feeds[args.count:]):
         ea, eb = a.run(None, feed)[0], b.run(None, feed)[0]
         cos = float((ea * eb).sum() / np.linalg.norm(ea) / np.linalg.norm(eb))
-        print(f"held-out image: max |int8 - fp32| / max |fp32| = {np.abs(ea - eb).max() / np.abs(ea).max():.4f}, cosine {cos:.5f}")
-    print(args.out)
+        table.add(Path(path).name, float(np.abs(ea - eb).max() / np.abs(ea).max()), cos)
+    setup = (f"The exporter's int8 step applied to {manifest.graphs['encoder'].path.name}, calibrated on "
+             f"{args.count} images of the folder; embedding error on the next two. Written to {args.out.name}.")
+    write_record(run, {"error": table}, setup=setup, folder=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,12 @@ Requests: 512×512 RGB images with two boxes each. The server runs in a child pr
 ``runtime.remote.RemotePipeline``, one shared object, as many threads as the concurrency.
 
     .venv/bin/python bench/serve_throughput.py [--engines DIR] [--requests 64] [--concurrency 1,4,8]
-        [--protocol http|grpc] [--backend ort-cpu] [--out bench/results/serve_throughput.md]
+        [--protocol http|grpc] [--backend ort-cpu] [--results-dir bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -27,8 +25,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from casam_core.files import atomic_write_text  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.remote import RemotePipeline  # noqa: E402
 from casam_serve.process import ServerProcess  # noqa: E402
@@ -84,28 +83,12 @@ def run(engines: Path, n: int, levels: list[int], protocol: str, backend: str) -
     return rows, baseline, info
 
 
-def render(rows: list[tuple], baseline: dict, info: dict, backend: str, n: int) -> str:
-    load = os.getloadavg()
-    lines = [
-        "# casam-serve throughput",
-        "",
-        f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, no GPU; backend {info.get('backend', backend)}; "
-        f"tiny SAM bundle (2 untrained tasks); {n} requests per row, 512×512 RGB, 2 boxes each; "
-        f"server --max-batch 8 --instances 8; load average at the end {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}",
-        "",
-        "| client | concurrency | requests/s | p50 ms | p99 ms | × local loop |",
-        "|---|---|---|---|---|---|",
-    ]
+def tables(rows: list[tuple], baseline: dict) -> Table:
+    table = Table.of("client", ("concurrency", "{:d}"), ("requests/s", "{:.2f}"), ("p50 ms", "{:.0f}"),
+                     ("p99 ms", "{:.0f}"), ("× local loop", "{:.2f}"))
     for name, level, m in rows:
-        lines.append(f"| {name} | {level} | {m['rps']:.2f} | {m['p50']:.0f} | {m['p99']:.0f} | {m['rps'] / baseline['rps']:.2f} |")
-    batches = ", ".join(f"{size}: {runs}" for size, runs in info.get("encoder_batches", {}).items())
-    lines += ["", f"Encoder runs by batch size (size: runs, warm-ups included): {batches}.", "",
-              "Reading the ratios: the local loop leaves the CPU partly idle in its single-threaded stages "
-              "(preprocessing, routing, decoding, upsampling), which concurrent requests fill while another "
-              "request's encoder runs; on a machine shared with other jobs (load average above) more client "
-              "threads also win a larger share of the CPU. So × local at concurrency 4 and 8 is what a client sees, "
-              "not the gain of encoder batching alone; concurrency 1 shows the server's own overhead.", ""]
-    return "\n".join(lines)
+        table.add(name, level, m["rps"], m["p50"], m["p99"], m["rps"] / baseline["rps"])
+    return table
 
 
 def main() -> None:
@@ -115,15 +98,18 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,8", help="comma-separated client thread counts")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")
     parser.add_argument("--backend", default="ort-cpu", help="engine backend for both the local loop and the server")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_throughput.md")
+    add_results_option(parser)
     args = parser.parse_args()
+    run = start("serve_throughput")
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         engines = args.engines or export_tiny(Path(tmp))
         rows, baseline, info = run(engines, args.requests, levels, args.protocol, args.backend)
-    text = render(rows, baseline, info, args.backend, args.requests)
-    atomic_write_text(args.out, text)
-    print(text)
+    batches = ", ".join(f"{size}: {n}" for size, n in info.get("encoder_batches", {}).items())
+    setup = (f"casam-serve throughput; backend {info.get('backend', args.backend)}; tiny SAM bundle (2 untrained "
+             f"tasks); {args.requests} requests per row, 512×512 RGB, 2 boxes each; server --max-batch 8 --instances 8. "
+             f"Encoder runs by batch size (size: runs, warm-ups included): {batches}.")
+    write_record(run, {"clients": tables(rows, baseline)}, setup=setup, folder=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from cpu_peak import cpu_description, load_average  # noqa: E402
-from casam_core.files import atomic_write_text  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from runtime.pipeline import STAGES  # noqa: E402
 
 KINDS = {"one pool per session": False, "one pool per process": True}
@@ -84,16 +83,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--work", type=Path, default=Path("/tmp/casam_bench"))
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "thread_pool.md")
+    add_results_option(parser)
     args = parser.parse_args()
+    run = start("thread_pool")
     from infer_latency import exported  # torch and the exporter: only here, not in the timed turns
 
-    model, flags = cpu_description()
-    lines = ["# onnxruntime thread pools: one per session (default) against one per process", "",
-             f"CPU: {model}, flags {', '.join(flags)}; load average {load_average()} at the start. "
-             f"{args.rounds} rounds, the two kinds taking turns, each turn a fresh process timing "
-             f"{args.runs} predictions after 3 warm-ups (768×1024 image, one box, route forced to a task). "
-             "Medians in ms over all runs of a kind.", ""]
+    tables: dict[str, Table] = {}
     for name in args.models.split(","):
         _, _, engines = exported(name, args.work)
         rows: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
@@ -107,22 +102,22 @@ def main() -> None:
                     cli[kind].append(got["cli_s"])
         med = {kind: {s: statistics.median(r[s] for r in runs) for s in STAGES} for kind, runs in rows.items()}
         per_process, per_session = med["one pool per process"], med["one pool per session"]
-        lines += [f"## {name}", "", "`Pipeline.predict` from one thread, ms:", "",
-                  "| stage | one pool per session | one pool per process | speed-up |", "|---|---|---|---|"]
+        predict = Table.of("stage", ("one pool per session", "{:.1f}"), ("one pool per process", "{:.1f}"),
+                           ("speed-up", "{:.2f}×"))
         for stage in STAGES:
-            label = "**end to end**" if stage == "total" else stage
-            lines.append(f"| {label} | {per_session[stage]:.1f} | {per_process[stage]:.1f} | "
-                         f"{per_session[stage] / per_process[stage]:.2f}× |")
+            predict.add("**end to end**" if stage == "total" else stage, per_session[stage], per_process[stage],
+                        per_session[stage] / per_process[stage])
         walls = {kind: statistics.median(v) for kind, v in cli.items()}
-        lines += ["", "`casam-infer` on a folder of 16 images (8 at 768×1024, 8 at 384×512), wall s:", "",
-                  "| one pool per session | one pool per process | speed-up |", "|---|---|---|",
-                  f"| {walls['one pool per session']:.2f} | {walls['one pool per process']:.2f} | "
-                  f"{walls['one pool per session'] / walls['one pool per process']:.2f}× |", ""]
-    lines.append(f"Load average {load_average()} at the end.")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+        folder = Table.of(("one pool per session", "{:.2f}"), ("one pool per process", "{:.2f}"), ("speed-up", "{:.2f}×"))
+        folder.add(walls["one pool per session"], walls["one pool per process"],
+                   walls["one pool per session"] / walls["one pool per process"])
+        tables[f"{name}_predict"], tables[f"{name}_cli"] = predict, folder
+    setup = (f"onnxruntime thread pools, one per session (default) against one per process. {args.rounds} rounds, "
+             f"the two kinds taking turns, each turn a fresh process timing {args.runs} predictions after 3 "
+             "warm-ups (768×1024 image, one box, route forced to a task). `<model>_predict`: Pipeline.predict "
+             "from one thread, medians in ms over all runs of a kind; `<model>_cli`: casam-infer on a folder of "
+             "16 images (8 at 768×1024, 8 at 384×512), wall s.")
+    write_record(run, tables, setup=setup, folder=args.results_dir)
 
 if __name__ == "__main__":
     main()

@@ -10,14 +10,13 @@ processes × threads, on the same synthetic task and the same global batch:
 run using two threads, the fair comparison for ``2x1`` on a 2-core machine. The fill rate
 is images encoded per second into a fresh cache; training images/s is the mean over the
 epochs after the first (the first pays oneDNN's kernel set-up). vit_b uses random weights
-(same cost as the official ones). Results go to bench/results/train_scaling.md.
+(same cost as the official ones). Results go to a record in bench/results/.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,8 @@ import torch  # noqa: E402
 
 from models.alignment import AlignmentLayer  # noqa: E402
 from models.prompt_decoder import PromptDecoder  # noqa: E402
-from casam_core.files import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from casam_core.files import atomic_write_json, read_json  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from runtime.preprocess import Preprocessing  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 from trainer.distributed import join  # noqa: E402
@@ -88,16 +88,6 @@ def load() -> str:
     return "load average " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_layout(args: argparse.Namespace, processes: int, threads: int, data: Path, work: Path) -> dict:
     result = work / f"result-{processes}x{threads}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
@@ -116,25 +106,20 @@ def run_layout(args: argparse.Namespace, processes: int, threads: int, data: Pat
     return row
 
 
-def report(args: argparse.Namespace, rows: list[dict]) -> str:
+def report(args: argparse.Namespace, rows: list[dict]) -> tuple[Table, str]:
     device = resolve_device(args.device)
-    machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"{cpu_model()}, {os.cpu_count()} cores"
+    machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     base = next((r for r in rows if r["processes"] == 1 and r["threads"] == 1), rows[0])
-    lines = [
-        "# Data-parallel task training: cache fill and alignment-layer images/s",
-        "",
-        f"Machine: {machine}; torch {torch.__version__}; SAM {args.sam}; {args.images} synthetic 256×256 images; "
-        f"global batch {args.batch_size}, {args.masks_per_image} masks per image, {args.epochs} epochs "
-        f"(train rate: mean of epochs 2..{args.epochs}). Layout PxT = P processes × T threads.",
-        "",
-        f"| layout | cache fill img/s | × {base['layout']} | train img/s | × {base['layout']} | epoch s | load before → after |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    table = Table.of("layout", ("cache fill img/s", "{:.3f}"), (f"× {base['layout']}", "{:.2f}"),
+                     ("train img/s", "{:.3f}"), (f"× {base['layout']}", "{:.2f}"), "epoch s", "load before → after")
     for r in rows:
-        lines.append(f"| {r['layout']} | {r['fill_rate']:.3f} | {r['fill_rate'] / base['fill_rate']:.2f} | "
-                     f"{r['train_rate']:.3f} | {r['train_rate'] / base['train_rate']:.2f} | "
-                     f"{', '.join(f'{s:.1f}' for s in r['epoch_s'])} | {r['load_before']} → {r['load_after']} |")
-    return "\n".join(lines) + "\n"
+        table.add(r["layout"], r["fill_rate"], r["fill_rate"] / base["fill_rate"], r["train_rate"],
+                  r["train_rate"] / base["train_rate"], ", ".join(f"{s:.1f}" for s in r["epoch_s"]),
+                  f"{r['load_before']} → {r['load_after']}")
+    setup = (f"Data-parallel task training on {machine}: SAM {args.sam}; {args.images} synthetic 256×256 images; "
+             f"global batch {args.batch_size}, {args.masks_per_image} masks per image, {args.epochs} epochs "
+             f"(train rate: mean of epochs 2..{args.epochs}). Layout PxT = P processes × T threads.")
+    return table, setup
 
 
 def main() -> None:
@@ -146,7 +131,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="global batch")
     parser.add_argument("--masks-per-image", type=int, default=1)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_scaling.md"))
+    add_results_option(parser)
     # set by the driver for its torchrun workers
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -157,16 +142,14 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    run = start("train_scaling")
     layouts = [tuple(int(x) for x in layout.split("x")) for layout in args.layouts.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = write_synthetic_task(work / "data", "stripes", args.images, seed=11)
         rows = [run_layout(args, p, t, data, work) for p, t in layouts]
-    text = report(args, rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, text)
-    print(text)
+    table, setup = report(args, rows)
+    write_record(run, {"layouts": table}, setup=setup, folder=args.results_dir)
 
 
 if __name__ == "__main__":

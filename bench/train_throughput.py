@@ -8,13 +8,12 @@ trains the same synthetic task both ways (real trainer code: ``train_epoch`` and
     .venv/bin/python bench/train_throughput.py [--models tiny,vit_b] [--images 4] [--epochs 2]
 
 vit_b uses random weights (segment-anything's architecture, frozen): throughput does not
-depend on the weight values. Results go to bench/results/train_throughput.md.
+depend on the weight values. Results go to a record in bench/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -23,11 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models.alignment import AlignmentLayer  # noqa: E402
 from models.prompt_decoder import PromptDecoder  # noqa: E402
 from models.sam_loader import FrozenSam, build_sam_architecture, freeze, load_frozen_sam  # noqa: E402
-from casam_core.files import atomic_write_text  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
 from runtime.preprocess import Preprocessing  # noqa: E402
 from trainer.data import load_dataset  # noqa: E402
 from trainer.embedding_cache import EmbeddingCache  # noqa: E402
@@ -82,38 +82,30 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per mode (≥2: the first fills the cache)")
     parser.add_argument("--masks-per-image", type=int, default=5, help="prompts per image and step (METHOD.md: 5)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "train_throughput.md"))
+    add_results_option(parser)
     args = parser.parse_args()
+    run = start("train_throughput")
     device = resolve_device(args.device)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             rows += run(name, args.images, args.epochs, args.masks_per_image, device, Path(tmp) / name)
-    machine = (torch.cuda.get_device_name(0) if device.type == "cuda"
-               else f"CPU, {torch.get_num_threads()} threads ({platform.processor() or platform.machine()})")
-    lines = [
-        "# Alignment-layer training throughput: embedding cache on/off",
-        "",
-        f"Machine: {machine}; torch {torch.__version__}; {args.images} synthetic 256×256 images, batch "
-        f"{min(6, args.images)}, {args.masks_per_image} masks per image, {args.epochs} epochs per mode. "
-        "vit_b has random weights (same cost as the official ones).",
-        "",
-        "| model | cache | epoch | encode s | train s | images/s |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {r['model']} | {'on' if r['cache'] else 'off'} | {r['epoch']} | {r['embed_s']:.2f} | "
-              f"{r['train_s']:.2f} | {r['images_per_s']:.3f} |" for r in rows]
-    lines += ["", "Speed-up of epochs after the first (mean images/s, cache on ÷ cache off):", ""]
+    machine = torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    epochs = Table.of("model", "cache", ("epoch", "{:d}"), ("encode s", "{:.2f}"), ("train s", "{:.2f}"),
+                      ("images/s", "{:.3f}"))
+    for r in rows:
+        epochs.add(r["model"], "on" if r["cache"] else "off", r["epoch"], r["embed_s"], r["train_s"], r["images_per_s"])
+    speedup = Table.of("model", ("cache on ÷ off, epochs after the first", "{:.2f}×"))
     for name in args.models.split(","):
         later = lambda cached: [r["images_per_s"] for r in rows if r["model"] == name and r["cache"] == cached and r["epoch"] > 1]  # noqa: E731
         on, off = later(True), later(False)
         if on and off:
-            lines.append(f"- {name}: {sum(on) / len(on) / (sum(off) / len(off)):.2f}×")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+            speedup.add(name, sum(on) / len(on) / (sum(off) / len(off)))
+    setup = (f"Alignment-layer training throughput, embedding cache on/off, on {machine}: {args.images} synthetic "
+             f"256×256 images, batch {min(6, args.images)}, {args.masks_per_image} masks per image, {args.epochs} "
+             "epochs per mode. vit_b has random weights (same cost as the official ones). Speed-up: mean images/s "
+             "of the epochs after the first, cache on ÷ cache off.")
+    write_record(run, {"epochs": epochs, "speedup": speedup}, setup=setup, folder=args.results_dir)
 
 if __name__ == "__main__":
     main()

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from infer_latency import RSS_PROBE, exported, machine, write_report  # noqa: E402
+from common import Table, add_results_option, start, write_record  # noqa: E402
+from infer_latency import RSS_PROBE, exported  # noqa: E402
 
 from casam_io.image_io import read_scan  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
@@ -107,8 +108,9 @@ def main() -> None:
     parser.add_argument("--cli", type=int, default=3, help="slices per single-image casam-infer measurement")
     parser.add_argument("--batches", default="4,8", help="encoder batch sizes to compare with --batch 1")
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "volume_latency.md")
+    add_results_option(parser)
     args = parser.parse_args()
+    run = start("volume_latency")
     work = args.work or Path(tempfile.mkdtemp(prefix="casam_volume_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     _, _, engines = exported("tiny", work)
@@ -132,32 +134,30 @@ def main() -> None:
             vol[b].append(ms)
     print("peak RSS…", flush=True)
     rss = peak_rss_mb(engines, volume, work, max(batches))
-    write_report(args.out, render(single, cli, vol, detail, rss, args))
+    setup = (f"Volume inference, tiny SAM, ORT CPU. Volume: {SHAPE[0]}×{SHAPE[1]}×{SHAPE[2]} int16 CT (NIfTI), one "
+             f"3-D box over all {SHAPE[2]} slices, volume routing. Single image: Pipeline.predict on one windowed "
+             f"slice with the same box ({args.single} slices per round); single-image casam-infer: a process per "
+             f"slice ({args.cli} slices). Modes take turns; medians of {args.runs} rounds, ms per slice.")
+    write_record(run, tables(single, cli, vol, detail, rss, max(batches)), setup=setup, folder=args.results_dir)
 
 
-def render(single: list[float], cli: list[float], vol: dict[int, list[float]], detail: dict[int, dict[str, Any]], rss: float,
-           args: argparse.Namespace) -> str:
+def tables(single: list[float], cli: list[float], vol: dict[int, list[float]], detail: dict[int, dict[str, Any]],
+           rss: float, rss_batch: int) -> dict[str, Table]:
     med = statistics.median
     s, c = med(single), med(cli)
     one = med(vol[1])
-    lines = ["# Volume inference: per-slice cost and peak RSS (tiny SAM, ORT CPU)", "",
-             f"Machine: {machine()}. Volume: {SHAPE[0]}×{SHAPE[1]}×{SHAPE[2]} int16 CT (NIfTI), one 3-D box over all "
-             f"{SHAPE[2]} slices, volume routing. Single image: Pipeline.predict on one windowed slice with the same "
-             f"box ({args.single} slices per round). Modes take turns; medians of {args.runs} rounds, ms per slice.", "",
-             "| mode | ms / slice | vs single image (in process) | vs casam-infer per slice | vs volume batch 1 "
-             "| encoder ms / slice | align + decoder + masks ms / slice | passes |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| single-image casam-infer, a process per slice ({args.cli} slices) | {c:.1f} | {s / c:.2f}× | 1.00× "
-             "| | | | |",
-             f"| single image, Pipeline.predict in process | {s:.1f} | 1.00× | {c / s:.2f}× | | | | |"]
+    modes = Table.of("mode", ("ms / slice", "{:.1f}"), ("vs single image (in process)", "{:.2f}×"),
+                     ("vs casam-infer per slice", "{:.2f}×"), ("vs volume batch 1", "{:.2f}×"),
+                     ("encoder ms / slice", "{:.1f}"), ("align + decoder + masks ms / slice", "{:.1f}"),
+                     ("passes", "{:d}"))
+    modes.add("single-image casam-infer, a process per slice", c, s / c, 1.0, None, None, None, None)
+    modes.add("single image, Pipeline.predict in process", s, 1.0, c / s, None, None, None, None)
     for b, runs in vol.items():
-        v = med(runs)
-        d = detail[b]
-        lines.append(f"| volume, --batch {b} | {v:.1f} | {s / v:.2f}× | {c / v:.2f}× | {one / v:.2f}× | "
-                     f"{d['encoder']:.1f} | {d['decoder']:.1f} | {d['passes']} |")
-    lines += ["", f"Peak RSS of `casam-infer` on the volume (--batch {max(vol)}): **{rss:.0f} MB** (target < 1536 MB).", ""]
-    return "\n".join(lines) + "\n"
-
+        v, d = med(runs), detail[b]
+        modes.add(f"volume, --batch {b}", v, s / v, c / v, one / v, d["encoder"], d["decoder"], d["passes"])
+    peak = Table.of("run", ("peak RSS MB", "{:.0f}"))
+    peak.add(f"casam-infer on the volume, --batch {rss_batch}", rss)
+    return {"modes": modes, "rss": peak}
 
 if __name__ == "__main__":
     main()

@@ -3,10 +3,10 @@
 SAM's global-attention blocks materialise a (batch·heads)×4096×4096 attention map — 805 MB
 per block for vit_b in fp32 — plus as much again for the relative-position terms and the
 softmax. An edge runtime executing the exported graph has to hold those maps at once, so
-`casam-infer` with vit_b peaked near 4 GB. Computing one head and one band of query rows
-at a time is the same arithmetic (each softmax row is independent), but the largest live
-tensor becomes heads× and bands× smaller. The export swaps this forward in only while
-tracing; the PyTorch model itself is untouched.
+`casam-infer` with vit_b needed several GB (ad hoc, no record). Computing one head and one
+band of query rows at a time is the same arithmetic (each softmax row is independent), but
+the largest live tensor becomes heads× and bands× smaller. The export swaps this forward
+in only while tracing; the PyTorch model itself is untouched.
 """
 
 from __future__ import annotations

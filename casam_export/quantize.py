@@ -10,10 +10,9 @@ Which graphs (``INT8_GRAPHS``):
 - the encoder and each task's alignment layer carry nearly all of the multiply-adds, so
   they are quantised;
 - the router stays fp32: it is tiny, and fp32 scores keep routing decisions identical;
-- the decoder stays fp32: measured on the tiny export (BENCHMARKS.md, "Edge speed"), its
-  int8 graph ran slower than fp32 (0.74×: its products are small, K prompt tokens against
-  4096 image tokens, and the QDQ steps cost more than they save) and moved the masks
-  (mean IoU 0.98 against fp32).
+- the decoder stays fp32: its products are small (K prompt tokens against 4096 image
+  tokens), so the QDQ steps cost about what they save; an int8 decoder was tried on the
+  tiny export, ran slower and moved the masks (ad hoc, no benchmark record).
 
 Calibration runs on real images of the deployment's domains: by default the training
 images recorded in each task's split.json (its own images for its alignment layer, all of
@@ -66,23 +65,21 @@ from runtime.preprocess import Preprocessing, frame_for, preprocess
 
 PathLike = Union[str, os.PathLike]
 INT8 = "int8"
-#: Mean mask IoU against the fp32 graph that an int8 graph must reach (issue 14).
 DEFAULT_CALIBRATION_COUNT = 8
 #: Ops given QDQ pairs: the matrix products with a constant (weight) operand. Quantising
 #: the elementwise ops too adds requantisation steps that cost time and accuracy for no
 #: arithmetic saved; the attention products (activation × activation) are left in fp32
-#: too: with them quantised the tiny int8 encoder ran 1.51× slower than fp32, without them
-#: 1.11× faster, at the same error (BENCHMARKS.md, "Edge speed"). So do the products that
-#: read a graph input (the encoder's patch embedding reads the normalised image): the tiny
-#: encoder with its patch embedding in int8 missed the mask bar (IoU 0.946 against fp32 on
-#: real images), and kept in fp32 reached 0.988, for under 1 % of vit_b's multiply-adds.
+#: too: with them quantised the tiny int8 encoder ran slower than fp32, without them faster,
+#: at the same error (ad hoc; BENCHMARKS.md, "int8", holds the benchmark of this rule). So do
+#: the products that read a graph input (the encoder's patch embedding reads the normalised
+#: image): with its patch embedding in int8 the tiny encoder missed the mask bar on real
+#: images, and kept in fp32 passed it (ad hoc), for under 1 % of vit_b's multiply-adds.
 QUANTISED_OPS = ("Conv", "MatMul", "Gemm")
 #: Products with fewer multiply-adds per output than this stay fp32: quantising the input
 #: and dequantising the output costs about as much as a short product saves. The tiny
 #: encoder, whose transformer products reduce over 32 or 64 features, ran no faster in
-#: int8 (0.99× fp32 in bench/int8_speed.py) while they were quantised; with only its
-#: longer products in int8 its encoder and alignment layers both ran faster than before
-#: (72 against 76 ms and 66 against 74 ms, fp32 91 and 173 ms, ad hoc, load 2.6).
+#: int8 while they were quantised; with only its longer products in int8 its encoder and
+#: alignment layers both ran faster (ad hoc; BENCHMARKS.md, "int8", has the benchmark).
 MIN_REDUCTION = 256
 @dataclass(frozen=True)
 class QuantConfig:
@@ -290,10 +287,10 @@ def _calibration_sessions_in_priority_order() -> Iterator[None]:
 
     Calibration appends a ReduceMin and a ReduceMax to every tensor it measures, as graph
     outputs. In onnxruntime's default order those side branches may run last, so every
-    measured tensor stays alive until the end of the run: calibrating the vit_b encoder
-    peaked at 24 GB on two images (killed by the kernel on a 24 GB machine with eight),
-    against 3.0 GB with the reductions run as soon as their input exists, which the
-    priority-based order does (BENCHMARKS.md, "Edge speed"). onnxruntime.quantization has
+    measured tensor stays alive until the end of the run: calibrating the vit_b encoder was
+    killed by the kernel for its memory (ad hoc, no benchmark record), and fits once the
+    reductions run as soon as their input exists, which the priority-based order does.
+    onnxruntime.quantization has
     no parameter for its calibrator's session options, so its session factory is replaced
     for the duration of one quantisation, and restored after.
     """

@@ -65,8 +65,8 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 def _then(outer: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], inner: np.ndarray) -> np.ndarray:
     """The float64 product of ``outer``'s interpolation matrix and ``inner``, from its two taps
     per row: O(out × inner columns), where the dense product costs O(out × in × columns)
-    (a 1000×1000 image's two folds: 12.1 → 4.3 ms, paid once per image size;
-    bench/postprocess_build.py)."""
+    (paid once per image size; BENCHMARKS.md, "Edge speed", has bench/postprocess_build.py's
+    figures)."""
     i0, i1, w0, w1 = outer
     return w0[:, None].astype(np.float64) * inner[i0] + w1[:, None].astype(np.float64) * inner[i1]
 

@@ -108,7 +108,7 @@ class EmbeddingSpill:
     """Slice embeddings by slice index: encoded once, read back when needed, never all in
     memory. The first ``resident_bytes`` stay in memory (a 64-slice volume's 4 MB
     embeddings, so a typical volume never touches the disk: writing each to a file cost
-    ~8 ms per slice); the rest go to a temporary file, so memory stays flat however many
+    time per slice, ad hoc); the rest go to a temporary file, so memory stays flat however many
     slices a volume has."""
 
     def __init__(self, resident_bytes: int = RESIDENT_BYTES) -> None:

@@ -19,7 +19,8 @@ def test_gpu_suite_runs_on_cpu(tmp_path_factory, tmp_path):
     out = tmp_path / "suite"
     # One timed call each and no warm-ups, the export's own router: plumbing, not figures.
     gpu_suite.main(["--device", "cpu", "--runs", "1", "--warmups", "0", "--router-tasks", "0", "--bundle", str(bundle),
-                    "--engines", f"fp32={engines}", "--work", str(tmp_path / "work"), "--out", str(out)])
+                    "--engines", f"fp32={engines}", "--work", str(tmp_path / "work"), "--out", str(out),
+                    "--results-dir", str(tmp_path / "records")])
     result = json.loads(out.with_suffix(".json").read_text())
     rows = result["models"][0]["rows"]
     assert result["device"] == "cpu" and result["models"][0]["model"] == "tiny"
@@ -32,3 +33,9 @@ def test_gpu_suite_runs_on_cpu(tmp_path_factory, tmp_path):
     assert set(result["targets"]["tiny"]["met"]) == {"chain_over_encoder", "chain_vs_eager_fp32", "boxes8"}
     table = out.with_suffix(".md").read_text()
     assert "| tiny | casam ort-cpu fp32 |" in table and "router at 2 tasks" in table
+    (record_path,) = (tmp_path / "records").glob("gpu_suite-*.json")  # the common record, beside the raw figures
+    record = json.loads(record_path.read_text())
+    assert record["name"] == "gpu_suite" and record["load"]["before"] and record["cpu"]["cores"]
+    chains = record["tables"]["chains"]["rows"]
+    assert ["tiny", "casam ort-cpu fp32"] in [row[:2] for row in chains]
+    assert {row[1]: row[3] for row in chains}["casam ort-cpu fp32"] == rows["casam ort-cpu fp32"]["chain_ms"]

@@ -132,7 +132,7 @@ def test_int8_without_calibration_images_fails_before_exporting(tmp_path_factory
 def test_calibration_runs_each_measurement_as_soon_as_its_tensor_exists(monkeypatch):
     """The calibration session runs in priority order with memory patterns off: in
     onnxruntime's default order the ReduceMin/ReduceMax side branches may run last, which
-    kept every measured tensor alive (24 GB for the vit_b encoder, quantize.py). The
+    kept every measured tensor alive (quantize.py). The
     library's own session factory is restored afterwards."""
     import onnxruntime as ort
     from onnxruntime.quantization import calibrate

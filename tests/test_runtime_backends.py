@@ -81,8 +81,8 @@ def test_engine_names_change_with_external_weights():
 
 def test_cpu_sessions_allocate_per_tensor_not_per_size(engines):
     """onnxruntime's size-keyed buffer reuse and memory patterns stay off on the CPU: with
-    them the vit_b encoder held ~0.9 GB of buffers (2.4 GB from its second run) for a
-    ~160 MB live set; without, 0.8 GB peak in all (bench/results/ort_options.md)."""
+    them the vit_b encoder held far more buffers than its live set (BENCHMARKS.md,
+    "bench/ort_options.py")."""
     from runtime.backends.ort import OrtBackend
 
     options = OrtBackend("ort-cpu").session(Manifest.load(engines, verify=False).graphs["encoder"].path).get_session_options()

@@ -15,10 +15,9 @@ from runtime.manifest import Manifest
 
 #: CPU backends in the order ``auto`` tries them, per export precision (the manifest's
 #: "precision"). Decided by measurement on the CI-class Intel Xeon (AVX-512 VNNI, AMX;
-#: encoders side by side in bench/cpu_peak.py, BENCHMARKS.md "Edge speed"): onnxruntime ran
-#: the tiny encoder faster than OpenVINO (OpenVINO 0.90× fp32, 0.93× int8), and the vit_b
-#: encoder within 5 % of it (OpenVINO 3568 against 3742 ms fp32, 2181 against 2183 ms
-#: int8: a tie at this machine's noise), so onnxruntime, the runtime the export verifies
+#: encoders side by side in bench/cpu_peak.py, BENCHMARKS.md "Distance to the peak"):
+#: onnxruntime ran the tiny encoder faster than OpenVINO, and the vit_b encoder about as
+#: fast (a tie at this machine's noise), so onnxruntime, the runtime the export verifies
 #: against, is kept and ``openvino`` is chosen only by name. A precision whose measurement
 #: favours OpenVINO lists it first here.
 CPU_PREFERENCE: dict[str, tuple[str, ...]] = {

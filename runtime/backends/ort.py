@@ -20,9 +20,9 @@ from casam_core.errors import CasamError, ManifestError
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 #: Graph fusions left off on the CPU. onnxruntime's CPU SkipLayerNormalization kernel
-#: (residual add fused into LayerNorm) runs about 2× slower than the Add and
-#: LayerNormalization kernels it replaces (bench/results/ort_options.md); the decoder has
-#: one on K×4096×256.
+#: (residual add fused into LayerNorm) runs slower than the Add and LayerNormalization
+#: kernels it replaces (BENCHMARKS.md, "bench/ort_options.py"); the decoder has one on
+#: K×4096×256.
 CPU_DISABLED_FUSIONS = ("SkipLayerNormFusion",)
 ORT_DEFAULT_SEVERITY = 2  # warnings
 
@@ -37,10 +37,9 @@ def share_cpu_arena(ort: Any) -> None:
 
     Each session otherwise keeps an arena of its own, grown to that graph's peak and kept:
     the encoder's, the decoder's and each alignment layer's peaks add up although they run
-    one after another. Shared, the process holds the largest one: casam-infer's vit_b int8
-    chain peaked at 507 MB instead of 558 MB at the same speed (BENCHMARKS.md, "Edge
-    speed"); the default growth strategy is kept (growing by what is requested fragmented
-    it to 648 MB).
+    one after another. Shared, the process holds the largest one, at the same speed (ad hoc;
+    BENCHMARKS.md, "Edge speed", holds the resulting peak RSS); the default growth strategy
+    is kept (growing by what is requested fragmented it, ad hoc).
     """
     with _PROCESS_LOCK:
         if _SHARED_ARENA:
@@ -57,10 +56,10 @@ def use_process_thread_pool(shared: bool) -> None:
     operators. ``True``: every session of the process runs on one process-wide pool whose
     threads spin between operators. That saves a wake-up per operator, and as the only pool
     its spinning takes no cores from another session's graph: a program that calls
-    ``Pipeline.predict`` from one thread ran the tiny chain 1.04× faster. But the spinning
-    takes cores from any other thread at work meanwhile: ``casam-infer`` on a folder, which
-    reads the next image and writes the last one's outputs while the chain runs, was 4 %
-    slower (bench/thread_pool.py), so it stays off by default.
+    ``Pipeline.predict`` from one thread ran the tiny chain faster. But the spinning takes
+    cores from any other thread at work meanwhile: ``casam-infer`` on a folder, which reads
+    the next image and writes the last one's outputs while the chain runs, was slower
+    (BENCHMARKS.md, "One thread pool per process, opt-in"), so it stays off by default.
 
     With the shared pool onnxruntime refuses any session in the process that asks for
     threads of its own; sessions started from ``session_options`` are fine.
@@ -78,8 +77,8 @@ def session_options(ort: Any) -> Any:
 
     Per-session pools have spinning off: in a chain of sessions (encoder → router → align →
     decoder) the idle pool of the graph that just ran would otherwise spin on while the
-    next graph runs and take its cores (the tiny chain went from 481 to 638 ms on the AMD
-    machine).
+    next graph runs and take its cores (ad hoc on the AMD machine; BENCHMARKS.md, "What
+    changed in the exported graphs and the session settings").
     """
     options = ort.SessionOptions()
     with _PROCESS_LOCK:
@@ -164,10 +163,9 @@ class OrtBackend:
             # onnxruntime's planner reuses a freed buffer only for a tensor of exactly its
             # size, and a reused buffer lives until the last tensor of its chain dies, so
             # with reuse and memory patterns on, a graph with many tensor sizes (SAM's
-            # windowed and global attention) keeps one buffer per size alive: the vit_b
-            # encoder held ~0.9 GB of buffers (2.4 GB from its second run) for a ~160 MB
-            # live set. With both off, tensors come from the arena and go back to it when
-            # they die: 0.8 GB peak in all, at the same speed (bench/results/ort_options.md).
+            # windowed and global attention) keeps one buffer per size alive, far more than
+            # its live set. With both off, tensors come from the arena and go back to it when
+            # they die, at the same speed (BENCHMARKS.md, "bench/ort_options.py").
             options.enable_mem_reuse = False
             options.enable_mem_pattern = False
             share_cpu_arena(ort)
