@@ -64,62 +64,72 @@ def verify_export(
     """Compare the exported chain in ``out`` (described by ``manifest``) with PyTorch CASAM
     on ``checks`` (default: the synthetic images)."""
     checks = checks or verification_images(None, bundle.preprocessing)
-    images, source = checks.images, checks.source
     model = build_model(bundle, sam)
     # The export has just hashed every graph; hashing them again here would double its I/O.
     pipe = Pipeline.from_manifest(out, backend, manifest=manifest, verify=False)
     precision = str(manifest["precision"])
-    bar = MASK_IOU_BARS[precision]
     cmp = _Comparison()
-    routes_t, routes_o, per_image = [], [], []
-    for i, image in enumerate(tqdm(images, desc="verify", unit="image", disable=quiet)):
-        x, _ = preprocess(image, bundle.preprocessing)
-        with torch.no_grad():
-            emb_t = model.encode(torch.from_numpy(x))
-            _, scores_t, route_idx = model.route(emb_t)
-        emb_o, frame_o = pipe.embed(image)
-        route_o, scores_o, _ = pipe.route(emb_o)
-        route_t = routes_to_names(route_idx, model.task_names)[0]
-        routes_t.append(route_t)
-        routes_o.append(route_o)
-        emb_np = emb_t.numpy()
-        cmp.emb_diff = max(cmp.emb_diff, float(np.abs(emb_np - np.asarray(emb_o)).max()))
-        cmp.emb_scale = max(cmp.emb_scale, float(np.abs(emb_np).max()))
-        s_t = scores_t.numpy()[0]
-        diff = np.abs(s_t - scores_o)
-        cmp.score_diff = max(cmp.score_diff, float(diff.max()))
-        cmp.score_rel = max(cmp.score_rel, float((diff / np.maximum(np.abs(s_t), 1e-6)).max()))
-        prompts = prompts_for(image, seed=i)
-        first = len(cmp.ious)
-        cmp.decode(model, pipe, emb_t, emb_o, frame_o, route_o, prompts)
-        if i == 0:  # every align graph (and plain SAM) at least once, whatever the routes
-            for forced in [*model.task_names, IDENTITY]:
-                if forced != route_o:
-                    cmp.decode(model, pipe, emb_t, emb_o, frame_o, forced, prompts, with_points=False)
-        per_image.append({"image": i, "size": list(image.shape[:2]), "route_pytorch": route_t, "route_exported": route_o,
-                          "scores_pytorch": s_t.tolist(), "scores_exported": np.asarray(scores_o).tolist(),
-                          "mask_iou_min": min(cmp.ious[first:])})
+    per_image = [_compare_image(model, pipe, bundle, cmp, i, image)
+                 for i, image in enumerate(tqdm(checks.images, desc="verify", unit="image", disable=quiet))]
+    routes_t = [p["route_pytorch"] for p in per_image]
+    routes_o = [p["route_exported"] for p in per_image]
+    summary = _summary(cmp, pipe, checks, routes_t == routes_o, MASK_IOU_BARS[precision])
+    failures = []
+    if routes_t != routes_o:
+        failures.append(f"routes differ (pytorch {routes_t}, exported {routes_o})")
+    if summary["mask_iou_mean"] < MASK_IOU_BARS[precision]:
+        failures.append(f"mean mask IoU {summary['mask_iou_mean']:.5f} < {MASK_IOU_BARS[precision]}")
+    return {"precision": precision, "summary": summary, "passed": not failures, "failures": failures,
+            "per_image": per_image}
+
+
+def _compare_image(model: nn.Module, pipe: Pipeline, bundle: Bundle, cmp: _Comparison, i: int,
+                   image: np.ndarray) -> dict[str, Any]:
+    """One verification image both ways: embeddings, scores, route, and its prompts' masks
+    (on image 0 every align graph and plain SAM as well, whatever the routes)."""
+    x, _ = preprocess(image, bundle.preprocessing)
+    with torch.no_grad():
+        emb_t = model.encode(torch.from_numpy(x))
+        _, scores_t, route_idx = model.route(emb_t)
+    emb_o, frame_o = pipe.embed(image)
+    route_o, scores_o, _ = pipe.route(emb_o)
+    route_t = routes_to_names(route_idx, model.task_names)[0]
+    emb_np = emb_t.numpy()
+    cmp.emb_diff = max(cmp.emb_diff, float(np.abs(emb_np - np.asarray(emb_o)).max()))
+    cmp.emb_scale = max(cmp.emb_scale, float(np.abs(emb_np).max()))
+    s_t = scores_t.numpy()[0]
+    diff = np.abs(s_t - scores_o)
+    cmp.score_diff = max(cmp.score_diff, float(diff.max()))
+    cmp.score_rel = max(cmp.score_rel, float((diff / np.maximum(np.abs(s_t), 1e-6)).max()))
+    prompts = prompts_for(image, seed=i)
+    first = len(cmp.ious)
+    cmp.decode(model, pipe, emb_t, emb_o, frame_o, route_o, prompts)
+    if i == 0:
+        for forced in [*model.task_names, IDENTITY]:
+            if forced != route_o:
+                cmp.decode(model, pipe, emb_t, emb_o, frame_o, forced, prompts, with_points=False)
+    return {"image": i, "size": list(image.shape[:2]), "route_pytorch": route_t, "route_exported": route_o,
+            "scores_pytorch": s_t.tolist(), "scores_exported": np.asarray(scores_o).tolist(),
+            "mask_iou_min": min(cmp.ious[first:])}
+
+
+def _summary(cmp: _Comparison, pipe: Pipeline, checks: VerificationImages, routes_identical: bool,
+             bar: float) -> dict[str, Any]:
+    """parity.json's summary of the comparison."""
     ious = np.array(cmp.ious)
-    summary = {
+    return {
         "reference": "pytorch fp32 (models.CASAM)",
         "backend": pipe.backend.name,
-        "images": len(images),
-        "image_source": source,
+        "images": len(checks.images),
+        "image_source": checks.source,
         "masks_compared": int(ious.size),
         "embeddings_max_abs_diff": cmp.emb_diff,
         "embeddings_max_abs": cmp.emb_scale,
         "scores_max_abs_diff": cmp.score_diff,
         "scores_max_rel_diff": cmp.score_rel,
         "iou_predictions_max_abs_diff": cmp.iou_diff,
-        "routes_identical": routes_t == routes_o,
+        "routes_identical": routes_identical,
         "mask_iou_mean": float(ious.mean()),
         "mask_iou_min": float(ious.min()),
         "bars": {"routes_identical": True, "mask_iou_mean": bar},
     }
-    failures = []
-    if routes_t != routes_o:
-        failures.append(f"routes differ (pytorch {routes_t}, exported {routes_o})")
-    if summary["mask_iou_mean"] < bar:
-        failures.append(f"mean mask IoU {summary['mask_iou_mean']:.5f} < {bar}")
-    return {"precision": precision, "summary": summary, "passed": not failures, "failures": failures,
-            "per_image": per_image}
