@@ -30,7 +30,7 @@ from casam_export.parity import VerificationImages, prompts_for
 from models.casam import routes_to_names
 from models.router import IDENTITY_INDEX
 from runtime.deployment import VerificationCase, VerificationSet
-from runtime.pipeline import Pipeline
+from runtime.prompts import Prompts
 from runtime.preprocess import Preprocessing, frame_for, preprocess
 
 DEFAULT_SET_SIZE = 8
@@ -59,7 +59,7 @@ def stored_image(image: np.ndarray) -> np.ndarray:
 def _masks(model: nn.Module, embedding: torch.Tensor, route: str, frame: Any, boxes: np.ndarray) -> np.ndarray:
     """fp32 low-resolution masks (logits > 0) of ``boxes`` with ``route``'s alignment."""
     index = IDENTITY_INDEX if route == IDENTITY else model.task_names.index(route)
-    coords, labels, _ = Pipeline.prompts(frame, boxes=boxes)
+    coords, labels = Prompts.for_image(frame.original_hw, boxes=boxes).encode(frame.scale_xy)
     with torch.no_grad():
         low, _ = model.decoder(model.align(embedding, index), torch.from_numpy(coords), torch.from_numpy(labels))
     return low.numpy()[:, 0] > 0

@@ -98,6 +98,8 @@ SECTIONS: tuple[tuple[str, type], ...] = (
     ("Outputs", OutputOptions), ("Speed", SpeedOptions), ("Server", ServerOptions),
 )
 SECTION_OF = {f.name: title for title, cls in SECTIONS for f in fields(cls)}
+#: Options that act instead of a run (eager, no value in the run's options), by section.
+ACTIONS = {"verify_deployment": "Engines and routing"}
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ class InferCommand(CasamCommand):
         for param in self.get_params(ctx):
             record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
             if record is not None:
-                rows[SECTION_OF.get(param.name or "", "Other options")].append(record)
+                name = param.name or ""
+                rows[SECTION_OF.get(name, ACTIONS.get(name, "Other options"))].append(record)
         for title, records in rows.items():
             if records:
                 with formatter.section(title):

@@ -91,6 +91,26 @@ def assert_valid_dicom(path: Path, iod: str = "Segmentation") -> None:
     assert named[:1] == [iod], f"dciodvfy read {path} as {named[:1]}, not {iod}"
 
 
+SEG_SUFFIX = "_seg.dcm"  # what casam names every DICOM SEG it writes
+
+
+@pytest.fixture(autouse=True)
+def every_seg_written_passes_dciodvfy(request: pytest.FixtureRequest):
+    """After each test, every DICOM SEG written during it anywhere under this worker's
+    temporary root (its own tmp_path and the module fixtures' folders alike) is checked
+    with dciodvfy: no SEG the suite produces escapes the independent validator, including
+    those of tests that never look at their SEG."""
+    if shutil.which("dciodvfy") is None:
+        yield  # the tests that need it say so (and fail under CI=true)
+        return
+    root = request.config._tmp_path_factory.getbasetemp()  # type: ignore[attr-defined]
+    before = {p: p.stat().st_mtime_ns for p in root.rglob(f"*{SEG_SUFFIX}")}
+    yield
+    for path in root.rglob(f"*{SEG_SUFFIX}"):
+        if path.is_file() and before.get(path) != path.stat().st_mtime_ns:
+            assert_valid_dicom(path)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """Under CI=true every skip fails the run, whatever raised it (``pytest.importorskip``,

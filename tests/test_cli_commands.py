@@ -127,3 +127,15 @@ def test_volume_picks_one_volume_of_a_4d_nifti(tmp_path):
     first = load_dataset(data, volume=0)
     assert [s.stem for s in first.samples] == [s.stem for s in dataset.samples]
     assert all(a.image_hash != b.image_hash for a, b in zip(first.samples, dataset.samples))  # other voxels
+
+
+def test_report_files_never_replace_a_bundle_or_manifest_file(bundle, tmp_path):
+    """casam-train's report files (--json-summary, eval's --out) are refused before any work
+    when they name a bundle's bundle.json or an export's manifest.json."""
+    before = (bundle / "bundle.json").read_bytes()
+    line = one_error_line(run(train_main, "eval", "--bundle", bundle, "--out", bundle / "bundle.json"))
+    assert "casam bundle's bundle.json" in line
+    line = one_error_line(run(train_main, "--bundle", bundle, "--task", "beta", "--data", tmp_path,
+                              "--json-summary", bundle / "bundle.json", "--sam", "tiny"))
+    assert "--json-summary" in line and "bundle.json" in line
+    assert (bundle / "bundle.json").read_bytes() == before

@@ -24,7 +24,7 @@ from casam_core.errors import ManifestError
 from casam_core.files import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
 from casam_export import export_bundle, quantize
 from casam_export.parity import synthetic_images
-from conftest import REAL_DATA, real_data_or_skip
+from conftest import real_data_or_skip
 from runtime import deployment
 from runtime.cpu_class import KERNEL_CLASSES, int8_kernel_class, kernel_class_of
 from runtime.deployment import DeploymentWarning, VerificationSet
@@ -38,7 +38,8 @@ def dataset(folder: Path) -> tuple[list[str], list[str]]:
     """images/ with 4 training and 4 held-out images (none of them among the images bench/int8_speed.py
     measures: it takes every 7th from the first); (train stems, test stems)."""
     (folder / "images").mkdir(parents=True)
-    real = [sorted((REAL_DATA / name / "images").iterdir())[3:5] for name in REAL_SETS if (REAL_DATA / name / "images").is_dir()]
+    root = real_data_or_skip()
+    real = [sorted((root / name / "images").iterdir())[3:5] for name in REAL_SETS if (root / name / "images").is_dir()]
     files = [p for pair in real for p in pair]
     if len(files) >= 8:
         for i, path in enumerate(files[:8]):

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from casam_export import export as export_module
-from casam_export import export_bundle, quantize
+from casam_export import export_bundle, parity, quantize
 from casam_export.errors import ExportError
 from casam_export.parity import prompts_for, synthetic_images
 from casam_io.image_io import read_prepared
@@ -312,7 +312,7 @@ def test_calibration_and_verification_images_get_the_bundles_recorded_intensity(
     from_splits = quantize.calibration_set(bundle, None, count=8)
     # A folder dataset holds pictures and DICOM files (the trainer's layout); its NIfTI is no training image.
     assert list(from_splits.per_task) == ["alpha"] and same(from_splits.per_task["alpha"], expected[1:])
-    checks = verify.verification_images(tmp_path / "data", bundle.preprocessing.intensity)
+    checks = parity.verification_images(tmp_path / "data", bundle.preprocessing)
     quantizer = quantize.Quantizer(bundle, tiny_sam.model, from_splits, checks)
     assert same(quantizer.verify_images)
 

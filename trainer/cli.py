@@ -26,6 +26,7 @@ import click
 from casam_bundle.lock import DEFAULT_WAIT_S
 from casam_core.cli_frame import CasamCommand, CasamGroup
 from casam_core.errors import InputError
+from casam_core.ownership import refuse_existing
 from casam_io.intensity import INTENSITY_MODES, WINDOW_PRESETS, intensity_from_options
 from models.sam_loader import known_models
 from runtime.preprocess import RESIZE_MODES
@@ -53,6 +54,13 @@ class GreedyCommand(CasamCommand):
             else:
                 out.append(arg)
         return super().parse_args(ctx, out)
+
+
+def _report_file(path: Optional[str], option: str) -> None:
+    """A report file (--json-summary, eval's --out) is checked before any work: never a
+    folder, a bundle's bundle.json or an export's manifest.json (casam_core.ownership)."""
+    if path:
+        refuse_existing(path, overwrite=True, option=option)
 
 
 def _emit_summary(summary: dict[str, Any], json_path: Optional[str], quiet: bool) -> None:
@@ -198,6 +206,7 @@ def _add_task(kw: dict[str, Any]) -> None:
     missing = [f"--{n}" for n in ("bundle", "task", "data") if kw[n] is None]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (or give a subcommand: {', '.join(sorted(main.commands))})")
+    _report_file(kw["json_summary"], "--json-summary")
     if kw["resume"]:
         _check_resumable(kw["bundle"], kw["task"])
     from trainer.train_task import TaskOptions, train_task
@@ -266,6 +275,7 @@ def eval_command(bundle: str, data: Sequence[str], ood: Sequence[str], out: str,
     from casam_core.files import atomic_write_json
     from trainer.sequence import evaluate_bundle
 
+    _report_file(out, "--out")
     report = evaluate_bundle(bundle, _pairs(data, "--data"), list(ood), session=_session(session))
     atomic_write_json(out, report)
     click.echo(report["table"])
@@ -303,6 +313,7 @@ def sequence_command(bundle: Optional[str], tasks: Sequence[str], ood: Sequence[
     from trainer.methods import parse_methods
     from trainer.sequence import run_sequence
 
+    _report_file(kw["json_summary"], "--json-summary")
     report = run_sequence(bundle, _pairs(tasks, "--tasks"), out, methods=parse_methods(methods),
                           ood=_pairs(ood, "--ood"), session=_session(kw), config=_config(kw), resize=kw["resize"])
     _emit_summary(report, kw["json_summary"], kw["quiet"])
