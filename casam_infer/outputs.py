@@ -7,7 +7,6 @@ last and lists the mask files, so a record on disk always describes complete mas
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from casam_core.files import atomic_write_bytes, atomic_write_json
+from casam_io.writers.png import png_bytes, write_mask
 from runtime.preprocess import to_rgb_255
 
 # Distinct, colour-blind-friendly hues (Okabe–Ito) for up to eight prompts, then repeated.
@@ -23,16 +23,6 @@ PALETTE = np.array(
      (0, 114, 178), (213, 94, 0), (204, 121, 167), (255, 255, 255)], dtype=np.float32,
 )
 ALPHA = 0.45
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_mask(path: Path, mask: np.ndarray) -> None:
-    atomic_write_bytes(path, png_bytes(np.where(mask, 255, 0).astype(np.uint8)))
 
 
 def overlay(image: np.ndarray, masks: np.ndarray, boxes: Optional[np.ndarray] = None,

@@ -53,7 +53,7 @@ def test_casam_infer_refuses_a_duplicated_slice_in_one_line(tmp_path, tmp_path_f
 
 
 def test_source_metadata_complaints_become_one_warning_and_verbatim_names_none(tmp_path):
-    from casam_infer.volume_outputs import dicom_seg
+    from casam_io.writers.seg import dicom_seg
 
     folder = tmp_path / "s"
     folder.mkdir()
