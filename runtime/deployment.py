@@ -39,6 +39,7 @@ from casam_core.errors import ManifestError
 from casam_core.files import atomic_write_json, read_json, sha256_bytes
 from casam_core.names import IDENTITY
 from runtime.cpu_class import KERNEL_CLASSES, int8_kernel_class
+from runtime.prompts import Prompts
 from runtime.manifest import GraphFile, Manifest, verify_file
 
 #: The export's int8 bar (casam_export.quantize.INT8_MASK_IOU_BAR is this same number).
@@ -206,7 +207,7 @@ def run_set(pipe: Any, vset: VerificationSet, int8_graphs: list[str]) -> dict[st
         if route != case.route:
             changes.append(f"image {i} ({case.label}): fp32 {case.route}, here {route}")
         for task, reference in [(case.route, case.masks), *case.forced.items()]:
-            _, low, _ = pipe.decode(embedding, frame, boxes=case.boxes, route=task)
+            _, low, _ = pipe.decode(embedding, frame, Prompts.for_image(case.image.shape, boxes=case.boxes), route=task)
             got = mask_ious(reference, np.asarray(low)[:, 0] > 0)
             ious.setdefault(f"align/{task}", []).extend(got)
             if task == case.route:

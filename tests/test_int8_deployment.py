@@ -10,7 +10,6 @@ pictures): training images calibrate, held-out images verify.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from casam_core.errors import ManifestError
-from casam_core.files import atomic_write_bytes, atomic_write_json, read_json, sha256_bytes, sha256_file
+from casam_core.files import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from casam_export import export_bundle, quantize
 from casam_export.parity import synthetic_images
 from conftest import real_data_or_skip
@@ -29,6 +28,7 @@ from runtime import deployment
 from runtime.cpu_class import KERNEL_CLASSES, int8_kernel_class, kernel_class_of
 from runtime.deployment import DeploymentWarning, VerificationSet
 from runtime.pipeline import Pipeline
+from runtime.prompts import Prompts
 from runtime_support import exported, one_error_line
 
 REAL_SETS = ("polyp_kvasir", "skin_ph2", "cxr_jsrt", "nuclei_monuseg")
@@ -163,7 +163,8 @@ def test_a_failing_set_runs_the_fp32_copies(int8_export, tmp_path):
     assert pipe.manifest_obj.graphs["encoder"].path.name == encoder["fp32_fallback"]["file"]
     assert pipe.manifest["graphs"]["encoder"]["precision"] == "fp32"
     image = synthetic_images()[0]
-    assert pipe.predict(image, boxes=np.array([[10, 10, 200, 150]], np.float32)).masks.shape[0] == 1
+    prompts = Prompts.for_image(image.shape, boxes=np.array([[10, 10, 200, 150]], np.float32))
+    assert pipe.predict(image, prompts).masks.shape[0] == 1
 
 
 def test_a_route_change_fails_the_encoder_only(int8_export, tmp_path):
@@ -261,8 +262,9 @@ def test_int8_masks_hold_on_real_images(int8_export):
     root, fp32, _ = int8_export
     a, b = Pipeline.from_manifest(fp32, backend="ort-cpu"), Pipeline.from_manifest(root / "engines", backend="ort-cpu")
     ious, same = [], []
-    for _, image, box in real_cases(16, a.preprocessing.intensity):
-        ra, rb = a.predict(image, boxes=box), b.predict(image, boxes=box)
+    for _, image, box in real_cases(16, a.preprocessing):
+        prompts = Prompts.for_image(image.shape, boxes=box)
+        ra, rb = a.predict(image, prompts), b.predict(image, prompts)
         ious.append(iou(ra.masks[0], rb.masks[0]))
         same.append(ra.route == rb.route)
     assert len(ious) >= 16 and all(same)
