@@ -23,13 +23,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional
 
 from casam_bundle.calibration import check_calibration
 from casam_bundle.errors import BundleError
@@ -38,10 +37,9 @@ from casam_bundle.lock import DEFAULT_WAIT_S, bundle_lock
 from casam_bundle import signing
 from casam_core.faults import fault_point
 from casam_core.ownership import refuse_existing
-from casam_core.files import atomic_path, atomic_write_bytes, read_versioned_json, sha256_bytes
+from casam_core.files import PathLike, atomic_path, atomic_write_bytes, read_versioned_json, sha256_bytes
 from runtime.preprocess import Preprocessing
 
-PathLike = Union[str, os.PathLike]
 PACKAGE_FORMAT = "casam-task-package"
 PACKAGE_FORMAT_VERSION = 1
 PACKAGE_SUFFIX = ".casam"

@@ -15,11 +15,10 @@ check at any earlier moment leaves the previous manifest and all its files in fo
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Optional, Union
+from typing import Any, Callable, ContextManager, Mapping, Optional
 
 import torch
 from torch import nn
@@ -45,13 +44,12 @@ from casam_export.tensorrt_build import build_engines, tensorrt_status
 from casam_export.verify import VerificationImages, verification_images, verify_export
 from models.sam_loader import FrozenSam, load_frozen_sam
 from casam_core.faults import fault_point
-from casam_core.files import atomic_write_json
+from casam_core.files import PathLike, atomic_write_json
 from runtime.manifest import MANIFEST_NAME
 from casam_core.names import check_task_name
 from casam_bundle import Bundle
 from models.bundle_models import build_router, load_alignment
 
-PathLike = Union[str, os.PathLike]
 MAX_PROMPTS_LIMIT = 256
 
 

@@ -41,17 +41,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import onnx
 import torch
 
+from casam_core.files import PathLike
 from casam_export.errors import ExportError
 from casam_bundle import Bundle
 from runtime.backends.ort import session_options
@@ -63,7 +63,6 @@ from casam_core.names import IDENTITY
 from runtime.preprocess import Preprocessing, frame_for, preprocess
 
 
-PathLike = Union[str, os.PathLike]
 INT8 = "int8"
 DEFAULT_CALIBRATION_COUNT = 8
 #: Ops given QDQ pairs: the matrix products with a constant (weight) operand. Quantising

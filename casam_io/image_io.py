@@ -27,7 +27,7 @@ from casam_io.readers.picture import read_pil
 from casam_io.scan import Scan
 
 __all__ = ["DEFAULT_MAX_PIXELS", "DICOM_SUFFIXES", "IMAGE_SUFFIXES", "NIFTI_SUFFIXES", "PICTURE_SUFFIXES",
-           "UNLABELLED_SUFFIXES", "Scan", "files_by_stem", "image_files", "is_dicom", "is_nifti", "prepare",
+           "UNLABELLED_SUFFIXES", "Scan", "files_by_stem", "image_files", "prepare",
            "prepared_slice", "read_pil", "read_prepared", "read_scan", "slice_at", "slice_of"]
 
 # The suffix tuples callers use, derived from the reader registry (casam_io/readers/).
@@ -39,13 +39,6 @@ PICTURE_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES
 #: What an image set without masks may hold (an OOD set, calibration or verification images).
 UNLABELLED_SUFFIXES = PICTURE_SUFFIXES + NIFTI_SUFFIXES
 
-
-def is_nifti(path: PathLike) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
-
-
-def is_dicom(path: PathLike) -> bool:
-    return str(path).lower().endswith(DICOM_SUFFIXES)
 
 
 def read_scan(path: PathLike, volume: Optional[int] = None, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,

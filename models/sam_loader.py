@@ -16,17 +16,16 @@ import urllib.request
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Mapping, Optional
 
 import torch
 
 from models.errors import CheckpointError, UnknownModelError
 from models.sam_import import load_modeling
-from casam_core.files import atomic_path, sha256_file
+from casam_core.files import PathLike, atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass(frozen=True)

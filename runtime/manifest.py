@@ -8,17 +8,15 @@ producing plausible but wrong masks later.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 from casam_core.errors import InputError, ManifestError
-from casam_core.files import check_sha256, read_versioned_json, sha256_bytes
+from casam_core.files import PathLike, check_sha256, read_versioned_json, sha256_bytes
 from casam_core.names import IDENTITY, check_task_name
 from runtime.preprocess import Preprocessing
 
-PathLike = Union[str, os.PathLike]
 MANIFEST_FORMAT = "casam-manifest"
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -9,15 +9,15 @@ and masks equal to the PyTorch model's.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import warnings
 from collections import Counter
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from casam_core.files import PathLike
 from runtime.backends import Backend, Engine, Tensor, open_backend
 from runtime.deployment import deployable
 from runtime.engine_cache import EngineCache
@@ -29,7 +29,6 @@ from runtime.predictor import DEFAULT_BATCH, Capabilities, Result
 from runtime.preprocess import Frame, Preprocessing, preprocess
 from runtime.prompts import Prompts
 
-PathLike = Union[str, os.PathLike]
 
 
 class UnverifiedExportWarning(UserWarning):

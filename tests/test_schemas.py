@@ -167,14 +167,18 @@ def _with_literal(path: Path, field: tuple, literal: str) -> None:
     path.write_text(text)
 
 
+def _refusal(document: str, where: str, literal: str) -> str:
+    """The one-line refusal of a non-finite number, as a regex: the file, the JSON path, the literal."""
+    return rf"{re.escape(document)}: \${re.escape(where)} is {re.escape(literal)}; every number must be finite"
+
+
 @pytest.mark.parametrize("literal", NON_FINITE)
 def test_non_finite_numbers_in_manifest_json_are_refused_by_name(shipped, tmp_path, literal):
     from runtime.manifest import Manifest
 
     folder = broken_manifest(shipped[1], tmp_path / "engines", lambda d: None)
     _with_literal(folder / "manifest.json", ("tasks", 1, "threshold"), literal)
-    with pytest.raises(ManifestError, match=rf"manifest\.json: \$\.tasks\[1\]\.threshold is {re.escape(literal)}; "
-                                            "every number must be finite"):
+    with pytest.raises(ManifestError, match=_refusal("manifest.json", ".tasks[1].threshold", literal)):
         Manifest.load(folder, verify=False)
 
 
@@ -184,8 +188,7 @@ def test_non_finite_numbers_in_bundle_json_are_refused_by_name(shipped, tmp_path
 
     bundle = _bundle_copy(shipped[0], tmp_path / "bundle", lambda d: None)
     _with_literal(bundle / "bundle.json", ("tasks", 0, "threshold"), literal)
-    with pytest.raises(BundleError, match=rf"bundle\.json: \$\.tasks\[0\]\.threshold is {re.escape(literal)}; "
-                                          "every number must be finite"):
+    with pytest.raises(BundleError, match=_refusal("bundle.json", ".tasks[0].threshold", literal)):
         Bundle.open(bundle, verify=False)
 
 
@@ -206,6 +209,5 @@ def test_non_finite_numbers_in_calibration_json_are_refused_by_name(shipped, tmp
     meta["tasks"][1]["files"]["calibration.json"] = sha256_file(calibration)  # consistent, so the reader is what refuses
     (bundle / "bundle.json").write_text(json.dumps(meta))
     where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in field)
-    with pytest.raises(BundleError, match=rf"calibration\.json: \${re.escape(where)} is {re.escape(literal)}; "
-                                          "every number must be finite"):
+    with pytest.raises(BundleError, match=_refusal("calibration.json", where, literal)):
         Bundle.open(bundle)

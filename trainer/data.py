@@ -18,22 +18,20 @@ casam-infer's ``--boxes-from-masks``.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 
 from casam_core.errors import CasamError, InputError
-from casam_core.files import read_json
+from casam_core.files import PathLike, read_json
 from casam_io.image_io import (IMAGE_SUFFIXES, NIFTI_SUFFIXES, PICTURE_SUFFIXES, Scan, files_by_stem,
                               prepare, read_pil, read_prepared, read_scan, slice_at)
 from casam_io.image_io import image_files as runtime_image_files
 from casam_io.intensity import Intensity
 from casam_core.structures import mask_to_index_map, structure_masks
 
-PathLike = Union[str, os.PathLike]
 TEST_FRACTION = 0.2
 MAX_LISTED = 20
 # A label volume's affine may differ from its image's by this much (mm, and direction
