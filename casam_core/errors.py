@@ -15,3 +15,17 @@ class InputError(CasamError, ValueError):
 
 class ManifestError(CasamError):
     """An export folder whose manifest or engine files cannot be trusted."""
+
+
+class SessionError(InputError):
+    """An interactive session that cannot be used: unknown, expired, another client's, or
+    one too many. Servers answer it with ``status`` (404, or 429 for the session limit)
+    and never say whether an id exists for someone else."""
+
+    status = 404
+
+
+class SessionLimitError(SessionError):
+    """No room for another session (``casam-label --max-sessions``)."""
+
+    status = 429

@@ -24,10 +24,23 @@ TASK_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 def check_task_name(name: object, error: Type[CasamError] = InputError, where: str = "") -> str:
     """``name`` when it is an allowed task name, else ``error`` saying why (and ``where`` it was read)."""
-    if not isinstance(name, str) or TASK_NAME_PATTERN.fullmatch(name) is None or name == IDENTITY:
+    if not _allowed(name) or name == IDENTITY:
         origin = f" in {where}" if where else ""
         raise error(
             f"task name {name!r}{origin} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
             f"starting with a letter or digit, and not {IDENTITY!r}"
         )
-    return name
+    return name  # type: ignore[return-value]  # _allowed checked it is a str
+
+
+def check_label_name(name: object, error: Type[CasamError] = InputError) -> str:
+    """A structure label's name (an interactive session's labels, a SEG segment): the task
+    names' pattern, since it also becomes a JSON key and a file-name part."""
+    if not _allowed(name):
+        raise error(f"label name {name!r} is not allowed: use 1-64 letters, digits, '_', '.' or '-', "
+                    "starting with a letter or digit")
+    return name  # type: ignore[return-value]
+
+
+def _allowed(name: object) -> bool:
+    return isinstance(name, str) and TASK_NAME_PATTERN.fullmatch(name) is not None

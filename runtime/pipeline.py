@@ -228,6 +228,12 @@ class Pipeline:
             raise InputError(f"route takes one image's 1×256×64×64 embedding, got {scores.shape[0]} images")
         return self.choose(scores[0], task), scores[0], self.thresholds.copy()
 
+    def align(self, embedding: Tensor, route: str) -> np.ndarray:
+        """A raw 1×256×64×64 embedding through ``route``'s alignment layer (the identity
+        returns it as is). Interactive sessions keep this, so each prompt runs the decoder
+        alone: ``decode(aligned, frame, prompts, route="identity")``."""
+        return self.backend.to_numpy(self._align(embedding, self.check_task(route)))
+
     def decode(self, embedding: Tensor, frame: Frame, prompts: Prompts,
                route: str = IDENTITY) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A raw embedding and prompts in original pixels → (K×H×W masks, K×1×256×256 logits, (K,) IoU)."""

@@ -97,6 +97,9 @@ class VolumePredictor(Predictor, Protocol):
     def choose(self, scores: np.ndarray, task: Optional[str] = None) -> str:
         """The route for (N,) scores."""
 
+    def align(self, embedding: np.ndarray, route: str) -> np.ndarray:
+        """One raw embedding through ``route``'s alignment layer (the identity: unchanged)."""
+
     def decode(self, embedding: np.ndarray, frame: Frame, prompts: Prompts,
                route: str = IDENTITY) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A raw embedding and prompts → (K×H×W masks, K×1×256×256 logits, (K,) IoU)."""

@@ -41,7 +41,7 @@ from runtime.prompts import Prompts
 
 DEFAULT_MIN_AREA = 16  # pixels: below this a propagated mask is noise, not the object
 DEFAULT_MARGIN = 2.0  # pixels added around the previous mask's bounding box
-__all__ = ["DEFAULT_BATCH", "Propagation", "VolumePrompt", "VolumeSegmenter", "segment_volume", "volume_prompts"]
+__all__ = ["DEFAULT_BATCH", "Propagation", "next_box", "VolumePrompt", "VolumeSegmenter", "segment_volume", "volume_prompts"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,18 @@ class Propagation:
 
 
 RESIDENT_BYTES = 256 << 20  # embeddings kept in memory before the rest spill to disk
+
+
+def next_box(mask: np.ndarray, margin: float = DEFAULT_MARGIN, min_area: int = DEFAULT_MIN_AREA) -> Optional[np.ndarray]:
+    """The propagation rule: the next slice's box is this slice's mask's bounding box enlarged
+    by ``margin`` pixels, or None (the walk ends) when the mask is under ``min_area`` pixels.
+    casam-infer's volume mode and interactive sessions' "propagate" both walk by it."""
+    if int(mask.sum()) < min_area:
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    h, w = mask.shape
+    return np.array([max(cols[0] - margin, 0.0), max(rows[0] - margin, 0.0),
+                     min(cols[-1] + 1 + margin, float(w)), min(rows[-1] + 1 + margin, float(h))], dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -226,14 +238,7 @@ class VolumeSegmenter:
         return masks[0], float(iou[0])
 
     def _next_box(self, mask: np.ndarray) -> Optional[np.ndarray]:
-        """The mask's bounding box enlarged by the margin, or None when the mask is too small."""
-        if int(mask.sum()) < self.min_area:
-            return None
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        h, w = mask.shape
-        return np.array([max(cols[0] - self.margin, 0.0), max(rows[0] - self.margin, 0.0),
-                         min(cols[-1] + 1 + self.margin, float(w)), min(rows[-1] + 1 + self.margin, float(h))],
-                        dtype=np.float32)
+        return next_box(mask, self.margin, self.min_area)
 
     # ----- propagation ----------------------------------------------------------------------
     def propagate(self, prompt: VolumePrompt, route_for: Callable[[int], str], labels: np.ndarray,

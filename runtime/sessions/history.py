@@ -1,0 +1,69 @@
+"""One label's prompts and masks on one slice, step by step, so corrections can be undone.
+
+Each step keeps the prompts that produced it (a box and the clicks so far), the mask, and
+the decoder's low-res logits, which the next click feeds back as ``mask_input``. Logits are
+kept as float16 and masks bit-packed: 8 annotators × 200 clicks of float32 logits and bool
+masks would hold over 700 MB; this way a step costs about 160 kB at 512², and the depth of
+undo is bounded (``MAX_UNDO``) so a long session cannot grow without end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+#: Steps kept per label and slice; older ones are forgotten (undo stops there).
+MAX_UNDO = 32
+
+
+@dataclass(frozen=True)
+class Step:
+    """One interaction's prompts and result, in slice pixels."""
+
+    box: Optional[tuple[float, float, float, float]]
+    points: tuple[tuple[float, float], ...]
+    point_labels: tuple[int, ...]  # 1 positive, 0 negative
+    packed_mask: np.ndarray  # np.packbits of the H×W bool mask
+    shape: tuple[int, int]
+    logits: Optional[np.ndarray]  # 1×1×256×256 float16, or None when not kept
+    source: str = "prompt"  # "prompt", "click", "propagated"
+
+    @classmethod
+    def make(cls, box: Optional[tuple[float, float, float, float]], points: tuple[tuple[float, float], ...],
+             point_labels: tuple[int, ...], mask: np.ndarray, logits: Optional[np.ndarray],
+             source: str = "prompt") -> "Step":
+        small = None if logits is None else np.asarray(logits, dtype=np.float16).reshape(1, 1, *logits.shape[-2:])
+        return cls(box, points, point_labels, np.packbits(np.asarray(mask, dtype=bool)),
+                   (int(mask.shape[0]), int(mask.shape[1])), small, source)
+
+    @property
+    def mask(self) -> np.ndarray:
+        h, w = self.shape
+        return np.unpackbits(self.packed_mask, count=h * w).reshape(h, w).astype(bool)
+
+    @property
+    def mask_input(self) -> Optional[np.ndarray]:
+        return None if self.logits is None else self.logits.astype(np.float32)
+
+
+@dataclass
+class SliceHistory:
+    """The steps of one label on one slice; the last is what the slice shows."""
+
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def current(self) -> Optional[Step]:
+        return self.steps[-1] if self.steps else None
+
+    def push(self, step: Step) -> None:
+        self.steps.append(step)
+        del self.steps[:-MAX_UNDO]
+
+    def undo(self) -> Optional[Step]:
+        """Drop the last step; the one before it (or None: nothing left) is current again."""
+        if self.steps:
+            self.steps.pop()
+        return self.current
