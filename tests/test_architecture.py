@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "casam_export": 5,  # casam-export
     "casam_infer": 6,  # casam-infer
     "casam_serve": 6,  # casam-serve
+    "casam_label": 6,  # casam-label (interactive server)
 }
 MAX_LINES = 60
 MAX_PARAMS = 8
