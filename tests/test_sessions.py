@@ -165,3 +165,16 @@ def test_a_label_map_stacks_labels_with_lower_indices_first(pipe):
     with pytest.raises(InputError):
         session.reset("a")
     store.shutdown()
+
+
+def test_undo_history_is_bounded_and_masks_survive_packing():
+    from runtime.sessions.history import MAX_UNDO, SliceHistory, Step
+
+    rng = np.random.default_rng(0)
+    history = SliceHistory()
+    masks = [rng.random((37, 53)) > 0.5 for _ in range(MAX_UNDO + 5)]
+    for m in masks:
+        history.push(Step.make(None, (), (), m, np.zeros((1, 1, 256, 256), np.float32)))
+    assert len(history.steps) == MAX_UNDO  # the oldest steps are forgotten
+    assert np.array_equal(history.current.mask, masks[-1])  # bit-packing is lossless, odd sizes included
+    assert np.array_equal(history.undo().mask, masks[-2])
