@@ -190,3 +190,28 @@ def test_a_listed_decoder_mask_is_checked_like_every_graph(engines, tmp_path):
     shutil.rmtree(broken)
     with pytest.raises(ManifestError, match="decoder_mask"):
         Manifest.load(engines, manifest)
+
+
+# ----- the export's parity check -----------------------------------------------------------
+def test_parity_check_compares_corrections(engines, tiny_sam, tmp_path_factory, monkeypatch):
+    """verify_export decodes each prompt set again with the first pass's logits as mask_input;
+    a runtime that zeroed the mask (a decoder_mask chain that differs from PyTorch's) fails it."""
+    from casam_bundle import Bundle
+    from casam_export.parity import VerificationImages, synthetic_images
+    from casam_export.verify import verify_export
+    from runtime_support import exported
+
+    bundle = Bundle.open(exported(tmp_path_factory)[0])
+    manifest = json.loads((engines / "manifest.json").read_text())
+    checks = VerificationImages((synthetic_images()[1],), "synthetic")  # one small image: every route on it
+    report = verify_export(engines, manifest, bundle, tiny_sam.model, checks)
+    assert report["passed"] and report["summary"]["mask_input_masks_compared"] > 0
+
+    real = Pipeline._decoder_batches
+
+    def zeroed(self, embedding, coords, labels, mask_input=None):
+        return real(self, embedding, coords, labels, None if mask_input is None else np.zeros_like(mask_input))
+
+    monkeypatch.setattr(Pipeline, "_decoder_batches", zeroed)
+    broken = verify_export(engines, manifest, bundle, tiny_sam.model, checks)
+    assert not broken["passed"] and any("mask IoU" in f for f in broken["failures"])
