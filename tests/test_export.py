@@ -397,7 +397,7 @@ def test_cli_reexport_and_error(root, bundle2, out32):
         (out / rel).write_bytes(b"leftover")
     result = CliRunner().invoke(cli_main, ["--bundle", str(bundle2.root), "--out", str(out), "--no-verify"])
     assert result.exit_code == 0, result.output
-    assert "unchanged: encoder, decoder, router, align/alpha, align/beta" in result.output
+    assert "unchanged: encoder, decoder, decoder_mask, router, align/alpha, align/beta" in result.output
     assert read_json(out / "manifest.json")["parity"] == {"verified": False, "passed": None}
     assert "parity: not verified (--no-verify)" in result.output
     assert {rel: (out / rel).exists() for rel in planted} == planted
