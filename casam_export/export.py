@@ -27,7 +27,7 @@ from tqdm import tqdm
 from casam_export.errors import ExportError, ParityError
 from casam_export.lean_attention import ROWS_PER_CHUNK, lean_global_attention
 from casam_export.lean_decoder import LEAN_DECODER_VERSION, LeanPromptDecoder
-from casam_export.graphs import ALIGN, DECODER, ENCODER, GraphSpec, export_graph, finalize, router_spec, write_graph
+from casam_export.graphs import ALIGN, DECODER, DECODER_MASK, ENCODER, GraphSpec, export_graph, finalize, router_spec, write_graph
 from casam_export.manifest import (
     PARITY_FAILED,
     PARITY_REPORT,
@@ -91,6 +91,10 @@ def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompt
         # The image side of the decoder is computed once for all of an image's prompts
         # (casam_export/lean_decoder.py).
         _Job("decoder", "decoder.onnx", DECODER, lambda: LeanPromptDecoder(sam.model), precision,
+             {**checkpoint, "max_prompts": max_prompts, "decoder": LEAN_DECODER_VERSION}, opset),
+        # The same decoder taking each prompt's previous low-res logits (mask_input), for
+        # interactive corrections; the plain decoder above stays one image for all prompts.
+        _Job("decoder_mask", "decoder_mask.onnx", DECODER_MASK, lambda: LeanPromptDecoder(sam.model), precision,
              {**checkpoint, "max_prompts": max_prompts, "decoder": LEAN_DECODER_VERSION}, opset),
         # The router stays fp32 under --fp16: it is tiny, and fp32 scores keep routing
         # decisions identical to the PyTorch model's.

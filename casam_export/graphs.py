@@ -1,4 +1,4 @@
-"""The four kinds of exported graph: their names, shapes, and how one is written to disk.
+"""The kinds of exported graph: their names, shapes, and how one is written to disk.
 
 Input and output names are the contract with the runtime (docs/FORMATS.md), so they are
 declared once here and checked against every graph after export. Graphs come from the
@@ -61,6 +61,12 @@ DECODER = GraphSpec(
         TensorSpec("point_labels", ("prompts", "points")),
     ),
     (TensorSpec("low_res_masks", ("prompts", 1, 256, 256)), TensorSpec("iou_predictions", ("prompts", 1))),
+)
+#: The decoder with each prompt's previous low-res logits (SAM's ``mask_input``), for
+#: corrections; a separate graph so that ``decoder`` keeps its one-image arithmetic.
+DECODER_MASK = GraphSpec(
+    (*DECODER.inputs, TensorSpec("mask_input", ("prompts", 1, 256, 256))),
+    DECODER.outputs,
 )
 
 

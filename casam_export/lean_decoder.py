@@ -15,6 +15,9 @@ of seven elementwise ops); and the pixel shuffle is applied to the one-channel m
 end instead of to the 32-channel features. Only the mask token that single-mask output
 returns is projected.
 
+With a previous mask (``mask_input``, the ``decoder_mask`` graph) each prompt has its own
+dense embedding, so the image side becomes K images there; the rest is unchanged.
+
 The PyTorch model keeps SAM's own decoder; this module is used only while exporting, and
 the export's parity check compares the two chains.
 """
@@ -22,6 +25,7 @@ the export's parity check compares the two chains.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +76,17 @@ class LeanPromptDecoder(PromptDecoder):
         self.norm = norm
         self.c1, self.c2 = conv1.out_channels, conv2.out_channels
 
-    def predict_masks(self, embeddings: torch.Tensor, sparse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_masks(self, embeddings: torch.Tensor, sparse: torch.Tensor,
+                      dense: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         md = self.mask_decoder
         k = sparse.shape[0]
         _, c, h, w = embeddings.shape
         tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0).unsqueeze(0).expand(k, -1, -1)
         tokens = torch.cat((tokens, sparse), dim=1)
-        # Without a mask prompt every prompt's dense embedding is no_mask_embed: one image.
-        src = embeddings + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        if dense is None:  # every prompt's dense embedding is no_mask_embed: one image for all K
+            src = embeddings + self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        else:  # decoder_mask.onnx: each prompt's previous mask makes its own image (K×C×H×W)
+            src = embeddings + dense
         hs, keys = md.transformer(src, self.prompt_encoder.get_dense_pe(), tokens)  # keys: K×HW×C
         iou = md.iou_prediction_head(hs[:, 0, :])[:, 0:1]
         hyper = md.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0: the single-mask output

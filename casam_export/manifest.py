@@ -34,7 +34,7 @@ PARITY_FAILED = "parity-failed.json"
 UNVERIFIED = {"verified": False, "passed": None}
 #: Top-level graph files an export writes: content-named (``encoder-<sha12>.onnx``), or the
 #: fixed names of exports made before content naming (``encoder.onnx``), with weights files.
-TOP_GRAPH_FILE = re.compile(r"(encoder|router|decoder)(-[0-9a-f]{12})?\.onnx(\.data)?")
+TOP_GRAPH_FILE = re.compile(r"(encoder|router|decoder|decoder_mask)(-[0-9a-f]{12})?\.onnx(\.data)?")
 #: The int8 verification set (casam_export/verification_set.py), content-named like the graphs.
 VERIFICATION_FILE = re.compile(r"verification-[0-9a-f]{12}\.npz")
 #: Other entries an export folder holds ("deployment": the runtime's int8 verdicts per CPU class).

@@ -4,7 +4,10 @@ The exported chain is run through the runtime's own ``Pipeline`` (the code deplo
 use), fed the not-yet-written manifest, so what is verified is exactly what will ship.
 Routes must be identical; masks (low-resolution logits > 0) must reach the IoU bar of the
 precision. Every align graph is also checked with its task forced, so a task that no
-verification image routes to is still compared.
+verification image routes to is still compared. Where the export has a ``decoder_mask``
+graph, every prompt set is decoded a second time as a correction, both ways, with the
+first pass's exported logits as ``mask_input`` (the same input to both chains), and those
+masks count towards the same bar.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class _Comparison:
     def __init__(self) -> None:
         self.emb_diff = self.emb_scale = self.score_diff = self.score_rel = self.iou_diff = 0.0
         self.ious: list[float] = []
+        self.corrections = 0  # masks among ``ious`` decoded with a mask_input (decoder_mask)
 
     def decode(self, model: nn.Module, pipe: Pipeline, emb_t: torch.Tensor, emb_o: np.ndarray, frame: Any,
                route: str, prompts: Mapping[str, np.ndarray], with_points: bool = True) -> None:
@@ -45,11 +49,22 @@ class _Comparison:
         kinds = (Prompts.for_image(hw, boxes=prompts["boxes"]),
                  Prompts.for_image(hw, points=prompts["points"], labels=prompts["point_labels"]))
         for given in kinds[: 2 if with_points else 1]:
-            _, low_o, iou_o = pipe.decode(emb_o, frame, given, route=route)
-            with torch.no_grad():  # the same Prompts, moved to the frame by the same arithmetic
-                low_t, iou_t = model.decode(aligned, given, frame.scale_xy)
-            self.ious += mask_ious(low_t.numpy() > 0, np.asarray(low_o) > 0)
-            self.iou_diff = max(self.iou_diff, float(np.abs(iou_t.numpy().reshape(-1) - np.asarray(iou_o).reshape(-1)).max()))
+            low_o = self.compare(model, pipe, (aligned, emb_o), frame, route, given)
+            if pipe.capabilities.mask_input:  # a correction: the first pass's logits as mask_input
+                again = Prompts.for_image(hw, given.boxes, given.points, given.labels, mask_input=low_o)
+                self.compare(model, pipe, (aligned, emb_o), frame, route, again)
+                self.corrections += len(low_o)
+
+    def compare(self, model: nn.Module, pipe: Pipeline, embeddings: tuple[torch.Tensor, np.ndarray], frame: Any,
+                route: str, given: Prompts) -> np.ndarray:
+        """One decode both ways (aligned torch embedding, raw exported one); the exported logits."""
+        aligned, emb_o = embeddings
+        _, low_o, iou_o = pipe.decode(emb_o, frame, given, route=route)
+        with torch.no_grad():  # the same Prompts, moved to the frame by the same arithmetic
+            low_t, iou_t = model.decode(aligned, given, frame.scale_xy)
+        self.ious += mask_ious(low_t.numpy() > 0, np.asarray(low_o) > 0)
+        self.iou_diff = max(self.iou_diff, float(np.abs(iou_t.numpy().reshape(-1) - np.asarray(iou_o).reshape(-1)).max()))
+        return np.asarray(low_o, dtype=np.float32)
 
 
 def verify_export(
@@ -123,6 +138,7 @@ def _summary(cmp: _Comparison, pipe: Pipeline, checks: VerificationImages, route
         "images": len(checks.images),
         "image_source": checks.source,
         "masks_compared": int(ious.size),
+        "mask_input_masks_compared": cmp.corrections,
         "embeddings_max_abs_diff": cmp.emb_diff,
         "embeddings_max_abs": cmp.emb_scale,
         "scores_max_abs_diff": cmp.score_diff,

@@ -104,12 +104,13 @@ class CASAM(nn.Module):
         ``prompts`` are the runtime's (``Prompts.for_image`` of the original image) and
         ``scale_xy`` moves them into the model frame (``Frame.scale_xy``), the very
         arithmetic ``runtime.pipeline.Pipeline`` runs; (1, 1) for prompts made in the frame.
+        ``prompts.mask_input`` (a previous prediction's K×1×256×256 logits) corrects it, as
+        ``SamPredictor.predict(mask_input=...)`` does.
         """
-        if prompts.mask_input is not None:
-            raise ShapeError("CASAM's decoder takes no previous mask (mask_input); give boxes or points")
         coords, labels = prompts.encode(scale_xy)
         dev = embedding.device
-        return self.decoder(embedding, torch.from_numpy(coords).to(dev), torch.from_numpy(labels).to(dev))
+        mask = None if prompts.mask_input is None else torch.from_numpy(prompts.mask_input).to(dev)
+        return self.decoder(embedding, torch.from_numpy(coords).to(dev), torch.from_numpy(labels).to(dev), mask)
 
     def forward(
         self,

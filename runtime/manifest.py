@@ -27,7 +27,12 @@ def check_task(task: str, task_names: list[str]) -> str:
     if task != IDENTITY and task not in task_names:
         raise InputError(f"unknown task {task!r}; known: {', '.join(task_names) or 'none'}, identity")
     return task
+
+
 CORE_GRAPHS = ("encoder", "router", "decoder")
+#: Graphs an export may lack: older exports have no ``decoder_mask`` (the decoder taking a
+#: previous mask, ``Prompts.mask_input``) and still load, without that capability.
+OPTIONAL_GRAPHS = ("decoder_mask",)
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,8 @@ class Manifest:
         self.preprocessing = Preprocessing.from_dict(data["preprocessing"])
         self.max_prompts = int(data.get("max_prompts", 16))
         graphs = data["graphs"]
-        self.graphs: dict[str, GraphFile] = {key: _graph_file(folder, key, graphs[key]) for key in CORE_GRAPHS}
+        self.graphs: dict[str, GraphFile] = {key: _graph_file(folder, key, graphs[key])
+                                             for key in (*CORE_GRAPHS, *OPTIONAL_GRAPHS) if key in graphs}
         self.tasks: list[TaskEntry] = []
         for i, task in enumerate(data["tasks"]):
             name = check_task_name(task["name"], ManifestError, f"manifest task #{i}")

@@ -108,10 +108,12 @@ class Pipeline:
         self.encoder = backend.load("encoder", manifest.graphs["encoder"].path)
         self.router = backend.load("router", manifest.graphs["router"].path) if self.task_names else None
         self.decoder = backend.load("decoder", manifest.graphs["decoder"].path)
+        # The decoder taking a previous mask, where the export has one (older exports do not).
+        mask_graph = manifest.graphs.get("decoder_mask")
+        self.decoder_mask = backend.load("decoder_mask", mask_graph.path) if mask_graph is not None else None
         self.align_engines: EngineCache[str, Engine] = EngineCache(self._load_align, max_resident)
         self.calls: Counter[str] = Counter()  # engine key → runs, for tests and benchmarks
-        # The exported decoder graph has no mask input (casam_export.lean_decoder).
-        self.capabilities = Capabilities(volumes=True, mask_input=False,
+        self.capabilities = Capabilities(volumes=True, mask_input=self.decoder_mask is not None,
                                          encoder_batch=DEFAULT_BATCH.get(str(backend.device), 1))
         self._calls_lock = threading.Lock()
         if preload:
@@ -169,13 +171,18 @@ class Pipeline:
         engine = self.align_engines.get(route)
         return self._run(engine, {"embeddings": embedding}, keep=("aligned",))["aligned"]
 
-    def _decoder_batches(self, embedding: Tensor, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """All prompts of one image, in as few decoder calls as the engine's maximum allows."""
+    def _decoder_batches(self, embedding: Tensor, coords: np.ndarray, labels: np.ndarray,
+                         mask_input: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """All prompts of one image, in as few decoder calls as the engine's maximum allows;
+        with ``mask_input`` (checked by ``prompts``) on the ``decoder_mask`` graph."""
+        engine = self.decoder if mask_input is None else self.decoder_mask
         lows, ious = [], []
         for start in range(0, coords.shape[0], self.max_prompts):
             stop = start + self.max_prompts
-            out = self._run(self.decoder, {"embeddings": embedding, "point_coords": coords[start:stop],
-                                           "point_labels": labels[start:stop]})
+            feeds = {"embeddings": embedding, "point_coords": coords[start:stop], "point_labels": labels[start:stop]}
+            if mask_input is not None:
+                feeds["mask_input"] = mask_input[start:stop]
+            out = self._run(engine, feeds)
             lows.append(np.asarray(out["low_res_masks"], dtype=np.float32))
             ious.append(np.asarray(out["iou_predictions"], dtype=np.float32).reshape(-1))
         return np.concatenate(lows), np.concatenate(ious)
@@ -236,9 +243,14 @@ class Pipeline:
 
     def decode(self, embedding: Tensor, frame: Frame, prompts: Prompts,
                route: str = IDENTITY) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A raw embedding and prompts in original pixels → (K×H×W masks, K×1×256×256 logits, (K,) IoU)."""
+        """A raw embedding and prompts in original pixels → (K×H×W masks, K×1×256×256 logits, (K,) IoU).
+
+        A correction passes the previous call's logits as ``prompts.mask_input`` (with the
+        box and every click so far), which runs the ``decoder_mask`` graph: refused with one
+        InputError where the export has none (``capabilities.mask_input`` False)."""
         coords, labels = self.prompts(frame, prompts)
-        low, iou = self._decoder_batches(self._align(embedding, self.check_task(route)), coords, labels)
+        low, iou = self._decoder_batches(self._align(embedding, self.check_task(route)), coords, labels,
+                                         prompts.mask_input)
         return masks_from_logits(low, frame), low, iou
 
     def predict(
@@ -277,7 +289,7 @@ class Pipeline:
         with timer.stage("align"):
             embedding = self._align(embedding, route)
         with timer.stage("decoder"):
-            low, iou = self._decoder_batches(embedding, coords, labels)
+            low, iou = self._decoder_batches(embedding, coords, labels, prompts.mask_input)
         with timer.stage("postprocess"):
             masks = masks_from_logits(low, frame)
         return Result(
@@ -294,6 +306,7 @@ class Pipeline:
     def describe(self) -> dict[str, Any]:
         return {**self.backend.describe(), "tasks": self.task_names, "max_prompts": self.max_prompts,
                 "precision": self.manifest.get("precision"), "sam": self.manifest.get("sam", {}).get("model"),
+                "mask_input": self.capabilities.mask_input,
                 "intensity": self.preprocessing.intensity.to_dict(), "preprocessing": self.preprocessing.to_dict()}
 
     def read(self, path: PathLike, index: Optional[int] = None, axis: int = 2) -> tuple[np.ndarray, list[str]]:

@@ -101,7 +101,7 @@ def io_dims(values) -> dict[str, list]:
 def test_graphs_pass_checker_and_have_the_documented_io(out32):
     manifest = read_json(out32 / "manifest.json")
     entries = {**manifest["graphs"], **{f"align/{t['name']}": t["align"] for t in manifest["tasks"]}}
-    assert sorted(entries) == ["align/alpha", "align/beta", "decoder", "encoder", "router"]
+    assert sorted(entries) == ["align/alpha", "align/beta", "decoder", "decoder_mask", "encoder", "router"]
     for key, entry in entries.items():
         path = out32 / entry["file"]
         onnx.checker.check_model(str(path))
@@ -191,6 +191,7 @@ def test_fp32_parity(out32):
     assert report["passed"] and not report["failures"]
     s = report["summary"]
     assert s["routes_identical"] and s["mask_iou_mean"] >= 0.999
+    assert 0 < s["mask_input_masks_compared"] < s["masks_compared"]  # decoder_mask's corrections count too
     # onnxruntime's encoder against torch's: sums over 64×64 tokens of values up to embeddings_max_abs.
     assert s["embeddings_max_abs_diff"] <= f32_tol(s["embeddings_max_abs"], n=64 * 64, k=CROSS_LIBRARY)
     scores = [v for r in report["per_image"] for v in r["scores_pytorch"]]
@@ -203,7 +204,8 @@ def test_fp16_parity_and_precision(out16, out32):
     m = read_json(out16 / "manifest.json")
     assert m["precision"] == "fp16" and m["parity"]["passed"] and m["parity"]["fp16"]["mask_iou_mean"] >= 0.99
     assert m["parity"]["fp16"]["image_source"].endswith("verify_images") and m["parity"]["fp16"]["images"] == 2
-    assert {k: g["precision"] for k, g in m["graphs"].items()} == {"encoder": "fp16", "decoder": "fp16", "router": "fp32"}
+    assert {k: g["precision"] for k, g in m["graphs"].items()} == {"encoder": "fp16", "decoder": "fp16",
+                                                                    "decoder_mask": "fp16", "router": "fp32"}
     assert all(t["align"]["precision"] == "fp16" for t in m["tasks"])
     enc = onnx.load(str(graph(out16, "encoder")))
     assert graph(out16, "encoder").stat().st_size < 0.7 * graph(out32, "encoder").stat().st_size
@@ -395,7 +397,7 @@ def test_cli_reexport_and_error(root, bundle2, out32):
         (out / rel).write_bytes(b"leftover")
     result = CliRunner().invoke(cli_main, ["--bundle", str(bundle2.root), "--out", str(out), "--no-verify"])
     assert result.exit_code == 0, result.output
-    assert "unchanged: encoder, decoder, router, align/alpha, align/beta" in result.output
+    assert "unchanged: encoder, decoder, decoder_mask, router, align/alpha, align/beta" in result.output
     assert read_json(out / "manifest.json")["parity"] == {"verified": False, "passed": None}
     assert "parity: not verified (--no-verify)" in result.output
     assert {rel: (out / rel).exists() for rel in planted} == planted

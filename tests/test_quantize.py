@@ -45,6 +45,7 @@ def int8_export(tmp_path_factory):
     shutil.copytree(fp32, root / "engines")
     manifest = export_bundle(root / "bundle", root / "engines", int8=True, calibration=calib, verify=False)
     assert manifest["graphs"]["router"]["reused"] and manifest["graphs"]["decoder"]["reused"]
+    assert manifest["graphs"]["decoder_mask"]["reused"]
     return root, fp32, manifest
 
 
@@ -59,7 +60,7 @@ def test_precision_is_recorded_per_graph_and_backed_by_its_verification(int8_exp
     assert manifest["precision"] == "int8"
     graphs = entries(manifest)
     assert graphs["router"]["precision"] == "fp32" and "quantization" not in graphs["router"]
-    assert graphs["decoder"]["precision"] == "fp32"
+    assert graphs["decoder"]["precision"] == graphs["decoder_mask"]["precision"] == "fp32"
     for key in ("encoder", "align/alpha", "align/beta"):
         entry = graphs[key]
         check = entry["quantization"]["verification"]

@@ -118,7 +118,8 @@ def build_engine(onnx_path: Path, fp16: bool, max_prompts: int) -> bytes:
                 for j in range(layer.num_outputs):
                     layer.set_output_type(j, trt.float32)
     profile = builder.create_optimization_profile()
-    maxima = {"point_coords": (max_prompts, MAX_POINTS), "point_labels": (max_prompts, MAX_POINTS)}
+    maxima = {"point_coords": (max_prompts, MAX_POINTS), "point_labels": (max_prompts, MAX_POINTS),
+              "mask_input": (max_prompts,)}  # decoder_mask: K previous masks
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         shape = tuple(tensor.shape)
