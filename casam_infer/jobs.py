@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from casam_core.errors import CasamError, InputError, ManifestError
+from casam_core.files import atomic_write_json
 from casam_core.ownership import OutputDir
 from casam_infer.inputs import RunEnding, base_stem, prompts_for
 from casam_infer.options import InferOptions
@@ -52,6 +53,8 @@ class RunContext:
     scores: DeploymentScores
     backend_info: dict[str, Any]
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))  # --box-jitter: seeded
+    #: --dicomweb --store: (input, staging folder, record) → where its SEG was stored (casam_infer/dicomweb.py)
+    store: Optional[Callable[[Path, Path, dict[str, Any]], dict[str, str]]] = None
 
 
 def prepare_job(ctx: RunContext, path: Path) -> "Job":
@@ -186,8 +189,12 @@ class VolumeJob:
             ["_overlay.png"] if overlay else [])
         stem = ctx.out.allocate(base_stem(self.path), suffixes)
         with ctx.out.group() as staging:
-            return write_volume_outputs(staging, stem, self.scan, result, axis, overlay,
-                                        ctx.pipe.preprocessing.slices(self.scan, axis), fields)
+            record = write_volume_outputs(staging, stem, self.scan, result, axis, overlay,
+                                          ctx.pipe.preprocessing.slices(self.scan, axis), fields)
+            if ctx.store is not None:  # stored before the local outputs appear: a refusal leaves neither
+                record["stored"] = ctx.store(self.path, staging, record)
+                atomic_write_json(staging / f"{stem}.json", record)
+            return record
 
     def describe(self, record: dict[str, Any], timings: bool) -> str:
         spans = ", ".join(f"label {s['label']} slices {s['slices'][0]}-{s['slices'][1]} ({s['voxels']} voxels)"
