@@ -106,10 +106,11 @@ def check_ca_bundle(path: Optional[Path]) -> Optional[Path]:
     return path
 
 
-def check_uid(uid: str, what: str) -> str:
-    """A syntactically valid DICOM UID, or one line naming the option that gave it."""
-    if len(uid) > 64 or not UID_PATTERN.match(uid):
-        raise PacsOptionError(f"{what} {uid!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+def check_uid(uid: str, what: str, error: type[Exception] = PacsOptionError) -> str:
+    """A syntactically valid DICOM UID, or one line naming what gave it. UIDs a server sends
+    are checked too (with ``error=PacsError``): they become folder and file names."""
+    if not isinstance(uid, str) or len(uid) > 64 or not UID_PATTERN.match(uid):
+        raise error(f"{what} {uid!r} is not a DICOM UID (digits and dots, at most 64 characters)")
     return uid
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from casam_pacs.client import DicomWeb
+from casam_pacs.client import DicomWeb, check_uid
 from casam_pacs.errors import NotFoundError, PacsError
 
 #: Modalities of series that hold no images to segment (PS3.3 C.7.3.1.1.1 defined terms).
@@ -63,8 +63,11 @@ def study_series(web: DicomWeb, study: str) -> list[SeriesInfo]:
         raise NotFoundError(f"{what} is not on {web.connection.url}") from exc
     if not found:
         raise NotFoundError(f"{what} is not on {web.connection.url}")
-    return [SeriesInfo(study, value(s, SERIES_UID, ""), str(value(s, MODALITY, "")), str(value(s, SERIES_DESCRIPTION, "")),
-                       value(s, SERIES_NUMBER)) for s in found]
+    every = [SeriesInfo(study, check_uid(value(s, SERIES_UID, ""), f"{web.connection.url} listed a series UID", PacsError),
+                        str(value(s, MODALITY, "")),
+                        str(value(s, SERIES_DESCRIPTION, "")), value(s, SERIES_NUMBER)) for s in found]
+    # One UID once: Orthanc, for one, lists a series once per patient its instances name.
+    return list({s.series_uid: s for s in reversed(every)}.values())[::-1]
 
 
 def image_series(web: DicomWeb, study: str, wanted: Sequence[str] = ()) -> list[SeriesInfo]:
@@ -95,4 +98,5 @@ def series_instances(web: DicomWeb, series: SeriesInfo) -> list[str]:
         raise NotFoundError(f"series {series.series_uid} has no instances on {web.connection.url}")
     ordered = sorted(found, key=lambda i: (value(i, INSTANCE_NUMBER) is None, value(i, INSTANCE_NUMBER) or 0,
                                            value(i, SOP_UID, "")))
-    return [value(i, SOP_UID, "") for i in ordered]
+    what = f"{web.connection.url} listed an instance UID of series {series.series_uid}"
+    return list(dict.fromkeys(check_uid(value(i, SOP_UID, ""), what, PacsError) for i in ordered))  # each once

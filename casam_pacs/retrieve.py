@@ -20,7 +20,7 @@ DEFAULT_MAX_SERIES_BYTES = 2 * 1024 ** 3  # 2 GiB: a large CT series is a few hu
 
 
 def retrieve_series(web: DicomWeb, series: SeriesInfo, folder: Path, max_bytes: int = DEFAULT_MAX_SERIES_BYTES) -> Path:
-    """Every instance of ``series`` as ``folder/<series UID>/<n>.dcm``; returns that folder.
+    """Every instance of ``series`` as ``folder/<series UID>/<SOP instance UID>.dcm``; returns that folder.
 
     The folder is named by the series UID so that outputs, error lines and a --prompts file
     all name the series by its UID."""
@@ -34,7 +34,7 @@ def retrieve_series(web: DicomWeb, series: SeriesInfo, folder: Path, max_bytes: 
         got = (str(getattr(ds, "SOPInstanceUID", "")), str(getattr(ds, "SeriesInstanceUID", "")))
         if got != (sop, series.series_uid):
             raise PacsError(f"{what}: the server answered with instance {got[0] or '?'} of series {got[1] or '?'}")
-        path = target / f"{n:06d}.dcm"
+        path = target / f"{sop}.dcm"  # a checked UID (casam_pacs.query): a safe file name
         ds.save_as(str(path))
         total += path.stat().st_size
         if total > max_bytes:

@@ -2,7 +2,10 @@
 at all (a SEG is one instance; a partial multi-object store cannot arise).
 
 The response is read, not just its status: a server may answer 200 or 202 and still list the
-instance under FailedSOPSequence (PS3.18 10.5.3), which is a refusal here.
+instance under FailedSOPSequence (PS3.18 10.5.3), which is a refusal here. And the answer is
+not taken on trust: the stored instance is then looked up (QIDO), because a server may
+acknowledge an instance that it then drops (Orthanc 1.10 answers a STOW with success when its
+ReceivedInstanceFilter discards the instance), and "stored" must mean "on the server".
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 from casam_core.optional import optional_import
 from casam_pacs.client import EXTRA, DicomWeb
 from casam_pacs.errors import PacsError, PacsOptionError
+from casam_pacs.query import SOP_UID, value
 
 
 def store_instance(web: DicomWeb, path: Path, what: str) -> dict[str, str]:
@@ -22,7 +26,13 @@ def store_instance(web: DicomWeb, path: Path, what: str) -> dict[str, str]:
     ds = pydicom.dcmread(str(path))
     study, series, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
     response = web.call(f"{what}: storing {path.name}", web.client.store_instances, [ds], study_instance_uid=study)
-    _check_response(response, sop, f"{what}: {web.connection.url} refused to store {path.name}")
+    refused = f"{what}: {web.connection.url} refused to store {path.name}"
+    _check_response(response, sop, refused)
+    found = web.call(f"{what}: checking that {path.name} was stored", web.client.search_for_instances,
+                     study_instance_uid=study, series_instance_uid=series, search_filters={"SOPInstanceUID": sop})
+    if not any(str(value(item, SOP_UID, "")) == sop for item in found):
+        raise PacsError(f"{refused}: it acknowledged the STOW but does not hold the instance (dropped by a filter "
+                        "or policy on the server)")
     return {"study": study, "series": series, "sop_instance": sop}
 
 
