@@ -118,10 +118,12 @@ class DicomWeb:
     """An opened DICOMweb client (``dicomweb_client.DICOMwebClient`` on a ``requests`` session
     that carries the credentials and the TLS settings)."""
 
-    def __init__(self, connection: Connection, credentials: Credentials, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, connection: Connection, credentials: Credentials,
+                 sleep: Optional[Callable[[float], None]] = None):
         dwc = optional_import("dicomweb_client", EXTRA, "--dicomweb", PacsOptionError, package="dicomweb-client")
         self.requests = optional_import("requests", EXTRA, "--dicomweb", PacsOptionError)
-        self.connection, self.credentials, self._sleep = connection, credentials, sleep
+        self.connection, self.credentials = connection, credentials
+        self._sleep = sleep or (lambda seconds: time.sleep(seconds))
         session = self.requests.Session()
         session.verify = str(connection.ca_bundle) if connection.ca_bundle is not None else True
         headers = {}
