@@ -140,3 +140,57 @@ def test_an_unreachable_server_is_one_line_after_bounded_retries(tmp_path, monke
                     "(after 4 attempts): Connection refused")
     assert slept == [0.5, 1.0, 2.0]
     assert not Path(tmp_path / "o").exists()
+
+
+class _FakeServer:
+    """A DICOMweb client stand-in that answers QIDO/WADO from pydicom's CT_small, for the
+    checks on what a server sends (the real server's tests are in test_pacs_orthanc.py)."""
+
+    def __init__(self, series_uid: str, sop_uids: list[str], answer_sop: str | None = None):
+        self.series_uid, self.sop_uids, self.answer_sop = series_uid, sop_uids, answer_sop
+
+    def search_for_series(self, **_: object) -> list[dict]:
+        return [{"0020000E": {"Value": [self.series_uid]}, "00080060": {"Value": ["CT"]}}]
+
+    def search_for_instances(self, **_: object) -> list[dict]:
+        return [{"00080018": {"Value": [uid]}, "00200013": {"Value": [n]}} for n, uid in enumerate(self.sop_uids)]
+
+    def retrieve_instance(self, study: str, series: str, sop: str):
+        pydicom = need("pydicom")
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series, self.answer_sop or sop
+        return ds
+
+
+def _fake_web(server: _FakeServer):
+    web, _ = _web(retries=0)
+    web.client = server
+    return web
+
+
+def test_uids_a_server_sends_are_checked_before_they_name_files(tmp_path):
+    from casam_pacs.errors import PacsError
+    from casam_pacs.query import SeriesInfo, image_series
+    from casam_pacs.retrieve import retrieve_series
+
+    with pytest.raises(PacsError, match=r"listed a series UID '\.\./\.\./x' .*not a DICOM UID"):
+        image_series(_fake_web(_FakeServer("../../x", ["1.2.3"])), "1.2")
+    with pytest.raises(PacsError, match=r"listed an instance UID of series 1.2.9 '1.2/../../y' .*not a DICOM UID"):
+        retrieve_series(_fake_web(_FakeServer("1.2.9", ["1.2/../../y"])), SeriesInfo("1.2", "1.2.9", "CT"), tmp_path)
+    assert list(tmp_path.rglob("*")) == []
+    with pytest.raises(PacsError, match=r"answered with instance 1\.2\.77 of series 1\.2\.9"):
+        retrieve_series(_fake_web(_FakeServer("1.2.9", ["1.2.3"], answer_sop="1.2.77")),
+                        SeriesInfo("1.2", "1.2.9", "CT"), tmp_path / "b")
+
+
+def test_a_series_past_the_size_cap_is_refused(tmp_path):
+    from casam_pacs.errors import PacsError
+    from casam_pacs.query import SeriesInfo
+    from casam_pacs.retrieve import retrieve_series
+
+    web = _fake_web(_FakeServer("1.2.9", ["1.2.3", "1.2.4", "1.2.5"]))
+    folder = retrieve_series(web, SeriesInfo("1.2", "1.2.9", "CT"), tmp_path / "a", max_bytes=10 ** 6)
+    assert sorted(p.name for p in folder.iterdir()) == ["1.2.3.dcm", "1.2.4.dcm", "1.2.5.dcm"]
+    one = (folder / "1.2.3.dcm").stat().st_size
+    with pytest.raises(PacsError, match=r"series 1\.2\.9 is larger than .* after 2 of 3 instances"):
+        retrieve_series(web, SeriesInfo("1.2", "1.2.9", "CT"), tmp_path / "b", max_bytes=int(one * 1.5))
