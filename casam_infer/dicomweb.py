@@ -64,7 +64,7 @@ class PacsInputs:
     folders: list[Path] = field(default_factory=list)
     series: list[str] = field(default_factory=list)  # every image series UID asked for
     failed: int = 0
-    store: Optional[Callable[[Path, Path, dict[str, Any]], dict[str, str]]] = None
+    store: Optional[Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = None
 
 
 @contextmanager
@@ -97,10 +97,13 @@ class SegStore:
 
     web: DicomWeb
 
-    def __call__(self, series_folder: Path, staging: Path, record: dict[str, Any]) -> dict[str, str]:
+    def __call__(self, series_folder: Path, staging: Path, record: dict[str, Any]) -> dict[str, Any]:
         name = record["outputs"].get("seg")
         if name is None:
             why = "; ".join(record["warnings"]) or "nothing was segmented"
             raise PacsError(f"series {series_folder.name}: no DICOM SEG to store ({why})")
-        stored = store_instance(self.web, staging / name, f"series {series_folder.name}")
-        return {"url": self.web.connection.url, **stored}
+        what = f"series {series_folder.name}"
+        stored: dict[str, Any] = {"url": self.web.connection.url, **store_instance(self.web, staging / name, what)}
+        if record["outputs"].get("rtstruct"):  # its own request: each object is stored whole or not at all
+            stored["rtstruct"] = store_instance(self.web, staging / record["outputs"]["rtstruct"], what)
+        return stored

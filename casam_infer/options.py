@@ -74,6 +74,7 @@ class OutputOptions:
     timings: bool = False
     quiet: bool = False
     fail_fast: bool = False
+    rtstruct: bool = False
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,9 @@ _OUTPUTS = [
     click.option("--quiet", is_flag=True, help="No progress bar and no per-image lines; errors still go to stderr."),
     click.option("--fail-fast", is_flag=True,
                  help="Stop at the first image that fails. Default: report it and go on; exit 2 if any failed."),
+    click.option("--rtstruct", is_flag=True,
+                 help="DICOM series: also write <stem>_rtstruct.dcm, an RT Structure Set of the labels' contours "
+                      "referencing the series (stored too with --dicomweb --store)."),
 ]
 _SPEED = [
     click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help=backends_help()),

@@ -222,8 +222,8 @@ def test_help_lists_every_option_in_its_group():
                               "Other options"]
     assert sections["Other options"] == ["--debug", "-h"]
     # 31 options, --overwrite, --verify-deployment (an action: checks an int8 export, then exits)
-    # and the 6 PACS options (--dicomweb, --study, --series, --store, --ca-bundle, --max-series-mb)
-    assert sum(len(v) for k, v in sections.items() if k != "Other options") == 39
+    # --rtstruct, and the 6 PACS options (--dicomweb, --study, --series, --store, --ca-bundle, --max-series-mb)
+    assert sum(len(v) for k, v in sections.items() if k != "Other options") == 40
     assert "--verify-deployment" in sections["Engines and routing"]
     assert "--box3d" in sections["Volumes"] and "--overwrite" in sections["Outputs"]
     assert "--concurrency" in sections["Speed"] and "--server-timeout" in sections["Server"]

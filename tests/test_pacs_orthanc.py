@@ -218,19 +218,25 @@ def test_store_round_trip_matches_the_local_folder_run(orthanc, credentials, eng
 
 
 def test_query_skips_the_stored_seg_and_prompts_are_keyed_by_series_uid(orthanc, credentials, engines, tmp_path):
-    """pydicom's one-slice CT as its own study; a --prompts file names its series by UID."""
+    """pydicom's one-slice CT as its own study; a --prompts file names its series by UID; the
+    SEG and the RT Structure Set are stored, each in its own request, and not segmented again."""
     ct = pydicom_file("CT_small.dcm")
     study, series = uid_of(ct, "StudyInstanceUID"), uid_of(ct, "SeriesInstanceUID")
     (tmp_path / "p.json").write_text(json.dumps({series: {"boxes": [[20, 20, 100, 100]], "slice": 0}}))
     ran = infer(*pacs_args(orthanc, study, engines, tmp_path / "o"), "--prompts", tmp_path / "p.json", "--store",
-                "--json")
+                "--rtstruct", "--json")
     assert ran.exit_code == 0, ran.output
     assert (tmp_path / "o" / f"{series}_mask.nii.gz").is_file()
+    record = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert record["outputs"]["rtstruct"] == f"{series}_rtstruct.dcm"
+    assert_valid_dicom(tmp_path / "o" / f"{series}_rtstruct.dcm", iod="RTStructureSet")
+    kinds = {s["uid"]: s["modality"] for s in orthanc.series(study)}
+    assert kinds[record["stored"]["rtstruct"]["series"]] == "RTSTRUCT" and kinds[record["stored"]["series"]] == "SEG"
     from casam_pacs.client import Connection, Credentials, DicomWeb
     from casam_pacs.query import image_series, study_series
 
     web = DicomWeb(Connection(orthanc.dicomweb), Credentials(USER, PASSWORD))
-    assert {s.modality for s in study_series(web, study)} == {"CT", "SEG"}  # the SEG is there …
+    assert {s.modality for s in study_series(web, study)} == {"CT", "SEG", "RTSTRUCT"}  # stored …
     assert [s.series_uid for s in image_series(web, study)] == [series]  # … and not segmented again
 
 
