@@ -125,7 +125,11 @@ class DicomWeb:
         self.connection, self.credentials = connection, credentials
         self._sleep = sleep or (lambda seconds: time.sleep(seconds))
         session = self.requests.Session()
-        session.verify = str(connection.ca_bundle) if connection.ca_bundle is not None else True
+        if connection.ca_bundle is not None:
+            # Not session.verify: requests lets $REQUESTS_CA_BUNDLE / $CURL_CA_BUNDLE override a
+            # session's verify setting, so a machine-wide bundle would silently replace --ca-bundle.
+            adapter = _pinned_ca_adapter(self.requests, connection.ca_bundle)
+            session.mount("https://", adapter)
         headers = {}
         if credentials.token is not None:
             headers["Authorization"] = f"Bearer {credentials.token}"
@@ -169,13 +173,25 @@ class DicomWeb:
         if status is not None:
             return PacsError(f"{what}: {url} answered HTTP {status} {_reason(exc)}{tries}".rstrip())
         if isinstance(exc, r.SSLError):
-            return PacsError(f"{what}: TLS verification of {url} failed ({one_line(exc)}); --ca-bundle FILE names "
+            return PacsError(f"{what}: TLS verification of {url} failed ({_root_cause(exc)}); --ca-bundle FILE names "
                              "the certificate authority that signed the server's certificate")
         if isinstance(exc, (r.ConnectionError, r.Timeout, r.ChunkedEncodingError)):
             return PacsError(f"{what}: cannot reach {url}{tries}: {_root_cause(exc)}")
         if isinstance(exc, PacsError):
             return exc
         return PacsError(f"{what}: unusable answer from {url}: {one_line(exc)}")
+
+
+def _pinned_ca_adapter(requests: Any, ca_bundle: Path) -> Any:
+    """An HTTPS adapter that verifies against ``ca_bundle`` whatever ``verify`` a request
+    arrives with (a certificate check can be narrowed to this CA, never switched off)."""
+
+    class PinnedCaAdapter(requests.adapters.HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            kwargs["verify"] = str(ca_bundle)
+            return super().send(request, **kwargs)
+
+    return PinnedCaAdapter()
 
 
 def _status(exc: Any) -> Optional[int]:
