@@ -29,7 +29,7 @@ install: $(PY)
 	$(PIP) install -q "$(TORCH)"
 	@other=$$([ "$(ORT)" = "onnxruntime" ] && echo onnxruntime-gpu || echo onnxruntime); \
 	  if $(PIP) show -q $$other >/dev/null 2>&1; then $(PIP) uninstall -q -y $$other; fi
-	CASAM_ORT=$(ORT) $(PIP) install -q -e ".[train,serve,medical,openvino,interactive,dev]"
+	CASAM_ORT=$(ORT) $(PIP) install -q -e ".[train,serve,medical,pacs,openvino,interactive,dev]"
 	@touch $(STAMP)
 
 demo: install
@@ -37,17 +37,26 @@ demo: install
 
 # Two workers (the CI machine has 2 cores); a test file stays on one worker, so the
 # fixtures a file shares (trained bundles, exports) are built once per file, not per test.
-# dciodvfy (Debian's dicom3tools) validates every DICOM SEG the tests write: installed here
-# when running as root on a Debian/Ubuntu machine, else named; CI=true fails without it.
+# dciodvfy (Debian's dicom3tools) validates every DICOM SEG the tests write, and the PACS tests
+# start a real Orthanc with its DICOMweb plugin (Debian's orthanc, orthanc-dicomweb; on 127.0.0.1,
+# free ports, never the system service's): installed here when running as root on a
+# Debian/Ubuntu machine, else named (elsewhere: Orthanc's own packages or the orthancteam/orthanc
+# image's binary at /usr/sbin/Orthanc with the plugin at /usr/share/orthanc/plugins/); the tests
+# that need them skip without them, and CI=true fails instead.
 # -rs lists every skip and its reason (under CI=true only GPU and TensorRT tests may skip).
 test: install
-	@command -v dciodvfy >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && apt-get install -y -qq dicom3tools; \
-	  else \
-	    echo "dciodvfy not found: install Debian's dicom3tools (sudo apt-get install dicom3tools);" \
-	         "the SEG validations skip without it (and fail under CI=true)"; \
-	  fi; }
+	@need=""; \
+	  command -v dciodvfy >/dev/null 2>&1 || need="dicom3tools"; \
+	  [ -x /usr/sbin/Orthanc ] || need="$$need orthanc"; \
+	  [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need="$$need orthanc-dicomweb"; \
+	  if [ -n "$$need" ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      apt-get update -qq && apt-get install -y -qq $$need; \
+	    else \
+	      echo "not installed: $$need (sudo apt-get install $$need);" \
+	           "the tests that need them skip (and fail under CI=true)"; \
+	    fi; \
+	  fi
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
 bench: install

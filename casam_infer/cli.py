@@ -24,7 +24,8 @@ from casam_core.files import atomic_write_json
 from casam_core.ownership import OutputDir
 from casam_infer import verify_deployment
 from casam_infer.concurrency import in_order
-from casam_infer.inputs import RunEnding, check_inputs, expand_inputs  # noqa: F401 (re-exported)
+from casam_infer.dicomweb import PacsSource, check_pacs, pacs_inputs
+from casam_infer.inputs import RunEnding, check_inputs, check_prompts, expand_inputs  # noqa: F401 (re-exported)
 from runtime.predictor import Predictor
 from runtime.prompt_sources import group_prompts  # noqa: F401 (re-exported)
 from casam_infer.jobs import EVALUATION_FILE, Job, RunContext, prepare_job
@@ -66,7 +67,7 @@ def resolve_engines(engines: Optional[Path]) -> Path:
 @click.option("--verify-deployment", type=click.Path(path_type=Path), is_eager=True, expose_value=False,
               callback=verify_deployment.run_option, metavar="ENGINES",
               help="Re-run the int8 export's verification set on this CPU, print a table and exit ($CASAM_BACKEND).")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
 @infer_options
 def main(images: tuple[Path, ...], **params: Any) -> None:
     """Segment IMAGE(s) (files or folders) with CA-SAM: each image is routed to the task whose
@@ -77,11 +78,16 @@ def main(images: tuple[Path, ...], **params: Any) -> None:
     <stem>_mask.nii.gz (plus <stem>_seg.dcm for DICOM) is written. Intensities are windowed
     as the bundle was trained (manifest preprocessing.intensity).
 
+    With --dicomweb URL --study UID instead of IMAGEs, the study's image series are read
+    from a DICOMweb server (a PACS) and segmented alike; --store sends each DICOM SEG back
+    (docs/PACS.md).
+
     \b
     Examples:
       casam-infer scan.png --box 40 60 220 210 --overlay --engines casam_engines
       casam-infer ct.nii.gz --box 120 140 200 210 --slice 40 --overlay
       casam-infer series_dir/ --box3d 120 140 30 200 210 52
+      casam-infer --dicomweb http://127.0.0.1:8042/dicom-web --study 1.2.3 --box 40 60 220 210 --store
     """
     warnings.showwarning = _one_line_warning
     try:
@@ -93,26 +99,53 @@ def main(images: tuple[Path, ...], **params: Any) -> None:
 
 
 def run(images: Sequence[Path], opts: InferOptions) -> None:
-    """casam-infer's work in four stages: check prompts, inputs and --out, open the pipeline,
-    segment input by input, then the summary and evaluation. Each stage's errors end the run
-    with one line, except one input's own CasamError, which fails only that input."""
-    from tqdm import tqdm
-
-    table, files = check_inputs(images, opts.prompts, opts.volumes)
+    """casam-infer's work in four stages: check prompts, inputs (or the --dicomweb request)
+    and --out, open the pipeline, segment input by input, then the summary and evaluation.
+    Each stage's errors end the run with one line, except one input's own CasamError (or one
+    PACS series' retrieval error), which fails only that input."""
+    pacs = check_pacs(images, opts.pacs, opts.volumes)
+    if pacs is None and not images:
+        raise click.UsageError("give IMAGE(s) to segment, or --dicomweb URL --study UID")
+    if pacs is None:
+        table, files = check_inputs(images, opts.prompts, opts.volumes)
+    else:
+        check_prompts(opts.prompts, opts.volumes)  # a typo in a prompt should not cost a download
     out = OutputDir(opts.outputs.out, COMMAND, overwrite=opts.outputs.overwrite, reserved=[EVALUATION_FILE]).claim()
     try:
-        pipe = _open_checked(opts)
-        out.ensure()  # an unwritable --out fails here, before the first image
-        ctx = RunContext(pipe, opts, out, table, DeploymentScores(opts.prompts.expect_task), pipe.describe())
-        bar = tqdm(total=len(files), desc=COMMAND, unit="image", disable=opts.outputs.quiet or len(files) < 2,
-                   file=sys.stderr)
-        try:
-            routes, failed = _segment_all(ctx, files, bar)
-        finally:  # ends the bar's line, so that a run-ending error's line is not glued onto the bar
-            bar.close()
-        _finish(ctx, routes, len(files), failed)
+        if pacs is None:
+            _segment_files(files, table, opts, out)
+        else:
+            _segment_pacs(pacs, opts, out)
     finally:
         out.close()  # a folder this run made and left empty is removed
+
+
+def _segment_pacs(pacs: PacsSource, opts: InferOptions, out: OutputDir) -> None:
+    """--dicomweb: retrieve the study's series into a temporary folder, then segment those
+    folders exactly as local series (storing each SEG with --store); exit 2 if any failed."""
+    with pacs_inputs(pacs, lambda line: click.echo(f"{COMMAND}: error: {line}", err=True)) as inputs:
+        if inputs.folders:
+            table, files = check_inputs(inputs.folders, opts.prompts, opts.volumes, known=inputs.series)
+            _segment_files(files, table, opts, out, inputs.store)
+    if inputs.failed:
+        raise ImagesFailed(inputs.failed)
+
+
+def _segment_files(files: Sequence[Path], table: Any, opts: InferOptions, out: OutputDir, store: Any = None) -> None:
+    """Open the pipeline, segment every input in order, then the summary (ImagesFailed if any failed)."""
+    from tqdm import tqdm
+
+    pipe = _open_checked(opts)
+    out.ensure()  # an unwritable --out fails here, before the first image
+    ctx = RunContext(pipe, opts, out, table, DeploymentScores(opts.prompts.expect_task), pipe.describe(),
+                     store=store)
+    bar = tqdm(total=len(files), desc=COMMAND, unit="image", disable=opts.outputs.quiet or len(files) < 2,
+               file=sys.stderr)
+    try:
+        routes, failed = _segment_all(ctx, files, bar)
+    finally:  # ends the bar's line, so that a run-ending error's line is not glued onto the bar
+        bar.close()
+    _finish(ctx, routes, len(files), failed)
 
 
 def _open_checked(opts: InferOptions) -> Predictor:

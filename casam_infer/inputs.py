@@ -50,15 +50,23 @@ def base_stem(path: Path) -> str:
     return stem_of(path)
 
 
-def check_inputs(images: Sequence[Path], popts: PromptOptions, vol: VolumeOptions
-                 ) -> tuple[Optional[dict[str, ImagePrompts]], list[Path]]:
-    """(--prompts table, input files), checked before any engine is loaded: a typo in a prompt
-    should not cost an engine load. --box3d alone is for volumes only, so it skips the 2-D check."""
+def check_prompts(popts: PromptOptions, vol: VolumeOptions) -> Optional[dict[str, ImagePrompts]]:
+    """The --prompts table (None without one), and the CLI prompts and mask folder checked,
+    all without reading an input. --box3d alone is for volumes only, so it skips the 2-D check."""
     table = read_prompt_file(popts.prompts_file) if popts.prompts_file is not None else None
     if table is None and popts.boxes_from_masks is None and (popts.box or popts.point or not vol.box3d):
         group_prompts(popts.box, popts.point, popts.label)
     if popts.boxes_from_masks is not None and not popts.boxes_from_masks.is_dir():
         raise InputError(f"--boxes-from-masks {popts.boxes_from_masks} is not a folder")
+    return table
+
+
+def check_inputs(images: Sequence[Path], popts: PromptOptions, vol: VolumeOptions, known: Sequence[str] = ()
+                 ) -> tuple[Optional[dict[str, ImagePrompts]], list[Path]]:
+    """(--prompts table, input files), checked before any engine is loaded: a typo in a prompt
+    should not cost an engine load. ``known`` names that a --prompts key may give although
+    no input has it (a PACS series that could not be retrieved, reported on its own)."""
+    table = check_prompts(popts, vol)
     files = expand_inputs(images)
     if popts.boxes_from_masks is not None:
         _refuse_names([f.name for f in files if not has_mask(popts.boxes_from_masks, base_stem(f))],
@@ -66,7 +74,7 @@ def check_inputs(images: Sequence[Path], popts: PromptOptions, vol: VolumeOption
     elif table is not None:
         _refuse_names([f.name for f in files if f.name not in table], f"{popts.prompts_file} has no prompts for")
     if table is not None:  # a key naming no input is a typo that would silently go unprompted
-        names = {f.name for f in files}
+        names = {f.name for f in files} | set(known)
         _refuse_names([key for key in table if key not in names],
                       f"{popts.prompts_file} has prompts for a file that is not among the inputs:")
     return table, files

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
 from casam_core.errors import CasamError, InputError, ManifestError
+from casam_core.files import atomic_write_json
 from casam_core.ownership import OutputDir
 from casam_infer.inputs import RunEnding, base_stem, prompts_for
 from casam_infer.options import InferOptions
 from casam_infer.outputs import write_outputs
 from casam_infer.volume_outputs import write_volume_outputs
 from casam_io.image_io import Scan, read_scan
+from casam_io.writers.rtstruct import rtstruct_refusal, write_rtstruct
+from casam_io.writers.seg import seg_identity
 from runtime.predictor import Predictor, volume_predictor
 from runtime.prompt_sources import ImagePrompts, group_prompts
 from runtime.prompts import Prompts
@@ -52,6 +55,8 @@ class RunContext:
     scores: DeploymentScores
     backend_info: dict[str, Any]
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))  # --box-jitter: seeded
+    #: --dicomweb --store: (input, staging folder, record) → where its SEG was stored (casam_infer/dicomweb.py)
+    store: Optional[Callable[[Path, Path, dict[str, Any]], dict[str, Any]]] = None
 
 
 def prepare_job(ctx: RunContext, path: Path) -> "Job":
@@ -182,12 +187,30 @@ class VolumeJob:
     def write(self, ctx: RunContext, result: VolumeResult, fields: dict[str, Any]) -> dict[str, Any]:
         """The NIfTI mask, the SEG (DICOM input), the montage and the record, together."""
         overlay, axis = ctx.opts.outputs.overlay, ctx.opts.volumes.axis
+        rtstruct = ctx.opts.outputs.rtstruct and bool(self.scan.datasets)
         suffixes = [".json", "_mask.nii.gz"] + (["_seg.dcm"] if self.scan.datasets else []) + (
-            ["_overlay.png"] if overlay else [])
+            ["_overlay.png"] if overlay else []) + (["_rtstruct.dcm"] if rtstruct else [])
         stem = ctx.out.allocate(base_stem(self.path), suffixes)
         with ctx.out.group() as staging:
-            return write_volume_outputs(staging, stem, self.scan, result, axis, overlay,
-                                        ctx.pipe.preprocessing.slices(self.scan, axis), fields)
+            record = write_volume_outputs(staging, stem, self.scan, result, axis, overlay,
+                                          ctx.pipe.preprocessing.slices(self.scan, axis), fields)
+            if rtstruct:
+                self.write_rtstruct(staging, stem, result, record)
+            if ctx.store is not None:  # stored before the local outputs appear: a refusal leaves neither
+                record["stored"] = ctx.store(self.path, staging, record)
+            if rtstruct or ctx.store is not None:
+                atomic_write_json(staging / f"{stem}.json", record)
+            return record
+
+    def write_rtstruct(self, staging: Path, stem: str, result: VolumeResult, record: dict[str, Any]) -> None:
+        """--rtstruct: the labels' contours as an RT Structure Set, or a warning saying why not."""
+        refusal = rtstruct_refusal(self.scan)
+        record["outputs"]["rtstruct"] = None
+        if refusal is not None:
+            record["warnings"].append(refusal)
+        elif write_rtstruct(staging / f"{stem}_rtstruct.dcm", self.scan, result.labels,
+                            {v: f"label {v}" for v in range(1, 256)}, seg_identity(result.route)[0]):
+            record["outputs"]["rtstruct"] = f"{stem}_rtstruct.dcm"
 
     def describe(self, record: dict[str, Any], timings: bool) -> str:
         spans = ", ".join(f"label {s['label']} slices {s['slices'][0]}-{s['slices'][1]} ({s['voxels']} voxels)"

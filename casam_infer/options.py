@@ -17,6 +17,7 @@ import click
 
 from casam_core.cli_frame import CasamCommand
 from casam_io.image_io import DEFAULT_MAX_PIXELS
+from casam_pacs.retrieve import DEFAULT_MAX_SERIES_BYTES
 from runtime.backends import BACKENDS, backends_help
 from runtime.remote import DEFAULT_READY_TIMEOUT_S
 from runtime.volume import DEFAULT_BATCH, DEFAULT_MARGIN, DEFAULT_MIN_AREA
@@ -73,6 +74,7 @@ class OutputOptions:
     timings: bool = False
     quiet: bool = False
     fail_fast: bool = False
+    rtstruct: bool = False
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,28 @@ class ServerOptions:
     server_timeout: float = DEFAULT_READY_TIMEOUT_S
 
 
+@dataclass(frozen=True)
+class PacsOptions:
+    """A DICOMweb server (PACS) instead of IMAGE arguments: where the series come from and
+    whether the SEGs go back (docs/PACS.md)."""
+
+    dicomweb: Optional[str] = None
+    study: Optional[str] = None
+    series: tuple[str, ...] = ()
+    store: bool = False
+    ca_bundle: Optional[Path] = None
+    max_series_mb: int = DEFAULT_MAX_SERIES_BYTES // 1024 ** 2
+
+    @property
+    def used(self) -> bool:
+        """Whether any PACS option was given (each but --dicomweb needs --dicomweb)."""
+        return self != PacsOptions()
+
+
 #: (help section title, dataclass), in the order --help shows them.
 SECTIONS: tuple[tuple[str, type], ...] = (
     ("Engines and routing", GeneralOptions), ("Prompts", PromptOptions), ("Volumes", VolumeOptions),
-    ("Outputs", OutputOptions), ("Speed", SpeedOptions), ("Server", ServerOptions),
+    ("Outputs", OutputOptions), ("Speed", SpeedOptions), ("Server", ServerOptions), ("PACS", PacsOptions),
 )
 SECTION_OF = {f.name: title for title, cls in SECTIONS for f in fields(cls)}
 #: Options that act instead of a run (eager, no value in the run's options), by section.
@@ -112,6 +132,7 @@ class InferOptions:
     outputs: OutputOptions = OutputOptions()
     speed: SpeedOptions = SpeedOptions()
     server: ServerOptions = ServerOptions()
+    pacs: PacsOptions = PacsOptions()
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "InferOptions":
@@ -206,6 +227,9 @@ _OUTPUTS = [
     click.option("--quiet", is_flag=True, help="No progress bar and no per-image lines; errors still go to stderr."),
     click.option("--fail-fast", is_flag=True,
                  help="Stop at the first image that fails. Default: report it and go on; exit 2 if any failed."),
+    click.option("--rtstruct", is_flag=True,
+                 help="DICOM series: also write <stem>_rtstruct.dcm, an RT Structure Set of the labels' contours "
+                      "referencing the series (stored too with --dicomweb --store)."),
 ]
 _SPEED = [
     click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help=backends_help()),
@@ -223,10 +247,28 @@ _SERVER = [
                  show_default=True, metavar="SECONDS",
                  help="With --server: how long to wait for a starting server to load its models."),
 ]
+_PACS = [
+    click.option("--dicomweb", default=None, metavar="URL",
+                 help="Read the series of --study from this DICOMweb root (QIDO/WADO-RS) instead of IMAGE "
+                      "arguments, e.g. http://127.0.0.1:8042/dicom-web. Credentials come from the environment "
+                      "only: CASAM_DICOMWEB_USER and CASAM_DICOMWEB_PASSWORD, or CASAM_DICOMWEB_TOKEN."),
+    click.option("--study", default=None, metavar="UID", help="With --dicomweb: the StudyInstanceUID to segment."),
+    click.option("--series", "series", multiple=True, metavar="UID",
+                 help="With --dicomweb: only this series (repeat for several). Default: every image series "
+                      "of the study (SEG, SR, PR … skipped). A --prompts file is keyed by series UID."),
+    click.option("--store", is_flag=True,
+                 help="With --dicomweb: also store each volume's DICOM SEG on the server (STOW-RS, one request "
+                      "per SEG); outputs are written to --out either way."),
+    click.option("--ca-bundle", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+                 help="With --dicomweb: the CA certificate(s) that signed the server's TLS certificate "
+                      "(TLS is always verified)."),
+    click.option("--max-series-mb", type=click.IntRange(min=1), default=DEFAULT_MAX_SERIES_BYTES // 1024 ** 2,
+                 show_default=True, help="With --dicomweb: refuse a series whose files pass this size."),
+]
 
 
 def infer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Apply every casam-infer option, group by group, in the order --help lists them."""
-    for option in reversed(_GENERAL + _PROMPTS + _VOLUMES + _OUTPUTS + _SPEED + _SERVER):
+    for option in reversed(_GENERAL + _PROMPTS + _VOLUMES + _OUTPUTS + _SPEED + _SERVER + _PACS):
         command = option(command)
     return command

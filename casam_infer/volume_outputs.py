@@ -96,7 +96,7 @@ def write_volume_outputs(folder: Path, stem: str, scan: Scan, result: VolumeResu
             warnings.append(refusal)
         else:
             try:
-                if write_dicom_seg(folder / f"{stem}_seg.dcm", scan, result.labels, names):
+                if write_dicom_seg(folder / f"{stem}_seg.dcm", scan, result.labels, names, result.route):
                     outputs["seg"] = f"{stem}_seg.dcm"
             except SegRefused as exc:
                 warnings.append(str(exc))

@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "models": 4,  # torch modules
     "trainer": 5,  # casam-train
     "casam_export": 5,  # casam-export
+    "casam_pacs": 2,  # DICOMweb client (QIDO, WADO-RS, STOW-RS): a sibling of runtime
     "casam_infer": 6,  # casam-infer
     "casam_serve": 6,  # casam-serve
     "casam_label": 6,  # casam-label (interactive server)

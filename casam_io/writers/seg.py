@@ -38,11 +38,22 @@ def _source_frames(scan: Scan, frames: np.ndarray) -> np.ndarray:
     return frames[np.argsort(order)]
 
 
-def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> Any:
-    """A binary DICOM SEG with one segment per label, one frame per source slice (or frame)."""
+def seg_identity(route: Optional[str]) -> tuple[str, dict[str, str]]:
+    """(SeriesDescription, algorithm parameters): the route the volume took and casam's
+    version, so a PACS listing shows which alignment made a SEG (LO holds 64 characters)."""
+    if route is None:
+        return "CA-SAM segmentation", {}
+    return f"CA-SAM {route} (casam {__version__})"[:64], {"route": route[:64]}
+
+
+def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str], route: Optional[str] = None) -> Any:
+    """A binary DICOM SEG with one segment per label, one frame per source slice (or frame);
+    the route (if given) and casam's version are in its SeriesDescription and in every
+    segment's algorithm identification (parameter ``route``); ContentCreatorName is casam."""
     hd = optional_import("highdicom", "medical", "writing DICOM SEG", InputError)
     codes = optional_import("pydicom.sr.codedict", "medical", "writing DICOM SEG", InputError).codes
 
+    description, parameters = seg_identity(route)
     present = [int(v) for v in np.unique(labels) if v != 0]
     if not present:
         return None
@@ -52,7 +63,8 @@ def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> Any:
             segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=hd.AlgorithmIdentificationSequence(name="CA-SAM", version=__version__,
-                                                                        family=codes.cid7162.ArtificialIntelligence),
+                                                                        family=codes.cid7162.ArtificialIntelligence,
+                                                                        parameters=parameters or None),
         )
         for i, v in enumerate(present, start=1)
     ]
@@ -65,7 +77,8 @@ def dicom_seg(scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> Any:
             source_images=scan.datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=900,
             sop_instance_uid=hd.UID(), instance_number=1, manufacturer="casam", manufacturer_model_name="CA-SAM",
-            software_versions=__version__, device_serial_number="casam", series_description="CA-SAM segmentation",
+            software_versions=__version__, device_serial_number="casam", series_description=description,
+            content_creator_name="casam^CA-SAM",
         )
 
 
@@ -86,8 +99,9 @@ def _source_refusals(scan: Scan) -> Iterator[None]:
                          f"({one_line(exc)}); the labels are in the NIfTI mask") from exc
 
 
-def write_dicom_seg(path: Path, scan: Scan, labels: np.ndarray, names: Mapping[int, str]) -> bool:
-    seg = dicom_seg(scan, labels, names)
+def write_dicom_seg(path: Path, scan: Scan, labels: np.ndarray, names: Mapping[int, str],
+                    route: Optional[str] = None) -> bool:
+    seg = dicom_seg(scan, labels, names, route)
     if seg is None:
         return False
     buf = io.BytesIO()
