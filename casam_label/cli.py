@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import socket
 import threading
 from dataclasses import dataclass
@@ -138,6 +139,10 @@ def serve(opts: LabelOptions, insecure: bool) -> None:
     threading.Thread(target=load_engines, args=(state, opts, failed, server), daemon=True).start()
     if insecure and not is_loopback(opts.host):
         log.warning("casam-label: serving %s without an API key (--insecure)", opts.host)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Ours stays behind uvicorn's: uvicorn re-raises a signal it caught once it has shut
+        # down, which with the default handler would kill the process before the sessions close.
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     try:
         server.run()
     finally:
