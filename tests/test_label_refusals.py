@@ -255,3 +255,10 @@ def test_before_the_engines_load_the_api_answers_503(pipe, tmp_path):
         assert client.get("/health").status_code == 200
         refused(client.get("/ready"), 503, "loading")
         refused(client.get("/api/info"), 503, "loading")
+
+
+def test_a_declared_content_length_over_the_cap_is_refused_before_the_body(client):
+    reply = client.post("/api/sessions", content=b"--xyz--\r\n",
+                        headers={"content-type": "multipart/form-data; boundary=xyz",
+                                 "content-length": str(64 << 20)})
+    refused(reply, 413, "limit")
