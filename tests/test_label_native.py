@@ -205,3 +205,37 @@ def test_the_mask_wire_format_round_trips():
     assert wire == {"shape": [4, 5], "bbox": [2, 1, 5, 3], "rle": [0, 6]}
     with pytest.raises(ValueError):
         unruns([1, 2], 4)
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_a_dicom_series_uploads_as_files_or_a_zip_and_downloads_a_seg(client, tmp_path, as_zip):
+    import zipfile
+
+    from conftest import need
+    from volume_support import sphere_volume, write_dicom_series
+
+    pydicom = need("pydicom")
+    need("highdicom")
+    volume, _ = sphere_volume((48, 48, 4), (24, 24, 1), radius_mm=9.0, spacing=(0.7, 0.8, 3.0))
+    uids = write_dicom_series(tmp_path / "series", volume.astype(np.float64))
+    files = sorted((tmp_path / "series").iterdir())
+    if as_zip:
+        with zipfile.ZipFile(tmp_path / "series.zip", "w") as zf:
+            for f in files:
+                zf.write(f, f"export/{f.name}")
+        parts = [("file", ("series.zip", (tmp_path / "series.zip").read_bytes()))]
+    else:
+        parts = [("file", (f.name, f.read_bytes())) for f in files]
+    opened = client.post("/api/sessions", files=parts, data={"task": "identity"})
+    assert opened.status_code == 201, opened.text
+    sid = check_reply("session", opened.json())["session_id"]
+    assert opened.json()["shape"] == [48, 48, 4]
+    interact(client, sid, action="box", label="sphere", slice=1, box=[8, 8, 40, 40])
+    seg = client.get(f"/api/sessions/{sid}/result", params={"format": "seg"})
+    assert seg.status_code == 200 and seg.headers["content-type"] == "application/dicom"
+    (tmp_path / "out_seg.dcm").write_bytes(seg.content)  # the suite's dciodvfy sweep validates it
+    ds = pydicom.dcmread(str(tmp_path / "out_seg.dcm"))
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and ds.SegmentSequence[0].SegmentLabel == "sphere"
+    referenced = {r.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
+    assert referenced == set(uids)
+    assert uploads_left(tmp_path) == []  # a series is read into memory: its folder went at once
