@@ -123,6 +123,17 @@ def load_engines(state: Any, opts: LabelOptions, failed: list[BaseException], se
         server.should_exit = True
 
 
+def reap(state: Any, stop: threading.Event, period_s: float) -> None:
+    """Close idle sessions on time (not only when the next request arrives), so an idle
+    annotator's upload folder and embeddings go when ``--idle-timeout`` says."""
+    while not stop.wait(period_s):
+        if state.store is not None:
+            try:
+                state.store.expire()
+            except Exception:  # noqa: BLE001 - a failed sweep is retried at the next period
+                log.exception("casam-label: expiring idle sessions failed")
+
+
 def serve(opts: LabelOptions, insecure: bool) -> None:
     """Start answering now, load the engines behind it, stop cleanly on SIGINT/SIGTERM."""
     optional_import("fastapi", EXTRA, "casam-label", CasamError)
@@ -143,9 +154,13 @@ def serve(opts: LabelOptions, insecure: bool) -> None:
         # Ours stays behind uvicorn's: uvicorn re-raises a signal it caught once it has shut
         # down, which with the default handler would kill the process before the sessions close.
         signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    stop = threading.Event()
+    period = min(60.0, max(1.0, opts.store.idle_timeout_s / 4))
+    threading.Thread(target=reap, args=(state, stop, period), name="casam-reaper", daemon=True).start()
     try:
         server.run()
     finally:
+        stop.set()
         if state.store is not None:
             state.store.shutdown()
     if failed:

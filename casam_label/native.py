@@ -136,6 +136,7 @@ async def open_session(request: Request, state: ServerState = Depends(ready_stat
                        owner: str = Depends(client_identity)) -> JSONResponse:
     """Open a session from an upload (multipart ``file``) or a datastore id (JSON)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        await run_in_threadpool(_room, state)  # before the body is parsed (closing expired sessions may wait)
         async with request.form(max_files=state.options.max_files, max_fields=16) as form:
             parts = form.getlist("file")
             if any(not isinstance(p, UploadFile) for p in parts):

@@ -235,6 +235,8 @@ def test_over_max_sessions_is_refused(pipe, tmp_path):
         for _ in range(2):
             assert post_files(client, ("p.png", png_bytes())).status_code == 201
         refused(post_files(client, ("p.png", png_bytes())), 429, "limit of 2 sessions")
+        # checked before the upload is read: even a file it would refuse gets the 429
+        refused(post_files(client, ("notes.txt", b"not an image")), 429, "limit of 2 sessions")
         assert list(tmp_path.glob("casam-upload-*")) == []
         client.app.state.casam.store.shutdown()
 

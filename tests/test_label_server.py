@@ -138,3 +138,38 @@ def test_a_real_server_process_serves_a_session_end_to_end(server, tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0  # a clean stop
     assert list(tmp_path.glob("casam-upload-*")) == []  # and shutdown closed the session, removing its upload
+
+
+def test_the_reaper_closes_idle_sessions_without_waiting_for_a_request(pipe, tmp_path):
+    from casam_io.intensity import Source
+    from casam_io.scan import Scan
+    from casam_label.cli import reap
+    from runtime.sessions import SessionSource, SessionStore, StoreOptions
+
+    class Once:
+        """A stop event whose first wait times out (one sweep), then says stop."""
+
+        def __init__(self) -> None:
+            self.waits = 0
+
+        def wait(self, _: float) -> bool:
+            self.waits += 1
+            return self.waits > 1
+
+    now = [0.0]
+    store = SessionStore(pipe, StoreOptions(cache_mb=16, idle_timeout_s=60, prefetch=False), clock=lambda: now[0])
+    released = []
+    source = SessionSource.open(Scan(Path("p.png"), np.zeros((8, 8, 3), np.uint8), Source(kind="image")),
+                                pipe.preprocessing)
+    source.cleanup = lambda: released.append(True)
+    store.create(source)
+
+    class State:
+        pass
+
+    state = State()
+    state.store = store
+    now[0] = 61.0
+    reap(state, Once(), 0.0)
+    assert len(store) == 0 and released == [True]
+    store.shutdown()
