@@ -239,3 +239,22 @@ def test_a_dicom_series_uploads_as_files_or_a_zip_and_downloads_a_seg(client, tm
     referenced = {r.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
     assert referenced == set(uids)
     assert uploads_left(tmp_path) == []  # a series is read into memory: its folder went at once
+
+
+def test_the_request_schemas_take_what_the_server_takes_and_refuse_the_rest():
+    good = [("interact_request", {"action": "box", "label": "organ", "slice": 12, "box": [6, 6, 26, 34]}),
+            ("interact_request", {"action": "click", "label": "organ", "point": [3, 4], "positive": False,
+                                  "mask_format": "png"}),
+            ("interact_request", {"action": "reset"}),
+            ("propagate_request", {"label": "organ", "slice": 12}),
+            ("open_request", {"datastore_id": "mr/head.nii", "axis": 2})]
+    for schema, body in good:
+        check_reply(schema, body)
+    bad = [("interact_request", {"action": "box", "label": "organ"}),  # no box
+           ("interact_request", {"action": "paint", "label": "organ"}),
+           ("interact_request", {"action": "undo"}),  # no label
+           ("interact_request", {"action": "click", "label": "organ", "point": [1, 2], "extra": 1}),
+           ("open_request", {"datastore_id": "x", "axis": 3})]
+    for schema, body in bad:
+        with pytest.raises(ValueError):
+            check_reply(schema, body)
