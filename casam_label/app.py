@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from casam_core.cli_frame import one_line
 from casam_core.errors import CasamError, InputError, SessionError
+from casam_label import monai_api
 from casam_label.state import ServerState
 
 log = logging.getLogger("casam_label")
@@ -70,4 +71,5 @@ def create_app(state: ServerState) -> FastAPI:
             return error(503, "engines are still loading")
         return JSONResponse({"ready": True, "tasks": list(state.pipe.task_names)})
 
+    app.include_router(monai_api.router)  # MONAI Label's API (3D Slicer, OHIF)
     return app
