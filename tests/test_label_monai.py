@@ -141,3 +141,32 @@ def test_errors_are_one_json_line(server, anatomical_path, tmp_path):
     assert r.status_code == 404 and "no such session" in r.json()["error"]
     r = requests.post(f"{url}/infer/other?session_id={sid}", files={"params": (None, "{}")})
     assert r.status_code == 404 and "casam" in r.json()["error"]
+
+
+def test_datastore_upload_infer_and_save_label(server, anatomical_path, tmp_path):
+    nib = need("nibabel")
+    from casam_label.datastore import LocalDatastore
+
+    url, state = server
+    root = tmp_path / "store"
+    root.mkdir()
+    state.datastore = LocalDatastore(root)
+    try:
+        c = client(url, tmp_path)
+        assert c.upload_image(str(anatomical_path), "anatomical") == {"image": "anatomical.nii"}
+        assert "anatomical.nii" in c.datastore()["objects"]
+        # image=ID without a session: one is opened on the datastore image and kept.
+        out, params = c.infer("casam", "anatomical", {"label": "organ", "foreground": [[16, 25, 12]]})
+        assert params["slices"] == [12] and params["route"]["task"]
+        saved = c.save_label("anatomical", out, tag="final")
+        assert saved["label"].startswith("labels/final/")
+        stored = nib.load(str(root / saved["label"]))
+        assert np.array_equal(np.asarray(stored.dataobj), np.asarray(nib.load(out).dataobj))
+        objects = c.datastore()["objects"]
+        assert "final" in objects["anatomical.nii"]["labels"]
+        back = c.download_label("anatomical", "final")
+        assert Path(back).read_bytes() == (root / saved["label"]).read_bytes()
+        with pytest.raises(Exception, match="400"):
+            c.save_label("../etc/passwd", out)
+    finally:
+        state.datastore = None
