@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from casam_core.cli_frame import one_line
 from casam_core.errors import CasamError, InputError, SessionError
-from casam_label import native
+from casam_label import monai_api, native
 from casam_label.body_limit import BodyLimit
 from casam_label.state import ServerOptions, ServerState
 
@@ -75,5 +75,6 @@ def create_app(state: ServerState) -> FastAPI:
 
     # The APIs, one router each (the MONAI Label API and the viewer add their one-line includes here).
     app.include_router(native.router)
+    app.include_router(monai_api.router)  # MONAI Label's API (3D Slicer, OHIF)
     app.add_middleware(BodyLimit, max_bytes=state.options.max_upload_mb << 20)
     return app

@@ -268,9 +268,11 @@ class Session:
                 del self.labels[name]
 
     def propagate(self, name: str, k: Optional[int] = None,
-                  progress: Optional[Callable[[int], None]] = None) -> Interaction:
+                  progress: Optional[Callable[[int], None]] = None,
+                  limits: Optional[tuple[int, int]] = None) -> Interaction:
         """From label ``name``'s mask on slice k outward, each next slice prompted with the
-        previous mask's box, until the mask falls under the minimum area (casam-infer's rule).
+        previous mask's box, until the mask falls under the minimum area (casam-infer's rule)
+        or the walk leaves ``limits`` (first, last slice; a 3-D box's range, as --box3d).
         ``progress`` is called with each slice as it is done."""
         k = self.source.check_slice(k)
         if not self.source.is_volume:
@@ -282,15 +284,16 @@ class Session:
                 raise InputError(f"label {name!r} has no mask on slice {k} to propagate from")
             done = [k]
             for step in (1, -1):
-                done += self._walk(label, (k, step, start.mask), clock, progress)
+                done += self._walk(label, (k, step, start.mask), clock, progress, limits)
             return self._reply(name, k, clock, slices=sorted(done))
 
     def _walk(self, label: _Label, start: tuple[int, int, np.ndarray], clock: _Clock,
-              progress: Optional[Callable[[int], None]]) -> list[int]:
+              progress: Optional[Callable[[int], None]], limits: Optional[tuple[int, int]] = None) -> list[int]:
         k, step, mask = start
         rule, done = self.options.propagation, []
+        first, last = (0, self.source.depth - 1) if limits is None else limits
         j = k + step
-        while 0 <= j < self.source.depth:
+        while max(0, first) <= j <= min(self.source.depth - 1, last):
             box = next_box(mask, rule.margin, rule.min_area)
             if box is None:
                 break

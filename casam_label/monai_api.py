@@ -1,0 +1,115 @@
+"""MONAI Label's REST API on casam, for 3D Slicer's MONAI Label module and OHIF's extension.
+
+Endpoints (shapes as MONAI Label 0.8.5's server and its ``MONAILabelClient`` use them):
+``GET /info/``; ``PUT /session/``, ``GET`` and ``DELETE /session/{id}``;
+``POST /infer/{model}``; the datastore routes (``casam_label.monai_datastore``); and
+``GET /auth/`` plus ``POST /auth/token``, so a viewer that logs in can present an
+``--api-key`` as its password. Training, active learning and scoring are not offered
+(``/info/`` lists none, so the viewers hide those panels).
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import List, Optional
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
+from fastapi.responses import Response
+
+from casam_label.auth import client_identity
+from casam_label.monai_datastore import datastore_status, router as datastore_router, scan_of_image
+from casam_label.monai_info import app_info
+from casam_label.monai_infer import first_label
+from casam_label.monai_infer import check_model, run_infer
+from casam_label.monai_prompts import parse_params
+from casam_label.monai_sessions import MonaiSessions
+from casam_label.monai_upload import read_upload
+from casam_label.state import ServerState, server_state
+
+router = APIRouter(tags=["MONAI Label"])
+router.include_router(datastore_router)
+
+
+def ready(state: ServerState = Depends(server_state)) -> ServerState:
+    if not state.ready:
+        raise HTTPException(503, "engines are still loading; retry when /ready says so")
+    return state
+
+
+@router.get("/info/")
+def info(state: ServerState = Depends(ready), _: str = Depends(client_identity)) -> dict:
+    return app_info(state, datastore_status(state))
+
+
+@router.put("/session/")
+async def create_session(expiry: int = 0, uncompress: bool = False, files: List[UploadFile] = File(...),
+                         state: ServerState = Depends(ready), owner: str = Depends(client_identity)) -> dict:
+    """One uploaded image or volume → a session (``expiry``: idle seconds, capped by the server's)."""
+    if uncompress or len(files) != 1:
+        raise HTTPException(400, "send one image file (NIfTI, DICOM file, PNG, JPEG, TIFF); "
+                                 "zips and multi-file series go through the native API (POST /v1/sessions)")
+    scan, _ = await read_upload(state, files[0])
+    meta = MonaiSessions.of(state).open(scan, owner, files[0].filename or "upload", expiry)
+    return {"session_id": meta.session_id, "session_info": meta.info()}
+
+
+@router.get("/session/{session_id}")
+def get_session(session_id: str, state: ServerState = Depends(ready), owner: str = Depends(client_identity)) -> dict:
+    _, meta = MonaiSessions.of(state).get(session_id, owner)
+    return meta.info()
+
+
+@router.delete("/session/{session_id}")
+def remove_session(session_id: str, state: ServerState = Depends(ready),
+                   owner: str = Depends(client_identity)) -> dict:
+    sessions = MonaiSessions.of(state)
+    _, meta = sessions.get(session_id, owner)
+    sessions.close(session_id, owner)
+    return meta.info()
+
+
+@router.post("/infer/{model}")
+async def infer(model: str, image: str = "", session_id: str = "", output: Optional[str] = None,
+                params: str = Form("{}"), file: Optional[UploadFile] = File(None),
+                state: ServerState = Depends(ready), owner: str = Depends(client_identity)) -> Response:
+    """Clicks and a ROI on a session, a datastore image or an uploaded file → the label."""
+    check_model(model)
+    if output not in (None, "all", "image", "json"):
+        raise HTTPException(400, f"output {output!r} is not offered: use all, image or json")
+    request = parse_params(params)
+    sessions = MonaiSessions.of(state)
+    if session_id:
+        session, meta = sessions.get(session_id, owner)
+    elif image:
+        found = sessions.for_image(image, owner)
+        if found is None:
+            meta = sessions.open(scan_of_image(state, image), owner, image, image_id=image)
+            found = sessions.get(meta.session_id, owner)
+        session, meta = found
+    elif file is not None:
+        scan, _ = await read_upload(state, file)
+        meta = sessions.open(scan, owner, file.filename or "upload")
+        session, _ = sessions.get(meta.session_id, owner)
+        try:
+            return run_infer(session, None, request, output, first_label(state))
+        finally:
+            sessions.close(meta.session_id, owner)
+    else:
+        raise HTTPException(400, "give session_id, image (a datastore id) or a file to segment")
+    return run_infer(session, meta, request, output, first_label(state))
+
+
+@router.get("/auth/")
+def auth_enabled(state: ServerState = Depends(server_state)) -> dict:
+    """Whether a viewer must log in: with ``--api-key`` set, its password is the key."""
+    return {"enabled": bool(state.options.api_keys), "client_id": "casam-label", "realm": "casam"}
+
+
+@router.post("/auth/token")
+def auth_token(username: str = Form(""), password: str = Form(""),
+               state: ServerState = Depends(server_state)) -> dict:
+    """A MONAI-style token: the API key itself, given as the password (never stored twice)."""
+    keys = state.options.api_keys
+    if not keys or not any(secrets.compare_digest(password.encode(), k.encode()) for k in keys):
+        raise HTTPException(401, "wrong API key: log in with any user name and the server's --api-key as password")
+    return {"access_token": password, "token_type": "bearer"}
