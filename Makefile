@@ -39,14 +39,15 @@ demo: install
 # fixtures a file shares (trained bundles, exports) are built once per file, not per test.
 # dciodvfy (Debian's dicom3tools) validates every DICOM SEG the tests write: installed here
 # when running as root on a Debian/Ubuntu machine, else named; CI=true fails without it.
+# Debian's chromium likewise, for the viewer's Playwright tests (Playwright drives it, never its own browser).
 # -rs lists every skip and its reason (under CI=true only GPU and TensorRT tests may skip).
 test: install
-	@command -v dciodvfy >/dev/null 2>&1 || { \
+	@{ command -v dciodvfy && command -v chromium; } >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    apt-get update -qq && apt-get install -y -qq dicom3tools; \
+	    apt-get update -qq && apt-get install -y -qq dicom3tools chromium; \
 	  else \
-	    echo "dciodvfy not found: install Debian's dicom3tools (sudo apt-get install dicom3tools);" \
-	         "the SEG validations skip without it (and fail under CI=true)"; \
+	    echo "dciodvfy or chromium not found: install Debian's dicom3tools and chromium (sudo apt-get install dicom3tools chromium);" \
+	         "the SEG validations and the browser tests skip without them (and fail under CI=true)"; \
 	  fi; }
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 

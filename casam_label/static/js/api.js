@@ -1,7 +1,14 @@
 // The native JSON API of casam-label (docs/INTERACTIVE.md), and its one error shape.
 // Every failure becomes an ApiError whose message is one readable line for the page.
 
-export class ApiError extends Error {}
+export class ApiError extends Error {
+  constructor(message, status = 0) { super(message); this.status = status; }
+}
+
+// A server started with --api-key wants it on every API call; the page asks for it once
+// (after a 401) and keeps it for the browser tab only.
+let KEY = sessionStorage.getItem("casam-api-key") || "";
+export function setKey(key) { KEY = key; sessionStorage.setItem("casam-api-key", key); }
 
 const TIMING = { last: null };
 export function lastRoundTrip() { return TIMING.last; }
@@ -16,14 +23,15 @@ async function errorOf(response) {
     const body = await response.json();
     if (body && body.error) message = body.error;
   } catch (_) { /* not JSON: keep the status line */ }
-  return new ApiError(oneLine(message));
+  return new ApiError(oneLine(message), response.status);
 }
 
 // fetch with the error shape applied; network failures are one line too.
 async function call(path, init = {}) {
   let response;
   try {
-    response = await fetch(path, init);
+    const headers = KEY ? { ...(init.headers || {}), Authorization: `Bearer ${KEY}` } : init.headers;
+    response = await fetch(path, { ...init, headers });
   } catch (exc) {
     throw new ApiError(oneLine(`cannot reach the server (${exc.message})`));
   }

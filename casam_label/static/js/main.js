@@ -2,7 +2,7 @@
 // Test and bench hooks live on window.casamViewer (the view's transform, the last request,
 // the latency of each prompt); performance marks "mouseup" and "painted" bracket a prompt.
 
-import { api, ApiError, lastRoundTrip } from "./api.js";
+import { api, ApiError, lastRoundTrip, setKey } from "./api.js";
 import { SliceView } from "./view.js";
 import { Masks, paintMasks, paintIndexMap } from "./overlay.js";
 import { LabelList } from "./labels.js";
@@ -27,6 +27,8 @@ class App {
     this.viewToken = 0;
     this.latencies = [];
     this.lastRequest = null;
+    this.drawn = null;      // "axis:slice" once a slice and its overlay are on screen (tests wait on it)
+    this.shown = 0;         // replies shown so far
     this.window = new WindowControl($("#window-preset"), () => this.loadSlice());
   }
 
@@ -52,7 +54,12 @@ class App {
     $("#view-axis").onchange = (e) => this.setViewAxis(Number(e.target.value));
     $("#slice-strip").onclick = (e) => this.stripClick(e);
     $("#add-label").onsubmit = (e) => { e.preventDefault(); this.addLabel($("#new-label").value.trim()); };
-    new ResizeObserver(() => { this.view.fit(); this.redraw(); }).observe($("#stage"));
+    $("#api-key").onchange = (e) => { setKey(e.target.value.trim()); this.clearError(); this.loadInfo(); };
+    new ResizeObserver(() => this.redraw()).observe($("#stage"));
+    await this.loadInfo();
+  }
+
+  async loadInfo() {
     try {
       this.info = await api.info();
       this.window.setPresets(this.info.window_presets);
@@ -66,6 +73,7 @@ class App {
     const box = $("#error");
     box.textContent = line.replace(/\s+/g, " ");
     box.hidden = false;
+    if (exc instanceof ApiError && exc.status === 401) $("#api-key").hidden = false;
     if (!(exc instanceof ApiError)) console.error(exc);
   }
   clearError() { $("#error").hidden = true; $("#error").textContent = ""; }
@@ -144,6 +152,7 @@ class App {
     const s = this.session;
     if (!s) return;
     const token = ++this.viewToken, axis = s.viewAxis, k = s.current();
+    this.drawn = null;
     const bitmap = await api.view(s.id, s.volume ? axis : null, k, this.window.current);
     if (token !== this.viewToken) return;
     this.view.setImage(bitmap, fit);
@@ -161,6 +170,7 @@ class App {
       paintIndexMap(this.view.mask, bitmap, this.labels.labels);
     }
     this.redraw();
+    this.drawn = `${s.viewAxis}:${s.current()}`;
   }
 
   redraw() {
@@ -240,6 +250,7 @@ class App {
       done();
     }));
     renderDecision($("#decision"), reply.route, { ...(reply.timings_ms || {}), "round trip": roundtrip });
+    this.shown += 1;
     (reply.warnings || []).forEach((w) => this.fail(new ApiError(`warning: ${w}`)));
   }
 
