@@ -36,9 +36,28 @@ export class Masks {
   }
 }
 
-function rgb(hex) {
+// A colour as one RGBA pixel word (ImageData is little-endian RGBA on every browser).
+function rgba(hex) {
   const n = parseInt(hex.slice(1), 16);
-  return [(n >> 16) & 255, (n >> 8) & 255, n & 255];
+  return ((255 << 24) | ((n & 255) << 16) | (n & 0xff00) | ((n >> 16) & 255)) >>> 0;
+}
+
+// The outline of the layer: its set pixels with an unset (or missing) 4-neighbour, drawn
+// opaque over the translucent fill so a mask reads on any image. Kept on canvas.edges.
+function paintEdges(canvas, img) {
+  const { width, height } = img;
+  const src = new Uint32Array(img.data.buffer);
+  const edges = canvas.edges || (canvas.edges = document.createElement("canvas"));
+  edges.width = width; edges.height = height;
+  const out = new ImageData(width, height), dst = new Uint32Array(out.data.buffer);
+  for (let y = 0, i = 0; y < height; y++) {
+    for (let x = 0; x < width; x++, i++) {
+      const v = src[i];
+      if (v && (x === 0 || y === 0 || x === width - 1 || y === height - 1 ||
+                !src[i - 1] || !src[i + 1] || !src[i - width] || !src[i + width])) dst[i] = v;
+    }
+  }
+  edges.getContext("2d").putImageData(out, 0, 0);
 }
 
 function layerPixels(canvas, width, height) {
@@ -51,18 +70,16 @@ function layerPixels(canvas, width, height) {
 // as in the label map casam writes).
 export function paintMasks(canvas, masks, labels, slice, width, height) {
   const [ctx, img] = layerPixels(canvas, width, height);
+  const px = new Uint32Array(img.data.buffer);
   const ordered = [...labels].sort((a, b) => a.index - b.index);
   for (const label of ordered) {
     const mask = masks.get(label.name, slice);
     if (!mask || !label.visible) continue;
-    const [r, g, b] = rgb(label.colour);
-    for (let i = 0; i < mask.length; i++) {
-      if (mask[i] && img.data[4 * i + 3] === 0) {
-        img.data.set([r, g, b, 255], 4 * i);
-      }
-    }
+    const c = rgba(label.colour);
+    for (let i = 0; i < mask.length; i++) if (mask[i] && !px[i]) px[i] = c;
   }
   ctx.putImageData(img, 0, 0);
+  paintEdges(canvas, img);
 }
 
 // Paint a label-index slice (the PNG of /labels/view, on any axis) in the labels' colours.
@@ -72,10 +89,11 @@ export function paintIndexMap(canvas, bitmap, labels) {
   ctx.clearRect(0, 0, width, height);
   ctx.drawImage(bitmap, 0, 0);
   const src = ctx.getImageData(0, 0, width, height).data;
-  const colours = new Map(labels.filter((l) => l.visible).map((l) => [l.index, rgb(l.colour)]));
+  const colours = new Map(labels.filter((l) => l.visible).map((l) => [l.index, rgba(l.colour)]));
+  const px = new Uint32Array(img.data.buffer);
   for (let i = 0; i < width * height; i++) {
-    const c = colours.get(src[4 * i]);
-    if (c) img.data.set([c[0], c[1], c[2], 255], 4 * i);
+    if (src[4 * i]) px[i] = colours.get(src[4 * i]) || 0;
   }
   ctx.putImageData(img, 0, 0);
+  paintEdges(canvas, img);
 }

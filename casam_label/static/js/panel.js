@@ -65,7 +65,7 @@ export function routeText(route) {
 export function renderDecision(root, route, timings) {
   root.querySelector("#route-task").textContent = routeText(route);
   root.querySelector("#route-task").className = route ? (route.plain_sam ? "plain" : "task") : "muted";
-  const slices = route && route.slices && route.slices.length ? `, decided on slices ${route.slices.join(", ")}` : "";
+  const slices = route && route.mode === "volume" && route.slices && route.slices.length ? `, decided on slices ${route.slices.join(", ")}` : "";
   root.querySelector("#route-mode").textContent = route ? `${route.mode}${slices}; bar: score, red tick: τ` : "";
   root.querySelector("#scores").replaceChildren(...(route ? [scoreChart(route)] : []));
   const rows = Object.entries(timings || {}).map(([stage, ms]) => {

@@ -12,8 +12,11 @@ export function decodeMask(wire, height, width) {
   const out = new Uint8Array(width * height);
   let pos = 0, value = 0;
   for (const run of wire.rle) {
-    if (value) {
-      for (let i = pos; i < pos + run; i++) out[(y0 + Math.floor(i / w)) * width + x0 + (i % w)] = 1;
+    for (let i = pos; value && i < pos + run;) {      // a run may span rows of the region
+      const row = Math.floor(i / w), col = i % w, n = Math.min(w - col, pos + run - i);
+      const at = (y0 + row) * width + x0 + col;
+      out.fill(1, at, at + n);
+      i += n;
     }
     pos += run;
     value ^= 1;

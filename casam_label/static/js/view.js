@@ -9,7 +9,7 @@ export class SliceView {
     this.mask = maskCanvas;
     this.image = null;           // ImageBitmap of the slice
     this.zoom = 1; this.panX = 0; this.panY = 0;
-    this.maskAlpha = 0.45;
+    this.maskAlpha = 0.4;
   }
 
   get width() { return this.image ? this.image.width : 0; }
@@ -89,6 +89,7 @@ export class SliceView {
       ctx.globalAlpha = this.maskAlpha;
       ctx.drawImage(this.mask, 0, 0);
       ctx.globalAlpha = 1;
+      if (this.mask.edges) ctx.drawImage(this.mask.edges, 0, 0);
     }
     this.drawMarks(marks || {});
   }
@@ -107,7 +108,7 @@ export class SliceView {
     if (drag) rect(drag, true);
     for (const p of points || []) {
       ctx.beginPath();
-      ctx.arc(p.x, p.y, 4 / this.zoom, 0, 2 * Math.PI);
+      ctx.arc(p.x + 0.5, p.y + 0.5, 6 / this.zoom, 0, 2 * Math.PI);
       ctx.fillStyle = p.positive ? "#2ecc40" : "#ff4136";
       ctx.fill();
       ctx.strokeStyle = "#fff";
