@@ -1,7 +1,7 @@
 // Several labels per session, each with a name and a colour. The server numbers labels by
 // first use (1, 2, …); the list keeps that index once a label's first prompt returns.
 
-const PALETTE = ["#ff4136", "#2ecc40", "#0074d9", "#ffdc00", "#b10dc9", "#ff851b", "#39cccc", "#f012be"];
+const PALETTE = ["#ff4136", "#2ecc40", "#0074d9", "#a3e635", "#b10dc9", "#ff851b", "#39cccc", "#f012be"];
 const NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 export class LabelList {

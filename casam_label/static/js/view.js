@@ -89,18 +89,19 @@ export class SliceView {
       ctx.globalAlpha = this.maskAlpha;
       ctx.drawImage(this.mask, 0, 0);
       ctx.globalAlpha = 1;
-      if (this.mask.edges) ctx.drawImage(this.mask.edges, 0, 0);
+      // Outlines help where a mask pixel is small on screen; zoomed in, the fill reads alone.
+      if (this.mask.edges && this.zoom < 4) ctx.drawImage(this.mask.edges, 0, 0);
     }
     this.drawMarks(marks || {});
   }
 
-  drawMarks({ box, points, drag, colour }) {
+  drawMarks({ box, points, drag }) {
     const { ctx } = this;
-    const line = 1.5 / this.zoom;
+    const line = 2 / this.zoom;
     ctx.lineWidth = line;
     const rect = (b, dash) => {
       ctx.setLineDash(dash ? [4 / this.zoom, 3 / this.zoom] : []);
-      ctx.strokeStyle = colour || "#ffd400";
+      ctx.strokeStyle = "#ffd400";  // yellow: apart from every label colour and grey
       ctx.strokeRect(b[0], b[1], b[2] - b[0], b[3] - b[1]);
       ctx.setLineDash([]);
     };
@@ -111,8 +112,10 @@ export class SliceView {
       ctx.arc(p.x + 0.5, p.y + 0.5, 6 / this.zoom, 0, 2 * Math.PI);
       ctx.fillStyle = p.positive ? "#2ecc40" : "#ff4136";
       ctx.fill();
+      ctx.lineWidth = 2.5 / this.zoom;
       ctx.strokeStyle = "#fff";
       ctx.stroke();
+      ctx.lineWidth = line;
     }
   }
 }
