@@ -45,13 +45,15 @@ demo: install
 # free ports, never the system service's): installed here when running as root on a
 # Debian/Ubuntu machine, else named (elsewhere: Orthanc's own packages or the orthancteam/orthanc
 # image's binary at /usr/sbin/Orthanc with the plugin at /usr/share/orthanc/plugins/); the tests
-# that need them skip without them, and CI=true fails instead.
+# that need them skip without them, and CI=true fails instead. Debian's chromium likewise, for the
+# viewer's Playwright tests (Playwright drives it, never a browser of its own).
 # -rs lists every skip and its reason (under CI=true only GPU and TensorRT tests may skip).
 test: install
 	@need=""; \
 	  command -v dciodvfy >/dev/null 2>&1 || need="dicom3tools"; \
 	  [ -x /usr/sbin/Orthanc ] || need="$$need orthanc"; \
 	  [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need="$$need orthanc-dicomweb"; \
+	  command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
 	  if [ -n "$$need" ]; then \
 	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	      apt-get update -qq && apt-get install -y -qq $$need; \

@@ -12,6 +12,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from casam_core.cli_frame import one_line
@@ -77,4 +78,5 @@ def create_app(state: ServerState) -> FastAPI:
     app.include_router(native.router)
     app.include_router(monai_api.router)  # MONAI Label's API (3D Slicer, OHIF)
     app.add_middleware(BodyLimit, max_bytes=state.options.max_upload_mb << 20)
+    app.mount("/", StaticFiles(packages=[("casam_label", "static")], html=True), name="viewer")  # the viewer; keep last
     return app
