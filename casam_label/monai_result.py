@@ -11,14 +11,13 @@ part whose file name the client saves the label under, so it is a fresh, safe na
 
 from __future__ import annotations
 
-import gzip
 import json
 import secrets
 from typing import Any
 
 import numpy as np
 
-from casam_io.writers.nifti import nifti_mask
+from casam_io.writers.nifti import nifti_gz_bytes, nifti_mask
 from casam_io.writers.png import png_bytes
 from runtime.sessions import Session
 
@@ -43,8 +42,7 @@ def encode_label(session: Session, labels: np.ndarray, extension: str, dtype: st
         return png_bytes(labels * np.uint8(255)), ".png"
     image = nifti_mask(session.source.scan, labels)
     image.set_data_dtype(np.dtype(dtype))
-    raw = image.to_bytes()
-    return (gzip.compress(raw, compresslevel=6), ".nii.gz") if extension == ".nii.gz" else (raw, ".nii")
+    return (nifti_gz_bytes(image), ".nii.gz") if extension == ".nii.gz" else (image.to_bytes(), ".nii")
 
 
 def multipart(params: dict[str, Any], data: bytes, filename: str) -> tuple[bytes, str]:

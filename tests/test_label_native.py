@@ -130,6 +130,7 @@ def test_propagate_streams_ndjson_and_the_nifti_equals_casam_infers(client, anat
     theirs = nib.load(str(tmp_path / "v" / "anatomical_mask.nii.gz"))
     assert np.array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
     assert np.array_equal(ours.affine, theirs.affine) and ours.get_data_dtype() == np.uint8
+    assert download.content == (tmp_path / "v" / "anatomical_mask.nii.gz").read_bytes()  # every byte (gzip MTIME 0)
     plain = client.post(f"/api/sessions/{sid}/propagate", json={"label": "organ", "slice": 12})
     assert plain.status_code == 200 and len(check_reply("interaction", plain.json())["masks"]) == len(result["masks"])
 

@@ -32,6 +32,14 @@ def nifti_mask(scan: Scan, labels: np.ndarray) -> Any:
     return image
 
 
+def nifti_gz_bytes(image: Any) -> bytes:
+    """A NIfTI image as .nii.gz bytes that depend on the image alone: the gzip header's MTIME
+    is 0 (``gzip.compress`` stamps the current time otherwise) and no file name is stored, so
+    two writes of the same labels, a casam-infer output and a casam-label download, are
+    byte-identical (nibabel's own ``DeterministicGzipFile`` makes the same choice)."""
+    return gzip.compress(image.to_bytes(), compresslevel=6, mtime=0)
+
+
 def write_nifti_mask(path: Path, scan: Scan, labels: np.ndarray) -> None:
-    """A .nii.gz is the gzip of the single-file .nii bytes; written atomically."""
-    atomic_write_bytes(path, gzip.compress(nifti_mask(scan, labels).to_bytes(), compresslevel=6))
+    """A .nii.gz is the deterministic gzip of the single-file .nii bytes; written atomically."""
+    atomic_write_bytes(path, nifti_gz_bytes(nifti_mask(scan, labels)))
