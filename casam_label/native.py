@@ -23,6 +23,7 @@ from starlette.datastructures import UploadFile
 from casam_core import __version__
 from casam_core.cli_frame import one_line
 from casam_core.errors import CasamError, InputError, SessionLimitError
+from casam_io.intensity import WINDOW_PRESETS
 from casam_io.readers import ReadOptions
 from casam_label import replies
 from casam_label.auth import client_identity
@@ -34,9 +35,11 @@ from runtime.sessions import Session, SessionOptions, SessionSource
 
 router = APIRouter(prefix="/api", dependencies=[Depends(client_identity)])
 
-#: Intensity windows a viewer offers as presets (center, width in the scan's units: HU for CT).
-WINDOW_PRESETS = {"ct-soft-tissue": [40, 400], "ct-lung": [-600, 1500], "ct-bone": [400, 1800],
-                  "ct-brain": [40, 80], "ct-liver": [60, 160]}
+
+def window_presets() -> dict[str, list[float]]:
+    """The viewer's presets: casam-infer's ``--window-preset`` table itself (center, width in
+    HU), so a name means the same window in the page and on the command line."""
+    return {name: [float(center), float(width)] for name, (center, width) in WINDOW_PRESETS.items()}
 
 
 class _Strict(BaseModel):
@@ -160,7 +163,7 @@ def info(state: ServerState = Depends(ready_state)) -> dict:
             "tasks": [{"name": n, "threshold": float(t)} for n, t in zip(pipe.task_names, pipe.thresholds)],
             "preprocessing": pipe.preprocessing.to_dict(),
             "capabilities": {"mask_input": bool(pipe.capabilities.mask_input)},
-            "window_presets": WINDOW_PRESETS, "datastore": state.datastore is not None,
+            "window_presets": window_presets(), "datastore": state.datastore is not None,
             "limits": {"max_upload_mb": opts.max_upload_mb, "max_files": opts.max_files,
                        "max_sessions": store.max_sessions, "cache_mb": store.cache_mb,
                        "idle_timeout_s": store.idle_timeout_s}}

@@ -259,3 +259,17 @@ def test_the_request_schemas_take_what_the_server_takes_and_refuse_the_rest():
     for schema, body in bad:
         with pytest.raises(ValueError):
             check_reply(schema, body)
+
+
+def test_the_window_presets_are_casam_infers_table(client):
+    """/api/info serves --window-preset's own table (derived, not a copy), and every preset
+    name the viewer's script asks for by name is in it."""
+    import re
+
+    from casam_io.intensity import WINDOW_PRESETS
+
+    served = check_reply("info", client.get("/api/info").json())["window_presets"]
+    assert served == {name: [c, w] for name, (c, w) in WINDOW_PRESETS.items()}
+    script = (Path(__file__).parents[1] / "casam_label" / "static" / "js" / "window.js").read_text()
+    named = re.findall(r"presets\[\"([^\"]+)\"\]", script)
+    assert named and set(named) <= set(served), (named, sorted(served))
