@@ -15,19 +15,27 @@ from typing import List, Optional
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from casam_label.auth import client_identity
-from casam_label.monai_datastore import datastore_status, router as datastore_router, scan_of_image
+from casam_label.monai_datastore import READ, client_name, datastore_status, router as datastore_router, scan_of_image
 from casam_label.monai_info import app_info
 from casam_label.monai_infer import first_label
 from casam_label.monai_infer import check_model, run_infer
 from casam_label.monai_prompts import parse_params
 from casam_label.monai_sessions import MonaiSessions
-from casam_label.monai_upload import read_upload
+from casam_label.uploads import UploadLimits, scan_from_files
 from casam_label.state import ServerState, server_state
 
 router = APIRouter(tags=["MONAI Label"])
 router.include_router(datastore_router)
+
+
+def _open_upload(state: ServerState, sessions: MonaiSessions, file: UploadFile, owner: str, expiry: int = 0):
+    """An uploaded file → a session (through ``casam_label.uploads``, as the native API's)."""
+    scan, cleanup = scan_from_files([(client_name(file), file.file)], UploadLimits.of(state.options),
+                                    state.options.work_dir, READ)
+    return sessions.open(scan, owner, client_name(file) or "upload", expiry, cleanup=cleanup)
 
 
 def ready(state: ServerState = Depends(server_state)) -> ServerState:
@@ -47,9 +55,8 @@ async def create_session(expiry: int = 0, uncompress: bool = False, files: List[
     """One uploaded image or volume → a session (``expiry``: idle seconds, capped by the server's)."""
     if uncompress or len(files) != 1:
         raise HTTPException(400, "send one image file (NIfTI, DICOM file, PNG, JPEG, TIFF); "
-                                 "zips and multi-file series go through the native API (POST /v1/sessions)")
-    scan, _ = await read_upload(state, files[0])
-    meta = MonaiSessions.of(state).open(scan, owner, files[0].filename or "upload", expiry)
+                                 "zips and multi-file series go through the native API (POST /api/sessions)")
+    meta = await run_in_threadpool(_open_upload, state, MonaiSessions.of(state), files[0], owner, expiry)
     return {"session_id": meta.session_id, "session_info": meta.info()}
 
 
@@ -87,8 +94,7 @@ async def infer(model: str, image: str = "", session_id: str = "", output: Optio
             found = sessions.get(meta.session_id, owner)
         session, meta = found
     elif file is not None:
-        scan, _ = await read_upload(state, file)
-        meta = sessions.open(scan, owner, file.filename or "upload")
+        meta = await run_in_threadpool(_open_upload, state, sessions, file, owner)
         session, _ = sessions.get(meta.session_id, owner)
         try:
             return run_infer(session, None, request, output, first_label(state))

@@ -18,18 +18,20 @@ from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
 
 from casam_core.errors import InputError
 from casam_core.files import atomic_write_bytes
 from casam_core.names import check_task_name
-from casam_io.readers import split_suffix
+from casam_io.readers import ReadOptions, split_suffix
 from casam_io.scan import Scan
 from casam_label.auth import client_identity
-from casam_label.monai_upload import read_upload, upload_suffix
+from casam_label.uploads import UploadLimits, stored_file, upload_suffix
 from casam_label.state import ServerState, server_state
 
 router = APIRouter(prefix="/datastore")
 TAGS = ("final", "original")
+READ = ReadOptions(strict_4d=False)  # a 4-D NIfTI from a viewer opens its first volume
 
 
 def store_of(state: ServerState) -> Any:
@@ -100,9 +102,23 @@ def listing(output: Optional[str] = None, state: ServerState = Depends(server_st
     raise HTTPException(400, f"output {output!r} is not one of stats, all, train")
 
 
+def client_name(file: UploadFile) -> str:
+    """The upload's file name without a folder part (some clients send a whole path)."""
+    return Path(file.filename or "").name
+
+
+def _stored(state: ServerState, file: UploadFile) -> tuple[str, bytes]:
+    """(the client's file name, its bytes) of an upload to keep, checked readable first
+    (``casam_label.uploads``: limits, and errors that name no server path)."""
+    name = client_name(file)
+    upload_suffix(name)  # a name casam can store it under, before the bytes are read
+    _scan, data = stored_file(name, file.file, UploadLimits.of(state.options), state.options.work_dir, READ)
+    return name, data
+
+
 def _add_image(store: Any, image_id: Optional[str], filename: str, data: bytes) -> str:
     suffix = upload_suffix(filename)
-    stem = image_id or split_suffix(Path(filename).name)[0]
+    stem = image_id or split_suffix(filename)[0]
     check_task_name(stem, where="the image id")  # one plain name part: letters, digits, _ . -
     root = getattr(store, "root", None)
     if root is None:
@@ -122,8 +138,8 @@ async def add_image(image: Optional[str] = None, params: str = Form("{}"), file:
                     state: ServerState = Depends(server_state), _: str = Depends(client_identity)) -> dict:
     """Store an uploaded image (checked readable first) under ``image`` or its file's stem."""
     store = store_of(state)
-    _scan, data = await read_upload(state, file)
-    return {"image": _add_image(store, image or None, file.filename or "", data)}
+    name, data = await run_in_threadpool(_stored, state, file)
+    return {"image": _add_image(store, image or None, name, data)}
 
 
 @router.get("/image")
@@ -146,8 +162,8 @@ async def save_label(image: str, tag: str = "final", params: str = Form("{}"), l
         info = json.loads(params or "{}")
     except ValueError:
         raise InputError("params is not JSON") from None
-    suffix = upload_suffix(label.filename)
-    _scan, data = await read_upload(state, label)
+    name, data = await run_in_threadpool(_stored, state, label)
+    suffix = upload_suffix(name)
     label_id = store.save_label(image_id, data, suffix, tag or "final", overwrite=True)
     return {"image": image_id, "label": label_id, "tag": tag or "final",
             "label_info": info.get("label_info") if isinstance(info, dict) else None}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from casam_core.errors import SessionError
 from casam_io.scan import Scan
@@ -59,11 +59,20 @@ class MonaiSessions:
         idle = float(self.state.store.options.idle_timeout_s)
         return idle if expiry <= 0 else min(float(expiry), idle)
 
-    def open(self, scan: Scan, owner: str, name: str, expiry: int = 0, image_id: Optional[str] = None) -> MonaiSession:
-        """A new casam session on ``scan`` for ``owner``, registered for MONAI's API."""
+    def open(self, scan: Scan, owner: str, name: str, expiry: int = 0, image_id: Optional[str] = None,
+             cleanup: Optional[Callable[[], None]] = None) -> MonaiSession:
+        """A new casam session on ``scan`` for ``owner``, registered for MONAI's API;
+        ``cleanup`` (an upload's, ``casam_label.uploads``) runs when the session ends, or now
+        if the session is refused."""
         self.prune()
-        source = SessionSource.open(scan, self.state.pipe.preprocessing, self.state.options.default_axis)
-        session = self.state.store.create(source, owner)
+        try:
+            source = SessionSource.open(scan, self.state.pipe.preprocessing, self.state.options.default_axis)
+            source.cleanup = cleanup
+            session = self.state.store.create(source, owner)
+        except BaseException:
+            if cleanup is not None:
+                cleanup()
+            raise
         now = time.time()
         meta = MonaiSession(session.id, owner, name, now, self._timeout(expiry), now, image_id)
         with self._lock:

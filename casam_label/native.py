@@ -105,9 +105,8 @@ def _form_axis(value: Any, default: int) -> int:
 def _open_upload(state: ServerState, owner: str, files: list[tuple[str, BinaryIO]], axis: int,
                  task: Optional[str]) -> dict:
     _room(state)
-    opts = state.options
-    limits = UploadLimits(opts.max_upload_mb << 20, opts.max_files)
-    return _create(state, owner, scan_from_files(files, limits, opts.work_dir, ReadOptions()), axis, task)
+    scan = scan_from_files(files, UploadLimits.of(state.options), state.options.work_dir, ReadOptions())
+    return _create(state, owner, scan, axis, task)
 
 
 def _open_datastore(state: ServerState, owner: str, request: OpenRequest) -> dict:

@@ -12,7 +12,8 @@ untrusted, so it is checked before and while it is read:
 - a zip is refused for members that are symlinks, encrypted, or named outside the folder,
   and for zip bombs: the members' declared sizes must fit ``max_unpacked_bytes``, and the
   bytes actually inflated are counted against each member's declared size;
-- a wrong type or a truncated file is whatever the reader refuses, as one line (400).
+- a wrong type or a truncated file is whatever the reader refuses, as one line (400),
+  which names the client's own file name (or "the upload"), never a server path.
 
 The folder is removed at once when the scan holds its voxels in memory, or else (a
 memory-mapped NIfTI) by the session's ``SessionSource.release`` when the session ends.
@@ -32,9 +33,10 @@ from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 
-from casam_core.errors import InputError
+from casam_core.errors import CasamError, InputError
 from casam_io.readers import ReadOptions, read, split_suffix
 from casam_io.scan import Scan
+from casam_label.state import ServerOptions
 
 CHUNK = 1 << 20
 ZIP_SUFFIX = ".zip"
@@ -60,6 +62,11 @@ class UploadLimits:
     def unpacked(self) -> int:
         return self.max_unpacked_bytes or 4 * self.max_bytes
 
+    @classmethod
+    def of(cls, options: ServerOptions) -> "UploadLimits":
+        """The server's limits (``--max-upload-mb``, ``--max-files``)."""
+        return cls(int(options.max_upload_mb) << 20, int(options.max_files))
+
 
 def check_name(name: str, what: str = "upload") -> str:
     """A client's file name, refused when it could name a path: empty, a folder part
@@ -70,6 +77,26 @@ def check_name(name: str, what: str = "upload") -> str:
             any(ord(c) < 32 for c in name):
         raise InputError(f"{what} name {name!r} is not a plain file name (no folders, '..', or absolute paths)")
     return name
+
+
+def upload_suffix(name: Optional[str]) -> str:
+    """The registered suffix of a client's file name (``.nii.gz``, ``.png``…), for storing the
+    upload under a casam-made name; refused when casam reads no such file."""
+    suffix = split_suffix(check_name(name or ""))[1].lower()
+    if not suffix:
+        raise InputError(f"upload {name!r} has no suffix casam reads (.nii, .nii.gz, .dcm, .png, .jpg, .tif…)")
+    return suffix
+
+
+def client_words(exc: CasamError, names: dict[str, str]) -> CasamError:
+    """``exc`` with every server path in its message replaced by what the client knows it
+    by (``names``: a path or a made-up file name → the client's name; longest first). The
+    same exception (its class and HTTP status kept), so the reply names no server folder."""
+    message = str(exc)
+    for path in sorted(names, key=len, reverse=True):
+        message = message.replace(path, names[path])
+    exc.args = (message,)
+    return exc
 
 
 def _copy(src: BinaryIO, dest: Path, budget: list[int], limit: int, what: str) -> int:
@@ -110,8 +137,9 @@ def _wanted(info: zipfile.ZipInfo) -> bool:
     return not info.is_dir() and not any(p.startswith((".", "__MACOSX")) for p in parts if p)
 
 
-def _unzip(archive: Path, dest: Path, limits: UploadLimits) -> list[Path]:
-    """A zip's files into ``dest`` under made-up names (keeping each suffix), every member checked first."""
+def _unzip(archive: Path, dest: Path, limits: UploadLimits) -> list[tuple[Path, str]]:
+    """A zip's files into ``dest`` under made-up names (keeping each suffix), every member
+    checked first; each with its member name (for messages)."""
     try:
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -126,8 +154,8 @@ def _unzip(archive: Path, dest: Path, limits: UploadLimits) -> list[Path]:
             if declared > limits.unpacked:
                 raise UploadTooLarge(f"the zip unpacks to {declared >> 20} MB; the server takes at most "
                                      f"{limits.unpacked >> 20} MB")
-            return [_inflate(zf, info, dest / f"{n:05d}{split_suffix(Path(info.filename).name)[1].lower()}")
-                    for n, info in enumerate(members)]
+            return [(_inflate(zf, info, dest / f"{n:05d}{split_suffix(Path(info.filename).name)[1].lower()}"),
+                     info.filename) for n, info in enumerate(members)]
     except zipfile.BadZipFile as exc:
         raise InputError(f"the zip is damaged or truncated ({exc})") from exc
 
@@ -159,6 +187,7 @@ class Upload:
         self.limits = limits
         self.folder = Path(tempfile.mkdtemp(prefix="casam-upload-", dir=work_dir))  # mode 0700
         self.files: list[Path] = []
+        self.names: dict[str, str] = {}  # a server path or made-up name → the client's name, for messages
         self._budget = [0]
 
     def add(self, name: str, stream: BinaryIO) -> Path:
@@ -170,7 +199,13 @@ class Upload:
         path = self.folder / f"{len(self.files):05d}{suffix}"
         _copy(stream, path, self._budget, self.limits.max_bytes, "the upload")
         self.files.append(path)
+        self._name(path, name)
         return path
+
+    def _name(self, path: Path, name: str) -> None:
+        """Remember that ``path`` (and a ``.dcm`` rename of it) is the client's ``name``."""
+        for p in (path, path.with_suffix(".dcm")):
+            self.names[str(p)] = self.names[p.name] = name
 
     def _target(self) -> Path:
         """What to read: the one file, or a folder holding the series."""
@@ -180,7 +215,9 @@ class Upload:
             series = self.folder / "series"
             series.mkdir()
             inner = _unzip(self.files[0], series, self.limits)
-            return inner[0] if len(inner) == 1 else series
+            for path, member in inner:
+                self._name(path, member)
+            return inner[0][0] if len(inner) == 1 else series
         if len(self.files) == 1:
             return self._typed(self.files[0])
         series = self.folder / "series"
@@ -189,6 +226,7 @@ class Upload:
             if not _is_dicom(path):
                 raise InputError("several files must be the DICOM files of one series; one of them is not DICOM "
                                  "(send a picture or NIfTI file alone)")
+            self._name(series / path.name, self.names[path.name])
             path.rename(series / path.name)
         return series
 
@@ -211,6 +249,9 @@ class Upload:
             if target.is_file() and not split_suffix(target.name)[1]:
                 target = self._typed(target)
             scan = read(target, options)
+        except CasamError as exc:
+            self.remove()
+            raise self.client_words(exc) from None
         except BaseException:
             self.remove()
             raise
@@ -218,6 +259,14 @@ class Upload:
             return scan, self.remove
         self.remove()
         return scan, None
+
+    def client_words(self, exc: CasamError) -> CasamError:
+        """``exc`` naming the client's files, and "the upload" for the folder and the series in it."""
+        folders = {str(self.folder / "series"): "the upload", str(self.folder): "the upload"}
+        real = self.folder.resolve()
+        if real != self.folder:
+            folders.update({str(real / "series"): "the upload", str(real): "the upload"})
+        return client_words(exc, {**self.names, **folders})
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -234,3 +283,20 @@ def scan_from_files(files: Sequence[tuple[str, BinaryIO]], limits: UploadLimits,
         upload.remove()
         raise
     return upload.scan(options)
+
+
+def stored_file(name: str, stream: BinaryIO, limits: UploadLimits, work_dir: Optional[Path] = None,
+                options: ReadOptions = ReadOptions()) -> tuple[Scan, bytes]:
+    """One uploaded file a server keeps (a datastore image or label): read first, so only a
+    file casam reads is kept → (its Scan with the voxels in memory, the file's bytes)."""
+    upload = Upload(limits, work_dir)
+    try:
+        data = upload.add(name, stream).read_bytes()
+    except BaseException:
+        upload.remove()
+        raise
+    scan, cleanup = upload.scan(options)
+    if cleanup is not None:  # memory-mapped: off the folder, which goes now
+        scan.data = np.array(scan.data)
+        cleanup()
+    return scan, data
