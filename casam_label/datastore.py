@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 from urllib.parse import quote
 
-from casam_core.errors import InputError
+from casam_core.errors import CasamError, InputError
 from casam_core.files import atomic_write_bytes
 from casam_core.names import check_task_name
 from casam_io.readers import ALL_SUFFIXES, ReadOptions, read, reader_for, split_suffix, suffixes
 from casam_io.scan import Scan
 from casam_io.volume_io import is_dicom_series
+from casam_label.uploads import client_words
 
 LABELS = "labels"
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".png", ".dcm")
@@ -143,7 +144,14 @@ class LocalDatastore:
             return None
 
     def open(self, image_id: str, options: ReadOptions = ReadOptions()) -> Scan:
-        return read(self.resolve(image_id), options)
+        """The image as a Scan; a refusal names it by its id, never by its server path."""
+        path = self.resolve(image_id)
+        try:
+            return read(path, options)
+        except CasamError as exc:
+            names = {str(path): image_id, str(path.resolve()): image_id,
+                     str(self.root): "the datastore", str(self.root.resolve()): "the datastore"}
+            raise client_words(exc, names) from None
 
     def _label_path(self, image_id: str, tag: str, suffix: str) -> Path:
         check_task_name(tag, where="the label tag")

@@ -105,6 +105,35 @@ def test_a_truncated_file_is_refused(client, anatomical):
     still_serving(client)
 
 
+def no_server_path(message: str, *folders: Path) -> None:
+    """A refusal names no folder of the server: no temporary folder, no upload or datastore path."""
+    assert "/tmp" not in message and "casam-upload-" not in message, message
+    for folder in folders:
+        assert str(folder) not in message and str(folder.resolve()) not in message, message
+
+
+def test_a_refused_upload_names_the_clients_file_not_a_server_path(client, anatomical, tmp_path):
+    data = anatomical.read_bytes()
+    message = refused(post_files(client, ("my head scan.nii", data[: len(data) // 2])), 400, "my head scan.nii")
+    no_server_path(message, tmp_path)
+    series = zipped({"study/slice1.dcm": b"\0" * 128 + b"DICM" + b"\0" * 64, "study/slice2.dcm": b"junk"})
+    message = refused(post_files(client, ("series.zip", series)), 400)
+    no_server_path(message, tmp_path)
+    assert "the upload" in message or "study/slice" in message, message
+    still_serving(client)
+
+
+def test_a_datastore_image_that_fails_to_read_is_named_by_its_id(pipe, tmp_path, anatomical):
+    store = tmp_path / "store"
+    (store / "ct").mkdir(parents=True)
+    data = anatomical.read_bytes()
+    (store / "ct" / "broken.nii").write_bytes(data[: len(data) // 2])
+    with build(pipe, tmp_path, datastore=store) as client:
+        message = refused(client.post("/api/sessions", json={"datastore_id": "ct/broken.nii"}), 400, "ct/broken.nii")
+        no_server_path(message, store)
+        client.app.state.casam.store.shutdown()
+
+
 @pytest.mark.parametrize("name", ["../escape.png", "/tmp/absolute.png", "a/../../escape.png", "C:/x.png"])
 def test_a_zip_with_dotdot_or_absolute_paths_is_refused(client, tmp_path, name):
     refused(post_files(client, ("series.zip", zipped({"ok.png": png_bytes(), name: png_bytes()}))), 400, "outside")
