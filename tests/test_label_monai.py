@@ -141,6 +141,11 @@ def test_errors_are_one_json_line(server, anatomical_path, tmp_path):
     assert r.status_code == 404 and "no such session" in r.json()["error"]
     r = requests.post(f"{url}/infer/other?session_id={sid}", files={"params": (None, "{}")})
     assert r.status_code == 404 and "casam" in r.json()["error"]
+    half = anatomical_path.read_bytes()[:30000]  # a truncated NIfTI: refused by casam_label.uploads, named as sent
+    for r in (requests.put(f"{url}/session/", files={"files": ("cut head.nii", half)}),
+              requests.post(f"{url}/infer/casam", files={"params": (None, "{}"), "file": ("cut head.nii", half)})):
+        assert r.status_code == 400 and "cut head.nii" in r.json()["error"], r.text
+        assert "/tmp" not in r.text and "casam-upload-" not in r.text, r.text
 
 
 def test_datastore_upload_infer_and_save_label(server, anatomical_path, tmp_path):
