@@ -8,6 +8,7 @@ from typing import Any, Optional
 import numpy as np
 
 from casam_label.mask_wire import encode
+from casam_label.results import formats_of
 from runtime.sessions import Interaction, Session
 
 
@@ -26,6 +27,7 @@ def describe(session: Session) -> dict[str, Any]:
     out["spacing"] = spacing(session)
     out["slice_shape"] = list(session.source.slice_hw)
     out["kind"] = "volume" if session.source.is_volume else "image"
+    out["formats"] = formats_of(session)
     return out
 
 

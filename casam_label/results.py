@@ -25,6 +25,19 @@ from runtime.sessions import Session
 FORMATS = ("nifti", "seg", "png")
 
 
+def formats_of(session: Session) -> list[str]:
+    """The ``FORMATS`` this session's source downloads as (the session description's
+    ``formats``; the viewer offers exactly these): PNG for a picture, NIfTI where the
+    source has geometry, DICOM SEG for a DICOM volume a SEG can reference."""
+    scan, volume = session.source.scan, session.source.is_volume
+    out = [] if volume else ["png"]
+    if scan.affine is not None or scan.header is not None:
+        out.append("nifti")
+    if volume and scan.datasets and seg_refusal(scan) is None:
+        out.append("seg")
+    return out
+
+
 @dataclass(frozen=True)
 class Download:
     data: bytes

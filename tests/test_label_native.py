@@ -71,6 +71,17 @@ def upload(client: TestClient, path: Path, **form) -> dict:
     return check_reply("session", reply.json())
 
 
+def downloads_exactly_its_formats(client: TestClient, sid: str) -> list[str]:
+    """Every format the session description lists downloads (200); every other is refused (400)."""
+    from casam_label.results import FORMATS
+
+    listed = check_reply("session", client.get(f"/api/sessions/{sid}").json())["formats"]
+    for fmt in FORMATS:
+        status = client.get(f"/api/sessions/{sid}/result", params={"format": fmt}).status_code
+        assert status == (200 if fmt in listed else 400), (fmt, listed, status)
+    return listed
+
+
 def interact(client: TestClient, sid: str, **body) -> dict:
     reply = client.post(f"/api/sessions/{sid}/interact", json=body)
     assert reply.status_code == 200, reply.text
@@ -131,6 +142,7 @@ def test_propagate_streams_ndjson_and_the_nifti_equals_casam_infers(client, anat
     assert np.array_equal(np.asarray(ours.dataobj), np.asarray(theirs.dataobj))
     assert np.array_equal(ours.affine, theirs.affine) and ours.get_data_dtype() == np.uint8
     assert download.content == (tmp_path / "v" / "anatomical_mask.nii.gz").read_bytes()  # every byte (gzip MTIME 0)
+    assert downloads_exactly_its_formats(client, sid) == ["nifti"]
     plain = client.post(f"/api/sessions/{sid}/propagate", json={"label": "organ", "slice": 12})
     assert plain.status_code == 200 and len(check_reply("interaction", plain.json())["masks"]) == len(result["masks"])
 
@@ -147,6 +159,7 @@ def test_a_png_session_downloads_casam_infers_png(client, pipe, engines, tmp_pat
     infer(path, "--box", *PNG_BOX, "--engines", engines, "--out", tmp_path / "infer")
     expected = (tmp_path / "infer" / "disc_mask0.png").read_bytes()
     assert download.content == expected  # the same writer, the same mask: the same bytes
+    assert downloads_exactly_its_formats(client, described["session_id"]) == ["png"]
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(expected))) > 0, mask)
     assert uploads_left(tmp_path) == []  # a picture is held in memory: its upload folder went at once
 
@@ -240,6 +253,7 @@ def test_a_dicom_series_uploads_as_files_or_a_zip_and_downloads_a_seg(client, tm
     referenced = {r.ReferencedSOPInstanceUID for s in ds.ReferencedSeriesSequence for r in s.ReferencedInstanceSequence}
     assert referenced == set(uids)
     assert uploads_left(tmp_path) == []  # a series is read into memory: its folder went at once
+    assert downloads_exactly_its_formats(client, sid) == ["nifti", "seg"]
 
 
 def test_the_request_schemas_take_what_the_server_takes_and_refuse_the_rest():

@@ -324,6 +324,8 @@ def test_correct_undo_propagate_and_download(page: Any, api: Any, artifacts: Pat
         page.keyboard.press("ArrowDown" if k < SLICE else "ArrowUp")
         page.wait_for_function(f"window.casamViewer.drawn === '2:{SLICE}'")
 
+    # The page offers the formats the session description lists: NIfTI for a NIfTI, no DICOM SEG.
+    assert page.eval_on_selector_all("#save-format option", "els => els.map((e) => e.value)") == ["nifti"]
     with page.expect_download() as download:
         page.click("#save")
     saved = tmp_path / "download.nii.gz"

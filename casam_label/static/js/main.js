@@ -44,7 +44,7 @@ class App {
       windowEnd: () => this.window.dragEnd(),
     });
     attachOpeners({ stage: $("#stage"), fileInput: $("#file-input"), folderInput: $("#folder-input"),
-      datastore: $("#datastore") }, (f) => this.open(() => api.openFiles(f, $("#open-axis").value), f.map((x) => x.name)),
+      datastore: $("#datastore") }, (f) => this.open(() => api.openFiles(f, $("#open-axis").value)),
       (id) => this.open(() => api.openDatastore(id, $("#open-axis").value)), (e) => this.fail(e));
     attachKeys(this);
     $("#undo").onclick = () => this.undo();
@@ -89,7 +89,7 @@ class App {
   }
 
   // ----- sessions -------------------------------------------------------------------------------
-  async open(request, names = null) {
+  async open(request) {
     if (this.busy) return;
     this.busy = true;
     this.clearError();
@@ -97,7 +97,7 @@ class App {
     try {
       const description = await request();
       if (this.session) api.close(this.session.id).catch(() => {});
-      this.setSession(description, names);
+      this.setSession(description);
       await this.loadSlice(true);
     } catch (exc) { this.fail(exc); } finally {
       this.busy = false;
@@ -105,8 +105,8 @@ class App {
     }
   }
 
-  setSession(description, names) {
-    const s = this.session = new PageSession(description, names);
+  setSession(description) {
+    const s = this.session = new PageSession(description);
     this.masks.clear();
     this.labels.reset(description.labels);
     this.window.reset(s.volume);

@@ -4,10 +4,8 @@
 export const AXIS_NAMES = { 0: "sagittal", 1: "coronal", 2: "axial" };
 
 export class PageSession {
-  // `names`: the uploaded files' names (null for a datastore image), for the save formats.
-  constructor(description, names = null) {
+  constructor(description) {
     this.d = description;
-    this.names = names;
     this.id = description.session_id;
     this.volume = Boolean(description.volume);
     this.axis = this.volume ? description.axis : null;   // the prompting axis
@@ -56,13 +54,10 @@ export class PageSession {
     for (const key of [...this.prompts.keys()]) if (label === undefined || key.startsWith(`${label}|`)) this.prompts.delete(key);
   }
 
-  // The download formats this source can be saved as: PNG for a picture, NIfTI for a volume,
-  // and DICOM SEG first when the volume came from DICOM (the server refuses SEG otherwise,
-  // so it is offered unless the upload was plainly NIfTI).
+  // The download formats the server can write for this source, from the session
+  // description (NIfTI where it has geometry, DICOM SEG only for a DICOM volume, PNG for a
+  // picture), so the page offers SEG exactly where the server makes one.
   formats() {
-    if (Array.isArray(this.d.formats) && this.d.formats.length) return this.d.formats;
-    if (!this.volume) return ["png"];
-    const nifti = (this.names || []).some((n) => /\.nii(\.gz)?$/i.test(n));
-    return nifti ? ["nifti"] : ["seg", "nifti"];
+    return Array.isArray(this.d.formats) ? this.d.formats : [];
   }
 }
