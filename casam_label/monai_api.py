@@ -25,7 +25,7 @@ from casam_label.monai_infer import check_model, run_infer
 from casam_label.monai_prompts import parse_params
 from casam_label.monai_sessions import MonaiSessions
 from casam_label.uploads import UploadLimits, scan_from_files
-from casam_label.state import ServerState, server_state
+from casam_label.state import ServerState, ready_state as ready, server_state
 
 router = APIRouter(tags=["MONAI Label"])
 router.include_router(datastore_router)
@@ -36,12 +36,6 @@ def _open_upload(state: ServerState, sessions: MonaiSessions, file: UploadFile, 
     scan, cleanup = scan_from_files([(client_name(file), file.file)], UploadLimits.of(state.options),
                                     state.options.work_dir, READ)
     return sessions.open(scan, owner, client_name(file) or "upload", expiry, cleanup=cleanup)
-
-
-def ready(state: ServerState = Depends(server_state)) -> ServerState:
-    if not state.ready:
-        raise HTTPException(503, "engines are still loading; retry when /ready says so")
-    return state
 
 
 @router.get("/info/")

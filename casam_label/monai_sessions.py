@@ -19,6 +19,7 @@ from casam_core.errors import SessionError
 from casam_io.scan import Scan
 from runtime.sessions import Session, SessionSource
 from casam_label.state import ServerState
+from casam_label.uploads import cleaned_up_on_refusal
 
 
 @dataclass
@@ -65,14 +66,10 @@ class MonaiSessions:
         ``cleanup`` (an upload's, ``casam_label.uploads``) runs when the session ends, or now
         if the session is refused."""
         self.prune()
-        try:
+        with cleaned_up_on_refusal(cleanup):
             source = SessionSource.open(scan, self.state.pipe.preprocessing, self.state.options.default_axis)
             source.cleanup = cleanup
             session = self.state.store.create(source, owner)
-        except BaseException:
-            if cleanup is not None:
-                cleanup()
-            raise
         now = time.time()
         meta = MonaiSession(session.id, owner, name, now, self._timeout(expiry), now, image_id)
         with self._lock:

@@ -29,7 +29,7 @@ from casam_label import replies
 from casam_label.auth import client_identity
 from casam_label.results import download
 from casam_label.state import ServerState, ready_state
-from casam_label.uploads import UploadLimits, scan_from_files
+from casam_label.uploads import UploadLimits, cleaned_up_on_refusal, scan_from_files
 from casam_label.views import labels_png, slice_png
 from runtime.sessions import Session, SessionOptions, SessionSource
 
@@ -75,15 +75,11 @@ def _session(state: ServerState, session_id: str, owner: str) -> Session:
 def _create(state: ServerState, owner: str, scan_and_cleanup: tuple, axis: int, task: Optional[str]) -> dict:
     """A session on an opened scan; the scan's cleanup runs if anything refuses it."""
     scan, cleanup = scan_and_cleanup
-    try:
+    with cleaned_up_on_refusal(cleanup):
         source = SessionSource.open(scan, state.pipe.preprocessing, axis)
         source.cleanup = cleanup
         options = SessionOptions(task=task or state.options.default_task, prefetch=state.options.prefetch)
         return replies.describe(state.store.create(source, owner, options))
-    except BaseException:
-        if cleanup is not None:
-            cleanup()
-        raise
 
 
 def _room(state: ServerState) -> None:

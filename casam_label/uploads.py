@@ -27,9 +27,10 @@ import shutil
 import stat
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, Sequence
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -300,3 +301,15 @@ def stored_file(name: str, stream: BinaryIO, limits: UploadLimits, work_dir: Opt
         scan.data = np.array(scan.data)
         cleanup()
     return scan, data
+
+
+@contextmanager
+def cleaned_up_on_refusal(cleanup: Optional[Callable[[], None]]) -> Iterator[None]:
+    """Run an upload's ``cleanup`` if the block refuses the scan (a session that is not
+    opened never releases it); on success the session owns it."""
+    try:
+        yield
+    except BaseException:
+        if cleanup is not None:
+            cleanup()
+        raise
