@@ -158,9 +158,11 @@ class DicomWebDatastore:
         return stored["series"]
 
     def label(self, image_id: str, tag: str = TAG) -> Optional[Path]:
-        """The newest SEG referencing the series: saved here, else the server's (retrieved once)."""
-        _check_tag(tag)
+        """The newest SEG referencing the series: saved here, else the server's (retrieved once).
+        A PACS holds no other tag: any other is None."""
         info = self._info(image_id)
+        if tag != TAG:
+            return None
         kept = self._labels.get(info.series_uid)
         if kept is not None:
             return kept
