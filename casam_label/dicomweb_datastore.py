@@ -58,7 +58,7 @@ def connect(url: str, ca_bundle: Optional[Path] = None) -> DicomWeb:
     except PacsOptionError as exc:
         raise PacsOptionError(str(exc).replace("--dicomweb", "--datastore")) from None
     web = DicomWeb(connection, Credentials.from_env())
-    web.call("casam-label --datastore: checking the DICOMweb server", web.client.search_for_studies, limit=1)
+    web.call("--datastore: checking the DICOMweb server", web.client.search_for_studies, limit=1)
     return web
 
 

@@ -180,7 +180,7 @@ def test_a_wrong_password_is_one_line_at_startup(orthanc, engines, monkeypatch):
     monkeypatch.setenv("CASAM_DICOMWEB_PASSWORD", "wrong-password")
     monkeypatch.delenv("CASAM_DICOMWEB_TOKEN", raising=False)
     line = one_error_line(label_cli("--engines", engines, "--datastore", orthanc.dicomweb, "--port", free_port()))
-    assert line.startswith("casam-label: error: casam-label --datastore: checking the DICOMweb server: "
+    assert line.startswith("casam-label: error: --datastore: checking the DICOMweb server: "
                            "authentication failed") and "HTTP 401" in line and "wrong-password" not in line, line
 
 
