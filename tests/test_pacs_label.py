@@ -143,7 +143,7 @@ def test_monai_datastore_lists_the_series_and_put_label_stores_a_seg(client, ort
     listed = client.get("/datastore/", params={"output": "all"}).json()["objects"][series["series"]]
     assert "final" in listed["labels"]
     wrong = client.put("/datastore/label", params={"image": series["series"], "tag": "final"},
-                       files={"label": ("label.nii.gz", gzip.compress(nib.Nifti1Image(labels[:, :, :1],
+                       files={"label": ("label.nii.gz", gzip.compress(nib.Nifti1Image(labels[:, :, 1:],
                                                                                       scan.affine).to_bytes()))})
     assert wrong.status_code == 400 and "shape" in wrong.json()["error"]
 
