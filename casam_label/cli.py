@@ -25,6 +25,7 @@ from casam_core.cli_frame import CasamCommand
 from casam_core.errors import CasamError, InputError
 from casam_core.optional import optional_import
 from casam_label.datastore import LocalDatastore
+from casam_label.dicomweb_datastore import DicomWebDatastore, connect
 from runtime.backends import BACKENDS, backends_help
 from runtime.pipeline import Pipeline
 from runtime.sessions import SessionStore, StoreOptions
@@ -37,6 +38,8 @@ EPILOG = """\b
 Examples:
   casam-label --engines casam_engines                      # http://127.0.0.1:8000, this machine only
   casam-label --engines casam_engines --datastore scans/   # open images from a folder by id
+  CASAM_DICOMWEB_USER=… CASAM_DICOMWEB_PASSWORD=… casam-label --engines casam_engines \
+      --datastore http://127.0.0.1:8042/dicom-web          # a PACS's series; labels go back as SEG
   CASAM_LABEL_API_KEY=$(openssl rand -hex 24) casam-label --engines casam_engines --host 0.0.0.0
 
 \b
@@ -92,14 +95,15 @@ def check_port(host: str, port: int) -> None:
             raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
-def open_datastore(spec: Optional[str]) -> Any:
-    """``--datastore``: a local folder now; an http(s) URL is the DICOMweb datastore, not in this build yet."""
-    if spec is None:
-        return None
-    if spec.lower().startswith(("http://", "https://")):
-        raise InputError("--datastore with a DICOMweb URL is not available in this build yet; "
-                         "pass a local folder of images and DICOM series")
-    return LocalDatastore(Path(spec))
+def open_datastore(spec: Optional[str], ca_bundle: Optional[Path] = None) -> Any:
+    """``--datastore``: a local folder, or an http(s) URL: a DICOMweb server (the URL and the
+    credentials in the environment are checked, then one request, so a wrong password is one
+    line now, before the engines load). ``--ca-bundle`` goes with a URL only."""
+    if spec is None or not spec.lower().startswith(("http://", "https://")):
+        if ca_bundle is not None:
+            raise InputError("--ca-bundle names the CA of a DICOMweb server: it needs --datastore https://…")
+        return None if spec is None else LocalDatastore(Path(spec))
+    return DicomWebDatastore(connect(spec, ca_bundle))
 
 
 def check_engines(engines: Path) -> None:
@@ -134,14 +138,14 @@ def reap(state: Any, stop: threading.Event, period_s: float) -> None:
                 log.exception("casam-label: expiring idle sessions failed")
 
 
-def serve(opts: LabelOptions, insecure: bool) -> None:
-    """Start answering now, load the engines behind it, stop cleanly on SIGINT/SIGTERM."""
+def serve(opts: LabelOptions, insecure: bool, datastore: Any = None) -> None:
+    """Start answering now, load the engines behind it, stop cleanly on SIGINT/SIGTERM
+    (and remove what a DICOMweb datastore retrieved)."""
     optional_import("fastapi", EXTRA, "casam-label", CasamError)
     optional_import("multipart", EXTRA, "casam-label", CasamError, package="python-multipart")
     uvicorn = optional_import("uvicorn", EXTRA, "casam-label", CasamError)
     app = optional_import("casam_label.app", EXTRA, "casam-label", CasamError, package="fastapi")
 
-    datastore = open_datastore(opts.datastore)
     state = app.ServerState(None, None, app.ServerOptions(api_keys=opts.api_keys, max_upload_mb=opts.max_upload_mb,
                                                   default_task=opts.task), datastore)
     server = uvicorn.Server(uvicorn.Config(app.create_app(state), host=opts.host, port=opts.port, log_level="info",
@@ -170,9 +174,14 @@ def serve(opts: LabelOptions, insecure: bool) -> None:
 @click.command("casam-label", cls=CasamCommand, epilog=EPILOG)
 @click.option("--engines", type=click.Path(path_type=Path, file_okay=False), required=True, envvar="CASAM_ENGINES",
               help="casam-export folder (or $CASAM_ENGINES).")
-@click.option("--datastore", default=None, metavar="DIR",
-              help="A folder of images and DICOM series folders that clients open by id; labels saved through "
-                   "the API go to DIR/labels/. (A DICOMweb URL is reserved for a later release.)")
+@click.option("--datastore", default=None, metavar="DIR|URL",
+              help="A folder of images and DICOM series folders that clients open by id (labels saved through "
+                   "the API go to DIR/labels/), or a DICOMweb server's root URL: its image series, opened by "
+                   "SeriesInstanceUID, labels stored back as DICOM SEG. Credentials from the environment only: "
+                   "CASAM_DICOMWEB_USER/CASAM_DICOMWEB_PASSWORD or CASAM_DICOMWEB_TOKEN (docs/PACS.md).")
+@click.option("--ca-bundle", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="With --datastore https://…: the certificate authority that signed the server's certificate "
+                   "(TLS is always verified).")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but localhost needs --api-key (or --insecure).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
@@ -199,12 +208,16 @@ def main(**params: Any) -> None:
     api_keys = tuple(k.strip() for k in p["api_keys"])
     check_security(p["host"], api_keys, p["insecure"])
     check_engines(p["engines"])
-    open_datastore(p["datastore"])
     check_port(p["host"], p["port"])
+    datastore = open_datastore(p["datastore"], p["ca_bundle"])
     store = StoreOptions(cache_mb=p["cache_mb"], idle_timeout_s=p["idle_timeout"], max_sessions=p["max_sessions"])
     opts = LabelOptions(p["engines"], p["datastore"], p["host"], p["port"], store, p["max_upload_mb"], api_keys,
                         p["backend"], p["task"])
-    serve(opts, p["insecure"])
+    try:
+        serve(opts, p["insecure"], datastore)
+    finally:
+        if hasattr(datastore, "close"):
+            datastore.close()
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ from casam_io.intensity import WINDOW_PRESETS
 from casam_io.readers import ReadOptions
 from casam_label import replies
 from casam_label.auth import client_identity
-from casam_label.results import download
+from casam_label.results import ORIGINS, download, store_result
 from casam_label.state import ServerState, ready_state
 from casam_label.uploads import UploadLimits, cleaned_up_on_refusal, scan_from_files
 from casam_label.views import labels_png, slice_png
@@ -109,7 +109,12 @@ def _open_datastore(state: ServerState, owner: str, request: OpenRequest) -> dic
     if state.datastore is None:
         raise InputError("this server has no datastore (start it with --datastore DIR); upload the image instead")
     _room(state)
-    return _create(state, owner, (state.datastore.open(request.datastore_id), None), request.axis, request.task)
+    origins, opened = state.extras.setdefault(ORIGINS, {}), []  # session id → datastore id (for /store)
+    forget = lambda: [origins.pop(i, None) for i in opened]  # noqa: E731 - runs when the session closes
+    described = _create(state, owner, (state.datastore.open(request.datastore_id), forget), request.axis, request.task)
+    opened.append(described["session_id"])
+    origins[described["session_id"]] = request.datastore_id
+    return described
 
 
 def _model(cls: type[BaseModel], data: Any) -> Any:
@@ -290,3 +295,16 @@ def result(session_id: str, format: str = Query("nifti"), label: Optional[str] =
         out = download(session, format, label, state.options.work_dir)
     return Response(out.data, media_type=out.media_type,
                     headers={"Content-Disposition": f'attachment; filename="{out.filename}"'})
+
+
+@router.post("/sessions/{session_id}/store")
+def store(session_id: str, overwrite: bool = Query(False), state: ServerState = Depends(ready_state),
+          owner: str = Depends(client_identity)) -> dict:
+    """The labels as a DICOM SEG saved through the datastore the session was opened from (a
+    DICOMweb datastore STOWs it to the PACS; a folder keeps it under labels/final/)."""
+    session = _session(state, session_id, owner)
+    image_id = state.extras.get(ORIGINS, {}).get(session.id)
+    if image_id is None or state.datastore is None:
+        raise InputError("this session was not opened from the datastore (POST /api/sessions with datastore_id); "
+                         "download its result instead")
+    return store_result(session, state.datastore, image_id, overwrite, state.options.work_dir)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from casam_io.writers.seg import SegRefused, seg_refusal, write_dicom_seg
 from runtime.sessions import Session
 
 FORMATS = ("nifti", "seg", "png")
+ORIGINS = "datastore_ids"  # ServerState.extras key: session id → the datastore id it was opened from
 
 
 def formats_of(session: Session) -> list[str]:
@@ -96,3 +97,13 @@ def download(session: Session, fmt: str, label: Optional[str] = None, work_dir: 
         if fmt == "seg":
             return _seg(session, labels, folder)
         return _png(session, labels, folder, label)
+
+
+def store_result(session: Session, datastore: Any, image_id: str, overwrite: bool = False,
+                 work_dir: Optional[Path] = None) -> dict[str, Any]:
+    """The labels as the DICOM SEG a download gives, saved as the image's ``final`` label
+    through the datastore (one STOW to a PACS); replies with the label's id there."""
+    with session.lock:  # the SEG is made from one state of the labels; the STOW runs outside the lock
+        seg, names = download(session, "seg", None, work_dir), session.label_names()
+    label_id = datastore.save_label(image_id, seg.data, ".dcm", "final", overwrite)
+    return {"image": image_id, "label": label_id, "tag": "final", "labels": names}

@@ -100,3 +100,34 @@ def series_instances(web: DicomWeb, series: SeriesInfo) -> list[str]:
                                            value(i, SOP_UID, "")))
     what = f"{web.connection.url} listed an instance UID of series {series.series_uid}"
     return list(dict.fromkeys(check_uid(value(i, SOP_UID, ""), what, PacsError) for i in ordered))  # each once
+
+
+def server_series(web: DicomWeb, limit: Optional[int] = None) -> list[SeriesInfo]:
+    """Every series on the server (one QIDO request across studies), for a datastore's listing;
+    a UID the server sends that is not a UID is refused (it becomes a folder name)."""
+    found = web.call("listing the server's series", web.client.search_for_series, limit=limit,
+                     get_remaining=limit is None, fields=[STUDY_UID, MODALITY, SERIES_DESCRIPTION, SERIES_NUMBER])
+    url = web.connection.url
+    every = [SeriesInfo(check_uid(value(s, STUDY_UID, ""), f"{url} listed a study UID", PacsError),
+                        check_uid(value(s, SERIES_UID, ""), f"{url} listed a series UID", PacsError),
+                        str(value(s, MODALITY, "")), str(value(s, SERIES_DESCRIPTION, "")), value(s, SERIES_NUMBER))
+             for s in found]
+    return list({s.series_uid: s for s in reversed(every)}.values())[::-1]  # each once (see study_series)
+
+
+def find_series(web: DicomWeb, series: str) -> Optional[SeriesInfo]:
+    """The series with this UID wherever it is on the server, or None (a datastore id names a
+    series without its study)."""
+    try:
+        found = web.call(f"looking up series {series}", web.client.search_for_series,
+                         search_filters={"SeriesInstanceUID": series},
+                         fields=[STUDY_UID, MODALITY, SERIES_DESCRIPTION, SERIES_NUMBER])
+    except NotFoundError:
+        return None
+    url = web.connection.url
+    for s in found:
+        if value(s, SERIES_UID, "") == series:
+            return SeriesInfo(check_uid(value(s, STUDY_UID, ""), f"{url} listed a study UID", PacsError), series,
+                              str(value(s, MODALITY, "")), str(value(s, SERIES_DESCRIPTION, "")),
+                              value(s, SERIES_NUMBER))
+    return None

@@ -49,8 +49,8 @@ def test_binding_beyond_localhost_without_a_key_is_refused_before_the_engines(ho
 def test_a_short_key_or_a_dicomweb_datastore_or_no_engines_is_one_line(engines, tmp_path):
     short = run_cli("--engines", engines, "--api-key", "short")
     assert short.exit_code == 2 and "at least 16" in one_error_line(short)
-    url = run_cli("--engines", engines, "--datastore", "https://pacs.example/dicom-web")
-    assert url.exit_code == 2 and "not available" in one_error_line(url)
+    url = run_cli("--engines", engines, "--datastore", "https://user:secret@pacs.example/dicom-web")
+    assert url.exit_code == 2 and "must not hold credentials" in one_error_line(url)  # checked before any request
     none = run_cli("--engines", tmp_path)
     assert none.exit_code == 2 and "manifest.json" in one_error_line(none)
     with socket.socket() as busy:
