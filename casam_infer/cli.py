@@ -23,9 +23,10 @@ from casam_core.errors import CasamError, ManifestError
 from casam_core.files import atomic_write_json
 from casam_core.ownership import OutputDir
 from casam_infer import verify_deployment
+from casam_infer.evaluation import check_click_options, run_clicks
 from casam_infer.concurrency import in_order
 from casam_infer.inputs import RunEnding, check_inputs, expand_inputs  # noqa: F401 (re-exported)
-from runtime.predictor import Predictor
+from runtime.predictor import Predictor, volume_predictor
 from runtime.prompt_sources import group_prompts  # noqa: F401 (re-exported)
 from casam_infer.jobs import EVALUATION_FILE, Job, RunContext, prepare_job
 from casam_infer.options import InferCommand, InferOptions, ServerOptions, SpeedOptions, infer_options
@@ -98,11 +99,16 @@ def run(images: Sequence[Path], opts: InferOptions) -> None:
     with one line, except one input's own CasamError, which fails only that input."""
     from tqdm import tqdm
 
+    check_click_options(opts)
     table, files = check_inputs(images, opts.prompts, opts.volumes)
     out = OutputDir(opts.outputs.out, COMMAND, overwrite=opts.outputs.overwrite, reserved=[EVALUATION_FILE]).claim()
     try:
         pipe = _open_checked(opts)
         out.ensure()  # an unwritable --out fails here, before the first image
+        if opts.prompts.clicks is not None:  # the interactive protocol: sessions, evaluation.json only
+            if run_clicks(volume_predictor(pipe, "--clicks"), files, opts, out):
+                raise ImagesFailed("some inputs failed")
+            return
         ctx = RunContext(pipe, opts, out, table, DeploymentScores(opts.prompts.expect_task), pipe.describe())
         bar = tqdm(total=len(files), desc=COMMAND, unit="image", disable=opts.outputs.quiet or len(files) < 2,
                    file=sys.stderr)
