@@ -29,7 +29,7 @@ install: $(PY)
 	$(PIP) install -q "$(TORCH)"
 	@other=$$([ "$(ORT)" = "onnxruntime" ] && echo onnxruntime-gpu || echo onnxruntime); \
 	  if $(PIP) show -q $$other >/dev/null 2>&1; then $(PIP) uninstall -q -y $$other; fi
-	CASAM_ORT=$(ORT) $(PIP) install -q -e ".[train,serve,medical,openvino,interactive,dev]"
+	CASAM_ORT=$(ORT) $(PIP) install -q -e ".[train,serve,medical,openvino,interactive,eval,dev]"
 	@touch $(STAMP)
 
 demo: install
