@@ -221,8 +221,9 @@ def test_help_lists_every_option_in_its_group():
     assert list(sections) == ["Engines and routing", "Prompts", "Volumes", "Outputs", "Speed", "Server",
                               "Other options"]
     assert sections["Other options"] == ["--debug", "-h"]
-    # 31 options, --overwrite, and --verify-deployment (an action: checks an int8 export, then exits)
-    assert sum(len(v) for k, v in sections.items() if k != "Other options") == 33
+    # 33 options, --overwrite, and --verify-deployment (an action: checks an int8 export, then exits)
+    assert sum(len(v) for k, v in sections.items() if k != "Other options") == 35
+    assert "--clicks" in sections["Prompts"] and "--nsd-tolerance" in sections["Prompts"]
     assert "--verify-deployment" in sections["Engines and routing"]
     assert "--box3d" in sections["Volumes"] and "--overwrite" in sections["Outputs"]
     assert "--concurrency" in sections["Speed"] and "--server-timeout" in sections["Server"]
