@@ -16,9 +16,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from casam_core.cli_frame import one_line
 from casam_core.errors import CasamError, InputError, SessionError
-from casam_label.state import ServerState
+from casam_label import native
+from casam_label.body_limit import BodyLimit
+from casam_label.state import ServerOptions, ServerState
 
 log = logging.getLogger("casam_label")
+__all__ = ["ServerOptions", "ServerState", "create_app", "error"]
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -32,7 +35,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(InputError)
     async def _input(_: Request, exc: InputError) -> JSONResponse:
-        return error(400, str(exc))
+        return error(getattr(exc, "status", 400), str(exc))  # 413 too large, 404 unknown id, 409 exists
 
     @app.exception_handler(CasamError)
     async def _casam(_: Request, exc: CasamError) -> JSONResponse:
@@ -70,4 +73,7 @@ def create_app(state: ServerState) -> FastAPI:
             return error(503, "engines are still loading")
         return JSONResponse({"ready": True, "tasks": list(state.pipe.task_names)})
 
+    # The APIs, one router each (the MONAI Label API and the viewer add their one-line includes here).
+    app.include_router(native.router)
+    app.add_middleware(BodyLimit, max_bytes=state.options.max_upload_mb << 20)
     return app

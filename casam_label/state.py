@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 
 from runtime.predictor import VolumePredictor
 from runtime.sessions import SessionStore
@@ -26,14 +26,16 @@ class ServerOptions:
     max_files: int = 4096  # files in one upload (a DICOM series) or one zip
     default_axis: int = 2
     work_dir: Optional[Path] = None  # uploads are unpacked under it (a private temporary folder by default)
+    default_task: Optional[str] = None  # --task: force one task (or "identity") for every session
+    prefetch: int = 2  # slices on each side of a prompted one encoded in the background
 
 
 @dataclass
 class ServerState:
     """The server's shared objects; ``ready`` turns True once the engines are loaded."""
 
-    pipe: VolumePredictor
-    store: SessionStore
+    pipe: Optional[VolumePredictor]  # None until the engines are loaded (then ``ready``)
+    store: Optional[SessionStore]
     options: ServerOptions
     datastore: Any = None  # casam_label.datastore.Datastore, or None without --datastore
     ready: bool = False
@@ -43,3 +45,11 @@ class ServerState:
 def server_state(request: Request) -> ServerState:
     """The app's ``ServerState`` (a FastAPI dependency)."""
     return request.app.state.casam
+
+
+def ready_state(request: Request) -> ServerState:
+    """The app's ``ServerState`` once the engines are loaded (a FastAPI dependency); 503 before."""
+    state: ServerState = request.app.state.casam
+    if not state.ready:
+        raise HTTPException(status_code=503, detail="engines are still loading; retry when /ready says so")
+    return state

@@ -331,6 +331,9 @@ class Session:
                     "route": None if self.route is None else self.route.to_dict(), "warnings": self.source.warnings}
 
     def close(self) -> None:
-        """Free the session's cached embeddings; later background encodes are skipped."""
+        """Free the session's cached embeddings and its source's files; later background
+        encodes are skipped."""
         self.closed = True
         self.cache.drop(self.id)
+        with self.lock:  # an interaction still reading the source's voxels finishes first
+            self.source.release()

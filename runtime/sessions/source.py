@@ -9,7 +9,7 @@ slice k in ``casam-infer``'s volume mode, and the masks can be compared.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -27,6 +27,15 @@ class SessionSource:
     image2d: Optional[np.ndarray] = None  # the 8-bit image of a 2-D source
     slices: Optional[VolumeSlices] = None  # slice k → 8-bit, for a volume
     warnings: list[str] = field(default_factory=list)
+    #: Frees what the scan still needs on disk (an upload's private folder, when the scan's
+    #: voxels are memory-mapped from it); called once, when the session closes or expires.
+    cleanup: Optional[Callable[[], None]] = None
+
+    def release(self) -> None:
+        """Run ``cleanup`` once (later calls do nothing)."""
+        cleanup, self.cleanup = self.cleanup, None
+        if cleanup is not None:
+            cleanup()
 
     @classmethod
     def open(cls, scan: Scan, prep: Preprocessing, axis: int = 2) -> "SessionSource":

@@ -1,0 +1,140 @@
+"""The casam-label command: its cheap refusals before any engine loads, and one real server
+process on 127.0.0.1 driven over HTTP (upload, box, NDJSON propagation, result), stopped
+with SIGTERM and cleaned up."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from casam_label.cli import main
+from runtime_support import one_error_line
+
+nib = pytest.importorskip("nibabel")
+httpx = pytest.importorskip("httpx")
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "k" * 32
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.20", "::"])
+def test_binding_beyond_localhost_without_a_key_is_refused_before_the_engines(host, tmp_path):
+    result = run_cli("--engines", tmp_path / "no-engines-here", "--host", host)
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "--api-key" in line and "--insecure" in line
+
+
+def test_a_short_key_or_a_dicomweb_datastore_or_no_engines_is_one_line(engines, tmp_path):
+    short = run_cli("--engines", engines, "--api-key", "short")
+    assert short.exit_code == 2 and "at least 16" in one_error_line(short)
+    url = run_cli("--engines", engines, "--datastore", "https://pacs.example/dicom-web")
+    assert url.exit_code == 2 and "not available" in one_error_line(url)
+    none = run_cli("--engines", tmp_path)
+    assert none.exit_code == 2 and "manifest.json" in one_error_line(none)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = run_cli("--engines", engines, "--port", busy.getsockname()[1])
+    assert taken.exit_code == 2 and "cannot listen" in one_error_line(taken)
+
+
+def test_the_help_explains_the_command():
+    result = run_cli("--help")
+    assert result.exit_code == 0
+    for words in ("--api-key", "--max-upload-mb", "--datastore", "MONAI Label", "CASAM_LABEL_API_KEY"):
+        assert words in result.output
+
+
+def wait_ready(url: str, process: subprocess.Popen, headers: dict) -> None:
+    deadline = time.monotonic() + 300  # the engines load in the background; a slow CI machine is allowed minutes
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+        try:
+            if httpx.get(f"{url}/ready", headers=headers, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("casam-label never became ready")
+
+
+@pytest.fixture
+def server(engines, tmp_path):
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CASAM_LABEL_API_KEY=KEY, TMPDIR=str(tmp_path))
+    process = subprocess.Popen([sys.executable, "-m", "casam_label", "--engines", str(engines), "--port", str(port),
+                                "--backend", "ort-cpu", "--task", "alpha", "--max-upload-mb", "8"],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert _up(url), "casam-label never answered /health"
+        wait_ready(url, process, {"Authorization": f"Bearer {KEY}"})
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _up(url: str) -> bool:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/health", timeout=5)
+            return True
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return False
+
+
+def test_a_real_server_process_serves_a_session_end_to_end(server, tmp_path):
+    from nibabel.testing import data_path
+
+    url, process = server
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert httpx.get(f"{url}/api/info", timeout=30).status_code == 401
+    assert httpx.get(f"{url}/health", timeout=30).json() == {"status": "ok"}
+    data = (Path(data_path) / "anatomical.nii").read_bytes()
+    opened = httpx.post(f"{url}/api/sessions", files={"file": ("anatomical.nii", data)}, headers=auth, timeout=300)
+    assert opened.status_code == 201, opened.text
+    sid = opened.json()["session_id"]
+    assert len(list(tmp_path.glob("casam-upload-*"))) == 1  # the memory-mapped upload, in the server's TMPDIR
+    boxed = httpx.post(f"{url}/api/sessions/{sid}/interact", headers=auth, timeout=300,
+                       json={"action": "box", "label": "organ", "slice": 12, "box": [6, 6, 26, 34]})
+    assert boxed.status_code == 200 and boxed.json()["route"]["task"] == "alpha"
+    with httpx.stream("POST", f"{url}/api/sessions/{sid}/propagate", json={"label": "organ", "slice": 12},
+                      headers={**auth, "Accept": "application/x-ndjson"}, timeout=600) as stream:
+        lines = [json.loads(line) for line in stream.iter_lines() if line]
+    assert "progress" in lines[0] and "result" in lines[-1]
+    nifti = httpx.get(f"{url}/api/sessions/{sid}/result", params={"format": "nifti"}, headers=auth, timeout=120)
+    labels = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(nifti.content)).dataobj)
+    assert labels.shape == (33, 41, 25) and set(np.unique(labels)) == {0, 1}
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0  # a clean stop
+    assert list(tmp_path.glob("casam-upload-*")) == []  # and shutdown closed the session, removing its upload
