@@ -127,7 +127,8 @@ class Session:
     # ----- embeddings and the route -----------------------------------------------------------
     def _raw(self, k: int) -> tuple[np.ndarray, Any]:
         x, frame = preprocess(self.source.image(k), self.pipe.preprocessing)
-        return self.pipe.encode(x), frame
+        with self.cache.encode_lock:
+            return self.pipe.encode(x), frame
 
     def _decide(self, k: int) -> RouteDecision:
         """Encode slice k (and its voting neighbours), score them, fix the route; the aligned
