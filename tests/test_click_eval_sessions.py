@@ -59,3 +59,17 @@ def test_encoder_runs_of_concurrent_sessions_never_overlap(pipe):
         alone = pipe.predict(image, Prompts.for_image(image.shape, boxes=np.array([[10, 10, 60, 50]])), task="alpha")
         assert np.array_equal(masks[i], alone.masks[0])
     store.shutdown()
+
+
+def test_steps_keep_logits_only_for_a_decoder_that_reads_them(pipe):
+    """8 annotators × 200 steps of 256² float16 logits held ~200 MB that a decoder without
+    ``mask_input`` never reads; such an export's steps keep none."""
+    assert not pipe.capabilities.mask_input  # the shared test export (built without mask_input)
+    store = SessionStore(pipe, StoreOptions(cache_mb=16, prefetch=False))
+    image = np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    session = store.create(SessionSource.open(Scan(Path("x.png"), image, Source(kind="image")), pipe.preprocessing))
+    session.box("a", [10, 10, 60, 50])
+    session.click("a", 30, 30, True)
+    steps = session.labels["a"].history(0).steps
+    assert len(steps) == 2 and all(step.logits is None for step in steps)
+    store.shutdown()
