@@ -20,6 +20,7 @@ import numpy as np
 
 from casam_core.errors import CasamError, InputError, ManifestError
 from casam_core.files import atomic_write_json
+from casam_core.metrics import ndimage
 from casam_core.ownership import OutputDir
 from casam_infer.inputs import RunEnding, prompts_for
 from casam_infer.jobs import EVALUATION_FILE
@@ -41,6 +42,7 @@ def check_click_options(opts: InferOptions) -> None:
         return
     if p.boxes_from_masks is None:
         raise InputError("--clicks needs --boxes-from-masks DIR: the clicks are simulated from the true masks")
+    ndimage()  # scipy (the eval extra), or one line naming the extra, before any engine loads
     refused = [(p.prompts_file is not None, "--prompts"), (bool(p.box or p.point or v.box3d), "--box/--point/--box3d"),
                (opts.server.server is not None, "--server"), (v.single_slice, "--single-slice"),
                (v.per_slice, "--route-per-slice"), (o.overlay, "--overlay"),

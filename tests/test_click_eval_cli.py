@@ -5,6 +5,7 @@ any engine loads."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +179,11 @@ def test_an_evaluation_json_casam_infer_did_not_write_needs_overwrite(engines, c
     assert (out / "evaluation.json").read_text() == "somebody's notes"
     assert invoke(*args, "--overwrite").exit_code == 0
     assert "images" in json.loads((out / "evaluation.json").read_text())
+
+
+def test_without_scipy_clicks_name_the_eval_extra_before_the_engines_load(cases, tmp_path, monkeypatch):
+    images, masks = cases
+    monkeypatch.setitem(sys.modules, "scipy.ndimage", None)  # import scipy.ndimage → ImportError
+    monkeypatch.setattr(cli, "open_pipeline", lambda *a, **k: pytest.fail("engines loaded before the check"))
+    line = one_error_line(invoke(images, "--boxes-from-masks", masks, "--clicks", 2, "--out", tmp_path / "o"))
+    assert "scipy" in line and "casam[eval]" in line, line
