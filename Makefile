@@ -29,7 +29,7 @@ install: $(PY)
 	$(PIP) install -q "$(TORCH)"
 	@other=$$([ "$(ORT)" = "onnxruntime" ] && echo onnxruntime-gpu || echo onnxruntime); \
 	  if $(PIP) show -q $$other >/dev/null 2>&1; then $(PIP) uninstall -q -y $$other; fi
-	CASAM_ORT=$(ORT) $(PIP) install -q -e ".[train,serve,medical,pacs,openvino,interactive,dev]"
+	CASAM_ORT=$(ORT) $(PIP) install -q -e ".[train,serve,medical,pacs,openvino,interactive,eval,dev]"
 	# MONAI Label's own client drives casam-label's MONAI Label API in the tests; the client needs only
 	# requests, but the package requires torch and monai, so it is installed without its dependencies.
 	$(PIP) install -q --no-deps monailabel==0.8.5

@@ -23,10 +23,11 @@ from casam_core.errors import CasamError, ManifestError
 from casam_core.files import atomic_write_json
 from casam_core.ownership import OutputDir
 from casam_infer import verify_deployment
+from casam_infer.evaluation import check_click_options, run_clicks
 from casam_infer.concurrency import in_order
 from casam_infer.dicomweb import PacsSource, check_pacs, pacs_inputs
 from casam_infer.inputs import RunEnding, check_inputs, check_prompts, expand_inputs  # noqa: F401 (re-exported)
-from runtime.predictor import Predictor
+from runtime.predictor import Predictor, volume_predictor
 from runtime.prompt_sources import group_prompts  # noqa: F401 (re-exported)
 from casam_infer.jobs import EVALUATION_FILE, Job, RunContext, prepare_job
 from casam_infer.options import InferCommand, InferOptions, ServerOptions, SpeedOptions, infer_options
@@ -103,6 +104,7 @@ def run(images: Sequence[Path], opts: InferOptions) -> None:
     and --out, open the pipeline, segment input by input, then the summary and evaluation.
     Each stage's errors end the run with one line, except one input's own CasamError (or one
     PACS series' retrieval error), which fails only that input."""
+    check_click_options(opts)
     pacs = check_pacs(images, opts.pacs, opts.volumes)
     if pacs is None and not images:
         raise click.UsageError("give IMAGE(s) to segment, or --dicomweb URL --study UID")
@@ -137,6 +139,10 @@ def _segment_files(files: Sequence[Path], table: Any, opts: InferOptions, out: O
 
     pipe = _open_checked(opts)
     out.ensure()  # an unwritable --out fails here, before the first image
+    if opts.prompts.clicks is not None:  # the interactive protocol: sessions, evaluation.json only
+        if run_clicks(volume_predictor(pipe, "--clicks"), files, opts, out):
+            raise ImagesFailed("some inputs failed")
+        return
     ctx = RunContext(pipe, opts, out, table, DeploymentScores(opts.prompts.expect_task), pipe.describe(),
                      store=store)
     bar = tqdm(total=len(files), desc=COMMAND, unit="image", disable=opts.outputs.quiet or len(files) < 2,

@@ -20,6 +20,7 @@ from casam_io.image_io import DEFAULT_MAX_PIXELS
 from casam_pacs.retrieve import DEFAULT_MAX_SERIES_BYTES
 from runtime.backends import BACKENDS, backends_help
 from runtime.remote import DEFAULT_READY_TIMEOUT_S
+from runtime.sessions.clicks import DEFAULT_TOLERANCE_MM, MAX_CLICKS
 from runtime.volume import DEFAULT_BATCH, DEFAULT_MARGIN, DEFAULT_MIN_AREA
 
 DEFAULT_OUT = Path("casam_out")
@@ -43,6 +44,8 @@ class PromptOptions:
     prompts_file: Optional[Path] = None
     boxes_from_masks: Optional[Path] = None
     box_jitter: float = 0.0
+    clicks: Optional[int] = None  # the interactive protocol (casam_infer/evaluation.py)
+    nsd_tolerance: float = DEFAULT_TOLERANCE_MM
     expect_task: Optional[str] = None
 
 
@@ -183,6 +186,12 @@ _PROMPTS = [
                       "IoU and BIoU against those masks, per image, per route and overall."),
     click.option("--box-jitter", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="PX",
                  help="Move each coordinate of a --boxes-from-masks box by up to ±PX pixels (seeded)."),
+    click.option("--clicks", type=click.IntRange(0, MAX_CLICKS), default=None, metavar="N",
+                 help="With --boxes-from-masks: the interactive protocol of the CVPR 2025 challenge through a "
+                      "session (the box, then N simulated clicks, each at the centre of the largest error); "
+                      "writes Dice and NSD after each interaction and their AUC to evaluation.json only."),
+    click.option("--nsd-tolerance", type=click.FloatRange(min=0), default=DEFAULT_TOLERANCE_MM, show_default=True,
+                 metavar="MM", help="With --clicks: NSD's tolerance in mm (pixels for images without spacing)."),
     click.option("--expect-task", default=None, metavar="NAME|identity",
                  help="The task every input should be routed to: reports the routing accuracy."),
 ]

@@ -221,9 +221,10 @@ def test_help_lists_every_option_in_its_group():
     assert list(sections) == ["Engines and routing", "Prompts", "Volumes", "Outputs", "Speed", "Server", "PACS",
                               "Other options"]
     assert sections["Other options"] == ["--debug", "-h"]
-    # 31 options, --overwrite, --verify-deployment (an action: checks an int8 export, then exits)
+    # 33 options, --overwrite, --verify-deployment (an action: checks an int8 export, then exits),
     # --rtstruct, and the 6 PACS options (--dicomweb, --study, --series, --store, --ca-bundle, --max-series-mb)
-    assert sum(len(v) for k, v in sections.items() if k != "Other options") == 40
+    assert sum(len(v) for k, v in sections.items() if k != "Other options") == 42
+    assert "--clicks" in sections["Prompts"] and "--nsd-tolerance" in sections["Prompts"]
     assert "--verify-deployment" in sections["Engines and routing"]
     assert "--box3d" in sections["Volumes"] and "--overwrite" in sections["Outputs"]
     assert "--concurrency" in sections["Speed"] and "--server-timeout" in sections["Server"]

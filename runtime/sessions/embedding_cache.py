@@ -55,6 +55,10 @@ class EmbeddingCache:
         self._pending: dict[Hashable, _Pending] = {}
         self._held = 0
         self._lock = threading.Lock()
+        # One encoder run at a time across all sessions: on a small CPU a second run in
+        # parallel only slows the first, and each concurrent run holds its own activations in
+        # onnxruntime's arena (8 annotators' parallel encodes grew RSS by ~300 MB).
+        self.encode_lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 

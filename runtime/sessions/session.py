@@ -129,7 +129,8 @@ class Session:
     # ----- embeddings and the route -----------------------------------------------------------
     def _raw(self, k: int) -> tuple[np.ndarray, Any]:
         x, frame = preprocess(self.source.image(k), self.pipe.preprocessing)
-        return self.pipe.encode(x), frame
+        with self.cache.encode_lock:
+            return self.pipe.encode(x), frame
 
     def _decide(self, k: int) -> RouteDecision:
         """Encode slice k (and its voting neighbours), score them, fix the route; the aligned
@@ -212,7 +213,8 @@ class Session:
         masks, low, iou = self.pipe.decode(emb.aligned, emb.frame, prompts, route=IDENTITY)
         clock.add("decoder", t1)
         box_kept = None if prompts.boxes is None else tuple(float(v) for v in prompts.boxes[0])
-        step = Step.make(box_kept, points, point_labels, masks[0], low[0:1], source)
+        keep = low[0:1] if self.pipe.capabilities.mask_input else None  # logits only for a decoder that reads them
+        step = Step.make(box_kept, points, point_labels, masks[0], keep, source)
         return step, float(iou[0]), list(prompts.warnings)
 
     def _reply(self, name: str, k: int, clock: _Clock, iou: Optional[float] = None,
