@@ -173,3 +173,18 @@ def test_the_reaper_closes_idle_sessions_without_waiting_for_a_request(pipe, tmp
     reap(state, Once(), 0.0)
     assert len(store) == 0 and released == [True]
     store.shutdown()
+
+
+def test_the_server_bounds_glibcs_malloc_arenas_unless_told_otherwise(monkeypatch):
+    """Two arenas kept the 8-annotator load's peak RSS within its bound (the bench record
+    named in bound_malloc_arenas); an operator's own MALLOC_ARENA_MAX wins."""
+    import platform
+
+    from casam_label.cli import bound_malloc_arenas
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert bound_malloc_arenas(2) is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert bound_malloc_arenas(2) is False
