@@ -82,6 +82,7 @@ SAM_SPECS: Mapping[str, SamSpec] = {
         url="https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
         sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
     ),
+    "tiny": SamSpec(ViTConfig(32, 2, 2, (1,), mlp_ratio=2.0), **_TINY_DECODER),
     # MobileSAM (TinyViT-5M, 1024 px). The file is the one in the official repository
     # (git blob 7ef2d090…, 40 728 226 bytes); its sha256 is the one several public
     # projects pin for it.
@@ -102,7 +103,6 @@ SAM_SPECS: Mapping[str, SamSpec] = {
         url="https://huggingface.co/mit-han-lab/efficientvit-sam/resolve/main/efficientvit_sam_l1.pt",
         sha256="fa151df2b9b96896accd505470755cdd293a4c50cdabac95478f3fbd86d9152b",
     ),
-    "tiny": SamSpec(ViTConfig(32, 2, 2, (1,), mlp_ratio=2.0), **_TINY_DECODER),
     "tiny_mobile_sam": SamSpec(
         TinyViTConfig(embed_dims=(16, 24, 32, 320), depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
                       mlp_ratio=1.0, mbconv_expand_ratio=2.0, num_classes=8),
