@@ -73,3 +73,22 @@ def test_train_cli_offers_every_variant_of_the_table():
     help_text = CliRunner().invoke(train_main, ["--help"]).output.replace("\n", " ")
     for name in EDGE:
         assert name in help_text
+
+
+def test_unpacking_a_task_of_another_variant_is_refused_with_one_line(tmp_path):
+    from casam_bundle import Bundle
+    from conftest import make_random_bundle
+    from runtime_support import one_error_line
+
+    make_random_bundle(tmp_path / "site", ("alpha",))  # a 'tiny' bundle
+    package = tmp_path / "alpha.casam"
+    packed = CliRunner().invoke(train_main, ["pack", "--bundle", str(tmp_path / "site"), "--task", "alpha",
+                                             "--out", str(package)])
+    assert packed.exit_code == 0, packed.output
+    foreign = Bundle.create(tmp_path / "hub", "tiny_mobile_sam", "untrained-tiny_mobile_sam-seed-0",
+                            sam_preprocessing("tiny_mobile_sam"), untrained_sam=True)
+    result = CliRunner().invoke(train_main, ["unpack", str(package), "--bundle", str(foreign.root)])
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "SAM variant 'tiny'" in line and "'tiny_mobile_sam'" in line and "one encoder variant" in line, line
+    assert Bundle.open(foreign.root).task_names == []
