@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,14 @@ def bench(name: str, int8: bool, work: Path, images: list[Path]) -> list[dict[st
     rows = []
     for precision in ("fp32", "int8") if int8 else ("fp32",):
         out = work / precision
-        export_bundle(bundle, out, int8=precision == "int8", verify=precision == "int8", checkpoint=ckpt,
+        # Unverified: the suite checks the chain (tests/test_edge_*.py); int8 still keeps any
+        # graph that misses its own quantisation bar in fp32, which the manifest then says.
+        started = time.perf_counter()
+        export_bundle(bundle, out, int8=precision == "int8", verify=False, checkpoint=ckpt,
                       calibration=images[0].parent if precision == "int8" else None, calibration_count=4)
+        print(f"{name} {precision}: exported in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         rows.append({"sam": name, "precision": precision, **chain(out, images, work)})
+        print(f"{name} {precision}: {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
 
