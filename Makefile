@@ -1,6 +1,7 @@
 # casam: one command installs and runs the demo, one installs and runs the tests.
 #
 #   make demo                      # install, then train → export → infer on the tiny SAM
+#   make demo SAM=tiny_mobile_sam  # the same on a tiny seeded MobileSAM-architecture model
 #   make test                      # install, then the whole test suite (2 pytest-xdist workers)
 #   make bench-report              # render BENCHMARKS.md's tables from bench/results/*.json
 #
@@ -9,11 +10,16 @@
 #                                  `torch` with none installed pulls several GB of CUDA)
 #   ORT=onnxruntime-gpu            or `onnxruntime` (never both: they share one folder)
 #   PYTHON=python3  VENV=.venv
+#   SAM=tiny                       demo's SAM variant (models/sam_loader.py SAM_SPECS), e.g.
+#                                  tiny_mobile_sam, tiny_efficientvit, or mobile_sam with
+#                                  DEMO_ARGS="--checkpoint mobile_sam.pt"
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 ORT ?= onnxruntime-gpu
+SAM ?= tiny
+DEMO_ARGS ?=
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.casam-installed
@@ -33,10 +39,13 @@ install: $(PY)
 	# MONAI Label's own client drives casam-label's MONAI Label API in the tests; the client needs only
 	# requests, but the package requires torch and monai, so it is installed without its dependencies.
 	$(PIP) install -q --no-deps monailabel==0.8.5
+	# EfficientViT-SAM's reference (a test reference only) declares torchvision, which its
+	# model code never uses: installed without dependencies so no torchvision/CUDA comes along.
+	$(PIP) install -q --no-deps "efficientsam==1.0.0"
 	@touch $(STAMP)
 
 demo: install
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo.sh --sam $(SAM) $(DEMO_ARGS)
 
 # Two workers (the CI machine has 2 cores); a test file stays on one worker, so the
 # fixtures a file shares (trained bundles, exports) are built once per file, not per test.

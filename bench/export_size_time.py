@@ -46,7 +46,9 @@ def make_bundle(work: Path, model: str) -> tuple[Bundle, Path | None, Bundle]:
     ckpt = work / f"{model}-random.safetensors"
     with atomic_path(ckpt) as tmp:
         save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, str(tmp))
-    bundle = Bundle.create(work / "bundle", model, sha256_file(ckpt), donor.preprocessing)
+    from models.sam_loader import sam_preprocessing  # the variant's input (512² for EfficientViT-SAM)
+
+    bundle = Bundle.create(work / "bundle", model, sha256_file(ckpt), sam_preprocessing(model))
     for name in NAMES:
         add_task(bundle, donor, name)
     return bundle, ckpt, donor

@@ -1,6 +1,6 @@
 """One-shot GPU suite: PyTorch eager against casam's runtime, on one device, in one command.
 
-For each SAM (tiny, vit_b; random weights, 2 tasks), side by side in one run:
+For each SAM variant (--sam: tiny, vit_b by default; mobile_sam, efficientvit_sam_l0…; random weights, 2 tasks), side by side in one run:
   - the encoder alone, and the whole chain (preprocess → encoder → router → align →
     decoder → masks at the original size), one 768×1024 image, one box, route forced to a task;
   - eight boxes on one embedding: one decoder call against eight calls;
@@ -13,7 +13,7 @@ On a GPU machine (../shared/docs/DEVICE.md says how to carry onnxruntime-gpu the
 
     .venv/bin/python bench/gpu_suite.py --device cuda --work /tmp/gpu_suite
 
-``--device cpu`` runs the same plumbing on the CPU (tiny only, fp32 graphs: onnxruntime's CPU
+``--device cpu`` runs the same plumbing on the CPU (the tiny seeded variants only, fp32 graphs: onnxruntime's CPU
 provider has no fast fp16 kernels), which is how the test suite checks it before GPU time
 is spent.
 """
@@ -47,7 +47,7 @@ from casam_export import export_bundle  # noqa: E402
 from casam_export.graphs import router_spec  # noqa: E402
 from models.bundle_models import build_model  # noqa: E402
 from models.router import Router  # noqa: E402
-from models.sam_loader import load_frozen_sam  # noqa: E402
+from models.sam_loader import SAM_SPECS, load_frozen_sam  # noqa: E402
 from models.vae import TaskVAE  # noqa: E402
 from runtime.backends import OrtBackend  # noqa: E402
 from casam_core.files import atomic_write_json, atomic_write_text  # noqa: E402
@@ -233,7 +233,9 @@ def render(result: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    parser.add_argument("--models", default=None, help="default: tiny,vit_b on cuda, tiny on cpu")
+    parser.add_argument("--models", "--sam", dest="models", default=None,
+                        help="SAM variants, comma-separated (models/sam_loader.py SAM_SPECS), e.g. "
+                             "vit_b,mobile_sam,efficientvit_sam_l0; default: tiny,vit_b on cuda, tiny on cpu")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--warmups", type=int, default=1, help="untimed calls before each measurement")
     parser.add_argument("--router-tasks", type=int, default=ROUTER_TASKS,
@@ -250,8 +252,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA GPU (use --device cpu to check the plumbing)")
     models = (args.models or ("tiny,vit_b" if args.device == "cuda" else "tiny")).split(",")
-    if args.device == "cpu" and models != ["tiny"]:
-        parser.error("--device cpu runs tiny only")
+    if args.device == "cpu" and not all(m in SAM_SPECS and SAM_SPECS[m].seeded for m in models):
+        parser.error("--device cpu runs the tiny seeded variants only (tiny, tiny_mobile_sam, tiny_efficientvit)")
     precisions = ["fp32", "fp16"] if args.device == "cuda" else ["fp32"]
     engines = {item.split("=", 1)[0]: Path(item.split("=", 1)[1]) for item in args.engines}
     clock = Clock(args.device, args.runs, args.warmups)

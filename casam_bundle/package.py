@@ -275,7 +275,12 @@ def check_signature(package: TaskPackage, trust: Optional[PathLike], required: b
 def check_compatible(package: TaskPackage, bundle: Bundle, name: str) -> None:
     """Refuse a task that this bundle's SAM, preprocessing or task names cannot take."""
     sam, where = package.index["sam"], str(package.path)
-    if sam.get("model") != bundle.sam_model or sam.get("checkpoint_sha256") != bundle.checkpoint_sha256:
+    if sam.get("model") != bundle.sam_model:
+        raise BundleError(
+            f"{where} holds a task for the SAM variant {sam.get('model')!r}, bundle {bundle.root} is tied to "
+            f"{bundle.sam_model!r}; a bundle's tasks all share one encoder variant"
+        )
+    if sam.get("checkpoint_sha256") != bundle.checkpoint_sha256:
         raise BundleError(
             f"{where} was trained on SAM {sam.get('model')!r} checkpoint {str(sam.get('checkpoint_sha256'))[:16]}…, "
             f"bundle {bundle.root} uses {bundle.sam_model!r} {bundle.checkpoint_sha256[:16]}…; a task only works "

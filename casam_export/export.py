@@ -15,7 +15,6 @@ check at any earlier moment leaves the previous manifest and all its files in fo
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Mapping, Optional
@@ -27,7 +26,8 @@ from tqdm import tqdm
 from casam_export.errors import ExportError, ParityError
 from casam_export.lean_attention import ROWS_PER_CHUNK, lean_global_attention
 from casam_export.lean_decoder import LEAN_DECODER_VERSION, LeanPromptDecoder
-from casam_export.graphs import ALIGN, DECODER, DECODER_MASK, ENCODER, GraphSpec, export_graph, finalize, router_spec, write_graph
+from casam_export.graphs import (ALIGN, DECODER, DECODER_MASK, GraphSpec, encoder_spec, export_graph, finalize,
+                                 router_spec, write_graph)
 from casam_export.manifest import (
     PARITY_FAILED,
     PARITY_REPORT,
@@ -42,7 +42,7 @@ from casam_export.manifest import (
 from casam_export import quantize
 from casam_export.tensorrt_build import build_engines, tensorrt_status
 from casam_export.verify import VerificationImages, verification_images, verify_export
-from models.sam_loader import FrozenSam, load_frozen_sam
+from models.sam_loader import FrozenSam, load_frozen_sam, untrained_seed
 from casam_core.faults import fault_point
 from casam_core.files import PathLike, atomic_write_json
 from runtime.manifest import MANIFEST_NAME
@@ -55,8 +55,8 @@ MAX_PROMPTS_LIMIT = 256
 
 def load_bundle_sam(bundle: Bundle, checkpoint: Optional[PathLike]) -> FrozenSam:
     """The bundle's SAM; refused when its weights are not the ones the bundle was trained on."""
-    seed = re.fullmatch(r"untrained-tiny-seed-(\d+)", bundle.checkpoint_sha256)
-    kwargs = {"tiny_seed": int(seed.group(1))} if bundle.sam_model == "tiny" and seed and checkpoint is None else {}
+    seed = untrained_seed(bundle.sam_model, bundle.checkpoint_sha256)
+    kwargs = {"tiny_seed": seed} if seed is not None and checkpoint is None else {}
     sam = load_frozen_sam(bundle.sam_model, checkpoint, **kwargs)
     if sam.checkpoint_sha256 != bundle.checkpoint_sha256:
         raise ExportError(
@@ -86,7 +86,7 @@ def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompt
     jobs = [
         # Global attention is traced one head and one band of query rows at a time, so the
         # runtime never holds a full heads×4096×4096 map (casam_export/lean_attention.py).
-        _Job("encoder", "encoder.onnx", ENCODER, lambda: sam.model.image_encoder, precision,
+        _Job("encoder", "encoder.onnx", encoder_spec(bundle.preprocessing.size), lambda: sam.model.image_encoder, precision,
              {**checkpoint, "attention": f"lean-rows{ROWS_PER_CHUNK}"}, opset, tracing=lean_global_attention),
         # The image side of the decoder is computed once for all of an image's prompts
         # (casam_export/lean_decoder.py).

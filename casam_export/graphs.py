@@ -52,7 +52,14 @@ class GraphSpec:
 
 
 EMBEDDINGS = TensorSpec("embeddings", ("batch", 256, 64, 64))
-ENCODER = GraphSpec((TensorSpec("image", ("batch", 3, 1024, 1024)),), (EMBEDDINGS,))
+
+
+def encoder_spec(size: int) -> GraphSpec:
+    """The encoder graph of a SAM variant whose input is size×size (its recorded preprocessing)."""
+    return GraphSpec((TensorSpec("image", ("batch", 3, size, size)),), (EMBEDDINGS,))
+
+
+ENCODER = encoder_spec(1024)  # SAM's ViTs and MobileSAM
 ALIGN = GraphSpec((EMBEDDINGS,), (TensorSpec("aligned", ("batch", 256, 64, 64)),))
 DECODER = GraphSpec(
     (

@@ -70,7 +70,7 @@ def lean_global_attention(image_encoder: nn.Module) -> Iterator[int]:
     their maps are small.
     """
     swapped = []
-    for block in image_encoder.blocks:
+    for block in getattr(image_encoder, "blocks", ()):  # SAM's ViT only; TinyViT/EfficientViT have none
         if block.window_size == 0 and block.attn.use_rel_pos:
             block.attn.forward = types.MethodType(lean_attention_forward, block.attn)
             swapped.append(block.attn)

@@ -75,8 +75,10 @@ class CASAM(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ShapeError(f"CASAM expects preprocessed B×3×1024×1024 images, got shape {tuple(images.shape)}")
+        h, w = self.frame_hw
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, h, w):
+            raise ShapeError(f"CASAM expects preprocessed B×3×{h}×{w} images (its SAM's input), "
+                             f"got shape {tuple(images.shape)}")
         return self.image_encoder(images)
 
     def align(self, embedding: torch.Tensor, route: int) -> torch.Tensor:
@@ -93,7 +95,8 @@ class CASAM(nn.Module):
 
     @property
     def frame_hw(self) -> tuple[int, int]:
-        """The model frame's size (SAM's input_image_size: 1024×1024)."""
+        """The model frame's size: the SAM variant's input (1024×1024 for the ViTs and MobileSAM,
+        512×512 for EfficientViT-SAM L0/L1), where prompts are given and masks are decoded."""
         h, w = self.decoder.prompt_encoder.input_image_size
         return int(h), int(w)
 
@@ -120,8 +123,8 @@ class CASAM(nn.Module):
         point_labels: PerImage = None,
         task: TaskChoice = None,
     ) -> CASAMOutput:
-        """Preprocessed B×3×1024×1024 images and, per image, K boxes (K×4) and/or points (K×P×2)
-        in the model frame (checked as ``Prompts.for_image`` of the 1024×1024 frame)."""
+        """Preprocessed B×3×S×S images (S = ``frame_hw``) and, per image, K boxes (K×4) and/or
+        points (K×P×2) in the model frame (checked as ``Prompts.for_image`` of that frame)."""
         embeddings = self.encode(images)
         return self.forward_embeddings(embeddings, boxes, points, point_labels, task)
 

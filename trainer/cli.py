@@ -137,7 +137,8 @@ def training_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--percentile", type=float, default=d.percentile, show_default=True,
                      help="Percentile of the pooled held-out scores used as the routing threshold τ."),
         click.option("--resize", type=click.Choice(RESIZE_MODES), default=None,
-                     help="Preprocessing: 'longest' side to 1024 + pad (SAM), or 'stretch' to 1024×1024 (authors). "
+                     help="Preprocessing: 'longest' side to the SAM's input size + pad (SAM), or 'stretch' to a square "
+                          "(authors); the size is the --sam variant's (1024, or 512 for EfficientViT-SAM). "
                           "Default: the bundle's, or 'longest' for a new bundle."),
         click.option("--seed", type=int, default=d.seed, show_default=True, help="Seed of the train/test split, prompts and initialisation."),
         click.option("--json-summary", type=click.Path(dir_okay=False), default=None,

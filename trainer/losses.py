@@ -1,7 +1,8 @@
-"""The alignment-layer loss of METHOD.md: focal + soft Dice + IoU-head MSE at 1024.
+"""The alignment-layer loss of METHOD.md: focal + soft Dice + IoU-head MSE in the model frame.
 
-All three terms are taken on logits upsampled to the 1024 frame, where the target masks
-live, so a thin structure is not lost to the 256×256 low-resolution grid.
+All three terms are taken on logits upsampled to the model frame (1024 for SAM's ViTs and
+MobileSAM, 512 for EfficientViT-SAM), where the target masks live, so a thin structure is
+not lost to the 256×256 low-resolution grid.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ FOCAL_ALPHA = 0.25
 DICE_SMOOTH = 1.0
 
 
-def upsample_logits(low_res: torch.Tensor, size: int = 1024) -> torch.Tensor:
+def upsample_logits(low_res: torch.Tensor, size: int) -> torch.Tensor:
     """K×1×h×w → K×size×size (bilinear, align_corners=False, as SAM's postprocessing)."""
     return F.interpolate(low_res, size=(size, size), mode="bilinear", align_corners=False)[:, 0]
 
@@ -45,7 +46,7 @@ def soft_iou(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-7) -> t
 
 
 def alignment_loss(low_res: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """K×1×256×256 logits, K×1 predicted IoU, K×1024×1024 {0,1} targets → (loss, parts).
+    """K×1×256×256 logits, K×1 predicted IoU, K×S×S {0,1} targets in the S×S model frame → (loss, parts).
 
     The IoU head's target is the soft IoU of the prediction itself, detached: the head
     should learn to report mask quality, not pull the mask towards its own estimate.

@@ -1,6 +1,7 @@
 """Training prompts per METHOD.md: jittered boxes or centre-near points, per batch a coin flip.
 
-Prompts are sampled in the 1024 model frame from masks already resized into it, which is
+Prompts are sampled in the model frame (the SAM variant's input: 1024 for the ViTs and
+MobileSAM, 512 for EfficientViT-SAM) from masks already resized into it, which is
 where the decoder sees them. Every random draw comes from one numpy Generator seeded per
 (seed, epoch), so an interrupted run resumed at epoch e draws exactly what it would have.
 """
@@ -13,6 +14,8 @@ from runtime.prompts import encode_prompts
 from casam_core.structures import tight_box
 
 BOX_JITTER_PX = 5.0
+#: The frame METHOD.md states the box jitter in; other frames scale it by size / METHOD_FRAME.
+METHOD_FRAME = 1024
 
 
 def tight_boxes(masks: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 
 from casam_core.files import PathLike
 from models.casam import CASAM, routes_to_names
-from models.sam_loader import load_frozen_sam
+from models.sam_loader import load_frozen_sam, sam_preprocessing
 from casam_core.errors import InputError
 from casam_core.files import atomic_write_json, atomic_write_text
 from casam_core.names import IDENTITY, check_task_name
@@ -152,7 +152,7 @@ def _protocol_preprocessing(bundle: Optional[Bundle], sam: str, resize: Optional
     """The preprocessing every method shares: the bundle's, if one exists (refusing another
     SAM or resize mode), else a new bundle's (which train_task will record)."""
     if bundle is None:
-        return Preprocessing(resize=resize or "longest")
+        return sam_preprocessing(sam, resize)
     check_bundle_sam(bundle, sam)
     if resize is not None and resize != bundle.preprocessing.resize:
         raise BundleError(f"bundle {bundle.root} uses resize mode {bundle.preprocessing.resize!r}, not {resize!r}")

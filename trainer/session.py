@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from casam_core.files import PathLike
-from models.sam_loader import FrozenSam, load_frozen_sam
+from models.sam_loader import FrozenSam, check_preprocessing, load_frozen_sam
 from casam_core.errors import InputError
 from runtime.preprocess import Preprocessing
 from casam_bundle import Bundle, BundleError
@@ -77,6 +77,7 @@ class Session:
 def open_session(options: SessionOptions, preprocessing: Preprocessing) -> Session:
     """Load (or reuse) the frozen SAM on the asked device with a cache for ``preprocessing``."""
     dev = resolve_device(options.device)
+    check_preprocessing(options.sam, preprocessing)  # before loading: a size mismatch needs no weights
     frozen = options.frozen_sam
     if frozen is None:
         frozen = load_frozen_sam(options.sam, Path(options.checkpoint) if options.checkpoint else None)

@@ -28,6 +28,7 @@ from casam_core.files import PathLike
 from models.alignment import AlignmentLayer
 from models.casam import CASAM
 from models.prompt_decoder import PromptDecoder
+from models.sam_loader import sam_preprocessing
 from models.pooling import attention_pool
 from casam_core.names import IDENTITY
 from casam_core.files import atomic_path, atomic_write_json, read_json
@@ -41,7 +42,7 @@ from trainer.distributed import SINGLE, World, join
 from trainer.preconditions import check_dataset_size
 from trainer.evaluate import EvalPass, evaluate_set
 from trainer.losses import alignment_loss
-from trainer.prompt_sampling import BOX_JITTER_PX, choose_structures, sample_prompts
+from trainer.prompt_sampling import BOX_JITTER_PX, METHOD_FRAME, choose_structures, sample_prompts
 from trainer.session import Session, SessionOptions, check_bundle_sam, open_session, resolve_device
 from trainer.vae_training import VAEConfig
 
@@ -99,7 +100,9 @@ def draw_prompts(sample: Sample, prep: Preprocessing, config: TrainConfig, use_b
     """One image's training targets and prompts for one step."""
     masks = frame_structures(sample, prep)
     pick = masks[choose_structures(len(masks), config.masks_per_image, rng)]
-    coords, labels = sample_prompts(pick, use_boxes, rng, config.box_jitter)
+    # METHOD.md gives the jitter in the 1024 frame; a smaller frame (EfficientViT-SAM's 512)
+    # scales it with the image, so a box moves by the same share of the object.
+    coords, labels = sample_prompts(pick, use_boxes, rng, config.box_jitter * prep.size / METHOD_FRAME)
     return pick, coords, labels
 
 
@@ -120,7 +123,7 @@ def train_epoch(trainee: Trainee, embeddings: torch.Tensor, samples: Sequence[Sa
 
     The alignment layer runs once per batch; each image's decoder pass and loss are then
     back-propagated one at a time into the aligned embeddings, and the accumulated gradient
-    goes through the layer once. Same gradient, but only one image's 1024² loss maps are
+    goes through the layer once. Same gradient, but only one image's frame-sized loss maps are
     ever held in memory.
 
     Under torchrun ``layer`` is wrapped in DistributedDataParallel. Every rank draws the
@@ -189,10 +192,11 @@ def _reset_staging(staging: Path, fingerprint: dict[str, Any]) -> None:
     atomic_write_json(staging / STATE_FILE, fingerprint)
 
 
-def _bundle_preprocessing(bundle: Optional[Bundle], resize: Optional[str],
+def _bundle_preprocessing(bundle: Optional[Bundle], sam: str, resize: Optional[str],
                           intensity: Optional[Intensity] = None) -> Preprocessing:
-    """A new bundle's preprocessing, or the existing one's, refusing other settings: every
-    task of a bundle shares one encoder input (resize and intensity handling)."""
+    """A new bundle's preprocessing (the SAM variant's input size, mean, std and resize rule,
+    from the variant table), or the existing one's, refusing other settings: every task of a
+    bundle shares one encoder input (resize and intensity handling)."""
     if bundle is not None:
         prep = bundle.preprocessing
         if resize is not None and resize != prep.resize:
@@ -201,7 +205,7 @@ def _bundle_preprocessing(bundle: Optional[Bundle], resize: Optional[str],
             raise BundleError(f"bundle {bundle.root} uses intensity {prep.intensity.to_dict()}; "
                               f"it cannot take a task trained with {intensity.to_dict()}")
         return prep
-    return Preprocessing(resize=resize or "longest", intensity=intensity or Intensity())
+    return sam_preprocessing(sam, resize, intensity)
 
 
 @dataclass(frozen=True)
@@ -270,7 +274,7 @@ def _open_run(root: Path, task: str, data: PathLike, session_options: SessionOpt
     config.check()
     world = join(resolve_device(session_options.device))  # SINGLE unless launched by torchrun
     existing = Bundle.open(root, verify=False) if (root / "bundle.json").exists() else None
-    prep = _bundle_preprocessing(existing, options.resize, options.intensity)
+    prep = _bundle_preprocessing(existing, session_options.sam, options.resize, options.intensity)
     if existing is not None:
         existing.verify()
         check_bundle_sam(existing, session_options.sam)
