@@ -4,6 +4,8 @@ which bounds memory under load), and each session still gets its own masks."""
 
 from __future__ import annotations
 
+import copy
+
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import numpy as np
 from casam_io.intensity import Source
 from casam_io.scan import Scan
 from runtime.prompts import Prompts
+from runtime.pipeline import Pipeline
 from runtime.sessions import SessionOptions, SessionSource, SessionStore, StoreOptions
 
 
@@ -61,15 +64,26 @@ def test_encoder_runs_of_concurrent_sessions_never_overlap(pipe):
     store.shutdown()
 
 
-def test_steps_keep_logits_only_for_a_decoder_that_reads_them(pipe):
-    """8 annotators × 200 steps of 256² float16 logits held ~200 MB that a decoder without
-    ``mask_input`` never reads; such an export's steps keep none."""
-    assert not pipe.capabilities.mask_input  # the shared test export (built without mask_input)
+def _steps_after_box_and_click(pipe) -> list:
     store = SessionStore(pipe, StoreOptions(cache_mb=16, prefetch=False))
     image = np.random.default_rng(1).integers(0, 255, (64, 80, 3), dtype=np.uint8)
     session = store.create(SessionSource.open(Scan(Path("x.png"), image, Source(kind="image")), pipe.preprocessing))
     session.box("a", [10, 10, 60, 50])
     session.click("a", 30, 30, True)
     steps = session.labels["a"].history(0).steps
-    assert len(steps) == 2 and all(step.logits is None for step in steps)
     store.shutdown()
+    return steps
+
+
+def test_steps_keep_logits_only_for_a_decoder_that_reads_them(pipe, engines):
+    """8 annotators × 200 steps of 256² float16 logits held ~200 MB that a decoder without
+    ``mask_input`` never reads; such an export's steps keep none, and one with it keeps each."""
+    assert pipe.capabilities.mask_input  # the shared test export has decoder_mask
+    steps = _steps_after_box_and_click(pipe)
+    assert len(steps) == 2 and all(step.logits is not None for step in steps)
+    older = copy.deepcopy(pipe.manifest)
+    older["graphs"].pop("decoder_mask")  # as an export from before decoder_mask
+    without = Pipeline.from_manifest(engines, backend="ort-cpu", manifest=older)
+    assert not without.capabilities.mask_input
+    steps = _steps_after_box_and_click(without)
+    assert len(steps) == 2 and all(step.logits is None for step in steps)
