@@ -12,6 +12,11 @@ where the arithmetic is:
 - **tanh GELU** (EfficientViT). No onnxruntime CPU fusion matches any spelling of the tanh
   form at opset 18, so it is written with the identity ``½(1 + tanh u) = σ(2u)``: six
   elementwise nodes instead of nine (no Pow, no Tanh), the same function.
+- **TinyViT's first stage** (MBConv at 256×256 tokens, 256 hidden channels: 67 MB per
+  tensor, with onnxruntime's layout copies several alive at once) set casam-infer's peak
+  memory. Its 1×1 convolutions are per pixel and its 3×3 depthwise one needs one row of
+  context, so it runs in bands of ``BAND_ROWS`` output rows, each computed from its rows
+  plus a one-row halo: the same sums per pixel, a quarter of the live memory.
 - **Bicubic resize** (EfficientViT-SAM's neck, 16² and 32² maps → 64²). onnxruntime's cubic
   Resize is a generic per-pixel loop (two nodes took 13% of the encoder). Bicubic with
   ``align_corners=False`` is separable and linear, so it is ``A·X·Aᵀ`` with a constant
@@ -35,11 +40,15 @@ from torch import nn
 from casam_export.lean_attention import lean_global_attention
 from casam_export.lean_decoder import erf_gelu
 from models.encoders.efficientvit import EMBED_SIDE, Resize64
+from models.encoders.tiny_vit_conv import MBConv
 
 #: Recorded in the encoder's ``built_from``, so a change here re-exports older encoders.
 LEAN_ENCODER_VERSION = "lean-enc-v1"
 
 _TANH_C = math.sqrt(2.0 / math.pi)
+
+#: Output rows per band of a banded MBConv; maps of at most this many rows are left whole.
+BAND_ROWS = 64
 
 
 def sigmoid_tanh_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -70,15 +79,36 @@ def _resize_forward(self: Resize64, x: torch.Tensor) -> torch.Tensor:
     return torch.matmul(torch.matmul(rows, x), cols.t())
 
 
+def _banded_mbconv_forward(self: MBConv, x: torch.Tensor) -> torch.Tensor:
+    """MBConv.forward in horizontal bands (stride 1, one 3×3 depthwise conv: a one-row halo).
+
+    At a band's edge inside the map the halo row supplies the true neighbours; the conv's
+    zero padding then only reaches the halo's own outputs, which are cropped. At the map's
+    edges there is no halo and the padding acts as in the whole-map conv."""
+    h = x.shape[2]
+    if h <= BAND_ROWS:
+        return MBConv.forward(self, x)
+    bands = []
+    for r0 in range(0, h, BAND_ROWS):
+        r1 = min(h, r0 + BAND_ROWS)
+        lo, hi = max(0, r0 - 1), min(h, r1 + 1)
+        y = self.conv3(self.act2(self.conv2(self.act1(self.conv1(x[:, :, lo:hi])))))
+        bands.append(self.act3(x[:, :, r0:r1] + y[:, :, r0 - lo:r0 - lo + r1 - r0]))
+    return torch.cat(bands, dim=2)
+
+
+_LEAN_FORWARDS = {Resize64: _resize_forward, MBConv: _banded_mbconv_forward}
+
+
 @contextlib.contextmanager
 def _swapped_forwards(image_encoder: nn.Module) -> Iterator[int]:
-    """GELUs and EfficientViT's resizes use the lean forwards; yields how many were swapped."""
+    """GELUs, TinyViT's MBConvs and EfficientViT's resizes use the lean forwards; yields how many were swapped."""
     swapped = []
     for module in image_encoder.modules():
         if isinstance(module, nn.GELU):
             module.forward = types.MethodType(_gelu_forward, module)
-        elif isinstance(module, Resize64):
-            module.forward = types.MethodType(_resize_forward, module)
+        elif type(module) in _LEAN_FORWARDS:
+            module.forward = types.MethodType(_LEAN_FORWARDS[type(module)], module)
         else:
             continue
         swapped.append(module)
