@@ -9,9 +9,24 @@ import torch.nn.functional as F
 
 from casam_export.graphs import encoder_spec, export_graph, finalize, write_graph
 from casam_export.lean_encoder import bicubic_matrix, lean_encoder, sigmoid_tanh_gelu
+from models.encoders.tiny_vit_conv import MBConv
 from models.sam_loader import SAM_SPECS, build_sam_architecture
 from runtime.backends.ort import OrtBackend
 from float32 import CROSS_LIBRARY, EPS32, SAME_LIBRARY, f32_tol, peak
+
+
+def _encoder(name: str, seed: int) -> torch.nn.Module:
+    """The variant's encoder with every BatchNorm randomised: at init TinyViT's MBConv branch
+    ends in a zero-scale BatchNorm, which would hide any error in the branch."""
+    torch.manual_seed(seed)
+    encoder = build_sam_architecture(name).image_encoder.eval()
+    with torch.no_grad():
+        for bn in (m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.normal_(1.0, 0.3)
+            bn.bias.normal_(0.0, 0.3)
+            bn.running_mean.normal_(0.0, 0.3)
+            bn.running_var.uniform_(0.5, 2.0)
+    return encoder
 
 
 def test_sigmoid_form_is_tanh_gelu():
@@ -38,10 +53,27 @@ def test_bicubic_matrices_are_torchs_bicubic_resize(side):
     torch.testing.assert_close(got, ref, rtol=0, atol=f32_tol(peak(x), 16, SAME_LIBRARY))
 
 
+@pytest.mark.parametrize("rows", [200, 64])
+def test_banded_mbconv_is_mbconv(rows):
+    """Bands with a one-row halo (the last band shorter: 200 = 3·64 + 8; 64 rows: one band)."""
+    torch.manual_seed(rows)
+    block = MBConv(16, 4.0).eval()
+    with torch.no_grad():
+        for bn in (m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.weight.normal_(1.0, 0.3)  # conv3's BatchNorm starts at scale 0: the branch would vanish
+        x = torch.randn(1, 16, rows, 96)
+        ref = MBConv.forward(block, x)
+        with lean_encoder(block) as swapped:
+            assert swapped == 4  # the block and its three GELUs
+            got = block(x)
+    # Per pixel the same sums (n = 64 hidden channels in conv3), in another blocking; GELU in
+    # the fused erf form (SAME_LIBRARY: torch on both sides).
+    torch.testing.assert_close(got, ref, rtol=0, atol=f32_tol(peak(ref), 64, SAME_LIBRARY))
+
+
 @pytest.mark.parametrize("name", ["tiny_mobile_sam", "tiny_efficientvit"])
 def test_lean_encoder_equals_the_encoder_and_restores_it(name):
-    torch.manual_seed(3)
-    encoder = build_sam_architecture(name).image_encoder.eval()
+    encoder = _encoder(name, 3)
     size = SAM_SPECS[name].image_size
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
@@ -60,8 +92,7 @@ def test_exported_lean_encoder_matches_torch_and_runs_fused(name, absent, tmp_pa
     """The graph the export writes (traced under lean_encoder) against the PyTorch encoder;
     onnxruntime's CPU graph has no unfused erf GELU (TinyViT) and no cubic Resize or tanh
     expansion (EfficientViT)."""
-    torch.manual_seed(4)
-    encoder = build_sam_architecture(name).image_encoder.eval()
+    encoder = _encoder(name, 4)
     spec = encoder_spec(SAM_SPECS[name].image_size)
     with lean_encoder(encoder):
         model = finalize(export_graph(encoder, spec, 18, 8), fp16=False)
