@@ -14,7 +14,7 @@ from typing import Any, Collection, Mapping, Optional
 import numpy as np
 
 from runtime.backends.base import Tensor, to_numpy
-from runtime.backends.ort_heap import bound_mmap_threshold, release_freed_heap
+from runtime.backends.ort_heap import loading
 from casam_core.optional import optional_import
 from casam_core.errors import CasamError, ManifestError
 
@@ -171,14 +171,12 @@ class OrtBackend:
             options.enable_mem_pattern = False
             share_cpu_arena(ort)
             options.add_session_config_entry("session.use_env_allocators", "1")
-        bound_mmap_threshold()  # the load's freed weight copies leave the process (ort_heap.py)
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers,
-                                           disabled_optimizers=list(CPU_DISABLED_FUSIONS) if self.device == "cpu" else None)
+            with loading():  # the load's freed weight copies leave the process (ort_heap.py)
+                session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers,
+                                               disabled_optimizers=list(CPU_DISABLED_FUSIONS) if self.device == "cpu" else None)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception zoo for bad graphs
             raise ManifestError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0]})") from exc
-        finally:
-            release_freed_heap()
         if self.device == "cuda" and CUDA not in session.get_providers():
             raise BackendUnavailable(
                 f"CUDA is not usable by onnxruntime here (session providers: {', '.join(session.get_providers())})"
