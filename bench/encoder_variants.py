@@ -40,6 +40,9 @@ from casam_core.files import atomic_path, sha256_file  # noqa: E402
 from casam_export import export_bundle  # noqa: E402
 
 IMAGES = 4  # timed pictures per chain (after one warm-up picture)
+#: A 1-minute load average above this, sampled after each chain, is named in the record's
+#: notes: other jobs shared the 2 cores, and the times are inflated by them.
+BUSY_LOAD = 2.0
 
 
 def encoder_gmac(name: str) -> float:
@@ -101,7 +104,7 @@ def chain(engines: Path, images: list[Path], work: Path) -> dict[str, Any]:
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")][1:]
     stages = {k: float(np.median([r["timings_ms"][k] for r in records])) for k in records[0]["timings_ms"]}
-    return {"stages": stages, "rss_mb": int(report.read_text()) / 1024.0}
+    return {"stages": stages, "rss_mb": int(report.read_text()) / 1024.0, "load": os.getloadavg()[0]}
 
 
 def bench(name: str, int8: bool, work: Path, images: list[Path]) -> list[dict[str, Any]]:
@@ -156,7 +159,14 @@ def main() -> None:
             work = Path(tmp) / name
             work.mkdir()
             rows += bench(name, name in int8, work, images)
-    write_record(run, tables(rows, gmac), setup=SETUP, folder=args.results_dir)
+    write_record(run, tables(rows, gmac), setup=SETUP, notes=busy_notes(rows), folder=args.results_dir)
+
+
+def busy_notes(rows: list[dict[str, Any]]) -> list[str]:
+    """A note per chain that ran while the machine was busy (1-minute load > BUSY_LOAD)."""
+    return [f"{r['sam']} {r['precision']}: load average {r['load']:.1f} on 2 cores just after its chain "
+            f"(above {BUSY_LOAD:g}): other jobs ran meanwhile, its times are inflated" for r in rows
+            if r["load"] > BUSY_LOAD]
 
 
 if __name__ == "__main__":

@@ -24,7 +24,8 @@ from torch import nn
 from tqdm import tqdm
 
 from casam_export.errors import ExportError, ParityError
-from casam_export.lean_attention import ROWS_PER_CHUNK, lean_global_attention
+from casam_export.lean_attention import ROWS_PER_CHUNK
+from casam_export.lean_encoder import LEAN_ENCODER_VERSION, lean_encoder
 from casam_export.lean_decoder import LEAN_DECODER_VERSION, LeanPromptDecoder
 from casam_export.graphs import (ALIGN, DECODER, DECODER_MASK, GraphSpec, encoder_spec, export_graph, finalize,
                                  router_spec, write_graph)
@@ -85,9 +86,11 @@ def _jobs(bundle: Bundle, sam: FrozenSam, precision: str, opset: int, max_prompt
     checkpoint = {"sam_model": bundle.sam_model, "checkpoint_sha256": sam.checkpoint_sha256}
     jobs = [
         # Global attention is traced one head and one band of query rows at a time, so the
-        # runtime never holds a full heads×4096×4096 map (casam_export/lean_attention.py).
+        # runtime never holds a full heads×4096×4096 map (casam_export/lean_attention.py);
+        # GELUs and resizes are written as the nodes onnxruntime runs fast (lean_encoder.py).
         _Job("encoder", "encoder.onnx", encoder_spec(bundle.preprocessing.size), lambda: sam.model.image_encoder, precision,
-             {**checkpoint, "attention": f"lean-rows{ROWS_PER_CHUNK}"}, opset, tracing=lean_global_attention),
+             {**checkpoint, "attention": f"lean-rows{ROWS_PER_CHUNK}", "encoder": LEAN_ENCODER_VERSION}, opset,
+             tracing=lean_encoder),
         # The image side of the decoder is computed once for all of an image's prompts
         # (casam_export/lean_decoder.py).
         _Job("decoder", "decoder.onnx", DECODER, lambda: LeanPromptDecoder(sam.model), precision,

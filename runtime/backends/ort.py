@@ -14,6 +14,7 @@ from typing import Any, Collection, Mapping, Optional
 import numpy as np
 
 from runtime.backends.base import Tensor, to_numpy
+from runtime.backends.ort_heap import loading
 from casam_core.optional import optional_import
 from casam_core.errors import CasamError, ManifestError
 
@@ -171,8 +172,9 @@ class OrtBackend:
             share_cpu_arena(ort)
             options.add_session_config_entry("session.use_env_allocators", "1")
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers,
-                                           disabled_optimizers=list(CPU_DISABLED_FUSIONS) if self.device == "cpu" else None)
+            with loading():  # the load's freed weight copies leave the process (ort_heap.py)
+                session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers,
+                                               disabled_optimizers=list(CPU_DISABLED_FUSIONS) if self.device == "cpu" else None)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception zoo for bad graphs
             raise ManifestError(f"onnxruntime cannot load {path} ({str(exc).splitlines()[0]})") from exc
         if self.device == "cuda" and CUDA not in session.get_providers():
