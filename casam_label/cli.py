@@ -10,14 +10,10 @@ closed (``SessionStore.shutdown``), which removes the uploads' temporary folders
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import ipaddress
 import logging
-import os
 import signal
 import socket
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +27,7 @@ from casam_core.optional import optional_import
 from casam_label.datastore import LocalDatastore
 from casam_label.dicomweb_datastore import DicomWebDatastore, connect
 from runtime.backends import BACKENDS, backends_help
+from runtime.backends.ort_heap import bound_arenas as bound_malloc_arenas
 from runtime.pipeline import Pipeline
 from runtime.sessions import SessionStore, StoreOptions
 
@@ -140,26 +137,6 @@ def reap(state: Any, stop: threading.Event, period_s: float) -> None:
                 state.store.expire()
             except Exception:  # noqa: BLE001 - a failed sweep is retried at the next period
                 log.exception("casam-label: expiring idle sessions failed")
-
-
-#: glibc's mallopt parameter number for the arena count (malloc.h: M_ARENA_MAX).
-M_ARENA_MAX = -8
-
-
-def bound_malloc_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas, unless MALLOC_ARENA_MAX is set; True when applied.
-
-    Every request thread gets an arena of its own, and freed engine buffers stay in it: with
-    8 concurrent annotators the peak RSS was 890 MB with glibc's default against 682 MB with
-    two arenas, at no latency cost (bench/results/interactive_latency-2026-12-06.json, "load").
-    """
-    if os.environ.get("MALLOC_ARENA_MAX") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_ARENA_MAX, int(arenas)))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to bound
-        return False
 
 
 def serve(opts: LabelOptions, insecure: bool, datastore: Any = None) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.encoders.efficientvit_layers import LOCAL_BLOCKS, ConvLayer, Local, OpSequential, Residual
-from models.encoders.layer_norm_2d import LayerNorm2d
+from models.alignment import LayerNorm2d
 from models.encoders.lite_mla import EfficientViTBlock
 
 EMBED_CHANNELS = 256

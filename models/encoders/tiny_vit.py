@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from models.encoders.conv_bn import ConvBN
-from models.encoders.layer_norm_2d import LayerNorm2d
+from models.alignment import LayerNorm2d
 from models.encoders.tiny_vit_block import AttentionStage
 from models.encoders.tiny_vit_conv import ConvStage, PatchMerging
 
