@@ -169,6 +169,18 @@ TARGETS = [
     Target("encoder batching ≥ 1.2× faster per slice (batch 4 against 1), CPU", "volume_latency", "modes",
            "volume, --batch 4", "vs volume batch 1", ">=", 1.2),
     Target("casam-infer peak RSS < 1536 MB, 64-slice volume", "volume_latency", "rss", None, "peak RSS MB", "<", 1536, unit=" MB"),
+    Target("mobile_sam casam-infer chain ≤ 0.6 s per 1024² image, fp32", "encoder_variants", "variants",
+           ("mobile_sam", "fp32"), "chain s", "<=", 0.6, unit=" s"),
+    Target("mobile_sam chain ≥ 10× faster than vit_b's, fp32, same run", "encoder_variants", "variants",
+           ("mobile_sam", "fp32"), "vs vit_b", ">=", 10),
+    Target("mobile_sam chain vs vit_b's, int8, same run", "encoder_variants", "variants", ("mobile_sam", "int8"),
+           "vs vit_b"),
+    Target("efficientvit_sam_l0 casam-infer chain ≤ 0.5 s per image, fp32", "encoder_variants", "variants",
+           ("efficientvit_sam_l0", "fp32"), "chain s", "<=", 0.5, unit=" s"),
+    Target("casam-infer peak RSS ≤ 400 MB, mobile_sam fp32", "encoder_variants", "variants", ("mobile_sam", "fp32"),
+           "peak RSS MB", "<=", 400, unit=" MB"),
+    Target("casam-infer peak RSS ≤ 400 MB, efficientvit_sam_l0 fp32", "encoder_variants", "variants",
+           ("efficientvit_sam_l0", "fp32"), "peak RSS MB", "<=", 400, unit=" MB"),
     Target("GPU suite on an H200 (bench/gpu_suite.py)", "gpu_suite", "rows"),
 ]
 

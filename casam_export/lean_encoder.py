@@ -9,14 +9,20 @@ where the arithmetic is:
   (Erf, Div, Add, Mul, Mul were a third of MobileSAM's encoder time, more than its
   matmuls). Written as ``erf_gelu`` it becomes one fused Gelu kernel. The same holds for
   SAM's ViT MLPs.
-- **tanh GELU** (EfficientViT). No onnxruntime CPU fusion matches any spelling of the tanh
-  form at opset 18, so it is written with the identity ``½(1 + tanh u) = σ(2u)``: six
-  elementwise nodes instead of nine (no Pow, no Tanh), the same function.
+- **tanh GELU** (EfficientViT). onnxruntime's FastGeluFusion replaces one spelling of the
+  tanh form, ``(x·½)·(1 + tanh((x·√(2/π))·(1 + (x·0.044715)·x)))``, by one FastGelu kernel
+  (the Pow spelling is not matched at opset 18, where Pow's version is newer than the
+  fusion checks). ``fusable_tanh_gelu`` is that spelling: nine nodes in the file, which
+  TensorRT and OpenVINO fuse themselves, and one pass in onnxruntime. The earlier
+  ``x·σ(2u)`` form ran six passes (and layout reorders around them): a quarter of
+  EfficientViT-SAM-L0's encoder time.
 - **TinyViT's first stage** (MBConv at 256×256 tokens, 256 hidden channels: 67 MB per
   tensor, with onnxruntime's layout copies several alive at once) set casam-infer's peak
   memory. Its 1×1 convolutions are per pixel and its 3×3 depthwise one needs one row of
   context, so it runs in bands of ``BAND_ROWS`` output rows, each computed from its rows
   plus a one-row halo: the same sums per pixel, a quarter of the live memory.
+- **TinyViT's transformer stages**: casam_export/lean_tiny_vit.py (q/k/v products, Gemm
+  bias adds, grid permutes).
 - **Bicubic resize** (EfficientViT-SAM's neck, 16² and 32² maps → 64²). onnxruntime's cubic
   Resize is a generic per-pixel loop (two nodes took 13% of the encoder). Bicubic with
   ``align_corners=False`` is separable and linear, so it is ``A·X·Aᵀ`` with a constant
@@ -39,25 +45,31 @@ from torch import nn
 
 from casam_export.lean_attention import lean_global_attention
 from casam_export.lean_decoder import erf_gelu
+from casam_export.lean_tiny_vit import TINY_VIT_FORWARDS
 from models.encoders.efficientvit import EMBED_SIDE, Resize64
 from models.encoders.tiny_vit_conv import MBConv
 
 #: Recorded in the encoder's ``built_from``, so a change here re-exports older encoders.
-LEAN_ENCODER_VERSION = "lean-enc-v1"
+LEAN_ENCODER_VERSION = "lean-enc-v2"
 
-_TANH_C = math.sqrt(2.0 / math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 #: Output rows per band of a banded MBConv; maps of at most this many rows are left whole.
 BAND_ROWS = 64
 
 
-def sigmoid_tanh_gelu(x: torch.Tensor) -> torch.Tensor:
-    """``nn.GELU(approximate="tanh")`` as ``x·σ(2u)``, u = √(2/π)·(x + 0.044715·x³)."""
-    return x * torch.sigmoid(x * (2.0 * _TANH_C + (2.0 * _TANH_C * 0.044715) * (x * x)))
+def fusable_tanh_gelu(x: torch.Tensor) -> torch.Tensor:
+    """``nn.GELU(approximate="tanh")`` in the node pattern of onnxruntime's FastGeluFusion.
+
+    ½x(1 + tanh(√(2/π)(x + 0.044715x³))) with √(2/π)(x + 0.044715x³) = (√(2/π)x)(1 + 0.044715x·x);
+    the constants are the float32 values the fusion compares against.
+    """
+    inner = (x * _SQRT_2_OVER_PI) * (1.0 + (x * 0.044715) * x)
+    return (x * 0.5) * (1.0 + torch.tanh(inner))
 
 
 def _gelu_forward(self: nn.GELU, x: torch.Tensor) -> torch.Tensor:
-    return erf_gelu(x) if self.approximate == "none" else sigmoid_tanh_gelu(x)
+    return erf_gelu(x) if self.approximate == "none" else fusable_tanh_gelu(x)
 
 
 def bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
@@ -97,12 +109,12 @@ def _banded_mbconv_forward(self: MBConv, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(bands, dim=2)
 
 
-_LEAN_FORWARDS = {Resize64: _resize_forward, MBConv: _banded_mbconv_forward}
+_LEAN_FORWARDS = {Resize64: _resize_forward, MBConv: _banded_mbconv_forward, **TINY_VIT_FORWARDS}
 
 
 @contextlib.contextmanager
 def _swapped_forwards(image_encoder: nn.Module) -> Iterator[int]:
-    """GELUs, TinyViT's MBConvs and EfficientViT's resizes use the lean forwards; yields how many were swapped."""
+    """GELUs, TinyViT's blocks and EfficientViT's resizes use the lean forwards; yields how many were swapped."""
     swapped = []
     for module in image_encoder.modules():
         if isinstance(module, nn.GELU):

@@ -31,6 +31,8 @@ ORT_DEFAULT_SEVERITY = 2  # warnings
 _PROCESS_LOCK = threading.Lock()  # sessions may be opened from several threads (casam-serve)
 _SHARED_ARENA: list[bool] = []  # registered once per process (onnxruntime refuses a second one)
 _THREAD_POOL: dict[str, bool] = {}  # {"shared": …, "made": …}, decided once per process
+#: The shared arena's first chunk (share_cpu_arena); only the pages a tensor touches count in RSS.
+ARENA_FIRST_CHUNK = 64 << 20
 
 
 def share_cpu_arena(ort: Any) -> None:
@@ -39,14 +41,20 @@ def share_cpu_arena(ort: Any) -> None:
     Each session otherwise keeps an arena of its own, grown to that graph's peak and kept:
     the encoder's, the decoder's and each alignment layer's peaks add up although they run
     one after another. Shared, the process holds the largest one, at the same speed (ad hoc;
-    BENCHMARKS.md, "Edge speed", holds the resulting peak RSS); the default growth strategy
-    is kept (growing by what is requested fragmented it, ad hoc).
+    BENCHMARKS.md, "Edge speed", holds the resulting peak RSS).
+
+    Its first chunk is ``ARENA_FIRST_CHUNK``, then each growth doubles (onnxruntime's
+    default strategy). From onnxruntime's default 1 MB start, an encoder's tens-of-MB
+    tensors fitted none of the small early chunks and spread over the large later ones,
+    touching more pages than they ever used at once; growing by exactly what is requested
+    fragmented vit_b's arena instead (BENCHMARKS.md, "Edge encoders", has both).
     """
     with _PROCESS_LOCK:
         if _SHARED_ARENA:
             return
         memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 0, -1, -1))  # defaults: no cap, doubling growth
+        # (max_mem: no cap, extend strategy: 0 = next power of two, first chunk, max dead bytes: default)
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 0, ARENA_FIRST_CHUNK, -1))
         _SHARED_ARENA.append(True)
 
 
