@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,15 +31,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 from common import Table, add_results_option, start, write_record  # noqa: E402
+from label_support import label_server  # noqa: E402
 
 from casam_io.intensity import Source  # noqa: E402
 from casam_io.readers import read  # noqa: E402
@@ -227,61 +227,26 @@ def run_load_child(engines: Path, cache_mb: int, users: int, n: int, env: dict[s
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def serve(engines: Path, port: int) -> subprocess.Popen:
-    """A casam-label server process, returned once /ready answers 200."""
-    import httpx
-
-    cmd = [PYTHON, "-m", "casam_label", "--engines", str(engines), "--port", str(port), "--cache-mb", "256",
-           "--backend", "ort-cpu"]
-    process = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"casam-label exited: {process.stderr.read().decode() if process.stderr else ''}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError("casam-label never became ready")
-
-
 def http_figures(engines: Path, work: Path, runs: int) -> dict[str, Any]:
     """Click round trips over one keep-alive connection to a casam-label process."""
     import httpx
 
-    port = free_port()
-    process = serve(engines, port)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            with open(work / "image.png", "rb") as f:
-                opened = client.post("/api/sessions", files={"file": ("image.png", f, "image/png")})
-            opened.raise_for_status()
-            sid = opened.json()["session_id"]
-            client.post(f"/api/sessions/{sid}/interact",
-                        json={"action": "box", "label": "a", "box": [140, 150, 370, 360]}).raise_for_status()
-            times, failed = [], 0
-            for i in range(runs):
-                t0 = time.perf_counter()
-                reply = client.post(f"/api/sessions/{sid}/interact",
-                                    json={"action": "click", "label": "a", "point": [256, 256], "positive": True})
-                times.append((time.perf_counter() - t0) * 1e3)
-                failed += reply.status_code != 200
-                client.post(f"/api/sessions/{sid}/interact", json={"action": "undo", "label": "a"})
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    with label_server(engines, work / "server.log", ["--cache-mb", "256"]) as (url, _), \
+            httpx.Client(base_url=url, timeout=60) as client:
+        with open(work / "image.png", "rb") as f:
+            opened = client.post("/api/sessions", files={"file": ("image.png", f, "image/png")})
+        opened.raise_for_status()
+        sid = opened.json()["session_id"]
+        client.post(f"/api/sessions/{sid}/interact",
+                    json={"action": "box", "label": "a", "box": [140, 150, 370, 360]}).raise_for_status()
+        times, failed = [], 0
+        for i in range(runs):
+            t0 = time.perf_counter()
+            reply = client.post(f"/api/sessions/{sid}/interact",
+                                json={"action": "click", "label": "a", "point": [256, 256], "positive": True})
+            times.append((time.perf_counter() - t0) * 1e3)
+            failed += reply.status_code != 200
+            client.post(f"/api/sessions/{sid}/interact", json={"action": "undo", "label": "a"})
     return {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95)),
             "clicks": runs, "failed": failed}
 

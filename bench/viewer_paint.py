@@ -17,10 +17,7 @@ the slice's pixels).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from label_support import label_server  # noqa: E402
 from common import Table, add_results_option, start, write_record  # noqa: E402
 from infer_latency import exported  # noqa: E402
 
@@ -51,32 +49,6 @@ def ct_volume(path: Path, size: int = 512, depth: int = 8) -> Path:
     hu = np.where(target, 120.0, np.where(body, 40.0, -1000.0)) + np.random.default_rng(0).normal(0, 12, (size, size, depth))
     nib.save(nib.Nifti1Image(hu.astype(np.int16), np.diag([0.7, 0.7, 2.5, 1.0])), str(path))
     return path
-
-
-def serve(engines: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    """casam-label on a free localhost port, once /ready answers 200."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "casam_label", "--engines", str(engines), "--host", "127.0.0.1",
-                                 "--port", str(port), "--backend", "ort-cpu"], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        if proc.poll() is not None:
-            raise SystemExit(f"casam-label exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    proc.terminate()
-    raise SystemExit("casam-label did not become ready")
 
 
 def boxes(hw: tuple[int, int], n: int) -> list[list[int]]:
@@ -143,32 +115,27 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     _, _, engines = exported("tiny", work)
     volumes = {"anatomical.nii": Path(data_path) / "anatomical.nii", "CT 512²": ct_volume(work / "ct512.nii.gz")}
-    proc, url = serve(engines, work / "server.log")
     table = Table.of(("volume", "{}"), ("slice", "{}"), ("prompts", "{}"), ("HTTP p50 (httpx)", "{:.1f}"),
                      ("round trip p50 (page)", "{:.1f}"), ("mouse-up → painted p50", "{:.1f}"),
                      ("mouse-up → painted p95", "{:.1f}"), ("painting adds p50", "{:.1f}"),
                      ("painting adds p95", "{:.1f}"))
-    try:
-        with sync_playwright() as pw:
-            context = pw.chromium.launch_persistent_context(str(work / "profile"), executable_path=args.chromium,
-                                                            headless=True, args=CHROMIUM_ARGS,
-                                                            viewport={"width": 1280, "height": 800})
-            for name, volume in volumes.items():
-                print(f"{name}: in Chromium…", flush=True)
-                page = context.new_page()
-                hw, records = in_browser(page, url, volume, args.prompts)
-                page.close()
-                print(f"{name}: over HTTP…", flush=True)
-                http = over_http(url, volume, hw, args.prompts)
-                trip = [r["roundtrip_ms"] for r in records]
-                total = [r["mouseup_to_painted_ms"] for r in records]
-                extra = [t - r for t, r in zip(total, trip)]
-                table.add(name, f"{hw[0]}×{hw[1]}", len(records), statistics.median(http), statistics.median(trip),
-                          statistics.median(total), pct(total, 95), statistics.median(extra), pct(extra, 95))
-            context.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with label_server(engines, work / "server.log") as (url, _), sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(str(work / "profile"), executable_path=args.chromium,
+                                                        headless=True, args=CHROMIUM_ARGS,
+                                                        viewport={"width": 1280, "height": 800})
+        for name, volume in volumes.items():
+            print(f"{name}: in Chromium…", flush=True)
+            page = context.new_page()
+            hw, records = in_browser(page, url, volume, args.prompts)
+            page.close()
+            print(f"{name}: over HTTP…", flush=True)
+            http = over_http(url, volume, hw, args.prompts)
+            trip = [r["roundtrip_ms"] for r in records]
+            total = [r["mouseup_to_painted_ms"] for r in records]
+            extra = [t - r for t, r in zip(total, trip)]
+            table.add(name, f"{hw[0]}×{hw[1]}", len(records), statistics.median(http), statistics.median(trip),
+                      statistics.median(total), pct(total, 95), statistics.median(extra), pct(extra, 95))
+        context.close()
     setup = (f"casam-label (tiny SAM, fp32, ORT CPU) and its viewer in headless Chromium (Playwright, real mouse "
              f"events), on this machine's CPU. After one warm-up box, {args.prompts} boxes on the same slice "
              "(decoder only). 'round trip': the page's fetch of /interact; 'mouse-up → painted': "

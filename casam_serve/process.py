@@ -9,25 +9,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from casam_core.errors import CasamError
+from casam_core.local_server import ServerStartError, answers, free_port, wait_until_ready
 from runtime.wire import INFO_MODEL_NAME, MODEL_NAME
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS just handed out as free (ephemeral); tritonserver binds it next."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class ServerProcess:
@@ -63,15 +52,12 @@ class ServerProcess:
         (``models/<m>`` for a model, ``health`` for Triton's own readiness), or raise, stopped."""
         self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while not all(self._ready(path) for path in wait_for):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                why = "exited" if self.process.poll() is not None else f"was not ready after {timeout_s:.0f} s"
-                self.stop()
-                tail = self.log_tail()
-                self.close()
-                raise CasamError(f"casam-serve {why}; log tail:\n{tail}")
-            time.sleep(0.25)
+        try:
+            wait_until_ready(self.process, lambda: all(self._ready(path) for path in wait_for), "casam-serve",
+                             timeout_s, self.log_tail)
+        except ServerStartError:
+            self.close()
+            raise
         return self
 
     def stop(self, timeout_s: float = 15.0) -> Optional[int]:
@@ -104,12 +90,7 @@ class ServerProcess:
         self.log_path.unlink(missing_ok=True)
 
     def _ready(self, path: str) -> bool:
-        url = f"{self.http_url}/v2/{path}/ready"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers(f"{self.http_url}/v2/{path}/ready", timeout_s=2)
 
     def _kill_group(self) -> None:
         assert self.process is not None

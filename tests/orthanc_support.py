@@ -8,15 +8,15 @@ Without Orthanc the tests skip (fail under CI=true).
 
 from __future__ import annotations
 
+import base64
 import json
-import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import pytest
 
+from casam_core.local_server import ServerStartError, answers, free_port, stop, wait_until_ready
 from conftest import missing, need
 
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -29,21 +29,15 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 REFUSE_SEG = 'function ReceivedInstanceFilter(dicom, origin, info)\n  return dicom.Modality ~= "SEG"\nend\n'
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Orthanc:
     """One Orthanc process with its own storage folder and config, on free local ports."""
 
     def __init__(self, root: Path, lua: Optional[str] = None):
-        self.root, self.http_port = root, _free_port()
+        self.root, self.http_port = root, free_port()
         root.mkdir(parents=True, exist_ok=True)
         config: dict[str, Any] = {
             "Name": "casam-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-            "HttpPort": self.http_port, "DicomPort": _free_port(), "DicomServerEnabled": False,
+            "HttpPort": self.http_port, "DicomPort": free_port(), "DicomServerEnabled": False,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
             "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpThreadsCount": 4, "StableAge": 1,
@@ -64,34 +58,22 @@ class Orthanc:
         return f"{self.url}/dicom-web"
 
     def start(self) -> "Orthanc":
-        import requests
-
         log = open(self.root / "orthanc.log", "ab")
         self.process = subprocess.Popen([str(ORTHANC), str(self.config)], stdout=log, stderr=subprocess.STDOUT,
                                         cwd=self.root)
         log.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited ({self.process.returncode}): "
-                                   f"{(self.root / 'orthanc.log').read_text()[-2000:]}")
-            try:
-                if requests.get(f"{self.url}/system", auth=(USER, PASSWORD), timeout=2).ok:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError("Orthanc did not answer within 60 s")
+        auth = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
+        try:
+            wait_until_ready(self.process, lambda: answers(f"{self.url}/system", auth, timeout_s=2), "Orthanc", 60,
+                             lambda: (self.root / "orthanc.log").read_text(errors="replace"), interval_s=0.1)
+        except ServerStartError:
+            self.stop()
+            raise
+        return self
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop(self.process)
         self.process = None
 
     def upload(self, path: Path) -> None:

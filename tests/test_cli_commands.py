@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from casam_bundle.package import pack_task
 from casam_export.cli import main as export_main
 from casam_serve.cli import main as serve_main
 from conftest import make_random_bundle

@@ -14,7 +14,6 @@ from casam_core.errors import InputError
 from casam_io.image_io import read_prepared, read_scan
 from casam_io.intensity import INTENSITY_MODES, WINDOW_PRESETS, Intensity, intensity_from_options
 from runtime.preprocess import Preprocessing
-from runtime.volume import VolumeSegmenter
 from conftest import need
 from float32 import f32_tol, peak
 from trainer.data import DataError, load_dataset

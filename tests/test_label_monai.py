@@ -3,7 +3,6 @@ MONAILabelClient``, installed with --no-deps) against a real server on 127.0.0.1
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,13 +12,8 @@ import pytest
 
 from conftest import need
 from casam_io.readers import read
+from casam_core.local_server import free_port
 from runtime.sessions import SessionSource, SessionStore, StoreOptions
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

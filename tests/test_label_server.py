@@ -6,12 +6,8 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +15,13 @@ import pytest
 from click.testing import CliRunner
 
 from casam_label.cli import main
+from label_support import label_server
 from runtime_support import one_error_line
 
 nib = pytest.importorskip("nibabel")
 httpx = pytest.importorskip("httpx")
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "k" * 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(*args, env=None):
@@ -67,50 +57,13 @@ def test_the_help_explains_the_command():
         assert words in result.output
 
 
-def wait_ready(url: str, process: subprocess.Popen, headers: dict) -> None:
-    deadline = time.monotonic() + 300  # the engines load in the background; a slow CI machine is allowed minutes
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-        try:
-            if httpx.get(f"{url}/ready", headers=headers, timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("casam-label never became ready")
-
-
 @pytest.fixture
 def server(engines, tmp_path):
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT), CASAM_LABEL_API_KEY=KEY, TMPDIR=str(tmp_path))
-    process = subprocess.Popen([sys.executable, "-m", "casam_label", "--engines", str(engines), "--port", str(port),
-                                "--backend", "ort-cpu", "--task", "alpha", "--max-upload-mb", "8"],
-                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert _up(url), "casam-label never answered /health"
-        wait_ready(url, process, {"Authorization": f"Bearer {KEY}"})
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def _up(url: str) -> bool:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/health", timeout=5)
-            return True
-        except httpx.TransportError:
-            time.sleep(0.2)
-    return False
+    """casam-label with an API key, its TMPDIR in the test's folder (to see its uploads)."""
+    with label_server(engines, tmp_path / "server.log", ["--task", "alpha", "--max-upload-mb", "8"],
+                      env={"CASAM_LABEL_API_KEY": KEY, "TMPDIR": str(tmp_path)},
+                      headers={"Authorization": f"Bearer {KEY}"}, cwd=tmp_path) as running:
+        yield running
 
 
 def test_a_real_server_process_serves_a_session_end_to_end(server, tmp_path):

@@ -15,11 +15,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,53 +22,21 @@ import numpy as np
 import pytest
 
 from conftest import missing, need
+from label_support import label_server
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path(os.environ.get("CASAM_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-ENGINE_WAIT_S = 300  # engines load in the background; /ready says when (a deadline, not a timing)
 PROMPT_WAIT_MS = 180_000  # the first prompt on a volume encodes five slices on a busy 2-core CPU
 
 
 # ----- the server -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(engines: Path, tmp_path_factory) -> Iterator[str]:
     """A real casam-label process on 127.0.0.1 (the seeded tiny export); stopped at the end."""
     need("fastapi", "interactive")
-    httpx = need("httpx", "interactive")
-    port, log = free_port(), tmp_path_factory.mktemp("label_server") / "server.log"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "casam_label", "--engines", str(engines), "--host", "127.0.0.1",
-                                 "--port", str(port), "--backend", "ort-cpu"], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ENGINE_WAIT_S
-        while True:
-            assert proc.poll() is None, f"casam-label exited: {log.read_text()[-2000:]}"
-            try:
-                if httpx.get(url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"casam-label not ready: {log.read_text()[-2000:]}"
-            time.sleep(0.25)
+    with label_server(engines, tmp_path_factory.mktemp("label_server") / "server.log") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture

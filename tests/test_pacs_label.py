@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from casam_core.local_server import free_port
 from conftest import assert_valid_dicom, need
 from orthanc_support import PASSWORD, SEG_CLASS, USER, Orthanc, nicom
 from runtime_support import one_error_line
@@ -196,14 +197,6 @@ def test_cheap_datastore_checks_come_first(engines, monkeypatch, tmp_path):
     ca = one_error_line(label_cli("--engines", engines, "--datastore", tmp_path, "--ca-bundle", __file__,
                                   "--port", port))
     assert "--ca-bundle" in ca and "needs --datastore https://" in ca
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_store_needs_a_session_opened_from_the_datastore(client, pipe):
