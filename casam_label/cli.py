@@ -27,7 +27,7 @@ from casam_core.optional import optional_import
 from casam_label.datastore import LocalDatastore
 from casam_label.dicomweb_datastore import DicomWebDatastore, connect
 from runtime.backends import BACKENDS, backends_help
-from runtime.backends.ort_heap import bound_arenas as bound_malloc_arenas
+from runtime.backends.ort_heap import server_heap
 from runtime.pipeline import Pipeline
 from runtime.sessions import SessionStore, StoreOptions
 
@@ -146,7 +146,7 @@ def serve(opts: LabelOptions, insecure: bool, datastore: Any = None) -> None:
     optional_import("multipart", EXTRA, "casam-label", CasamError, package="python-multipart")
     uvicorn = optional_import("uvicorn", EXTRA, "casam-label", CasamError)
     app = optional_import("casam_label.app", EXTRA, "casam-label", CasamError, package="fastapi")
-    bound_malloc_arenas()
+    server_heap()
 
     state = app.ServerState(None, None, app.ServerOptions(api_keys=opts.api_keys, max_upload_mb=opts.max_upload_mb,
                                                   default_task=opts.task), datastore)

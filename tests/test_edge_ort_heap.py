@@ -42,6 +42,27 @@ def test_a_load_maps_its_buffers_then_trims_and_settles(libc):
                               ("mallopt", ort_heap.M_TRIM_THRESHOLD, 2 * ort_heap.STEADY_MMAP_THRESHOLD)]
 
 
+def test_a_server_caps_arenas_and_keeps_its_threshold_across_loads(libc, monkeypatch):
+    """casam-label's heap: two arenas, 1 MB buffers mapped; a later load settles back to the
+    server's threshold, not the one-shot default."""
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert ort_heap.server_heap()
+    assert libc.calls == [("mallopt", ort_heap.M_ARENA_MAX, 2),
+                          ("mallopt", ort_heap.M_MMAP_THRESHOLD, ort_heap.SERVER_MMAP_THRESHOLD)]
+    libc.calls.clear()
+    with ort_heap.loading():
+        pass
+    assert libc.calls[-2:] == [("mallopt", ort_heap.M_MMAP_THRESHOLD, ort_heap.SERVER_MMAP_THRESHOLD),
+                               ("mallopt", ort_heap.M_TRIM_THRESHOLD, 2 * ort_heap.SERVER_MMAP_THRESHOLD)]
+
+
+def test_an_operators_heap_settings_win_in_a_server(libc, monkeypatch):
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert not ort_heap.server_heap()
+    assert libc.calls == []
+
+
 def test_an_operators_threshold_wins(libc, monkeypatch):
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     with ort_heap.loading():

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,16 +131,22 @@ def test_the_reaper_closes_idle_sessions_without_waiting_for_a_request(pipe, tmp
     store.shutdown()
 
 
-def test_the_server_bounds_glibcs_malloc_arenas_unless_told_otherwise(monkeypatch):
-    """Two arenas kept the 8-annotator load's peak RSS within its bound (the bench record
-    named in bound_malloc_arenas); an operator's own MALLOC_ARENA_MAX wins."""
+def test_the_server_heap_is_applied_unless_the_operator_set_it():
+    """casam-label's heap settings (server_heap: two arenas, 1 MB mmap threshold) kept the
+    8-annotator load's growth bounded (BENCHMARKS.md, "bench/interactive_latency.py"); an
+    operator's own MALLOC_ARENA_MAX and MALLOC_MMAP_THRESHOLD_ win. In a child process, so
+    this test process keeps glibc's defaults."""
     import platform
-
-    from casam_label.cli import bound_malloc_arenas
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
-    assert bound_malloc_arenas(2) is True
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert bound_malloc_arenas(2) is False
+    probe = "from casam_label.cli import server_heap; print(server_heap())"
+    clean = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")}
+    clean["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+
+    def applied(env: dict) -> str:
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    assert applied(clean) == "True"
+    assert applied({**clean, "MALLOC_ARENA_MAX": "4", "MALLOC_MMAP_THRESHOLD_": "65536"}) == "False"

@@ -168,7 +168,7 @@ def test_a_label_map_stacks_labels_with_lower_indices_first(pipe):
 
 
 def test_undo_history_is_bounded_and_masks_survive_packing():
-    from runtime.sessions.history import MAX_UNDO, SliceHistory, Step
+    from runtime.sessions.history import LOGIT_STEPS, MAX_UNDO, SliceHistory, Step
 
     rng = np.random.default_rng(0)
     history = SliceHistory()
@@ -178,3 +178,9 @@ def test_undo_history_is_bounded_and_masks_survive_packing():
     assert len(history.steps) == MAX_UNDO  # the oldest steps are forgotten
     assert np.array_equal(history.current.mask, masks[-1])  # bit-packing is lossless, odd sizes included
     assert np.array_equal(history.undo().mask, masks[-2])
+    # Only the newest LOGIT_STEPS steps hold logits (mask_input); older ones decode from prompts.
+    assert [s.logits is not None for s in history.steps] == [False] * (MAX_UNDO - LOGIT_STEPS) + [True] * (LOGIT_STEPS - 1)
+    for _ in range(LOGIT_STEPS - 1):
+        assert history.current.mask_input is not None and history.current.mask_input.dtype == np.float32
+        history.undo()
+    assert history.current.mask_input is None and np.array_equal(history.current.mask, masks[-1 - LOGIT_STEPS])

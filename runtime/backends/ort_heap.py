@@ -36,9 +36,11 @@ M_ARENA_MAX = -8
 LOAD_MMAP_THRESHOLD = 1 << 20
 #: Afterwards: glibc's largest dynamic mmap threshold (32 MiB on 64-bit), trimming at twice it.
 STEADY_MMAP_THRESHOLD = 32 << 20
+#: A server's steady threshold instead (``server_heap``).
+SERVER_MMAP_THRESHOLD = 1 << 20
 
 _LOCK = threading.Lock()
-_STATE: dict[str, Any] = {}  # {"libc": CDLL or None, "tunable": bool}
+_STATE: dict[str, Any] = {}  # {"libc": CDLL or None, "tunable": bool, "steady": a server's threshold}
 
 
 def _libc() -> Optional[Any]:
@@ -63,18 +65,29 @@ def _tunable() -> Optional[Any]:
     return _libc() if _STATE["tunable"] else None
 
 
-def bound_arenas(arenas: int = 2) -> bool:
-    """Cap glibc's malloc arenas, unless MALLOC_ARENA_MAX is set; True when applied.
+def server_heap(arenas: int = 2, mmap_threshold: int = SERVER_MMAP_THRESHOLD) -> bool:
+    """A long-running server's heap: at most ``arenas`` malloc arenas (unless MALLOC_ARENA_MAX
+    is set), and from now on buffers of ``mmap_threshold`` bytes or more in mappings of their
+    own (unless MALLOC_MMAP_THRESHOLD_ is set); True when anything was applied.
 
     Every request thread of a server gets an arena of its own, and freed engine buffers stay
-    in it: with 8 concurrent annotators the peak RSS was 890 MB with glibc's default against
-    682 MB with two arenas, at no latency cost (bench/results/interactive_latency-2026-12-06.json,
-    "load"). casam-label calls this at start.
+    in it; and a session's per-interaction arrays (slices, embeddings, masks) freed into the
+    heap fragment it, so an annotation server kept growing after warm-up. With 8 concurrent
+    annotators: BENCHMARKS.md, "bench/interactive_latency.py", the load table. The cost is a
+    fresh page fault for each multi-MB array (an image's preprocessing, not a click's
+    decoder). casam-label calls this at start.
     """
     libc = _libc()
-    if libc is None or os.environ.get("MALLOC_ARENA_MAX"):
+    if libc is None:
         return False
-    return bool(libc.mallopt(M_ARENA_MAX, int(arenas)))
+    applied = False
+    if not os.environ.get("MALLOC_ARENA_MAX"):
+        applied = bool(libc.mallopt(M_ARENA_MAX, int(arenas)))
+    if _tunable() is not None:
+        with _LOCK:
+            _STATE["steady"] = int(mmap_threshold)
+        applied = bool(libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold))) or applied
+    return applied
 
 
 @contextlib.contextmanager
@@ -88,5 +101,6 @@ def loading() -> Iterator[None]:
     finally:
         if libc is not None:
             libc.malloc_trim(0)
-            libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
-            libc.mallopt(M_TRIM_THRESHOLD, 2 * STEADY_MMAP_THRESHOLD)
+            steady = _STATE.get("steady", STEADY_MMAP_THRESHOLD)
+            libc.mallopt(M_MMAP_THRESHOLD, steady)
+            libc.mallopt(M_TRIM_THRESHOLD, 2 * steady)

@@ -1,21 +1,26 @@
 """One label's prompts and masks on one slice, step by step, so corrections can be undone.
 
-Each step keeps the prompts that produced it (a box and the clicks so far), the mask, and
-the decoder's low-res logits, which the next click feeds back as ``mask_input``. Logits are
-kept as float16 and masks bit-packed: 8 annotators × 200 clicks of float32 logits and bool
-masks would hold over 700 MB; this way a step costs about 160 kB at 512², and the depth of
-undo is bounded (``MAX_UNDO``) so a long session cannot grow without end.
+Each step keeps the prompts that produced it (a box and the clicks so far) and the mask,
+bit-packed; the newest ``LOGIT_STEPS`` steps also keep the decoder's low-res logits (as
+float16), which the next click feeds back as ``mask_input``. Logits are 256×256 whatever
+the image: 128 kB a step, sixteen times a 512² packed mask. Kept on every step, eight
+annotators' undo histories grew their server by 13–17 % after warm-up and past its memory
+bound (BENCHMARKS.md, "bench/interactive_latency.py"); a click after undoing further back
+than ``LOGIT_STEPS`` decodes from its prompts alone, as SAM's first click does. The depth
+of undo is bounded too (``MAX_UNDO``), so a long session cannot grow without end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
 
 #: Steps kept per label and slice; older ones are forgotten (undo stops there).
 MAX_UNDO = 32
+#: The newest steps per label and slice that keep their logits for ``mask_input``.
+LOGIT_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -59,8 +64,11 @@ class SliceHistory:
         return self.steps[-1] if self.steps else None
 
     def push(self, step: Step) -> None:
+        """Make ``step`` current; the step that leaves the newest ``LOGIT_STEPS`` drops its logits."""
         self.steps.append(step)
         del self.steps[:-MAX_UNDO]
+        if len(self.steps) > LOGIT_STEPS and self.steps[-LOGIT_STEPS - 1].logits is not None:
+            self.steps[-LOGIT_STEPS - 1] = replace(self.steps[-LOGIT_STEPS - 1], logits=None)
 
     def undo(self) -> Optional[Step]:
         """Drop the last step; the one before it (or None: nothing left) is current again."""

@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from casam_core.errors import SessionError, SessionLimitError
 from runtime.predictor import VolumePredictor
