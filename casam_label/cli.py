@@ -25,7 +25,7 @@ from casam_core.cli_frame import CasamCommand
 from casam_core.errors import CasamError, InputError
 from casam_core.optional import optional_import
 from casam_label.datastore import LocalDatastore
-from casam_label.dicomweb_datastore import DicomWebDatastore, connect
+from casam_label.dicomweb_datastore import DEFAULT_MAX_CACHE_BYTES, DicomWebDatastore, connect
 from runtime.backends import BACKENDS, backends_help
 from runtime.backends.ort_heap import server_heap
 from runtime.pipeline import Pipeline
@@ -96,15 +96,17 @@ def check_port(host: str, port: int) -> None:
             raise InputError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
-def open_datastore(spec: Optional[str], ca_bundle: Optional[Path] = None) -> Any:
+def open_datastore(spec: Optional[str], ca_bundle: Optional[Path] = None,
+                   cache_mb: int = DEFAULT_MAX_CACHE_BYTES >> 20) -> Any:
     """``--datastore``: a local folder, or an http(s) URL: a DICOMweb server (the URL and the
     credentials in the environment are checked, then one request, so a wrong password is one
-    line now, before the engines load). ``--ca-bundle`` goes with a URL only."""
+    line now, before the engines load), whose retrieved series keep to ``cache_mb`` of disk.
+    ``--ca-bundle`` goes with a URL only."""
     if spec is None or not spec.lower().startswith(("http://", "https://")):
         if ca_bundle is not None:
             raise InputError("--ca-bundle names the CA of a DICOMweb server: it needs --datastore https://…")
         return None if spec is None else LocalDatastore(Path(spec))
-    return DicomWebDatastore(connect(spec, ca_bundle))
+    return DicomWebDatastore(connect(spec, ca_bundle), max_cache_bytes=cache_mb << 20)
 
 
 def check_engines(engines: Path) -> None:
@@ -184,6 +186,10 @@ def serve(opts: LabelOptions, insecure: bool, datastore: Any = None) -> None:
 @click.option("--ca-bundle", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
               help="With --datastore https://…: the certificate authority that signed the server's certificate "
                    "(TLS is always verified).")
+@click.option("--datastore-cache-mb", type=click.IntRange(min=64), default=DEFAULT_MAX_CACHE_BYTES >> 20,
+              show_default=True, help="With --datastore URL: disk kept for series retrieved from the server; past "
+              "it the least recently opened are deleted (and retrieved again when opened). One series larger "
+              "than this is refused.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but localhost needs --api-key (or --insecure).")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
@@ -211,7 +217,7 @@ def main(**params: Any) -> None:
     check_security(p["host"], api_keys, p["insecure"])
     check_engines(p["engines"])
     check_port(p["host"], p["port"])
-    datastore = open_datastore(p["datastore"], p["ca_bundle"])
+    datastore = open_datastore(p["datastore"], p["ca_bundle"], p["datastore_cache_mb"])
     store = StoreOptions(cache_mb=p["cache_mb"], idle_timeout_s=p["idle_timeout"], max_sessions=p["max_sessions"])
     opts = LabelOptions(p["engines"], p["datastore"], p["host"], p["port"], store, p["max_upload_mb"], api_keys,
                         p["backend"], p["task"])

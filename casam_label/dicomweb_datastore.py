@@ -7,7 +7,10 @@ The same four calls as the local datastore (``casam_label.datastore``), on a PAC
   OHIF's MONAI Label extension sends the id it already has;
 - ``open(id)``: the series retrieved (WADO-RS, casam_pacs) into this datastore's private
   temporary folder, under the per-series size cap, and read by the reader registry like a
-  local series folder. A series is retrieved once and kept for the server's life;
+  local series folder. A series is retrieved once and kept while the retrieved series fit
+  the disk budget (``max_cache_bytes``, casam-label's ``--datastore-cache-mb``): past it the
+  least recently opened ones are deleted (and retrieved again when next opened), so a
+  long-running server's disk use is bounded whatever the PACS holds;
 - ``save_label(id, data, suffix)``: a label volume (NIfTI on the series' grid, as a MONAI
   client sends it) becomes a DICOM SEG referencing the retrieved instances (casam's SEG
   writer), or a casam SEG of that series is taken as it is; either is stored with one STOW
@@ -26,6 +29,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
@@ -48,6 +52,8 @@ TAG = "final"
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 REFERENCED_SERIES, SERIES_UID = "00081115", "0020000E"
 VOLUME_SUFFIXES = (".nii.gz", ".nii")
+#: Disk kept for retrieved series by default: a few large CT series.
+DEFAULT_MAX_CACHE_BYTES = 8 * 1024 ** 3
 
 
 def connect(url: str, ca_bundle: Optional[Path] = None) -> DicomWeb:
@@ -66,14 +72,19 @@ class DicomWebDatastore:
     """A DICOMweb server's image series, retrieved on demand into a private folder."""
 
     def __init__(self, web: DicomWeb, max_series_bytes: int = DEFAULT_MAX_SERIES_BYTES,
-                 work_dir: Optional[Path] = None) -> None:
-        self.web, self.max_series_bytes = web, max_series_bytes
+                 work_dir: Optional[Path] = None, max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES) -> None:
+        # One series must fit the budget on its own.
+        self.web, self.max_series_bytes = web, min(max_series_bytes, max_cache_bytes)
+        self.max_cache_bytes = max_cache_bytes
         self._tmp = tempfile.TemporaryDirectory(prefix="casam-label-dicomweb-", dir=work_dir)
         self.folder = Path(self._tmp.name)
         self._lock = threading.Lock()
         self._series: dict[str, SeriesInfo] = {}  # every series of the last listing (SEGs too)
-        self._retrieving: dict[str, threading.Lock] = {}
+        # Per series: held while it is retrieved or read, so eviction never deletes it under a
+        # reader (re-entrant: saving a label opens its series again).
+        self._retrieving: dict[str, threading.RLock] = {}
         self._folders: dict[str, Path] = {}  # id → its retrieved series folder
+        self._sizes: OrderedDict[str, int] = OrderedDict()  # retrieved series → bytes, least recently opened first
         self._labels: dict[str, Path] = {}  # id → the newest SEG file saved or retrieved here
         self._references: dict[str, Optional[str]] = {}  # SEG series → the series it references
 
@@ -104,29 +115,66 @@ class DicomWebDatastore:
             self._series[uid] = info
         return info
 
-    def resolve(self, image_id: str) -> Path:
-        """The series' folder here, retrieved once (concurrent opens of one series wait for one retrieval)."""
-        info = self._info(image_id)
+    def _guard(self, uid: str) -> threading.RLock:
         with self._lock:
-            guard = self._retrieving.setdefault(info.series_uid, threading.Lock())
-        with guard:
-            folder = self._folders.get(info.series_uid)
-            if folder is not None and folder.is_dir():
-                return folder
-            target = self.folder / "series"
-            shutil.rmtree(target / info.series_uid, ignore_errors=True)  # a failed earlier try
-            try:
-                folder = retrieve_series(self.web, info, target, self.max_series_bytes)
-            except NotFoundError as exc:
-                raise DatastoreNotFound(f"series {info.series_uid} is no longer on {self.url}") from exc
-            except BaseException:
-                shutil.rmtree(target / info.series_uid, ignore_errors=True)
-                raise
-            self._folders[info.series_uid] = folder
+            return self._retrieving.setdefault(uid, threading.RLock())
+
+    def resolve(self, image_id: str) -> Path:
+        """The series' folder here, retrieved once (concurrent opens of one series wait for one
+        retrieval). The folder may be evicted once this returns: ``open`` reads under the guard."""
+        info = self._info(image_id)
+        with self._guard(info.series_uid):
+            return self._resolve(info)
+
+    def _resolve(self, info: SeriesInfo) -> Path:
+        """``resolve`` with the series' guard held by the caller."""
+        uid = info.series_uid
+        folder = self._folders.get(uid)
+        if folder is not None and folder.is_dir():
+            with self._lock:
+                self._sizes.move_to_end(uid)
             return folder
+        target = self.folder / "series"
+        shutil.rmtree(target / uid, ignore_errors=True)  # a failed earlier try
+        try:
+            folder = retrieve_series(self.web, info, target, self.max_series_bytes)
+        except NotFoundError as exc:
+            raise DatastoreNotFound(f"series {uid} is no longer on {self.url}") from exc
+        except BaseException:
+            shutil.rmtree(target / uid, ignore_errors=True)
+            raise
+        with self._lock:
+            self._folders[uid] = folder
+            self._sizes[uid] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        self._evict(keep=uid)
+        return folder
+
+    def _evict(self, keep: str) -> None:
+        """Delete the least recently opened series until the retrieved ones fit
+        ``max_cache_bytes``; ``keep`` (just retrieved) stays, and so does a series being read
+        or retrieved by another request (its guard is held): it goes on a later pass."""
+        with self._lock:
+            total = sum(self._sizes.values())
+            victims = [uid for uid in self._sizes if uid != keep]
+        for uid in victims:
+            if total <= self.max_cache_bytes:
+                return
+            guard = self._guard(uid)
+            if not guard.acquire(blocking=False):
+                continue
+            try:
+                with self._lock:
+                    folder = self._folders.pop(uid, None)
+                    total -= self._sizes.pop(uid, 0)
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
+            finally:
+                guard.release()
 
     def open(self, image_id: str, options: ReadOptions = ReadOptions()) -> Scan:
-        return read(self.resolve(image_id), options)
+        info = self._info(image_id)
+        with self._guard(info.series_uid):
+            return read(self._resolve(info), options)
 
     def save_label(self, image_id: str, data: bytes, suffix: str, tag: str = TAG, overwrite: bool = False) -> str:
         """Store the label as a SEG of the series (one STOW); returns the SEG's series UID."""
@@ -135,8 +183,9 @@ class DicomWebDatastore:
         if not overwrite and self.label(info.series_uid, tag) is not None:
             raise LabelExists(f"series {info.series_uid} has a SEG on {self.url} already; storing another needs "
                               "overwrite (the PACS keeps both)")
-        scan = self.open(info.series_uid)
-        with tempfile.TemporaryDirectory(prefix="casam-label-seg-", dir=self.folder) as tmp:
+        with self._guard(info.series_uid), \
+                tempfile.TemporaryDirectory(prefix="casam-label-seg-", dir=self.folder) as tmp:
+            scan = self.open(info.series_uid)  # its files stay while the SEG is written
             upload = Path(tmp) / f"label{suffix}"
             atomic_write_bytes(upload, data)
             seg = Path(tmp) / f"{info.series_uid}_seg.dcm"

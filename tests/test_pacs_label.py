@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -30,11 +31,9 @@ pytest_plugins = ["orthanc_support"]  # the session's one Orthanc (fixtures orth
 BOX = [10, 10, 60, 60]  # on slice 0 of nibabel's 256×256 series
 
 
-@pytest.fixture(scope="module")
-def series(orthanc: Orthanc, tmp_path_factory) -> dict[str, Any]:
+def upload_copy(orthanc: Orthanc, folder: Path) -> dict[str, Any]:
     """nibabel's series under a new study, series and SOP Instance UIDs, uploaded to Orthanc."""
     pydicom = need("pydicom")
-    folder = tmp_path_factory.mktemp("nicom-copy")
     study, uid = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     sops = []
     for name in ("0.dcm", "1.dcm"):
@@ -45,6 +44,11 @@ def series(orthanc: Orthanc, tmp_path_factory) -> dict[str, Any]:
         orthanc.upload(folder / name)
         sops.append(str(ds.SOPInstanceUID))
     return {"study": study, "series": uid, "sops": set(sops)}
+
+
+@pytest.fixture(scope="module")
+def series(orthanc: Orthanc, tmp_path_factory) -> dict[str, Any]:
+    return upload_copy(orthanc, tmp_path_factory.mktemp("nicom-copy"))
 
 
 @pytest.fixture()
@@ -206,3 +210,42 @@ def test_store_needs_a_session_opened_from_the_datastore(client, pipe):
     sid = client.post("/api/sessions", files={"file": (path.name, path.read_bytes())}).json()["session_id"]
     reply = client.post(f"/api/sessions/{sid}/store")
     assert reply.status_code == 400 and "not opened from the datastore" in json.dumps(reply.json())
+
+
+def test_retrieved_series_keep_to_the_disk_budget(orthanc, credentials, series, tmp_path):
+    """Past --datastore-cache-mb the least recently opened series is deleted, and retrieved
+    again when opened; a series another request is reading stays."""
+    from casam_label.dicomweb_datastore import DicomWebDatastore, connect
+
+    other = upload_copy(orthanc, tmp_path)
+    a, b = series["series"], other["series"]
+    probe = DicomWebDatastore(connect(orthanc.dicomweb))
+    try:
+        size = sum(f.stat().st_size for f in probe.resolve(a).rglob("*") if f.is_file())
+    finally:
+        probe.close()
+    datastore = DicomWebDatastore(connect(orthanc.dicomweb), max_cache_bytes=size * 3 // 2)  # one series fits
+    retrieved = lambda: sorted(p.name for p in (datastore.folder / "series").iterdir())  # noqa: E731
+    try:
+        first = datastore.open(a).data.copy()
+        datastore.open(b)
+        assert retrieved() == [b]  # a, least recently opened, made room
+        assert np.array_equal(datastore.open(a).data, first) and retrieved() == [a]  # retrieved again
+        reading, done = threading.Event(), threading.Event()
+
+        def another_request_reads_a() -> None:
+            with datastore._guard(a):
+                reading.set()
+                done.wait(60)
+
+        reader = threading.Thread(target=another_request_reads_a)
+        reader.start()
+        try:
+            assert reading.wait(60)
+            datastore.open(b)
+            assert retrieved() == sorted([a, b])  # a is in use: it stays, over the budget for now
+        finally:
+            done.set()
+            reader.join(60)
+    finally:
+        datastore.close()
