@@ -45,8 +45,12 @@ def info(state: ServerState = Depends(ready), _: str = Depends(client_identity))
 
 @router.put("/session/")
 async def create_session(expiry: int = 0, uncompress: bool = False, files: List[UploadFile] = File(...),
+                         form_expiry: int = Form(0, alias="expiry"),
                          state: ServerState = Depends(ready), owner: str = Depends(client_identity)) -> dict:
-    """One uploaded image or volume → a session (``expiry``: idle seconds, capped by the server's)."""
+    """One uploaded image or volume → a session (``expiry``: idle seconds, capped by the server's).
+    MONAI Label's server reads ``expiry`` from the query, its Python client sends it as a form
+    field beside the file: either is taken."""
+    expiry = expiry or form_expiry
     if uncompress or len(files) != 1:
         raise HTTPException(400, "send one image file (NIfTI, DICOM file, PNG, JPEG, TIFF); "
                                  "zips and multi-file series go through the native API (POST /api/sessions)")
@@ -103,6 +107,13 @@ async def infer(model: str, image: str = "", session_id: str = "", output: Optio
 def auth_enabled(state: ServerState = Depends(server_state)) -> dict:
     """Whether a viewer must log in: with ``--api-key`` set, its password is the key."""
     return {"enabled": bool(state.options.api_keys), "client_id": "casam-label", "realm": "casam"}
+
+
+@router.get("/auth/token/valid")
+def auth_token_valid(_: str = Depends(client_identity)) -> dict:
+    """200 while the viewer's token (the API key) is one of the server's, else 401: MONAI
+    Label's viewers check a kept token with this before they ask to log in again."""
+    return {"valid": True}
 
 
 @router.post("/auth/token")

@@ -3,9 +3,11 @@ MONAILabelClient``, installed with --no-deps) against a real server on 127.0.0.1
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -24,8 +26,8 @@ def anatomical_path() -> Path:
     return Path(data_path) / "anatomical.nii"  # a real 33×41×25 int16 MR volume
 
 
-@pytest.fixture(scope="module")
-def server(pipe, tmp_path_factory):
+@contextlib.contextmanager
+def serving(pipe, work: Path, options: Any = None) -> Iterator[tuple[str, Any]]:
     """casam-label's app (create_app) under uvicorn on a free localhost port, in a thread."""
     need("fastapi", "interactive")
     uvicorn = need("uvicorn", "interactive")
@@ -33,7 +35,7 @@ def server(pipe, tmp_path_factory):
     from casam_label.state import ServerOptions, ServerState
 
     store = SessionStore(pipe, StoreOptions(cache_mb=64, prefetch=False))
-    state = ServerState(pipe, store, ServerOptions(work_dir=tmp_path_factory.mktemp("work")), ready=True)
+    state = ServerState(pipe, store, options or ServerOptions(work_dir=work), ready=True)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -42,10 +44,18 @@ def server(pipe, tmp_path_factory):
     while not srv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "casam-label did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", state
-    srv.should_exit = True
-    thread.join(10)
-    store.shutdown()
+    try:
+        yield f"http://127.0.0.1:{port}", state
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        store.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(pipe, tmp_path_factory):
+    with serving(pipe, tmp_path_factory.mktemp("work")) as running:
+        yield running
 
 
 def client(url: str, tmp_path: Path):
@@ -169,3 +179,41 @@ def test_datastore_upload_infer_and_save_label(server, anatomical_path, tmp_path
             c.save_label("../etc/passwd", out)
     finally:
         state.datastore = None
+
+
+def test_a_session_expires_after_the_expiry_it_asked_for_capped_by_the_server(server, anatomical_path, tmp_path):
+    url, state = server
+    c = client(url, tmp_path)
+    idle = int(state.store.options.idle_timeout_s)
+    long = c.create_session(str(anatomical_path), {"expiry": idle * 10})
+    assert c.get_session(long["session_id"])["expiry"] == idle  # never longer than the server's idle timeout
+    short = c.create_session(str(anatomical_path), {"expiry": 1})
+    assert c.get_session(short["session_id"])["expiry"] == 1
+    time.sleep(1.5)  # past its expiry: the next request finds it gone
+    with pytest.raises(Exception, match="404"):
+        c.get_session(short["session_id"])
+    assert c.get_session(long["session_id"])["expiry"] == idle  # the other one lives on
+    c.remove_session(long["session_id"])
+
+
+def test_monai_clients_log_in_with_the_api_key(pipe, anatomical_path, tmp_path):
+    """MONAI Label's login as its client does it: /auth/ says login is needed, /auth/token
+    takes the API key as the password, and the token then opens sessions."""
+    from casam_label.state import ServerOptions
+
+    key = "m" * 32
+    with serving(pipe, tmp_path, ServerOptions(work_dir=tmp_path, api_keys=(key,))) as (url, _):
+        c = client(url, tmp_path)
+        assert c.auth_enabled() and not c.auth_valid_token()
+        with pytest.raises(Exception, match="401"):
+            c.info()
+        with pytest.raises(Exception, match="401"):
+            c.auth_token("annotator", "not-the-key")
+        c.update_auth(c.auth_token("annotator", key))
+        assert c.auth_valid_token()
+        sid = c.create_session(str(anatomical_path))["session_id"]
+        assert c.get_session(sid)["name"] == sid
+        other = client(url, tmp_path)  # another client with another key could not see it; without one, 401
+        with pytest.raises(Exception, match="401"):
+            other.get_session(sid)
+        c.remove_session(sid)
