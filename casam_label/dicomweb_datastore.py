@@ -83,8 +83,8 @@ class DicomWebDatastore:
         # Per series: held while it is retrieved or read, so eviction never deletes it under a
         # reader (re-entrant: saving a label opens its series again).
         self._retrieving: dict[str, threading.RLock] = {}
-        self._folders: dict[str, Path] = {}  # id → its retrieved series folder
-        self._sizes: OrderedDict[str, int] = OrderedDict()  # retrieved series → bytes, least recently opened first
+        # Retrieved series → (its folder, its bytes), least recently opened first.
+        self._retrieved: OrderedDict[str, tuple[Path, int]] = OrderedDict()
         self._labels: dict[str, Path] = {}  # id → the newest SEG file saved or retrieved here
         self._references: dict[str, Optional[str]] = {}  # SEG series → the series it references
 
@@ -129,10 +129,11 @@ class DicomWebDatastore:
     def _resolve(self, info: SeriesInfo) -> Path:
         """``resolve`` with the series' guard held by the caller."""
         uid = info.series_uid
-        folder = self._folders.get(uid)
+        with self._lock:
+            folder = self._retrieved[uid][0] if uid in self._retrieved else None
+            if folder is not None:
+                self._retrieved.move_to_end(uid)
         if folder is not None and folder.is_dir():
-            with self._lock:
-                self._sizes.move_to_end(uid)
             return folder
         target = self.folder / "series"
         shutil.rmtree(target / uid, ignore_errors=True)  # a failed earlier try
@@ -143,9 +144,9 @@ class DicomWebDatastore:
         except BaseException:
             shutil.rmtree(target / uid, ignore_errors=True)
             raise
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         with self._lock:
-            self._folders[uid] = folder
-            self._sizes[uid] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            self._retrieved[uid] = (folder, size)
         self._evict(keep=uid)
         return folder
 
@@ -154,8 +155,8 @@ class DicomWebDatastore:
         ``max_cache_bytes``; ``keep`` (just retrieved) stays, and so does a series being read
         or retrieved by another request (its guard is held): it goes on a later pass."""
         with self._lock:
-            total = sum(self._sizes.values())
-            victims = [uid for uid in self._sizes if uid != keep]
+            total = sum(size for _, size in self._retrieved.values())
+            victims = [uid for uid in self._retrieved if uid != keep]
         for uid in victims:
             if total <= self.max_cache_bytes:
                 return
@@ -164,8 +165,8 @@ class DicomWebDatastore:
                 continue
             try:
                 with self._lock:
-                    folder = self._folders.pop(uid, None)
-                    total -= self._sizes.pop(uid, 0)
+                    folder, size = self._retrieved.pop(uid, (None, 0))
+                total -= size
                 if folder is not None:
                     shutil.rmtree(folder, ignore_errors=True)
             finally:

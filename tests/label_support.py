@@ -25,8 +25,8 @@ def label_server(engines: Path, log: Path, args: Sequence[str] = (), env: Option
     """(base URL, process) of casam-label on ``engines`` with ``args``, its output in ``log``;
     ``env`` is added to this process's environment, ``headers`` go with the /ready probe."""
     port = free_port()
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                   **(env or {})}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    environment = {**os.environ, "PYTHONPATH": path, **(env or {})}
     with open(log, "wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "casam_label", "--engines", str(engines), "--host", "127.0.0.1",
                                     "--port", str(port), "--backend", "ort-cpu", *args],
